@@ -1,0 +1,126 @@
+"""The `alignflow` command line. Heavy imports (prefect, mlflow, torch) happen inside commands, so that
+`alignflow --help` answers at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="alignflow: one YAML recipe in, a trained, evaluated, registered model out.")
+console = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. configs/demo.yaml")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set sft.lora.r=32 (repeatable)")]
+WorkOpt = Annotated[Path, typer.Option("--work-dir", help="stage folders, caches and the default MLflow store")]
+STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
+
+
+def _quiet_environment() -> None:
+    # No telemetry, no hub calls; a slow first start of Prefect's temporary server is normal on 2 cores.
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _load(recipe: Path, overrides: list[str] | None) -> Any:
+    from alignflow.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as e:
+        err.print(f"[bold red]recipe {e.source} is not valid[/] ({len(e.problems)} problem(s)):")
+        for p in e.problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe (keys, values, data files, base model) without running anything."""
+    r = _load(recipe, set_)
+    console.print(f"[green]ok[/] {recipe}: recipe '{r.name}', base {r.model.base}, "
+                  f"{sum(len(getattr(r.data, n)) for n in ('sft', 'preference', 'eval'))} data file(s)")
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    work_dir: WorkOpt = Path("runs"),
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage: {', '.join(STAGES)}")] = None,
+) -> None:
+    """Run the pipeline: curate, synthesize, tokenize, quantize, sft, reward, dpo, evaluate, register."""
+    if until is not None and until not in STAGES:
+        err.print(f"[red]--until {until}: not a stage[/] (stages: {', '.join(STAGES)})")
+        raise typer.Exit(2)
+    r = _load(recipe, set_)
+    _quiet_environment()
+    from tasks.common import StageError
+
+    console.print(f"[bold]alignflow[/] running '{r.name}' (base {r.model.base}) in {work_dir.resolve()}")
+    try:
+        from flows.pipeline import pipeline
+
+        result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
+    except StageError as e:
+        err.print(f"[bold red]stopped:[/] {e}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: re-run the same command to resume (finished stages are cached)")
+        raise typer.Exit(130) from None
+    except Exception as e:  # an unexpected failure: say where, keep the traceback for --debug users
+        if os.environ.get("ALIGNFLOW_DEBUG"):
+            raise
+        err.print(f"[bold red]failed:[/] {type(e).__name__}: {e}", highlight=False)
+        err.print("set ALIGNFLOW_DEBUG=1 for the traceback; re-running resumes from the last finished stage")
+        raise typer.Exit(1) from None
+    _print_result(result, work_dir)
+
+
+def _print_result(result: dict[str, Any], work_dir: Path) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "status", "seconds", "folder"):
+        table.add_column(col)
+    for stage, info in result["stages"].items():
+        table.add_row(stage, "cached" if info["cached"] else "ran", f"{info['seconds']:.1f}", info["folder"])
+    console.print(table)
+    metrics = Table(title="headline metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value")
+    for k, v in result["metrics"].items():
+        metrics.add_row(k, f"{v:g}")
+    console.print(metrics)
+    if "registered" in result:
+        reg = result["registered"]
+        why = "; ".join(reg["gate_reasons"]) or "gate passed"
+        console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as "
+                      f"[bold]{reg['alias']}[/] ({why})")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
+    console.print(f"MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {uri}")
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

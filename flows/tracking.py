@@ -1,0 +1,130 @@
+"""MLflow wiring: one experiment per recipe name, one parent run per pipeline run, one child run per stage.
+
+`MLFLOW_TRACKING_URI` is honoured; without it the store is SQLite under the work dir (no server needed),
+with artifacts beside it. Runs are created with the client API and passed by id (MLflow's active run is
+per thread); a stage's Prefect task activates its own child run so that the Trainers' MLflow callback
+streams step metrics into it live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+from alignflow.recipe import Recipe
+from tasks.common import sha256_json
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(work: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, str]:
+    """Nested config -> {"sft.lora.r": "16", ...} (MLflow params are flat strings)."""
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: json.dumps(obj) if isinstance(obj, list) else str(obj)}
+
+
+@dataclass
+class Tracker:
+    client: MlflowClient
+    experiment_id: str
+    parent_run_id: str
+
+    @classmethod
+    def start(cls, recipe: Recipe, work: Path, data_hashes: dict[str, str], flow_run_id: str) -> Tracker:
+        uri = tracking_uri(work)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(recipe.name)
+        if exp is None:
+            # A local store keeps artifacts beside the db; a tracking server decides for itself.
+            location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = client.create_experiment(recipe.name, artifact_location=location)
+        else:
+            experiment_id = exp.experiment_id
+        resolved = recipe.model_dump(mode="json")
+        tags = {
+            "alignflow.recipe_hash": sha256_json(resolved),
+            "alignflow.git_sha": git_sha(),
+            "alignflow.prefect_flow_run_id": flow_run_id,
+            "alignflow.work_dir": str(work),
+            "alignflow.base_model": recipe.model.base,
+            **{f"alignflow.data_hash.{k}": v for k, v in data_hashes.items()},
+        }
+        run = client.create_run(experiment_id, run_name=f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "recipe.yaml")
+        client.log_batch(run.info.run_id, params=[Param(k, v[:MAX_PARAM_CHARS])
+                                                  for k, v in flatten("", {"name": recipe.name, "seed": recipe.seed,
+                                                                           "model": resolved["model"]}).items()])
+        return cls(client, experiment_id, run.info.run_id)
+
+    def child(self, stage: str, cache_key: str) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags={
+            "mlflow.parentRunId": self.parent_run_id, "alignflow.stage": stage, "alignflow.cache_key": cache_key})
+        return run.info.run_id
+
+    def record_stage(self, run_id: str, stage: str, cfg: dict[str, Any], manifest: dict[str, Any], folder: Path,
+                     cached: bool, seconds: float) -> None:
+        """Params, metrics, tags and artifacts of a finished (or cached) stage; then mark the child run done."""
+        c = self.client
+        params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(stage, cfg).items()]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in manifest.get("metrics", {}).items()
+                   if isinstance(v, int | float)]
+        metrics.append(Metric("stage_seconds", seconds, now, 0))
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            c.log_batch(run_id, params=params[i : i + 100])
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(run_id, metrics=metrics[i : i + 1000])
+        produced_by = manifest.get("produced_by", {})
+        c.set_tag(run_id, "alignflow.cached", str(cached).lower())
+        c.set_tag(run_id, "alignflow.stage_dir", str(folder))
+        if cached:
+            c.set_tag(run_id, "alignflow.cached_from", produced_by.get("mlflow_run_id", "unknown"))
+        if manifest.get("resumed_from") is not None:
+            c.set_tag(run_id, "alignflow.resumed_from", str(manifest["resumed_from"]))
+        c.log_artifact(run_id, str(folder / "manifest.json"))
+        for name in manifest.get("artifacts", []):
+            if (folder / name).exists():
+                c.log_artifact(run_id, str(folder / name))
+        if stage == "evaluate" and (folder / "samples.jsonl").exists():
+            rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line]
+            if rows:
+                c.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "side_by_side.json")
+        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def fail(self, run_id: str, killed: bool) -> None:
+        status = RunStatus.KILLED if killed else RunStatus.FAILED
+        self.client.set_terminated(run_id, RunStatus.to_string(status))
+
+    def finish(self, status: str, summary: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        if summary:
+            self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
+        self.client.set_terminated(self.parent_run_id, status)

@@ -1,0 +1,153 @@
+"""Small helpers every stage uses: content hashes, manifests, JSONL I/O, seeding.
+
+A stage folder always holds `manifest.json`: what the stage made (relative file names and their hashes),
+from which inputs (their cache keys / hashes), with which config, and its headline metrics. The flow writes
+a stage into `<folder>.partial` and renames it when the stage has finished, so a folder with a manifest is
+always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20  # 1 MiB read buffer for hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return sha256_bytes(text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of a file, or of a folder's relative file names and contents (sorted, so order-free)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel.split("/")[0] in skip:
+            continue
+        h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source files of the given modules (e.g. `tasks.sft`): a code change re-runs the stage."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"cannot find source of module {name}")
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `manifest.json`, adding the hash of every output file it lists and where/when it was made."""
+    folder = Path(folder)
+    outputs = {name: sha256_tree(folder / name) for name in manifest.get("outputs", [])}
+    full = {
+        **manifest,
+        "outputs": outputs,
+        "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+    }
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, folder / MANIFEST)
+    return full
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class StageError(Exception):
+    """A problem the user can fix (bad data, a gate, a missing file): shown as a message, not a traceback."""
+
+
+def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], title: str) -> list[str]:
+    """Plot the given Trainer `log_history` keys against step into one PNG; returns the keys found."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    found = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, max(len(found), 1), figsize=(4 * max(len(found), 1), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], found, strict=False):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return found
+
+
+def trainer_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Headline numbers from a Trainer's `log_history`: the last value of each logged scalar."""
+    last: dict[str, float] = {}
+    for entry in history:
+        for k, v in entry.items():
+            if isinstance(v, int | float) and k not in ("epoch",):
+                last[k] = float(v)
+    return last

@@ -1,0 +1,272 @@
+"""curate: load the SFT, preference and eval data, validate every record, drop exact duplicates.
+
+Nothing is dropped silently: every rejected record is counted under a named reason (the curate child run
+logs `<dataset>.records_in`, `<dataset>.records_kept` and `<dataset>.dropped.<reason>`), and a sample of
+rejects per reason is kept in `rejects.jsonl`. If more than `max_drop_fraction` of a dataset is dropped the
+stage fails: that much loss means the data or the format guess is wrong, not that the data is dirty.
+
+Accepted record shapes (detected per record), all normalised to one internal schema:
+  chat        {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+  sharegpt    {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
+  alpaca      {"instruction": "...", "input": "...", "output": "..."}   (input folded into the prompt)
+  pair        {"prompt": "...", "response"|"completion"|"reference": "..."}
+  preference  {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": ... }
+Internal schema:  sft -> {"messages": [...]};  preference -> {"prompt": [...], "chosen": str, "rejected": str};
+                  eval -> {"prompt": [...], "reference": str}
+Files: JSONL, a JSON array, or CSV (one record per row).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import StageError, sha256_bytes, sha256_tree, write_jsonl, write_manifest
+
+Dataset = Literal["sft", "preference", "eval"]
+ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DedupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    exact: bool = True  # drop records whose normalised text (case, whitespace) was already seen
+
+
+class CurateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dedup: DedupConfig = DedupConfig()
+    max_chars: int = Field(4000, gt=0, description="records longer than this (all turns, characters) are dropped")
+    max_drop_fraction: float = Field(0.5, ge=0, le=1, description="fail if a dataset loses more than this")
+    reject_samples: int = Field(5, ge=0, description="rejected records kept per reason in rejects.jsonl")
+
+
+class CurateInputs(BaseModel):
+    sft: list[Path]
+    preference: list[Path]
+    eval: list[Path]
+    out_dir: Path
+
+
+def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    rejects: list[dict[str, Any]] = []
+    card = ["# Data card", "", "| dataset | records in | kept | dropped (reason: count) |", "|---|---|---|---|"]
+
+    for name in ("sft", "preference", "eval"):
+        files: list[Path] = getattr(inputs, name)
+        kept, dropped, samples = _curate_dataset(name, files, cfg)  # type: ignore[arg-type]
+        n_in = len(kept) + sum(dropped.values())
+        write_jsonl(out / f"{name}.jsonl", kept)
+        metrics[f"{name}.records_in"] = n_in
+        metrics[f"{name}.records_kept"] = len(kept)
+        for reason, count in sorted(dropped.items()):
+            metrics[f"{name}.dropped.{reason}"] = count
+        rejects.extend(samples)
+        reasons = ", ".join(f"{r}: {c}" for r, c in sorted(dropped.items())) or "-"
+        card.append(f"| {name} | {n_in} | {len(kept)} | {reasons} |")
+        if n_in and (n_in - len(kept)) / n_in > cfg.max_drop_fraction:
+            raise StageError(
+                f"curate: {name} lost {n_in - len(kept)} of {n_in} records ({reasons}), more than "
+                f"curate.max_drop_fraction={cfg.max_drop_fraction}. See {out / 'rejects.jsonl'}."
+            )
+        if not kept:
+            raise StageError(f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons})")
+
+    write_jsonl(out / "rejects.jsonl", rejects)
+    (out / "data_card.md").write_text("\n".join(card) + "\n")
+    return write_manifest(
+        out,
+        {
+            "stage": "curate",
+            "inputs": {n: {str(p): sha256_tree(p) for p in getattr(inputs, n)} for n in ("sft", "preference", "eval")},
+            "outputs": ["sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl", "data_card.md"],
+            "artifacts": ["data_card.md", "rejects.jsonl"],
+            "metrics": metrics,
+        },
+    )
+
+
+def _curate_dataset(
+    name: Dataset, files: list[Path], cfg: CurateConfig
+) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]]]:
+    kept: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen: set[str] = set()
+
+    def reject(reason: str, raw: Any, where: str) -> None:
+        dropped[reason] += 1
+        if len(samples[reason]) < cfg.reject_samples:
+            samples[reason].append({"dataset": name, "reason": reason, "where": where, "record": str(raw)[:500]})
+
+    for path in files:
+        for where, raw, error in _read_records(path):
+            if error:
+                reject(error, raw, where)
+                continue
+            record, reason = normalise(name, raw)
+            if reason:
+                reject(reason, raw, where)
+                continue
+            assert record is not None
+            if _n_chars(record) > cfg.max_chars:
+                reject("too_long", raw, where)
+                continue
+            if cfg.dedup.exact:
+                key = sha256_bytes(_normal_text(record).encode())
+                if key in seen:
+                    reject("duplicate", raw, where)
+                    continue
+                seen.add(key)
+            kept.append(record)
+    return kept, dropped, [s for group in samples.values() for s in group]
+
+
+def _read_records(path: Path) -> Any:
+    """Yield (where, record, error_reason) for each record of a JSONL / JSON-array / CSV file."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise StageError(f"curate: {path} is empty")
+    if b"\0" in data[:8192]:
+        raise StageError(f"curate: {path} is not a text data file (binary content)")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        text = data.decode("utf-8", errors="replace")
+        for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+            yield f"{path}:{i}", dict(row), None
+        return
+    stripped = data.lstrip()
+    if suffix == ".json" or stripped.startswith(b"["):
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StageError(f"curate: {path} is not valid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise StageError(f"curate: {path} holds a JSON {type(rows).__name__}, expected a list of records")
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row, None
+        return
+    for i, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield f"{path}:{i}", line[:200], "invalid_utf8"
+            continue
+        try:
+            yield f"{path}:{i}", json.loads(text), None
+        except json.JSONDecodeError:
+            yield f"{path}:{i}", text, "bad_json"
+
+
+def normalise(name: Dataset, raw: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """One raw record -> (internal record, None) or (None, reason it was rejected)."""
+    if not isinstance(raw, dict):
+        return None, "wrong_schema"
+    if name == "preference":
+        return _preference(raw)
+    messages, reason = _messages(raw)
+    if reason:
+        return None, reason
+    assert messages is not None
+    if not any(m["role"] == "user" for m in messages):
+        return None, "no_user_turn"
+    if messages[-1]["role"] != "assistant":
+        return None, "no_assistant_turn"
+    if name == "eval":
+        return {"prompt": messages[:-1], "reference": messages[-1]["content"]}, None
+    return {"messages": messages}, None
+
+
+def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None]:
+    if "messages" in raw:
+        turns = raw["messages"]
+        if not isinstance(turns, list) or not turns:
+            return None, "wrong_schema"
+        out = []
+        for t in turns:
+            if not isinstance(t, dict) or "role" not in t or "content" not in t:
+                return None, "wrong_schema"
+            out.append({"role": t["role"], "content": t["content"]})
+    elif "conversations" in raw:
+        turns = raw["conversations"]
+        if not isinstance(turns, list) or not turns:
+            return None, "wrong_schema"
+        out = []
+        for t in turns:
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                return None, "wrong_schema"
+            role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+            if role is None:
+                return None, "bad_role"
+            out.append({"role": role, "content": t["value"]})
+    elif "instruction" in raw and "output" in raw:
+        extra = raw.get("input") or ""
+        if not isinstance(raw["instruction"], str) or not isinstance(extra, str):
+            return None, "non_string_content"
+        prompt = raw["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+        out = [{"role": "user", "content": prompt}, {"role": "assistant", "content": raw["output"]}]
+    elif "prompt" in raw and any(k in raw for k in ("response", "completion", "reference")):
+        answer = next(raw[k] for k in ("response", "completion", "reference") if k in raw)
+        out = [{"role": "user", "content": raw["prompt"]}, {"role": "assistant", "content": answer}]
+    else:
+        return None, "wrong_schema"
+    for m in out:
+        if m["role"] not in ROLES:
+            return None, "bad_role"
+        if not isinstance(m["content"], str):
+            return None, "non_string_content"
+        if not m["content"].strip():
+            return None, "empty_content"
+    return out, None
+
+
+def _preference(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    if not all(k in raw for k in ("prompt", "chosen", "rejected")):
+        return None, "missing_side" if "prompt" in raw and ("chosen" in raw or "rejected" in raw) else "wrong_schema"
+    prompt = raw["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        return None, "wrong_schema"
+    sides = []
+    for side in (raw["chosen"], raw["rejected"]):
+        if isinstance(side, list):  # message list: the answer is its last assistant turn
+            side = next((m.get("content") for m in reversed(side) if isinstance(m, dict)
+                         and m.get("role") == "assistant"), None)
+        if side is None:
+            return None, "missing_side"
+        if not isinstance(side, str):
+            return None, "non_string_content"
+        sides.append(side)
+    chosen, rejected = sides
+    if any(m["role"] not in ROLES for m in prompt):
+        return None, "bad_role"
+    if not all(isinstance(m["content"], str) for m in prompt):
+        return None, "non_string_content"
+    if not chosen.strip() or not rejected.strip() or not any(m["content"].strip() for m in prompt):
+        return None, "empty_content"
+    if not any(m["role"] == "user" for m in prompt):
+        return None, "no_user_turn"
+    if chosen.strip() == rejected.strip():
+        return None, "chosen_equals_rejected"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+def _n_chars(record: dict[str, Any]) -> int:
+    return len(json.dumps(record, ensure_ascii=False))
+
+
+def _normal_text(record: dict[str, Any]) -> str:
+    return re.sub(r"\s+", " ", json.dumps(record, ensure_ascii=False, sort_keys=True).lower()).strip()

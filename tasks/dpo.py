@@ -1,0 +1,112 @@
+"""dpo: direct preference optimisation with TRL's DPOTrainer, continuing the SFT adapter.
+
+The policy is base + the SFT adapter (trainable). No second model copy is loaded for the reference: TRL
+freezes a copy of the SFT adapter under the name `ref` and swaps to it for reference log-probs, so the
+reference is the SFT policy itself (standard DPO) at the cost of one extra adapter (a few MB), not a model.
+Loss variants are TRL's (`sigmoid`, `ipo`, `hinge`, `robust`, ...). Output: `adapter/` (the tuned adapter
+only, without the frozen reference copy) + tokenizer, the reward-margin curves, the log history.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import plot_curves, read_manifest, seed_everything, trainer_summary, write_manifest
+
+
+class DpoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0, description="KL strength: higher stays closer to the SFT model")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero"] = "sigmoid"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+    lr: float = Field(5e-5, gt=0)
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    batch_size: int = Field(4, gt=0, description="pairs per step")
+    grad_accum: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, gt=0)
+
+
+class DpoInputs(BaseModel):
+    base: Path
+    dtype: str
+    tokenized: Path
+    quantized: Path
+    sft: Path
+    out_dir: Path
+    seed: int
+    report_to: list[str] = ["none"]
+
+
+def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
+    import trl
+    from datasets import load_from_disk
+    from peft import PeftModel, prepare_model_for_kbit_training
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
+
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(inputs.seed)
+    tok = load_tokenizer(inputs.tokenized / "tokenizer")
+    quant = json.loads((inputs.quantized / "quantization.json").read_text())
+    base = load_causal_lm(inputs.base, inputs.dtype, quant or None)
+    if quant:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = PeftModel.from_pretrained(base, inputs.sft / "adapter", is_trainable=True)
+    pairs = load_from_disk(str(inputs.tokenized / "preference"))
+
+    args = trl.DPOConfig(
+        output_dir=str(out / "checkpoints"),
+        run_name="dpo",
+        beta=cfg.beta,
+        loss_type=[cfg.loss],
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=inputs.seed,
+        data_seed=inputs.seed,
+        max_length=read_manifest(inputs.tokenized)["max_length"],
+        report_to=inputs.report_to,
+        **train_precision(inputs.dtype),
+    )
+    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok)
+    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
+    tok.save_pretrained(out / "adapter")
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=2))
+    plot_curves(out / "rewards.png", history, ["loss", "rewards/margins", "rewards/accuracies"], "dpo")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    last = trainer_summary(history)
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "train_loss": round(float(result.training_loss), 5),
+        "final_loss": last.get("loss", float("nan")),
+        "reward_margin": last.get("rewards/margins", float("nan")),
+        "reward_accuracy": last.get("rewards/accuracies", float("nan")),
+        "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+    }
+    return write_manifest(out, {
+        "stage": "dpo",
+        "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "outputs": ["adapter", "rewards.png", "log_history.json"],
+        "artifacts": ["rewards.png", "log_history.json"],
+        "metrics": metrics,
+    })

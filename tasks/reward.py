@@ -1,0 +1,111 @@
+"""reward: a reward model from preference pairs with TRL's RewardTrainer (scalar head + LoRA).
+
+The base model gets a one-output sequence-classification head; LoRA (task SEQ_CLS, which also trains the
+head) learns to score chosen answers above rejected ones. A held-out split of the pairs measures it:
+pairwise accuracy (chosen scored higher) and the mean margin (chosen - rejected score). The evaluate stage
+uses this model to compare the tuned model's answers with the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import StageError, plot_curves, seed_everything, trainer_summary, write_manifest
+from tasks.sft import LoraSpec
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora: LoraSpec = LoraSpec(r=8, alpha=16)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="pairs per step")
+    grad_accum: int = Field(1, gt=0)
+    eval_fraction: float = Field(0.15, gt=0, lt=1, description="pairs held out for accuracy / margin")
+    save_steps: int = Field(50, gt=0)
+
+
+class RewardInputs(BaseModel):
+    base: Path
+    dtype: str
+    tokenized: Path
+    out_dir: Path
+    seed: int
+    report_to: list[str] = ["none"]
+
+
+def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
+    import trl
+    from datasets import load_from_disk
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from tasks.modeling import load_reward_model, load_tokenizer, score_answers, train_precision
+
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(inputs.seed)
+    tok = load_tokenizer(inputs.tokenized / "tokenizer")
+    pairs = load_from_disk(str(inputs.tokenized / "preference")).train_test_split(
+        test_size=cfg.eval_fraction, seed=inputs.seed)
+    if len(pairs["test"]) < 2:
+        raise StageError(f"reward: only {len(pairs['test'])} held-out pairs; add data or raise reward.eval_fraction")
+    model = load_reward_model(inputs.base, inputs.dtype, adapter=None)
+    model.config.pad_token_id = tok.pad_token_id
+
+    args = trl.RewardConfig(
+        output_dir=str(out / "checkpoints"),
+        run_name="reward",
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=inputs.seed,
+        data_seed=inputs.seed,
+        report_to=inputs.report_to,
+        **train_precision(inputs.dtype),
+    )
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=pairs["train"], processing_class=tok,
+                                peft_config=cfg.lora.peft("SEQ_CLS"))
+    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.model.save_pretrained(out / "adapter")
+    tok.save_pretrained(out / "adapter")
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=2))
+    plot_curves(out / "loss.png", history, ["loss", "accuracy", "margin"], "reward")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    # Held-out pairwise accuracy and margin, scored by the trained model exactly as evaluate will score.
+    held = pairs["test"]
+    prompts = list(held["prompt"])
+    chosen = score_answers(trainer.model, tok, prompts, [c[-1]["content"] for c in held["chosen"]])
+    rejected = score_answers(trainer.model, tok, prompts, [r[-1]["content"] for r in held["rejected"]])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    last = trainer_summary(history)
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "train_loss": round(float(result.training_loss), 5),
+        "final_loss": last.get("loss", float("nan")),
+        "heldout_pairs": len(held),
+        "heldout_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+        "heldout_margin_mean": round(sum(margins) / len(margins), 4),
+        "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+    }
+    return write_manifest(out, {
+        "stage": "reward",
+        "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "outputs": ["adapter", "loss.png", "log_history.json"],
+        "artifacts": ["loss.png", "log_history.json"],
+        "metrics": metrics,
+    })

@@ -1,0 +1,137 @@
+"""sft: supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA / QLoRA / DoRA / rsLoRA adapter.
+
+Trains on the tokenize stage's pre-tokenized examples (labels are -100 outside assistant turns, so the loss
+is on the answers only). When the quantize stage asked for 4/8-bit, the base is loaded with those
+bitsandbytes settings and prepared for k-bit training (QLoRA). Checkpoints go to `checkpoints/` every
+`save_steps`; a re-run of an interrupted stage resumes from the last complete one (the Trainer restores
+optimizer, scheduler, RNG state and the data order). Output: `adapter/` (PEFT adapter + tokenizer), the
+loss curve, and the Trainer's log history.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import plot_curves, read_manifest, seed_everything, trainer_summary, write_manifest
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: int = Field(32, gt=0, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    use_dora: bool = False  # weight-decomposed LoRA
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+    def peft(self, task_type: str) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, use_dora=self.use_dora, use_rslora=self.use_rslora,
+                          task_type=task_type)
+
+
+class SftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora: LoraSpec = LoraSpec()
+    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored when max_steps > 0)")
+    max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(8, gt=0, description="examples per device per step")
+    grad_accum: int = Field(1, gt=0, description="steps accumulated per optimizer step")
+    gradient_checkpointing: bool = False  # saves activation memory, costs ~30% more compute; off on CPU
+    save_steps: int = Field(50, gt=0, description="checkpoint every this many optimizer steps (resume point)")
+    logging_steps: int = Field(1, gt=0)
+
+
+class SftInputs(BaseModel):
+    base: Path
+    dtype: str
+    tokenized: Path
+    quantized: Path
+    out_dir: Path
+    seed: int
+    report_to: list[str] = ["none"]
+
+
+def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
+    import trl
+    from datasets import load_from_disk
+    from peft import prepare_model_for_kbit_training
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
+
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(inputs.seed)
+    tok_manifest = read_manifest(inputs.tokenized)
+    tok = load_tokenizer(inputs.tokenized / "tokenizer")
+    quant = json.loads((inputs.quantized / "quantization.json").read_text())
+    model = load_causal_lm(inputs.base, inputs.dtype, quant or None)
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    train = load_from_disk(str(inputs.tokenized / "sft"))
+
+    args = trl.SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        run_name="sft",
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers v5: a float < 1 here is a fraction of the steps
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=inputs.seed,
+        data_seed=inputs.seed,
+        max_length=tok_manifest["max_length"],
+        packing=tok_manifest["packing"],
+        include_num_input_tokens_seen=True,
+        report_to=inputs.report_to,
+        **train_precision(inputs.dtype),
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                             peft_config=cfg.lora.peft("CAUSAL_LM"))
+    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    trainer.model.save_pretrained(out / "adapter")
+    tok.save_pretrained(out / "adapter")
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=2))
+    plot_curves(out / "loss.png", history, ["loss", "learning_rate", "grad_norm"], "sft")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product; checkpoints were for resume
+
+    last = trainer_summary(history)
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    tokens = float(trainer.state.num_input_tokens_seen or 0)
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "train_loss": round(float(result.training_loss), 5),
+        "final_loss": last.get("loss", float("nan")),
+        "train_runtime_s": round(seconds, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    return write_manifest(out, {
+        "stage": "sft",
+        "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "quantized": bool(quant),
+        "outputs": ["adapter", "loss.png", "log_history.json"],
+        "artifacts": ["loss.png", "log_history.json"],
+        "metrics": metrics,
+    })

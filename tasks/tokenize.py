@@ -1,0 +1,162 @@
+"""tokenize: chat template, assistant-only labels, truncation counts, length statistics.
+
+SFT conversations become `input_ids` + `labels`, where every token that is not part of an assistant turn
+(system prompt, user turns, template markers before the answer) is -100, so the loss is taken on the answers
+only. The assistant spans are found in characters: the template rendered up to turn i with the generation
+prompt is a prefix of the full rendering, and the text between that prefix and the rendering up to turn i+1
+is the answer (its end-of-turn marker included, so the model learns to stop). Tokens whose first character
+falls in such a span are trained on. SFTTrainer accepts this pre-tokenized dataset as it is.
+
+Preference pairs stay conversational (prompt messages, chosen/rejected answers): the reward and DPO trainers
+apply the same template themselves. Pairs that would not fit `max_length` tokens are dropped and counted.
+
+The tokenizer itself (with the template actually used) is saved in `tokenizer/`: later stages load it from
+here, so the cache key of this stage (tokenizer files' hash, template, max length, data hashes) guards every
+stage after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common import StageError, read_jsonl, sha256_tree, write_manifest
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_length: int = Field(256, gt=8, description="tokens per example; longer ones are truncated (SFT) or dropped")
+    packing: bool = Field(False, description="pack SFT examples into max_length rows (padding-free) in sft")
+    chat_template: str | None = Field(None, description="Jinja chat template; default: the model's own")
+    include_synthetic: bool = Field(True, description="add the synthesize stage's records to the training data")
+
+
+class TokenizeInputs(BaseModel):
+    base: Path
+    curated: Path
+    synthesized: Path
+    out_dir: Path
+
+
+def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
+    from datasets import Dataset
+
+    from tasks.modeling import load_tokenizer
+
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(inputs.base)
+    if cfg.chat_template:
+        tok.chat_template = cfg.chat_template
+    if not tok.chat_template:
+        raise StageError("tokenize: the model has no chat template; set tokenize.chat_template in the recipe")
+    tok.save_pretrained(out / "tokenizer")
+
+    sft = list(read_jsonl(inputs.curated / "sft.jsonl"))
+    pref = list(read_jsonl(inputs.curated / "preference.jsonl"))
+    if cfg.include_synthetic:
+        sft += list(read_jsonl(inputs.synthesized / "sft.jsonl"))
+        pref += list(read_jsonl(inputs.synthesized / "preference.jsonl"))
+
+    # --- SFT: input_ids + assistant-only labels --------------------------------------------------------
+    rows: list[dict[str, list[int]]] = []
+    truncated = template_mismatch = 0
+    for record in sft:
+        encoded = encode_conversation(tok, record["messages"])
+        if encoded is None:
+            template_mismatch += 1
+            continue
+        ids, labels = encoded
+        if len(ids) > cfg.max_length:
+            truncated += 1
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        if all(label == -100 for label in labels):  # the answer was cut off entirely: nothing to learn
+            truncated += 1
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+    if not rows:
+        raise StageError("tokenize: no SFT example left after tokenization (see sft.truncated)")
+    Dataset.from_list(rows).save_to_disk(out / "sft")
+
+    # --- preference pairs: conversational, dropped when too long ---------------------------------------
+    pairs: list[dict[str, Any]] = []
+    too_long = 0
+    pair_lengths: list[int] = []
+    for p in pref:
+        prompt_len = len(tok.apply_chat_template(p["prompt"], tokenize=True, add_generation_prompt=True))
+        answer_len = max(len(tok(p["chosen"], add_special_tokens=False)["input_ids"]),
+                         len(tok(p["rejected"], add_special_tokens=False)["input_ids"])) + 2  # + end-of-turn
+        if prompt_len + answer_len > cfg.max_length:
+            too_long += 1
+            continue
+        pair_lengths.append(prompt_len + answer_len)
+        pairs.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": p["rejected"]}]})
+    if len(pairs) < 4:
+        raise StageError(f"tokenize: only {len(pairs)} preference pairs fit max_length={cfg.max_length}")
+    Dataset.from_list(pairs).save_to_disk(out / "preference")
+
+    lengths = [len(r["input_ids"]) for r in rows]
+    trainable = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
+    _plot_lengths(out / "lengths.png", lengths, pair_lengths, cfg.max_length)
+    metrics = {
+        "sft.examples": len(rows),
+        "sft.truncated": truncated,
+        "sft.dropped.template_mismatch": template_mismatch,
+        "sft.tokens": sum(lengths),
+        "sft.trainable_tokens": trainable,
+        "sft.length_mean": round(sum(lengths) / len(lengths), 1),
+        "sft.length_max": max(lengths),
+        "preference.pairs": len(pairs),
+        "preference.dropped.too_long": too_long,
+        "preference.length_max": max(pair_lengths),
+    }
+    return write_manifest(out, {
+        "stage": "tokenize",
+        "tokenizer_hash": sha256_tree(out / "tokenizer"),
+        "packing": cfg.packing,
+        "max_length": cfg.max_length,
+        "outputs": ["sft", "preference", "tokenizer", "lengths.png"],
+        "artifacts": ["lengths.png"],
+        "metrics": metrics,
+    })
+
+
+def encode_conversation(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (-100 outside assistant turns); None if the template does not render prefixes."""
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(through) or not through.startswith(before):
+            return None
+        spans.append((len(before), len(through)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= s < end for start, end in spans) else -100
+        for token, (s, _e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    return list(enc["input_ids"]), labels
+
+
+def _plot_lengths(path: Path, sft: list[int], pairs: list[int], max_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(sft, bins=30, alpha=0.7, label=f"SFT examples ({len(sft)})")
+    ax.hist(pairs, bins=30, alpha=0.7, label=f"preference pairs ({len(pairs)})")
+    ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
