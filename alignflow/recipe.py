@@ -69,7 +69,7 @@ class Recipe(BaseModel):
     reward: RewardConfig = RewardConfig()
     dpo: DpoConfig = DpoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    register: RegisterConfig
+    register: RegisterConfig = Field(..., description="registry name and promotion gate")
 
 
 class RecipeError(Exception):
@@ -97,25 +97,29 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         problem = _apply_override(raw, item)
         if problem:
             problems.append(problem)
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as e:
-        problems.extend(_format_error(err) for err in e.errors())
-        raise RecipeError(source, problems) from None
-    if problems:
-        raise RecipeError(source, problems)
-
+    # Files and the base model are checked from the raw mapping, so that their problems are listed together
+    # with the schema's (a recipe with a typo and a missing file shows both at once).
     resolved: dict[str, list[str]] = {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     for name in ("sft", "preference", "eval"):
+        entries = data.get(name)
+        entries = [entries] if isinstance(entries, str) else entries
+        if not isinstance(entries, list):
+            continue  # the schema reports it
         files: list[str] = []
-        for i, entry in enumerate(getattr(recipe.data, name)):
-            found = _resolve_data(entry, path.parent)
+        for i, entry in enumerate(entries):
+            found = _resolve_data(str(entry), path.parent)
             if not found:
                 problems.append(f"data.{name}[{i}]: no data file found at '{entry}' "
                                 f"(looked relative to the current folder and to {path.parent})")
             files.extend(str(f) for f in found)
         resolved[name] = files
-    problems.extend(_check_base(recipe.model.base))
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    problems.extend(_check_base(str(model.get("base", ModelSection().base))))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(source, [_format_error(err) for err in e.errors()] + problems) from None
     if problems:
         raise RecipeError(source, problems)
     return recipe.model_copy(update={"data": DataSection(**resolved)})

@@ -14,6 +14,7 @@ Wiring only. Each stage is a Prefect task over folder paths, with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 from alignflow.recipe import STAGES, Recipe
 from flows.tracking import Tracker
 from tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
-from tasks.common import MANIFEST, code_version, read_manifest, sha256_file, sha256_json
+from tasks.common import MANIFEST, StageError, code_version, read_manifest, sha256_file, sha256_json
 from tasks.modeling import ResolvedBase, resolve_base
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
@@ -39,6 +40,17 @@ EXTRA_CODE = {"reward": ("tasks.sft",), "evaluate": ("tasks.tokenize", "metrics.
               "register": ("tasks.served_model",)}
 HEADLINE = ("rougeL", "rougeL_base", "win_rate_vs_base", "perplexity", "perplexity_base", "gate_passed",
             "registered_version")
+
+
+def _no_traceback_for_stage_errors(record: logging.LogRecord) -> bool:
+    """A StageError is the user's to fix (bad data, a gate): Prefect logs its message, not a traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], StageError):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_no_traceback_for_stage_errors)
 
 
 @dataclass
@@ -113,7 +125,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     return folder
 
 
-@flow(name="alignflow-pipeline", log_prints=True)
+@flow(name="alignflow-pipeline", log_prints=False)  # True would also capture print(file=...) inside libraries
 def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None) -> dict[str, Any]:
     """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking."""
     from prefect.runtime import flow_run

@@ -73,7 +73,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'")
                 if v.tags.get("alignflow.adapter_sha256") == adapter_hash]
     if existing:
-        version = existing[0].version
+        version = str(existing[0].version)
     else:
         active = mlflow.active_run()
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
@@ -96,7 +96,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     alias = "challenger" if reasons else "champion"
     if alias == "champion":
         try:
-            previous = client.get_model_version_by_alias(cfg.model_name, "champion").version
+            previous = str(client.get_model_version_by_alias(cfg.model_name, "champion").version)
         except Exception:  # no champion yet
             previous = None
         if previous is not None and previous != version:

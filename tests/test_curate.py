@@ -1,0 +1,95 @@
+"""curate: every supported shape loads into the internal schema; every defect is counted under its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.common import StageError, read_jsonl, read_manifest
+from tasks.curate import CurateConfig, CurateInputs, run
+
+GOOD_PAIR = {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}
+GOOD_EVAL = {"prompt": "Say hi", "reference": "hi"}
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _run(tmp_path: Path, sft: list[Path], pref: list[Path] | None = None, ev: list[Path] | None = None,
+         **cfg: object) -> dict:
+    pref = pref or [_jsonl(tmp_path / "p.jsonl", [GOOD_PAIR])]
+    ev = ev or [_jsonl(tmp_path / "e.jsonl", [GOOD_EVAL])]
+    return run(CurateConfig(**cfg), CurateInputs(sft=sft, preference=pref, eval=ev, out_dir=tmp_path / "out"))
+
+
+def test_formats_normalise_to_one_schema(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                      {"role": "assistant", "content": "a2"}]},
+        {"conversations": [{"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]},
+        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+        {"instruction": "Count", "input": "", "output": "3"},
+        {"prompt": "q4", "response": "a4"},
+        {"prompt": "q5", "completion": "a5"},
+    ]
+    (tmp_path / "arr.json").write_text(json.dumps([{"prompt": "q6", "response": "a6"}]))
+    (tmp_path / "t.csv").write_text("prompt,response\nq7,a7\n")
+    manifest = _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", rows), tmp_path / "arr.json", tmp_path / "t.csv"])
+    kept = list(read_jsonl(tmp_path / "out" / "sft.jsonl"))
+    assert manifest["metrics"]["sft.records_in"] == 8 and manifest["metrics"]["sft.records_kept"] == 8
+    assert kept[0]["messages"][0] == {"role": "system", "content": "be brief"} and len(kept[0]["messages"]) == 5
+    assert kept[1]["messages"] == [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]
+    assert kept[2]["messages"][0]["content"] == "Translate\n\nbonjour"  # alpaca input folded into the prompt
+    assert kept[3]["messages"][0]["content"] == "Count"
+    assert [r["messages"][-1]["content"] for r in kept[4:]] == ["a4", "a5", "a6", "a7"]
+
+
+def test_every_defect_is_counted_under_its_reason(tmp_path: Path) -> None:
+    sft = tmp_path / "s.jsonl"
+    good = {"prompt": "q", "response": "a"}
+    lines = [json.dumps(good), json.dumps(good),  # duplicate
+             json.dumps({"prompt": "Q ", "response": "a"}).replace("Q ", "q"),  # duplicate after normalisation
+             '{"prompt": "broken',  # bad_json
+             json.dumps({"foo": 1}),  # wrong_schema
+             json.dumps(["not", "a", "dict"]),  # wrong_schema
+             json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}),
+             json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}),
+             json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "q"}]}),  # no_assistant_turn
+             json.dumps({"prompt": "long", "response": "x" * 500}),  # too_long
+             ]
+    sft.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff\xfe", "response": "a"}\n')
+    pref = _jsonl(tmp_path / "p.jsonl", [GOOD_PAIR, {"prompt": "p", "chosen": "same", "rejected": "same"},
+                                         {"prompt": "p", "chosen": "only one side"},
+                                         {"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}],
+                                          "rejected": [{"role": "assistant", "content": "r"}]}])
+    m = _run(tmp_path, [sft], [pref], max_chars=300, max_drop_fraction=1.0)["metrics"]
+    assert m["sft.records_in"] == 13 and m["sft.records_kept"] == 1
+    expected = {"duplicate": 2, "bad_json": 1, "wrong_schema": 2, "bad_role": 1, "empty_content": 1,
+                "non_string_content": 1, "no_user_turn": 1, "no_assistant_turn": 1, "too_long": 1, "invalid_utf8": 1}
+    assert {k.removeprefix("sft.dropped."): v for k, v in m.items() if k.startswith("sft.dropped.")} == expected
+    assert m["preference.records_kept"] == 2
+    assert m["preference.dropped.chosen_equals_rejected"] == 1 and m["preference.dropped.missing_side"] == 1
+    rejects = list(read_jsonl(tmp_path / "out" / "rejects.jsonl"))
+    assert {r["reason"] for r in rejects} >= set(expected)
+    assert read_manifest(tmp_path / "out")["outputs"]["sft.jsonl"]  # hashed output
+
+
+def test_too_many_drops_fail_the_stage_with_a_clear_message(tmp_path: Path) -> None:
+    sft = _jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "response": "a"}, "{bad", "{bad", "{bad"])
+    with pytest.raises(StageError, match=r"sft lost 3 of 4 records \(bad_json: 3\).*max_drop_fraction=0.5"):
+        _run(tmp_path, [sft])
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"\x00\x01\x02binary", "not a text data file")])
+def test_a_file_that_is_not_data_is_an_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(StageError, match=f"bad.jsonl.*{message}|{message}"):
+        _run(tmp_path, [bad])

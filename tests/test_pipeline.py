@@ -1,0 +1,106 @@
+"""The smoke recipe end to end on the real stack: nine child runs with metrics, a registered version with an
+alias, cache re-use across runs, selective invalidation, and --until."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from alignflow.recipe import STAGES, Recipe, load_recipe
+from flows.pipeline import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children(client: MlflowClient, result: dict) -> dict:
+    runs = client.search_runs([result["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    return {r.info.run_name: r for r in runs}
+
+
+@pytest.fixture()
+def smoke(in_root: Path) -> Recipe:
+    return load_recipe(ROOT / "configs" / "smoke.yaml")
+
+
+def test_smoke_pipeline_end_to_end_then_cached(prefect_server: None, smoke: Recipe, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    first = pipeline(recipe=smoke, work_dir=str(work))
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+
+    # --- one parent run with lineage tags, nine finished child runs with metrics -------------------------
+    parent = client.get_run(first["parent_run_id"])
+    for tag in ("alignflow.recipe_hash", "alignflow.git_sha", "alignflow.prefect_flow_run_id",
+                "alignflow.data_hash.sft", "alignflow.data_hash.preference", "alignflow.data_hash.eval"):
+        assert parent.data.tags.get(tag), tag
+    assert parent.info.status == "FINISHED"
+    assert "recipe.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    children = _children(client, first)
+    assert sorted(children) == sorted(STAGES)
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["alignflow.cached"] == "false", name
+        assert run.data.metrics, f"{name} logged no metrics"
+        assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)], name
+    assert children["curate"].data.metrics["sft.dropped.duplicate"] == 4  # the planted defects
+    assert children["curate"].data.metrics["sft.dropped.bad_json"] == 1
+    assert children["sft"].data.params["sft.lora.r"] == "8"
+    assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) >= 3  # live step metrics
+    assert children["sft"].data.metrics["global_step"] == 6
+    assert children["quantize"].data.metrics["memory_ratio"] < 1.0  # NF4 base is smaller
+    assert "side_by_side.json" in [a.path for a in client.list_artifacts(children["evaluate"].info.run_id)]
+    for metric in ("perplexity", "rougeL", "win_rate_vs_base"):
+        assert metric in children["evaluate"].data.metrics
+
+    # --- a registered version with an alias and lineage tags ----------------------------------------------
+    version = client.get_model_version_by_alias("smoke-assistant", "champion")
+    assert str(version.version) == "1" and first["registered"]["alias"] == "champion"
+    assert version.tags["alignflow.parent_run_id"] == first["parent_run_id"]
+    assert version.tags["alignflow.base_model"] == "tiny:llama"
+
+    # --- an unchanged re-run is served from cache, and says so in MLflow ----------------------------------
+    second = pipeline(recipe=smoke, work_dir=str(work))
+    assert all(info["cached"] for info in second["stages"].values())
+    again = _children(client, second)
+    assert sorted(again) == sorted(STAGES)
+    for name, run in again.items():
+        assert run.data.tags["alignflow.cached"] == "true", name
+        assert run.data.tags["alignflow.cached_from"] == children[name].info.run_id
+    assert len(client.search_model_versions("name='smoke-assistant'")) == 1  # no new version
+
+    # --- changing dpo.beta re-runs dpo, evaluate and register only -----------------------------------------
+    changed = smoke.model_copy(update={"dpo": smoke.dpo.model_copy(update={"beta": 0.3})})
+    third = pipeline(recipe=changed, work_dir=str(work))
+    assert {s for s, info in third["stages"].items() if not info["cached"]} == {"dpo", "evaluate", "register"}
+
+    # --- a deleted stage folder is recomputed even though Prefect still holds its cache record --------------
+    shutil.rmtree(Path(third["stages"]["evaluate"]["folder"]))
+    fourth = pipeline(recipe=changed, work_dir=str(work))
+    assert {s for s, info in fourth["stages"].items() if not info["cached"]} == {"evaluate"}
+
+
+def test_until_stops_after_the_named_stage(prefect_server: None, smoke: Recipe, tmp_path: Path) -> None:
+    result = pipeline(recipe=smoke, work_dir=str(tmp_path / "w"), until="tokenize")
+    assert list(result["stages"]) == ["curate", "synthesize", "tokenize"]
+    assert "registered" not in result
+
+
+def test_a_failing_stage_exits_nonzero_with_a_message_and_marks_runs_failed(in_root: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(work),
+         "--set", "curate.max_drop_fraction=0.0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "curate.max_drop_fraction=0.0" in proc.stderr and "Traceback" not in proc.stderr
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs(client.search_experiments()[0].experiment_id and
+                              [e.experiment_id for e in client.search_experiments()])
+    statuses = {r.info.run_name.split("-")[0]: r.info.status for r in runs}
+    assert statuses["curate"] == "FAILED" and statuses["smoke"] == "FAILED"
+    assert not list((work / "stages" / "curate").glob("*/manifest.json"))  # nothing half-written published

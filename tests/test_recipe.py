@@ -1,0 +1,96 @@
+"""Recipes: every shipped config validates; a wrong recipe is rejected with every problem and its path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignflow.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path, in_root: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name
+    for name in ("sft", "preference", "eval"):
+        files = getattr(recipe.data, name)
+        assert files and all(Path(f).is_absolute() and Path(f).is_file() for f in files)
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _base(tmp_path: Path) -> dict:
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    return {"name": "t", "model": {"base": "tiny:llama"},
+            "data": {"sft": "d.jsonl", "preference": "d.jsonl", "eval": "d.jsonl"},
+            "register": {"model_name": "m"}}
+
+
+def test_all_problems_listed_at_once_with_dotted_paths(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    data["sft"] = {"lora": {"r": -1, "bogus": 3}, "lr": "fast"}
+    data["dpo"] = {"loss": "nonsense"}
+    data["unknown_section"] = 1
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    text = "\n".join(e.value.problems)
+    for expected in ("sft.lora.r", "sft.lora.bogus: unknown key", "sft.lr", "dpo.loss", "unknown_section: unknown key"):
+        assert expected in text, text
+    assert len(e.value.problems) == 5
+
+
+def test_missing_data_files_and_base_model_are_reported_together(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    data["data"]["preference"] = "nope/*.jsonl"
+    data["data"]["eval"] = ["d.jsonl", "missing.jsonl"]
+    data["model"]["base"] = "./no/such/folder"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    text = "\n".join(e.value.problems)
+    assert "data.preference[0]" in text and "data.eval[1]" in text and "model.base: folder not found" in text
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    del data["register"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert e.value.problems == ["register: required key is missing"]
+
+
+def test_overrides_use_dotted_paths_and_yaml_values(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, _base(tmp_path)),
+                         ["sft.lora.r=32", "dpo.beta=0.25", "quantize.bits=4", "sft.lora.target_modules=[q_proj]"])
+    assert recipe.sft.lora.r == 32 and recipe.dpo.beta == 0.25 and recipe.quantize.bits == 4
+    assert recipe.sft.lora.target_modules == ["q_proj"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, _base(tmp_path)), ["sft.lora.r"])
+    assert "expected dotted.key=value" in e.value.problems[0]
+
+
+def test_cli_rejects_a_bad_recipe_without_traceback(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    data["sft"] = {"max_steps": "many"}
+    data["data"]["sft"] = "absent.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "run", str(_write(tmp_path, data)),
+                           "--work-dir", str(tmp_path / "w")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "sft.max_steps" in proc.stderr and "data.sft[0]" in proc.stderr  # schema and file problems together
+    assert not (tmp_path / "w").exists()  # rejected before any work started
+
+
+def test_cli_names_a_missing_recipe_file(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "validate", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
