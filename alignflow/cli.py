@@ -18,7 +18,8 @@ console = Console()
 err = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. configs/demo.yaml")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set sft.lora.r=32 (repeatable)")]
+SetOpt = Annotated[list[str] | None,
+                   typer.Option("--set", help="override a recipe key: --set sft.lora.r=32 (repeatable)")]
 WorkOpt = Annotated[Path, typer.Option("--work-dir", help="stage folders, caches and the default MLflow store")]
 STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
 

@@ -74,7 +74,8 @@ def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
 
 @task(persist_result=True)
 def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
-                  folder: str, run_id: str, flow_run_id: str, cache_key: str, upstream: dict[str, Any]) -> dict[str, Any]:
+                  folder: str, run_id: str, flow_run_id: str, cache_key: str,
+                  upstream: dict[str, Any]) -> dict[str, Any]:
     """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder."""
     partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
     with mlflow.start_run(run_id=run_id):  # active here, so the Trainers' MLflow callback logs live steps into it

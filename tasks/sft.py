@@ -25,7 +25,8 @@ class LoraSpec(BaseModel):
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: int = Field(32, gt=0, description="scaling numerator: the update is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    target_modules: str | list[str] = Field("all-linear",
+                                            description="'all-linear' or module names, e.g. [q_proj, v_proj]")
     use_dora: bool = False  # weight-decomposed LoRA
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
 

@@ -32,10 +32,13 @@ class Rouge(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False):  # noqa: ANN001, ANN202
+    def _compute(
+        self, predictions: list[str], references: list[str], rouge_types: list[str] | None = None,
+        use_stemmer: bool = False,
+    ) -> dict[str, float]:
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
         # Plain means, not rouge_score's BootstrapAggregator: its resampling makes results vary run to run.
-        scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
+        scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions, strict=True)]
         n = max(len(scores), 1)
         return {key: sum(s[key].fmeasure for s in scores) / n for key in rouge_types}
