@@ -112,8 +112,96 @@ def _print_result(result: dict[str, Any], work_dir: Path) -> None:
         why = "; ".join(reg["gate_reasons"]) or "gate passed"
         console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as "
                       f"[bold]{reg['alias']}[/] ({why})")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
-    console.print(f"MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {uri}")
+    console.print(f"MLflow parent run {result['parent_run_id']}: "
+                  f"mlflow ui --backend-store-uri {result['tracking_uri']}")
+
+
+def _client(work_dir: Path) -> Any:
+    """An MlflowClient on MLFLOW_TRACKING_URI, or on the SQLite store under --work-dir (as `run` uses)."""
+    _quiet_environment()
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    uri = tracking_uri(work_dir.expanduser().resolve())
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def _user_error(fn: Any, *args: Any) -> Any:
+    from tasks.common import StageError
+
+    try:
+        return fn(*args)
+    except StageError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def promote(model_name: str, version: str, work_dir: WorkOpt = Path("runs")) -> None:
+    """Make VERSION the champion of MODEL_NAME by hand (the old champion becomes previous-champion)."""
+    from flows.registry import promote as do_promote
+
+    console.print(_user_error(do_promote, _client(work_dir), model_name, version))
+
+
+@app.command()
+def rollback(model_name: str, work_dir: WorkOpt = Path("runs")) -> None:
+    """Swap champion and previous-champion of MODEL_NAME."""
+    from flows.registry import rollback as do_rollback
+
+    console.print(_user_error(do_rollback, _client(work_dir), model_name))
+
+
+@app.command()
+def export(
+    model_uri: Annotated[str, typer.Argument(help="e.g. models:/demo-assistant@champion or models:/demo-assistant/3")],
+    merged: Annotated[Path | None, typer.Option(help="write merged safetensors weights + tokenizer here")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="write the LoRA adapter + tokenizer here")] = None,
+    work_dir: WorkOpt = Path("runs"),
+) -> None:
+    """Export a registered model as plain transformers files (merged) or as its PEFT adapter."""
+    import tempfile
+
+    from flows.registry import download_model
+    from tasks.export import ExportInputs
+    from tasks.export import run as do_export
+
+    if (merged is None) == (adapter is None):
+        err.print("[red]give exactly one of --merged OUT or --adapter OUT[/]")
+        raise typer.Exit(2)
+    _client(work_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir, config = _user_error(download_model, model_uri, Path(tmp))
+        out = merged or adapter
+        assert out is not None
+        result = do_export(ExportInputs(adapter=adapter_dir, base_path=Path(config["base_path"]),
+                                        base_spec=config.get("base_spec", ""), dtype=config.get("dtype", "float32"),
+                                        out_dir=out, kind="merged" if merged else "adapter"))
+    console.print(f"exported {model_uri} ({result['kind']}) to {out}")
+
+
+@app.command()
+def compare(run_a: str, run_b: str, work_dir: WorkOpt = Path("runs")) -> None:
+    """Stage by stage: what differed between two pipeline runs (config, data, cache) and their metrics."""
+    from flows.registry import compare as do_compare
+
+    lineage, rows = _user_error(do_compare, _client(work_dir), run_a, run_b)
+    console.print(f"[bold]{run_a}[/] vs [bold]{run_b}[/]")
+    for line in lineage or ["lineage: same recipe hash, data and code"]:
+        console.print(f"  {line}", highlight=False)
+    for row in rows:
+        table = Table(title=f"{row.stage}  (cached: {row.cached[0]} / {row.cached[1]})", title_justify="left")
+        for col in ("metric", "A", "B", "delta"):
+            table.add_column(col)
+        for name, a, b in row.metrics:
+            delta = f"{b - a:+.4g}" if a is not None and b is not None else ""
+            table.add_row(name, "" if a is None else f"{a:.4g}", "" if b is None else f"{b:.4g}", delta)
+        console.print(table)
+        for change in row.config_diff:
+            console.print(f"  config {change}", highlight=False)
 
 
 def main() -> None:

@@ -25,21 +25,32 @@ from typing import Any, Literal
 
 import mlflow
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from alignflow.recipe import STAGES, Recipe
-from flows.tracking import Tracker
+from flows.tracking import Tracker, tracking_uri
 from tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
-from tasks.common import MANIFEST, StageError, code_version, read_manifest, sha256_file, sha256_json
+from tasks.common import (
+    MANIFEST,
+    StageError,
+    code_version,
+    read_jsonl,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    sha256_tree,
+)
 from tasks.modeling import ResolvedBase, resolve_base
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
 SHARED_CODE = ("tasks.common", "tasks.modeling")
-EXTRA_CODE = {"reward": ("tasks.sft",), "evaluate": ("tasks.tokenize", "metrics.rouge.rouge"),
+EXTRA_CODE = {"reward": ("tasks.sft",),
+              "evaluate": ("tasks.tokenize", "metrics.rouge.rouge", "metrics.bleu.bleu",
+                           "metrics.exact_match.exact_match"),
               "register": ("tasks.served_model",)}
-HEADLINE = ("rougeL", "rougeL_base", "win_rate_vs_base", "perplexity", "perplexity_base", "gate_passed",
-            "registered_version")
+HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
+            "win_rate_vs_champion", "perplexity", "perplexity_base", "gate_passed", "registered_version")
 
 
 def _no_traceback_for_stage_errors(record: logging.LogRecord) -> bool:
@@ -123,6 +134,9 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                             f"MLflow run `{run_id}` · folder `{folder}`", "", "| metric | value |", "|---|---|",
                             *[f"| {k} | {v} |" for k, v in metrics.items()]]),
     )
+    if stage == "evaluate" and (folder / "samples.jsonl").exists():
+        create_table_artifact(key="evaluate-side-by-side", table=list(read_jsonl(folder / "samples.jsonl")),
+                              description="prompt, reference, base / champion / tuned answers, rewards")
     return folder
 
 
@@ -169,19 +183,24 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None)
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
                  "sft": ctx.key("sft")})
         if _reached(until, "evaluate"):
+            candidate_sha = sha256_tree(ctx.folders["dpo"] / "adapter")
+            champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
+                                                                 work / "champions")
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
-                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], out_dir=out, seed=seed),
+                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], champion=champion, out_dir=out,
+                seed=seed),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "curate": ctx.key("curate"),
-                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward")})
+                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward"), "champion": champion_id})
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
                        **{f"alignflow.data_hash.{k}": v for k, v in data.items()}}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
                 base_path=base.path, base_spec=base.spec, dtype=dtype, candidate=ctx.folders["dpo"],
-                evaluation=ctx.folders["evaluate"], run_id=run_id, tags=lineage, out_dir=out),
-                {"dpo": ctx.key("dpo"), "evaluate": ctx.key("evaluate")})
+                evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=lineage,
+                out_dir=out),
+                {"dpo": ctx.key("dpo"), "evaluate": ctx.key("evaluate"), "curate": ctx.key("curate")})
     except BaseException as e:
         ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
@@ -195,6 +214,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None)
     result: dict[str, Any] = {
         "parent_run_id": ctx.tracker.parent_run_id,
         "experiment_id": ctx.tracker.experiment_id,
+        "tracking_uri": tracking_uri(work),
         "stages": {s: {"folder": str(f), "cached": ctx.cached[s], "seconds": round(ctx.seconds[s], 2)}
                    for s, f in ctx.folders.items()},
         "metrics": summary,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,10 +26,13 @@ from alignflow.recipe import Recipe
 from tasks.common import sha256_json
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+# Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
+# os.environ, so reading it later would send a second run (other work dir) into the first run's store.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(work: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
+    return USER_TRACKING_URI or f"sqlite:///{work / 'mlflow.db'}"
 
 
 def git_sha() -> str:
@@ -118,6 +122,37 @@ class Tracker:
             if rows:
                 c.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "side_by_side.json")
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path) -> tuple[Path | None, dict]:
+        """The adapter to compare the candidate with, downloaded once under dest_root, and its identity.
+
+        That is the registry's `champion`; or, when the champion is this very adapter (same content hash: the run
+        that promoted it, re-run unchanged), the `previous-champion` it displaced, which is the comparison the
+        promoting run made, so the re-run keeps its cache key. None when there is nothing to compare with.
+        """
+        from mlflow.exceptions import MlflowException
+
+        version = None
+        for alias in ("champion", "previous-champion"):
+            try:
+                version = self.client.get_model_version_by_alias(model_name, alias)
+            except MlflowException:
+                return None, {}
+            if version.tags.get("alignflow.adapter_sha256", "") != candidate_sha:
+                break
+        else:
+            return None, {}
+        sha = version.tags.get("alignflow.adapter_sha256", "")
+        dest = dest_root / f"{model_name}-v{version.version}"
+        if not (dest / "adapter").exists():
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}",
+                                                        dst_path=str(tmp))
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(local) / "artifacts" / "adapter", dest / "adapter")
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest / "adapter", {"version": str(version.version), "adapter_sha256": sha}
 
     def fail(self, run_id: str, killed: bool) -> None:
         status = RunStatus.KILLED if killed else RunStatus.FAILED

@@ -5,6 +5,10 @@ logs `<dataset>.records_in`, `<dataset>.records_kept` and `<dataset>.dropped.<re
 rejects per reason is kept in `rejects.jsonl`. If more than `max_drop_fraction` of a dataset is dropped the
 stage fails: that much loss means the data or the format guess is wrong, not that the data is dirty.
 
+Decontamination: a training record (SFT or preference) that contains at least `threshold` of the word n-grams
+of any eval item (prompt + reference) is dropped as `contaminated`, so the eval set measures generalisation.
+The manifest records `decontaminated` = 1 when this ran, which `register.gate.require_decontaminated` checks.
+
 Accepted record shapes (detected per record), all normalised to one internal schema:
   chat        {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
   sharegpt    {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
@@ -40,9 +44,17 @@ class DedupConfig(BaseModel):
     exact: bool = True  # drop records whose normalised text (case, whitespace) was already seen
 
 
+class DecontaminateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    ngram: int = Field(8, gt=0, description="words per n-gram")
+    threshold: float = Field(0.5, gt=0, le=1, description="drop when this share of an eval item's n-grams appears")
+
+
 class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
     max_chars: int = Field(4000, gt=0, description="records longer than this (all turns, characters) are dropped")
     max_drop_fraction: float = Field(0.5, ge=0, le=1, description="fail if a dataset loses more than this")
     reject_samples: int = Field(5, ge=0, description="rejected records kept per reason in rejects.jsonl")
@@ -62,9 +74,15 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     rejects: list[dict[str, Any]] = []
     card = ["# Data card", "", "| dataset | records in | kept | dropped (reason: count) |", "|---|---|---|---|"]
 
+    # The eval set first: its n-grams decide what training data is contaminated.
+    eval_kept, eval_dropped, eval_samples = _curate_dataset("eval", inputs.eval, cfg, None)
+    index = _EvalIndex(eval_kept, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
     for name in ("sft", "preference", "eval"):
         files: list[Path] = getattr(inputs, name)
-        kept, dropped, samples = _curate_dataset(name, files, cfg)  # type: ignore[arg-type]
+        if name == "eval":
+            kept, dropped, samples = eval_kept, eval_dropped, eval_samples
+        else:
+            kept, dropped, samples = _curate_dataset(name, files, cfg, index)  # type: ignore[arg-type]
         n_in = len(kept) + sum(dropped.values())
         write_jsonl(out / f"{name}.jsonl", kept)
         metrics[f"{name}.records_in"] = n_in
@@ -82,6 +100,7 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
         if not kept:
             raise StageError(f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons})")
 
+    metrics["decontaminated"] = float(cfg.decontaminate.enabled)
     write_jsonl(out / "rejects.jsonl", rejects)
     (out / "data_card.md").write_text("\n".join(card) + "\n")
     return write_manifest(
@@ -96,8 +115,41 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     )
 
 
+class _EvalIndex:
+    """Word n-grams of every eval item, to find training records that contain a large share of one."""
+
+    def __init__(self, records: list[dict[str, Any]], n: int) -> None:
+        self.n = n
+        self.grams_per_item: list[int] = []
+        self.items_of: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, r in enumerate(records):
+            grams = self.grams(" ".join(m["content"] for m in r["prompt"]) + " " + r["reference"])
+            self.grams_per_item.append(len(grams))
+            for g in grams:
+                self.items_of[g].append(i)
+
+    def grams(self, text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        if len(words) < self.n:
+            return {tuple(words)} if words else set()
+        return {tuple(words[i : i + self.n]) for i in range(len(words) - self.n + 1)}
+
+    def contaminated(self, text: str, threshold: float) -> bool:
+        hits: Counter[int] = Counter()
+        for g in self.grams(text):
+            for i in self.items_of.get(g, ()):
+                hits[i] += 1
+        return any(count >= threshold * self.grams_per_item[i] for i, count in hits.items())
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    if "messages" in record:
+        return " ".join(m["content"] for m in record["messages"])
+    return " ".join([*(m["content"] for m in record["prompt"]), record["chosen"], record["rejected"]])
+
+
 def _curate_dataset(
-    name: Dataset, files: list[Path], cfg: CurateConfig
+    name: Dataset, files: list[Path], cfg: CurateConfig, index: _EvalIndex | None
 ) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]]]:
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
@@ -128,6 +180,9 @@ def _curate_dataset(
                     reject("duplicate", raw, where)
                     continue
                 seen.add(key)
+            if index is not None and index.contaminated(_record_text(record), cfg.decontaminate.threshold):
+                reject("contaminated", raw, where)
+                continue
             kept.append(record)
     return kept, dropped, [s for group in samples.values() for s in group]
 

@@ -4,9 +4,12 @@
   model (`perplexity`) and the base (`perplexity_base`);
 - ROUGE-1/2/L of greedy answers against the references, through the `evaluate` module shipped in
   `metrics/rouge` (`rouge1`, `rouge2`, `rougeL`, and `rougeL_base` for the base);
+- BLEU (`bleu`) and exact match (`exact_match`, `exact_match_base`) through the shipped `metrics/bleu` and
+  `metrics/exact_match` modules;
 - reward-model win-rate: the reward stage's model scores the base's and the tuned model's answer to each
-  prompt; a win counts 1, a tie (same text) 0.5 (`win_rate_vs_base`);
-- `samples.jsonl`: prompt, reference, base answer, tuned answer and their rewards, for the side-by-side table.
+  prompt; a win counts 1, a tie (same text) 0.5 (`win_rate_vs_base`). When the registry has a `champion`
+  (another adapter than this one), its answers are generated and scored too (`win_rate_vs_champion`);
+- `samples.jsonl`: prompt, reference, base / champion / tuned answers and their rewards (side-by-side table).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import read_jsonl, seed_everything, write_jsonl, write_manifest
 
-Metric = Literal["perplexity", "rouge", "rm_win_rate"]
+Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
 
 
 class EvaluateConfig(BaseModel):
@@ -28,7 +31,7 @@ class EvaluateConfig(BaseModel):
     max_new_tokens: int = Field(48, gt=0, description="tokens generated per answer (greedy)")
     batch_size: int = Field(8, gt=0, description="prompts per generate() call")
     max_samples: int | None = Field(None, gt=0, description="evaluate on the first N eval records (None: all)")
-    metrics: list[Metric] = ["perplexity", "rouge", "rm_win_rate"]
+    metrics: list[Metric] = ["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
 
 
 class EvaluateInputs(BaseModel):
@@ -38,6 +41,7 @@ class EvaluateInputs(BaseModel):
     curated: Path
     candidate: Path  # the dpo stage folder (adapter/)
     reward: Path  # the reward stage folder (adapter/)
+    champion: Path | None = None  # the registry champion's adapter folder, when there is one
     out_dir: Path
     seed: int
 
@@ -60,6 +64,11 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     base_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: base", **gen)]
     base_ppl = _perplexity(model, tok, prompts, references) if "perplexity" in cfg.metrics else None
+    champion_answers: list[str] | None = None
+    if inputs.champion is not None:
+        model = PeftModel.from_pretrained(model, inputs.champion, adapter_name="champion")
+        champion_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: champion", **gen)]
+        model = model.unload()  # back to the plain base, without the champion's layers
     model = PeftModel.from_pretrained(model, inputs.candidate / "adapter")
     answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: tuned", **gen)]
     metrics: dict[str, float] = {"eval_examples": len(records)}
@@ -68,33 +77,54 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["perplexity_base"] = round(base_ppl, 4)
     del model
 
+    module = resources.files("metrics")
     if "rouge" in cfg.metrics:
-        rouge = hf_evaluate.load(str(resources.files("metrics") / "rouge"))
+        rouge = hf_evaluate.load(str(module / "rouge"))
         tuned = rouge.compute(predictions=answers, references=references)
         base = rouge.compute(predictions=base_answers, references=references)
         metrics.update({k: round(v, 4) for k, v in tuned.items()})
         metrics["rougeL_base"] = round(base["rougeL"], 4)
         metrics["rougeL_gain"] = round(tuned["rougeL"] - base["rougeL"], 4)
+    if "bleu" in cfg.metrics:
+        bleu = hf_evaluate.load(str(module / "bleu"))
+        metrics["bleu"] = round(bleu.compute(predictions=answers, references=references)["bleu"], 4)
+        metrics["bleu_base"] = round(bleu.compute(predictions=base_answers, references=references)["bleu"], 4)
+    if "exact_match" in cfg.metrics:
+        em = hf_evaluate.load(str(module / "exact_match"))
+        metrics["exact_match"] = round(em.compute(predictions=answers, references=references)["exact_match"], 4)
+        metrics["exact_match_base"] = round(
+            em.compute(predictions=base_answers, references=references)["exact_match"], 4)
 
-    rewards = base_rewards = [float("nan")] * len(records)
+    nan = [float("nan")] * len(records)
+    rewards, base_rewards, champion_rewards = nan, nan, nan
     if "rm_win_rate" in cfg.metrics:
         rm = load_reward_model(inputs.base, inputs.dtype, adapter=inputs.reward / "adapter")
         rm_tok = load_tokenizer(inputs.reward / "adapter")
         rewards = score_answers(rm, rm_tok, prompts, answers)
         base_rewards = score_answers(rm, rm_tok, prompts, base_answers)
-        wins = [0.5 if a == b else float(r > rb)
-                for a, b, r, rb in zip(answers, base_answers, rewards, base_rewards, strict=True)]
-        metrics["win_rate_vs_base"] = round(sum(wins) / len(wins), 4)
+        metrics["win_rate_vs_base"] = _win_rate(answers, rewards, base_answers, base_rewards)
         metrics["reward_mean"] = round(sum(rewards) / len(rewards), 4)
         metrics["reward_mean_base"] = round(sum(base_rewards) / len(base_rewards), 4)
+        if champion_answers is not None:
+            champion_rewards = score_answers(rm, rm_tok, prompts, champion_answers)
+            metrics["win_rate_vs_champion"] = _win_rate(answers, rewards, champion_answers, champion_rewards)
 
     write_jsonl(out / "samples.jsonl", (
-        {"prompt": p[-1]["content"], "reference": ref, "base": b, "tuned": a,
-         "reward_base": round(rb, 4), "reward_tuned": round(r, 4)}
-        for p, ref, b, a, rb, r in zip(prompts, references, base_answers, answers, base_rewards, rewards, strict=True)
+        {"prompt": p[-1]["content"], "reference": ref, "base": b, **({"champion": c} if champion_answers else {}),
+         "tuned": a, "reward_base": round(rb, 4), **({"reward_champion": round(rc, 4)} if champion_answers else {}),
+         "reward_tuned": round(r, 4)}
+        for p, ref, b, c, a, rb, rc, r in zip(prompts, references, base_answers, champion_answers or base_answers,
+                                              answers, base_rewards, champion_rewards, rewards, strict=True)
     ))
     return write_manifest(out, {"stage": "evaluate", "outputs": ["samples.jsonl"], "artifacts": ["samples.jsonl"],
                                 "metrics": metrics})
+
+
+def _win_rate(answers: list[str], rewards: list[float], others: list[str], other_rewards: list[float]) -> float:
+    """Fraction of prompts where the tuned answer out-scores the other; identical answers count one half."""
+    pairs = zip(answers, rewards, others, other_rewards, strict=True)
+    wins = [0.5 if a == o else float(r > ro) for a, r, o, ro in pairs]
+    return round(sum(wins) / max(len(wins), 1), 4)
 
 
 def _perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:

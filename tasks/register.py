@@ -1,10 +1,12 @@
 """register: put the tuned adapter into the MLflow model registry and let the gate pick its alias.
 
 The adapter (with tokenizer and chat template) is logged as an MLflow pyfunc model in the register child run
-and registered under `register.model_name`. The gate reads the evaluate stage's metrics: if every condition
-holds, the new version gets the alias `champion` (the version it displaces keeps `previous-champion`);
-otherwise it gets `challenger` and the reasons are recorded. A failed gate is an outcome, not an error.
-Registration is idempotent: a version whose adapter has the same content hash is reused, never duplicated.
+and registered under `register.model_name`. The gate reads the evaluate stage's metrics, the current
+champion's metrics (version tags `alignflow.metric.*`) and whether curate decontaminated the training data.
+If every condition holds, the new version gets the alias `champion` (the version it displaces keeps
+`previous-champion`); otherwise it gets `challenger` and the reasons are recorded on the version. A failed gate
+is an outcome, not an error. Registration is idempotent: a version whose adapter has the same content hash is
+reused, never duplicated (and a champion re-submitted keeps its alias).
 """
 
 from __future__ import annotations
@@ -13,15 +15,31 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.common import read_manifest, sha256_tree, write_manifest
+
+LOWER_IS_BETTER = {"perplexity"}
+GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
 
 
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_win_rate: float = Field(0.5, ge=0, le=1, description="reward-model win-rate vs the base must reach this")
+    min_win_rate_vs_champion: float | None = Field(
+        0.5, ge=0, le=1, description="win-rate vs the current champion must reach this (checked when one exists)")
     min_rougeL_gain: float | None = Field(0.0, description="rougeL - rougeL_base must reach this (None: not checked)")
+    max_regression: dict[str, float] = Field(
+        {}, description="metric -> largest allowed loss vs the champion, e.g. {rougeL: 0.02, perplexity: 0.1}")
+    require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
+
+    @field_validator("max_regression")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - GATED_METRICS
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; gateable: {sorted(GATED_METRICS)}")
+        return v
 
 
 class RegisterConfig(BaseModel):
@@ -36,21 +54,39 @@ class RegisterInputs(BaseModel):
     dtype: str
     candidate: Path  # the dpo stage folder
     evaluation: Path  # the evaluate stage folder
+    curated: Path  # the curate stage folder (did it decontaminate?)
     run_id: str  # the register child run the model is logged in
     tags: dict[str, str] = {}  # lineage tags copied onto the version (parent run, recipe and data hashes)
     out_dir: Path
 
 
-def gate(cfg: GateConfig, metrics: dict[str, float]) -> list[str]:
+def gate(cfg: GateConfig, metrics: dict[str, float], champion: dict[str, float] | None,
+         decontaminated: bool) -> list[str]:
     """Reasons the candidate fails the gate; empty when it passes."""
     reasons = []
     win = metrics.get("win_rate_vs_base")
     if win is None or win < cfg.min_win_rate:
         reasons.append(f"win_rate_vs_base={win} < min_win_rate={cfg.min_win_rate}")
+    vs_champion = metrics.get("win_rate_vs_champion")
+    if cfg.min_win_rate_vs_champion is not None and vs_champion is not None and \
+            vs_champion < cfg.min_win_rate_vs_champion:
+        reasons.append(f"win_rate_vs_champion={vs_champion} < min_win_rate_vs_champion={cfg.min_win_rate_vs_champion}")
     if cfg.min_rougeL_gain is not None:
         gain = metrics.get("rougeL_gain")
         if gain is None or gain < cfg.min_rougeL_gain:
             reasons.append(f"rougeL_gain={gain} < min_rougeL_gain={cfg.min_rougeL_gain}")
+    for name, allowed in sorted(cfg.max_regression.items()):
+        if champion is None or name not in champion:
+            continue  # nothing to regress from
+        if name not in metrics:
+            reasons.append(f"{name} was not measured, so its regression vs the champion cannot be checked")
+            continue
+        loss = metrics[name] - champion[name] if name in LOWER_IS_BETTER else champion[name] - metrics[name]
+        if loss > allowed:
+            reasons.append(f"{name}={metrics[name]} regressed by {loss:.4f} vs champion {champion[name]} "
+                           f"(max_regression {allowed})")
+    if cfg.require_decontaminated and not decontaminated:
+        reasons.append("curate did not decontaminate the training data (curate.decontaminate.enabled=false)")
     return reasons
 
 
@@ -67,8 +103,16 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     adapter = inputs.candidate / "adapter"
     adapter_hash = sha256_tree(adapter)
     metrics = read_manifest(inputs.evaluation)["metrics"]
-    reasons = gate(cfg.gate, metrics)
     client = MlflowClient()
+    try:
+        champion_version = client.get_model_version_by_alias(cfg.model_name, "champion")
+    except mlflow.exceptions.MlflowException:  # no registered model, or no champion yet
+        champion_version = None
+    champion_metrics = None if champion_version is None else {
+        k.removeprefix("alignflow.metric."): float(v) for k, v in champion_version.tags.items()
+        if k.startswith("alignflow.metric.")}
+    decontaminated = bool(read_manifest(inputs.curated)["metrics"].get("decontaminated", 0))
+    reasons = gate(cfg.gate, metrics, champion_metrics, decontaminated)
 
     existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'")
                 if v.tags.get("alignflow.adapter_sha256") == adapter_hash]
@@ -89,19 +133,22 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 registered_model_name=cfg.model_name,
             )
         version = str(info.registered_model_version)
-        for key, value in {**inputs.tags, "alignflow.adapter_sha256": adapter_hash,
-                           "alignflow.base_model": inputs.base_spec}.items():
+        tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
+                **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in GATED_METRICS}}
+        for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
 
-    alias = "challenger" if reasons else "champion"
-    if alias == "champion":
-        try:
-            previous = str(client.get_model_version_by_alias(cfg.model_name, "champion").version)
-        except Exception:  # no champion yet
-            previous = None
-        if previous is not None and previous != version:
+    previous = None if champion_version is None else str(champion_version.version)
+    if previous == version:
+        alias = "champion"  # re-submitted champion: nothing moves
+    elif reasons:
+        alias = "challenger"
+        client.set_registered_model_alias(cfg.model_name, alias, version)
+    else:
+        alias = "champion"
+        if previous is not None:
             client.set_registered_model_alias(cfg.model_name, "previous-champion", previous)
-    client.set_registered_model_alias(cfg.model_name, alias, version)
+        client.set_registered_model_alias(cfg.model_name, alias, version)
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
 
@@ -114,5 +161,6 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "adapter_sha256": adapter_hash,
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],
+        "previous_champion": previous,
         "metrics": {"gate_passed": float(not reasons), "registered_version": float(version)},
     })

@@ -3,6 +3,7 @@ alias, cache re-use across runs, selective invalidation, and --until."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_until_stops_after_the_named_stage(prefect_server: None, smoke: Recipe, 
     result = pipeline(recipe=smoke, work_dir=str(tmp_path / "w"), until="tokenize")
     assert list(result["stages"]) == ["curate", "synthesize", "tokenize"]
     assert "registered" not in result
+    # each work dir keeps its own store, even after other runs in this process set MLflow's global URI
+    assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
 
 
 def test_a_failing_stage_exits_nonzero_with_a_message_and_marks_runs_failed(in_root: Path, tmp_path: Path) -> None:
@@ -95,12 +98,12 @@ def test_a_failing_stage_exits_nonzero_with_a_message_and_marks_runs_failed(in_r
     proc = subprocess.run(
         [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(work),
          "--set", "curate.max_drop_fraction=0.0"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})  # set by earlier in-process runs
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "curate.max_drop_fraction=0.0" in proc.stderr and "Traceback" not in proc.stderr
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    runs = client.search_runs(client.search_experiments()[0].experiment_id and
-                              [e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     statuses = {r.info.run_name.split("-")[0]: r.info.status for r in runs}
     assert statuses["curate"] == "FAILED" and statuses["smoke"] == "FAILED"
     assert not list((work / "stages" / "curate").glob("*/manifest.json"))  # nothing half-written published

@@ -1,0 +1,110 @@
+"""Registry and run operations behind `alignflow promote / rollback / compare / export` (MLflow wiring only)."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tasks.common import StageError
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _record(client: MlflowClient, name: str, version: str, action: str) -> str:
+    """Write who moved which alias when, on the version and on the registered model."""
+    stamp = f"{action} by {getpass.getuser()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
+    client.set_model_version_tag(name, version, f"alignflow.alias_change.{int(time.time())}", stamp)
+    client.set_registered_model_tag(name, "alignflow.last_alias_change", stamp)
+    return stamp
+
+
+def promote(client: MlflowClient, name: str, version: str) -> str:
+    """Make `version` the champion by hand; the displaced champion becomes previous-champion."""
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise StageError(f"promote: {name} has no version {version}") from None
+    current = _alias_version(client, name, "champion")
+    if current == version:
+        return f"{name} version {version} is already champion"
+    if current is not None:
+        client.set_registered_model_alias(name, "previous-champion", current)
+    client.set_registered_model_alias(name, "champion", version)
+    return _record(client, name, version, f"promote: champion v{current} -> v{version}")
+
+
+def rollback(client: MlflowClient, name: str) -> str:
+    """Swap champion and previous-champion."""
+    current = _alias_version(client, name, "champion")
+    previous = _alias_version(client, name, "previous-champion")
+    if previous is None:
+        raise StageError(f"rollback: {name} has no previous-champion to roll back to")
+    client.set_registered_model_alias(name, "champion", previous)
+    if current is not None:
+        client.set_registered_model_alias(name, "previous-champion", current)
+    return _record(client, name, previous, f"rollback: champion v{current} -> v{previous}")
+
+
+def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """A registered alignflow model's adapter folder and its model config (base path, spec, dtype)."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+    except MlflowException as e:
+        raise StageError(f"export: cannot resolve {model_uri}: {e.message}") from None
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    config = pyfunc.get("config") or pyfunc.get("model_config") or {}  # MLflow 3 stores model_config as "config"
+    return local / "artifacts" / "adapter", config
+
+
+@dataclass
+class StageRow:
+    stage: str
+    cached: tuple[str, str]
+    config_diff: list[str]
+    metrics: list[tuple[str, float | None, float | None]]
+
+
+def compare(client: MlflowClient, run_a: str, run_b: str) -> tuple[list[str], list[StageRow]]:
+    """What differs between two pipeline (parent) runs: lineage tags, then per stage config, cache, metrics."""
+    runs = []
+    for run_id in (run_a, run_b):
+        try:
+            runs.append(client.get_run(run_id))
+        except MlflowException:
+            raise StageError(f"compare: no run {run_id} in this tracking store") from None
+    a, b = runs
+    lineage = [f"{k}: {a.data.tags.get(k)} -> {b.data.tags.get(k)}"
+               for k in sorted(set(a.data.tags) | set(b.data.tags))
+               if k.startswith("alignflow.") and k not in ("alignflow.prefect_flow_run_id",)
+               and a.data.tags.get(k) != b.data.tags.get(k)]
+
+    def children(run: Any) -> dict[str, Any]:
+        found = client.search_runs([run.info.experiment_id],
+                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        return {c.info.run_name: c for c in found}
+
+    ca, cb = children(a), children(b)
+    rows = []
+    for stage in [s for s in ca if s in cb] + [s for s in cb if s not in ca] + [s for s in ca if s not in cb]:
+        x, y = ca.get(stage), cb.get(stage)
+        px, py = (x.data.params if x else {}), (y.data.params if y else {})
+        diff = [f"{k}: {px.get(k)} -> {py.get(k)}" for k in sorted(set(px) | set(py)) if px.get(k) != py.get(k)]
+        mx, my = (x.data.metrics if x else {}), (y.data.metrics if y else {})
+        metrics = [(k, mx.get(k), my.get(k)) for k in sorted(set(mx) | set(my)) if k != "stage_seconds"]
+        cached = tuple((r.data.tags.get("alignflow.cached", "?") if r else "absent") for r in (x, y))
+        rows.append(StageRow(stage, cached, diff, metrics))  # type: ignore[arg-type]
+    return lineage, rows

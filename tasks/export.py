@@ -1,0 +1,45 @@
+"""export: a registered model as plain files that need neither alignflow nor MLflow.
+
+- merged: the LoRA update folded into the base weights (PEFT `merge_and_unload`), saved as safetensors with
+  config, generation config and tokenizer (chat template included): `AutoModelForCausalLM.from_pretrained(OUT)`
+  loads it anywhere transformers runs.
+- adapter: the PEFT adapter folder + tokenizer, and `base_model.json` naming the base it applies to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class ExportInputs(BaseModel):
+    adapter: Path
+    base_path: Path
+    base_spec: str
+    dtype: str = "float32"
+    out_dir: Path
+    kind: Literal["merged", "adapter"] = "merged"
+
+
+def run(inputs: ExportInputs) -> dict[str, Any]:
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if inputs.kind == "adapter":
+        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)
+        (out / "base_model.json").write_text(json.dumps({"base_spec": inputs.base_spec,
+                                                         "base_path": str(inputs.base_path)}, indent=2))
+        return {"kind": "adapter", "out_dir": str(out)}
+
+    from peft import PeftModel
+
+    from tasks.modeling import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm(inputs.base_path, inputs.dtype)
+    merged = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(inputs.adapter).save_pretrained(out)
+    return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}

@@ -1,0 +1,98 @@
+"""Gate, registry aliases, promote / rollback, compare and export, against a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from alignflow.recipe import Recipe, load_recipe
+from flows.pipeline import pipeline
+from tasks.register import GateConfig, gate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gate_reasons() -> None:
+    good = {"win_rate_vs_base": 0.8, "rougeL_gain": 0.3, "rougeL": 0.9, "perplexity": 1.5}
+    assert gate(GateConfig(), good, None, True) == []
+    cfg = GateConfig(min_win_rate=0.9, max_regression={"rougeL": 0.05, "perplexity": 0.1}, require_decontaminated=True)
+    reasons = gate(cfg, {**good, "win_rate_vs_champion": 0.2}, {"rougeL": 0.99, "perplexity": 1.2}, False)
+    text = " | ".join(reasons)
+    assert "win_rate_vs_base=0.8 < min_win_rate=0.9" in text
+    assert "win_rate_vs_champion=0.2" in text
+    assert "rougeL=0.9 regressed by 0.0900" in text
+    assert "perplexity=1.5 regressed by 0.3000" in text  # lower is better: a rise is a regression
+    assert "did not decontaminate" in text
+    assert len(reasons) == 5
+    with pytest.raises(ValueError, match="unknown metric"):
+        GateConfig(max_regression={"vibes": 0.1})
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_challenger_promote_rollback_compare_export(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    smoke: Recipe = load_recipe(ROOT / "configs" / "smoke.yaml")
+    work = tmp_path / "work"
+    first = pipeline(recipe=smoke, work_dir=str(work))
+    assert first["registered"]["alias"] == "champion"
+
+    # A different candidate (other dpo.beta) facing an impossible gate stays challenger; champion is unchanged.
+    strict = smoke.model_copy(update={
+        "dpo": smoke.dpo.model_copy(update={"beta": 0.5}),
+        "register": smoke.register.model_copy(update={"gate": GateConfig(min_win_rate=0.0, min_rougeL_gain=5.0)})})
+    second = pipeline(recipe=strict, work_dir=str(work))
+    assert second["registered"]["alias"] == "challenger" and second["registered"]["version"] == "2"
+    assert "rougeL_gain" in second["registered"]["gate_reasons"][0]
+    assert "win_rate_vs_champion" in second["metrics"]  # evaluated against the registered champion
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    name = "smoke-assistant"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    assert client.get_model_version(name, "2").tags["alignflow.gate"] == "failed"
+
+    # Promote by hand, then roll back: aliases move and the moves are recorded as tags.
+    proc = _cli("promote", name, "2", "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(name, "previous-champion").version) == "1"
+    proc = _cli("rollback", name, "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "rollback" in client.get_registered_model(name).tags["alignflow.last_alias_change"]
+    assert _cli("promote", name, "99", "--work-dir", str(work)).returncode == 1
+
+    # compare: dpo config differs, upstream stages were cached in the second run.
+    proc = _cli("compare", first["parent_run_id"], second["parent_run_id"], "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert "dpo.beta: 0.1 -> 0.5" in proc.stdout and "cached: false / true" in proc.stdout
+
+    # export merged weights: plain transformers loads them, and the logits match base + adapter.
+    out = tmp_path / "merged"
+    proc = _cli("export", f"models:/{name}@champion", "--merged", str(out), "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    base_dir = next((work / "base").glob("tiny-*"))
+    adapter = Path(first["stages"]["dpo"]["folder"]) / "adapter"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "List the fruits in: 'pears and figs'"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-4)
+        assert exported.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
+                "--work-dir", str(work)).returncode == 0
+    assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()
