@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -44,6 +45,36 @@ def git_sha() -> str:
         return "unknown"
 
 
+def _process_tags() -> dict[str, str]:
+    return {"alignflow.host": platform.node(), "alignflow.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def reap_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process on this host is gone (a kill -9, an OOM kill, a power cut).
+
+    A process killed that way cannot close its own runs; the next `alignflow run` on the same host does.
+    """
+    host, reaped = platform.node(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500):
+        tags = run.data.tags
+        pid = tags.get("alignflow.pid", "")
+        if tags.get("alignflow.host") == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            client.set_tag(run.info.run_id, "alignflow.reaped", "process gone; marked KILLED by a later run")
+            reaped.append(run.info.run_id)
+    return reaped
+
+
 def flatten(prefix: str, obj: Any) -> dict[str, str]:
     """Nested config -> {"sft.lora.r": "16", ...} (MLflow params are flat strings)."""
     if isinstance(obj, dict):
@@ -72,8 +103,10 @@ class Tracker:
             experiment_id = client.create_experiment(recipe.name, artifact_location=location)
         else:
             experiment_id = exp.experiment_id
+        reap_orphans(client, experiment_id)
         resolved = recipe.model_dump(mode="json")
         tags = {
+            **_process_tags(),
             "alignflow.recipe_hash": sha256_json(resolved),
             "alignflow.git_sha": git_sha(),
             "alignflow.prefect_flow_run_id": flow_run_id,
@@ -90,7 +123,8 @@ class Tracker:
 
     def child(self, stage: str, cache_key: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=stage, tags={
-            "mlflow.parentRunId": self.parent_run_id, "alignflow.stage": stage, "alignflow.cache_key": cache_key})
+            "mlflow.parentRunId": self.parent_run_id, "alignflow.stage": stage, "alignflow.cache_key": cache_key,
+            **_process_tags()})
         return run.info.run_id
 
     def record_stage(self, run_id: str, stage: str, cfg: dict[str, Any], manifest: dict[str, Any], folder: Path,

@@ -151,3 +151,24 @@ def trainer_summary(history: list[dict[str, Any]]) -> dict[str, float]:
             if isinstance(v, int | float) and k not in ("epoch",):
                 last[k] = float(v)
     return last
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """Newest `checkpoint-N` the Trainer finished writing, or None.
+
+    The Trainer writes a checkpoint's model, optimizer, scheduler and RNG state first and `trainer_state.json`
+    last, so a checkpoint whose state file is missing or unreadable was cut short (a kill -9 mid-save) and is
+    skipped, never resumed from.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in candidates:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(ckpt)
+    return None

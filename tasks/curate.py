@@ -5,6 +5,10 @@ logs `<dataset>.records_in`, `<dataset>.records_kept` and `<dataset>.dropped.<re
 rejects per reason is kept in `rejects.jsonl`. If more than `max_drop_fraction` of a dataset is dropped the
 stage fails: that much loss means the data or the format guess is wrong, not that the data is dirty.
 
+PII and secrets (emails, phones, IPs, Luhn-valid card numbers, API keys/tokens) are replaced by typed
+placeholders in every record before anything is written, the rejects sample included (`tasks/pii.py`); the
+counts per type are logged as `<dataset>.pii.<type>`.
+
 Decontamination: a training record (SFT or preference) that contains at least `threshold` of the word n-grams
 of any eval item (prompt + reference) is dropped as `contaminated`, so the eval set measures generalisation.
 The manifest records `decontaminated` = 1 when this ran, which `register.gate.require_decontaminated` checks.
@@ -33,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageError, sha256_bytes, sha256_tree, write_jsonl, write_manifest
+from tasks.pii import scrub
 
 Dataset = Literal["sft", "preference", "eval"]
 ROLES = {"system", "user", "assistant"}
@@ -55,6 +60,7 @@ class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dedup: DedupConfig = DedupConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
+    pii: bool = Field(True, description="replace PII and secrets with typed placeholders")
     max_chars: int = Field(4000, gt=0, description="records longer than this (all turns, characters) are dropped")
     max_drop_fraction: float = Field(0.5, ge=0, le=1, description="fail if a dataset loses more than this")
     reject_samples: int = Field(5, ge=0, description="rejected records kept per reason in rejects.jsonl")
@@ -75,20 +81,22 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     card = ["# Data card", "", "| dataset | records in | kept | dropped (reason: count) |", "|---|---|---|---|"]
 
     # The eval set first: its n-grams decide what training data is contaminated.
-    eval_kept, eval_dropped, eval_samples = _curate_dataset("eval", inputs.eval, cfg, None)
+    eval_kept, eval_dropped, eval_samples, eval_pii = _curate_dataset("eval", inputs.eval, cfg, None)
     index = _EvalIndex(eval_kept, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
     for name in ("sft", "preference", "eval"):
         files: list[Path] = getattr(inputs, name)
         if name == "eval":
-            kept, dropped, samples = eval_kept, eval_dropped, eval_samples
+            kept, dropped, samples, pii = eval_kept, eval_dropped, eval_samples, eval_pii
         else:
-            kept, dropped, samples = _curate_dataset(name, files, cfg, index)  # type: ignore[arg-type]
+            kept, dropped, samples, pii = _curate_dataset(name, files, cfg, index)  # type: ignore[arg-type]
         n_in = len(kept) + sum(dropped.values())
         write_jsonl(out / f"{name}.jsonl", kept)
         metrics[f"{name}.records_in"] = n_in
         metrics[f"{name}.records_kept"] = len(kept)
         for reason, count in sorted(dropped.items()):
             metrics[f"{name}.dropped.{reason}"] = count
+        for kind, count in sorted(pii.items()):
+            metrics[f"{name}.pii.{kind}"] = count
         rejects.extend(samples)
         reasons = ", ".join(f"{r}: {c}" for r, c in sorted(dropped.items())) or "-"
         card.append(f"| {name} | {n_in} | {len(kept)} | {reasons} |")
@@ -150,16 +158,18 @@ def _record_text(record: dict[str, Any]) -> str:
 
 def _curate_dataset(
     name: Dataset, files: list[Path], cfg: CurateConfig, index: _EvalIndex | None
-) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]], Counter[str]]:
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
+    pii: Counter[str] = Counter()
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen: set[str] = set()
 
     def reject(reason: str, raw: Any, where: str) -> None:
         dropped[reason] += 1
         if len(samples[reason]) < cfg.reject_samples:
-            samples[reason].append({"dataset": name, "reason": reason, "where": where, "record": str(raw)[:500]})
+            text = scrub(str(raw)) if cfg.pii else str(raw)  # rejects are written too: scrub them as well
+            samples[reason].append({"dataset": name, "reason": reason, "where": where, "record": text[:500]})
 
     for path in files:
         for where, raw, error in _read_records(path):
@@ -171,6 +181,8 @@ def _curate_dataset(
                 reject(reason, raw, where)
                 continue
             assert record is not None
+            if cfg.pii:
+                record = _scrub_record(record, pii)
             if _n_chars(record) > cfg.max_chars:
                 reject("too_long", raw, where)
                 continue
@@ -184,7 +196,19 @@ def _curate_dataset(
                 reject("contaminated", raw, where)
                 continue
             kept.append(record)
-    return kept, dropped, [s for group in samples.values() for s in group]
+    return kept, dropped, [s for group in samples.values() for s in group], pii
+
+
+def _scrub_record(record: dict[str, Any], counts: Counter[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, str):
+            out[key] = scrub(value, counts)
+        elif isinstance(value, list):
+            out[key] = [{**m, "content": scrub(m["content"], counts)} for m in value]
+        else:
+            out[key] = value
+    return out
 
 
 def _read_records(path: Path) -> Any:

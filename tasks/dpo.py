@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import plot_curves, read_manifest, seed_everything, trainer_summary, write_manifest
+from tasks.common import (
+    last_complete_checkpoint,
+    plot_curves,
+    read_manifest,
+    seed_everything,
+    trainer_summary,
+    write_manifest,
+)
 
 
 class DpoConfig(BaseModel):
@@ -48,7 +55,6 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
     from peft import PeftModel, prepare_model_for_kbit_training
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
 
@@ -85,7 +91,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         **train_precision(inputs.dtype),
     )
     trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok)
-    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
     tok.save_pretrained(out / "adapter")

@@ -15,7 +15,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageError, plot_curves, seed_everything, trainer_summary, write_manifest
+from tasks.common import (
+    StageError,
+    last_complete_checkpoint,
+    plot_curves,
+    seed_everything,
+    trainer_summary,
+    write_manifest,
+)
 from tasks.sft import LoraSpec
 
 
@@ -43,7 +50,6 @@ class RewardInputs(BaseModel):
 def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tasks.modeling import load_reward_model, load_tokenizer, score_answers, train_precision
 
@@ -77,7 +83,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     )
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=pairs["train"], processing_class=tok,
                                 peft_config=cfg.lora.peft("SEQ_CLS"))
-    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.model.save_pretrained(out / "adapter")
     tok.save_pretrained(out / "adapter")

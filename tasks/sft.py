@@ -17,7 +17,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import plot_curves, read_manifest, seed_everything, trainer_summary, write_manifest
+from tasks.common import (
+    last_complete_checkpoint,
+    plot_curves,
+    read_manifest,
+    seed_everything,
+    trainer_summary,
+    write_manifest,
+)
 
 
 class LoraSpec(BaseModel):
@@ -67,7 +74,6 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
     from peft import prepare_model_for_kbit_training
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
 
@@ -106,7 +112,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                              peft_config=cfg.lora.peft("CAUSAL_LM"))
-    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 
     trainer.model.save_pretrained(out / "adapter")

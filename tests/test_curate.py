@@ -93,3 +93,20 @@ def test_a_file_that_is_not_data_is_an_error_naming_it(tmp_path: Path, content: 
     bad.write_bytes(content)
     with pytest.raises(StageError, match=f"bad.jsonl.*{message}|{message}"):
         _run(tmp_path, [bad])
+
+
+def test_pii_never_reaches_any_output(tmp_path: Path) -> None:
+    secrets = ["ana.lima@example.com", "+1 415-555-0134", "10.20.30.40", "4111 1111 1111 1111",
+               "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx12", "ghp_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghij"]
+    rows = [{"prompt": f"Contact {secrets[0]} or {secrets[1]}", "response": f"Server {secrets[2]}, card {secrets[3]}"},
+            {"prompt": f"My key is {secrets[4]}", "response": f"Token {secrets[5]} noted. Order 1234 5678 9012 3456."},
+            json.dumps({"prompt": f"broken {secrets[0]}"})[:-2]]  # a reject that carries PII
+    pref = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"mail {secrets[0]}", "chosen": "ok", "rejected": secrets[1]}])
+    m = _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", rows)], [pref], max_drop_fraction=1.0)["metrics"]
+    assert m["sft.pii.email"] == 1 and m["sft.pii.phone"] == 1 and m["sft.pii.ip_address"] == 1
+    assert m["sft.pii.credit_card"] == 1 and m["sft.pii.secret"] == 2 and m["preference.pii.email"] == 1
+    written = "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    for secret in secrets:
+        assert secret not in written
+    assert "1234 5678 9012 3456" in written  # not Luhn-valid: an order number, kept
+    assert "<EMAIL>" in written and "<CREDIT_CARD>" in written and "<SECRET>" in written

@@ -1,0 +1,83 @@
+"""PII and secret scrubbing: typed placeholders in place of emails, phone numbers, IP addresses, credit-card
+numbers (Luhn-verified, so order numbers and ISO dates survive) and API keys / tokens.
+
+Regular expressions rather than Presidio / spaCy NER: those need model downloads that this project's machines
+cannot make, and the classes asked for here are pattern-shaped. Order matters: secrets and card numbers are
+replaced before phone numbers, whose pattern would otherwise eat their digits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_SECRETS = [
+    re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),  # OpenAI / Anthropic style
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),  # GitHub tokens
+    re.compile(r"\bgithub_pat_[A-Za-z0-9_]{30,}"),
+    re.compile(r"\bhf_[A-Za-z0-9]{30,}"),  # Hugging Face
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # AWS access key id
+    re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),  # Google API key
+    re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),  # Slack
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT
+]
+# `api_key = ...`, `password: ...`: keep the name, drop the value.
+_ASSIGNED_SECRET = re.compile(
+    r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)\s*[:=]\s*)"
+    r"([\"']?)[^\s\"']{6,}\2")
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
+# Full 8-group form, or a compressed form with "::" (so a time like 12:30 is left alone).
+_IPV6 = re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b"
+                   r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:)*[0-9a-fA-F]{0,4}::(?:[0-9a-fA-F]{1,4}:)*[0-9a-fA-F]{1,4}\b")
+# +CC numbers, (area) numbers, or North-American 3-3-4; never a run inside a longer digit sequence.
+_PHONE = re.compile(
+    r"(?<![\w+-])(?:\+\d{1,3}[ .-]?(?:\(?\d{1,4}\)?[ .-]?)?\d{2,4}[ .-]?\d{3,4}(?:[ .-]?\d{2,4})?"
+    r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}"
+    r"|\d{3}[ .-]\d{3}[ .-]\d{4})(?![\w-]|[ .-]\d)")
+
+
+def _luhn(digits: str) -> bool:
+    total, double = 0, False
+    for ch in reversed(digits):
+        d = int(ch)
+        if double:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+        double = not double
+    return total % 10 == 0
+
+
+def scrub(text: str, counts: Counter[str] | None = None) -> str:
+    """`text` with PII and secrets replaced by <EMAIL>, <PHONE>, <IP_ADDRESS>, <CREDIT_CARD>, <SECRET>."""
+    counts = counts if counts is not None else Counter()
+
+    def sub(pattern: re.Pattern[str], label: str, s: str) -> str:
+        def repl(m: re.Match[str]) -> str:
+            counts[label.strip("<>").lower()] += 1
+            return label
+
+        return pattern.sub(repl, s)
+
+    for pattern in _SECRETS:
+        text = sub(pattern, "<SECRET>", text)
+
+    def assigned(m: re.Match[str]) -> str:
+        counts["secret"] += 1
+        return m.group(1) + "<SECRET>"
+
+    text = _ASSIGNED_SECRET.sub(assigned, text)
+    text = sub(_EMAIL, "<EMAIL>", text)
+
+    def card(m: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", m.group(0))
+        if 13 <= len(digits) <= 19 and _luhn(digits):
+            counts["credit_card"] += 1
+            return "<CREDIT_CARD>"
+        return m.group(0)
+
+    text = _CARD.sub(card, text)
+    text = sub(_IPV4, "<IP_ADDRESS>", text)
+    text = sub(_IPV6, "<IP_ADDRESS>", text)
+    return sub(_PHONE, "<PHONE>", text)
