@@ -27,7 +27,7 @@ from tasks.synthesize import SynthesizeConfig
 from tasks.tokenize import TokenizeConfig
 
 STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 class ModelSection(BaseModel):
@@ -158,7 +158,9 @@ def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:
         matches = [Path(m) for m in sorted(glob.glob(pattern))]
         files: list[Path] = []
         for m in matches:
-            if m.is_dir():
+            if m.is_dir() and ((m / "state.json").exists() or (m / "dataset_dict.json").exists()):
+                files.append(m)  # a datasets folder saved with save_to_disk
+            elif m.is_dir():
                 files.extend(sorted(p for p in m.rglob("*") if p.suffix.lower() in DATA_SUFFIXES))
             elif m.is_file():
                 files.append(m)

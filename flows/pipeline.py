@@ -127,12 +127,13 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
     get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
     metrics = manifest.get("metrics", {})
+    card = (folder / "data_card.md").read_text() if (folder / "data_card.md").exists() else ""
     create_markdown_artifact(
         key=f"{stage}-summary",
         description=f"alignflow {stage}",
         markdown="\n".join([f"## {stage} ({'cached' if cached else 'ran'}, {seconds:.1f}s)",
                             f"MLflow run `{run_id}` · folder `{folder}`", "", "| metric | value |", "|---|---|",
-                            *[f"| {k} | {v} |" for k, v in metrics.items()]]),
+                            *[f"| {k} | {v} |" for k, v in metrics.items()], "", card]),
     )
     if stage == "evaluate" and (folder / "samples.jsonl").exists():
         create_table_artifact(key="evaluate-side-by-side", table=list(read_jsonl(folder / "samples.jsonl")),

@@ -5,6 +5,11 @@ logs `<dataset>.records_in`, `<dataset>.records_kept` and `<dataset>.dropped.<re
 rejects per reason is kept in `rejects.jsonl`. If more than `max_drop_fraction` of a dataset is dropped the
 stage fails: that much loss means the data or the format guess is wrong, not that the data is dirty.
 
+Dedup: exact (hash of the normalised text) and near-duplicate (MinHash LSH over word 5-gram shingles,
+datasketch, Jaccard `near.threshold`). Quality filters on the training sets (not on eval, whose items are
+the benchmark): answer too short, repetitive text (share of repeated word 3-grams), non-printable junk, and
+optionally a language allow-list (langid).
+
 PII and secrets (emails, phones, IPs, Luhn-valid card numbers, API keys/tokens) are replaced by typed
 placeholders in every record before anything is written, the rejects sample included (`tasks/pii.py`); the
 counts per type are logged as `<dataset>.pii.<type>`.
@@ -19,9 +24,10 @@ Accepted record shapes (detected per record), all normalised to one internal sch
   alpaca      {"instruction": "...", "input": "...", "output": "..."}   (input folded into the prompt)
   pair        {"prompt": "...", "response"|"completion"|"reference": "..."}
   preference  {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": ... }
+  hh-rlhf     {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}  (split into prompt + answers)
 Internal schema:  sft -> {"messages": [...]};  preference -> {"prompt": [...], "chosen": str, "rejected": str};
                   eval -> {"prompt": [...], "reference": str}
-Files: JSONL, a JSON array, or CSV (one record per row).
+Files: JSONL, a JSON array, CSV, Parquet, or a `datasets` folder saved with `save_to_disk`.
 """
 
 from __future__ import annotations
@@ -44,9 +50,25 @@ ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+class NearDedupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity of 5-gram shingles")
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (accuracy vs speed)")
+
+
 class DedupConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     exact: bool = True  # drop records whose normalised text (case, whitespace) was already seen
+    near: NearDedupConfig = NearDedupConfig()
+
+
+class QualityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_answer_chars: int = Field(1, ge=1, description="shorter answers are dropped as too_short")
+    max_repetition: float = Field(0.5, gt=0, le=1, description="max share of repeated word 3-grams in an answer")
+    max_nonprintable: float = Field(0.05, ge=0, le=1, description="max share of non-printable characters")
+    languages: list[str] | None = Field(None, description="keep only these langid codes, e.g. [en]; None: all")
 
 
 class DecontaminateConfig(BaseModel):
@@ -59,6 +81,7 @@ class DecontaminateConfig(BaseModel):
 class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dedup: DedupConfig = DedupConfig()
+    quality: QualityConfig = QualityConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     pii: bool = Field(True, description="replace PII and secrets with typed placeholders")
     max_chars: int = Field(4000, gt=0, description="records longer than this (all turns, characters) are dropped")
@@ -79,6 +102,8 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     rejects: list[dict[str, Any]] = []
     card = ["# Data card", "", "| dataset | records in | kept | dropped (reason: count) |", "|---|---|---|---|"]
+    samples_md: list[str] = []
+    lengths: dict[str, list[int]] = {}
 
     # The eval set first: its n-grams decide what training data is contaminated.
     eval_kept, eval_dropped, eval_samples, eval_pii = _curate_dataset("eval", inputs.eval, cfg, None)
@@ -100,6 +125,9 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
         rejects.extend(samples)
         reasons = ", ".join(f"{r}: {c}" for r, c in sorted(dropped.items())) or "-"
         card.append(f"| {name} | {n_in} | {len(kept)} | {reasons} |")
+        lengths[name] = [len(a) for r in kept for a in _answers(r)]
+        shown = [json.dumps(r, ensure_ascii=False)[:400] for r in kept[:2]]
+        samples_md += [f"### {name}", "", *[f"```json\n{text}\n```" for text in shown]]
         if n_in and (n_in - len(kept)) / n_in > cfg.max_drop_fraction:
             raise StageError(
                 f"curate: {name} lost {n_in - len(kept)} of {n_in} records ({reasons}), more than "
@@ -110,14 +138,18 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
 
     metrics["decontaminated"] = float(cfg.decontaminate.enabled)
     write_jsonl(out / "rejects.jsonl", rejects)
+    pii_total = {k.split(".")[-1]: v for k, v in metrics.items() if ".pii." in k}
+    card += ["", f"PII replaced: {pii_total or 'none found'} · decontaminated: {cfg.decontaminate.enabled}",
+             "", "![answer lengths](lengths.png)", "", "## Samples (after scrubbing)", "", *samples_md]
     (out / "data_card.md").write_text("\n".join(card) + "\n")
+    _plot_lengths(out / "lengths.png", lengths)
     return write_manifest(
         out,
         {
             "stage": "curate",
             "inputs": {n: {str(p): sha256_tree(p) for p in getattr(inputs, n)} for n in ("sft", "preference", "eval")},
-            "outputs": ["sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl", "data_card.md"],
-            "artifacts": ["data_card.md", "rejects.jsonl"],
+            "outputs": ["sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl", "data_card.md", "lengths.png"],
+            "artifacts": ["data_card.md", "lengths.png", "rejects.jsonl"],
             "metrics": metrics,
         },
     )
@@ -150,10 +182,78 @@ class _EvalIndex:
         return any(count >= threshold * self.grams_per_item[i] for i, count in hits.items())
 
 
+class _NearDuplicates:
+    """MinHash LSH over word 5-gram shingles: `seen_before(text)` is True when a similar text was added."""
+
+    def __init__(self, cfg: NearDedupConfig) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        self.num_perm = cfg.num_perm
+        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        self.n = 0
+
+    def seen_before(self, text: str) -> bool:
+        words = re.findall(r"\w+", text.lower())
+        shingles = {" ".join(words[i : i + 5]).encode() for i in range(max(len(words) - 4, 1))}
+        m = self._minhash(num_perm=self.num_perm, seed=1)
+        m.update_batch(list(shingles))
+        if self.lsh.query(m):
+            return True
+        self.lsh.insert(str(self.n), m)
+        self.n += 1
+        return False
+
+
+def _answers(record: dict[str, Any]) -> list[str]:
+    if "messages" in record:
+        return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    return [record["chosen"], record["rejected"]] if "chosen" in record else [record.get("reference", "")]
+
+
+def _quality_problem(record: dict[str, Any], q: QualityConfig) -> str | None:
+    answers = _answers(record)
+    if any(len(a.strip()) < q.min_answer_chars for a in answers):
+        return "too_short"
+    for a in answers:
+        words = a.lower().split()
+        grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        if len(grams) >= 10 and 1 - len(set(grams)) / len(grams) > q.max_repetition:
+            return "repetitive"
+    text = _record_text(record)
+    junk = sum(1 for c in text if not c.isprintable() and c not in "\n\t\r")
+    if text and junk / len(text) > q.max_nonprintable:
+        return "junk_characters"
+    if q.languages:
+        import langid
+
+        if langid.classify(text)[0] not in q.languages:
+            return "wrong_language"
+    return None
+
+
 def _record_text(record: dict[str, Any]) -> str:
     if "messages" in record:
         return " ".join(m["content"] for m in record["messages"])
     return " ".join([*(m["content"] for m in record["prompt"]), record["chosen"], record["rejected"]])
+
+
+def _plot_lengths(path: Path, lengths: dict[str, list[int]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in lengths.items():
+        if values:
+            ax.hist(values, bins=30, alpha=0.6, label=f"{name} ({len(values)} answers)")
+    ax.set_xlabel("answer length (characters)")
+    ax.set_ylabel("answers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _curate_dataset(
@@ -162,6 +262,7 @@ def _curate_dataset(
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     pii: Counter[str] = Counter()
+    lsh = _NearDuplicates(cfg.dedup.near) if cfg.dedup.near.enabled else None
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen: set[str] = set()
 
@@ -192,6 +293,14 @@ def _curate_dataset(
                     reject("duplicate", raw, where)
                     continue
                 seen.add(key)
+            if name != "eval":
+                problem = _quality_problem(record, cfg.quality)
+                if problem:
+                    reject(problem, raw, where)
+                    continue
+            if lsh is not None and name != "eval" and lsh.seen_before(_record_text(record)):
+                reject("near_duplicate", raw, where)
+                continue
             if index is not None and index.contaminated(_record_text(record), cfg.decontaminate.threshold):
                 reject("contaminated", raw, where)
                 continue
@@ -212,7 +321,32 @@ def _scrub_record(record: dict[str, Any], counts: Counter[str]) -> dict[str, Any
 
 
 def _read_records(path: Path) -> Any:
-    """Yield (where, record, error_reason) for each record of a JSONL / JSON-array / CSV file."""
+    """Yield (where, record, error_reason) for each record of a file or a saved `datasets` folder."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise StageError(f"curate: {path} is a folder but not a saved datasets Dataset: {e}") from None
+        if hasattr(ds, "keys"):  # a DatasetDict: every split
+            for split in ds:
+                for i, row in enumerate(ds[split]):
+                    yield f"{path}[{split}][{i}]", row, None
+        else:
+            for i, row in enumerate(ds):
+                yield f"{path}[{i}]", row, None
+        return
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise StageError(f"curate: {path} is not a readable Parquet file: {e}") from None
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row, None
+        return
     data = path.read_bytes()
     if not data.strip():
         raise StageError(f"curate: {path} is empty")
@@ -311,7 +445,25 @@ def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | N
     return out, None
 
 
+def _split_hh(transcript: str) -> tuple[list[dict[str, str]], str] | None:
+    """'\n\nHuman: a\n\nAssistant: b ...' -> (turns before the last assistant turn, last assistant answer)."""
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + transcript.lstrip("\n") if transcript else "")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+             for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        return None
+    return turns[:-1], turns[-1]["content"]
+
+
 def _preference(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    if "prompt" not in raw and isinstance(raw.get("chosen"), str) and isinstance(raw.get("rejected"), str) \
+            and "\n\nAssistant:" in raw["chosen"]:
+        chosen, rejected = _split_hh(raw["chosen"]), _split_hh(raw["rejected"])
+        if chosen is None or rejected is None:
+            return None, "wrong_schema"
+        if chosen[0] != rejected[0]:
+            return None, "prompt_mismatch"  # the two transcripts must share everything but the last answer
+        raw = {"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]}
     if not all(k in raw for k in ("prompt", "chosen", "rejected")):
         return None, "missing_side" if "prompt" in raw and ("chosen" in raw or "rejected" in raw) else "wrong_schema"
     prompt = raw["prompt"]

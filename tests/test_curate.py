@@ -105,8 +105,42 @@ def test_pii_never_reaches_any_output(tmp_path: Path) -> None:
     m = _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", rows)], [pref], max_drop_fraction=1.0)["metrics"]
     assert m["sft.pii.email"] == 1 and m["sft.pii.phone"] == 1 and m["sft.pii.ip_address"] == 1
     assert m["sft.pii.credit_card"] == 1 and m["sft.pii.secret"] == 2 and m["preference.pii.email"] == 1
-    written = "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    written = "".join(p.read_text() for p in (tmp_path / "out").iterdir() if p.suffix in (".jsonl", ".md", ".json"))
     for secret in secrets:
         assert secret not in written
     assert "1234 5678 9012 3456" in written  # not Luhn-valid: an order number, kept
     assert "<EMAIL>" in written and "<CREDIT_CARD>" in written and "<SECRET>" in written
+
+
+def test_parquet_datasets_folder_and_hh_rlhf(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    table = pa.Table.from_pylist([{"instruction": "Add", "input": "1+1", "output": "2"}])
+    pq.write_table(table, tmp_path / "a.parquet")
+    Dataset.from_list([{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]).save_to_disk(
+        tmp_path / "saved")
+    hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: A pear.",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: No."},
+          {"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: other\n\nAssistant: C"}]
+    m = _run(tmp_path, [tmp_path / "a.parquet", tmp_path / "saved"], [_jsonl(tmp_path / "hh.jsonl", hh)],
+             max_drop_fraction=1.0)["metrics"]
+    assert m["sft.records_kept"] == 3
+    assert m["preference.records_kept"] == 1 and m["preference.dropped.prompt_mismatch"] == 1
+    pair = next(read_jsonl(tmp_path / "out" / "preference.jsonl"))
+    assert pair["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                              {"role": "user", "content": "Name a fruit."}]
+    assert (pair["chosen"], pair["rejected"]) == ("A pear.", "No.")
+
+
+def test_near_duplicates_and_quality_filters(tmp_path: Path) -> None:
+    base = "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
+    rows = [{"prompt": "Describe the scene.", "response": base},
+            {"prompt": "Describe the scene.", "response": base + " again"},  # near-duplicate
+            {"prompt": "Loop", "response": " ".join(["buy now cheap"] * 20)},  # repetitive
+            {"prompt": "Junk", "response": "ok" + "\x07" * 20},  # non-printable
+            {"prompt": "Fine", "response": "A different, perfectly good answer about cats and their habits."}]
+    m = _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", rows)], max_drop_fraction=1.0)["metrics"]
+    assert m["sft.dropped.near_duplicate"] == 1 and m["sft.dropped.repetitive"] == 1
+    assert m["sft.dropped.junk_characters"] == 1 and m["sft.records_kept"] == 2
