@@ -45,7 +45,7 @@ def plain_script(r: Recipe, work: Path) -> None:
     curate.run(r.curate, curate.CurateInputs(sft=r.data.sft, preference=r.data.preference, eval=r.data.eval,
                                              out_dir=d / "curate"))
     synthesize.run(r.synthesize, synthesize.SynthesizeInputs(base=base.path, dtype=dtype, curated=d / "curate",
-                                                             out_dir=d / "synthesize", seed=seed))
+                                                             curate_cfg=r.curate, out_dir=d / "synthesize", seed=seed))
     tokenize.run(r.tokenize, tokenize.TokenizeInputs(base=base.path, curated=d / "curate",
                                                      synthesized=d / "synthesize", out_dir=d / "tokenize"))
     quantize.run(r.quantize, quantize.QuantizeInputs(base=base.path, dtype=dtype, out_dir=d / "quantize"))

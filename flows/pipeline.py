@@ -45,7 +45,7 @@ from tasks.modeling import ResolvedBase, resolve_base
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
 SHARED_CODE = ("tasks.common", "tasks.modeling")
-EXTRA_CODE = {"reward": ("tasks.sft",),
+EXTRA_CODE = {"curate": ("tasks.pii",), "synthesize": ("tasks.curate", "tasks.pii"), "reward": ("tasks.sft",),
               "evaluate": ("tasks.tokenize", "metrics.rouge.rouge", "metrics.bleu.bleu",
                            "metrics.exact_match.exact_match"),
               "register": ("tasks.served_model",)}
@@ -159,8 +159,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None)
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out), {"data": data})
         if _reached(until, "synthesize"):
             run_stage(ctx, "synthesize", synthesize.run, r.synthesize, lambda out, _: synthesize.SynthesizeInputs(
-                base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out, seed=seed),
-                {"base": base.key, "curate": ctx.key("curate")})
+                base=base.path, dtype=dtype, curated=ctx.folders["curate"], curate_cfg=r.curate, out_dir=out,
+                seed=seed), {"base": base.key, "curate": ctx.key("curate")})
         if _reached(until, "tokenize"):
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
                 base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out),

@@ -106,14 +106,14 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     lengths: dict[str, list[int]] = {}
 
     # The eval set first: its n-grams decide what training data is contaminated.
-    eval_kept, eval_dropped, eval_samples, eval_pii = _curate_dataset("eval", inputs.eval, cfg, None)
+    eval_kept, eval_dropped, eval_samples, eval_pii = _curate_dataset("eval", _read_all(inputs.eval), cfg, None)
     index = _EvalIndex(eval_kept, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
     for name in ("sft", "preference", "eval"):
         files: list[Path] = getattr(inputs, name)
         if name == "eval":
             kept, dropped, samples, pii = eval_kept, eval_dropped, eval_samples, eval_pii
         else:
-            kept, dropped, samples, pii = _curate_dataset(name, files, cfg, index)  # type: ignore[arg-type]
+            kept, dropped, samples, pii = _curate_dataset(name, _read_all(files), cfg, index)  # type: ignore[arg-type]
         n_in = len(kept) + sum(dropped.values())
         write_jsonl(out / f"{name}.jsonl", kept)
         metrics[f"{name}.records_in"] = n_in
@@ -256,8 +256,29 @@ def _plot_lengths(path: Path, lengths: dict[str, list[int]]) -> None:
     plt.close(fig)
 
 
+def filter_synthetic(
+    name: Dataset, records: list[dict[str, Any]], cfg: CurateConfig, curated: Path
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Pass generated records through the same checks as real ones: validation, PII, quality, exact and near
+    dedup (against the curated data too, so near-copies of seed data go), and decontamination against eval."""
+    from tasks.common import read_jsonl
+
+    eval_records = list(read_jsonl(curated / "eval.jsonl"))
+    index = _EvalIndex(eval_records, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
+    prior = list(read_jsonl(curated / f"{name}.jsonl"))
+    source = ((f"synthetic[{i}]", r, None) for i, r in enumerate(records))
+    kept, dropped, _samples, _pii = _curate_dataset(name, source, cfg, index, prior)
+    return kept, dropped
+
+
+def _read_all(files: list[Path]) -> Any:
+    for path in files:
+        yield from _read_records(path)
+
+
 def _curate_dataset(
-    name: Dataset, files: list[Path], cfg: CurateConfig, index: _EvalIndex | None
+    name: Dataset, source: Any, cfg: CurateConfig, index: _EvalIndex | None,
+    prior: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]], Counter[str]]:
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
@@ -265,6 +286,10 @@ def _curate_dataset(
     lsh = _NearDuplicates(cfg.dedup.near) if cfg.dedup.near.enabled else None
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen: set[str] = set()
+    for record in prior or []:  # already-curated records: a new record that repeats one is a duplicate
+        seen.add(sha256_bytes(_normal_text(record).encode()))
+        if lsh is not None:
+            lsh.seen_before(_record_text(record))
 
     def reject(reason: str, raw: Any, where: str) -> None:
         dropped[reason] += 1
@@ -272,39 +297,39 @@ def _curate_dataset(
             text = scrub(str(raw)) if cfg.pii else str(raw)  # rejects are written too: scrub them as well
             samples[reason].append({"dataset": name, "reason": reason, "where": where, "record": text[:500]})
 
-    for path in files:
-        for where, raw, error in _read_records(path):
-            if error:
-                reject(error, raw, where)
+    for where, raw, error in source:
+        if error:
+            reject(error, raw, where)
+            continue
+        extra = {k: raw[k] for k in ("source", "margin", "judge") if isinstance(raw, dict) and k in raw}
+        record, reason = normalise(name, raw)
+        if reason:
+            reject(reason, raw, where)
+            continue
+        assert record is not None
+        if cfg.pii:
+            record = _scrub_record(record, pii)
+        if _n_chars(record) > cfg.max_chars:
+            reject("too_long", raw, where)
+            continue
+        if cfg.dedup.exact:
+            key = sha256_bytes(_normal_text(record).encode())
+            if key in seen:
+                reject("duplicate", raw, where)
                 continue
-            record, reason = normalise(name, raw)
-            if reason:
-                reject(reason, raw, where)
+            seen.add(key)
+        if name != "eval":
+            problem = _quality_problem(record, cfg.quality)
+            if problem:
+                reject(problem, raw, where)
                 continue
-            assert record is not None
-            if cfg.pii:
-                record = _scrub_record(record, pii)
-            if _n_chars(record) > cfg.max_chars:
-                reject("too_long", raw, where)
-                continue
-            if cfg.dedup.exact:
-                key = sha256_bytes(_normal_text(record).encode())
-                if key in seen:
-                    reject("duplicate", raw, where)
-                    continue
-                seen.add(key)
-            if name != "eval":
-                problem = _quality_problem(record, cfg.quality)
-                if problem:
-                    reject(problem, raw, where)
-                    continue
-            if lsh is not None and name != "eval" and lsh.seen_before(_record_text(record)):
-                reject("near_duplicate", raw, where)
-                continue
-            if index is not None and index.contaminated(_record_text(record), cfg.decontaminate.threshold):
-                reject("contaminated", raw, where)
-                continue
-            kept.append(record)
+        if lsh is not None and name != "eval" and lsh.seen_before(_record_text(record)):
+            reject("near_duplicate", raw, where)
+            continue
+        if index is not None and index.contaminated(_record_text(record), cfg.decontaminate.threshold):
+            reject("contaminated", raw, where)
+            continue
+        kept.append({**record, **extra})
     return kept, dropped, [s for group in samples.values() for s in group], pii
 
 

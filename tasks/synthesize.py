@@ -8,6 +8,10 @@ Preference pairs: for `preference_prompts` curated SFT prompts the teacher sampl
 answers; a rule judge scores each by ROUGE-L F1 against the prompt's reference answer; best vs worst is kept
 with the score margin recorded, pairs with a margin below `min_margin` are dropped as ties.
 
+Every generated record then passes the same checks as real data (curate's validation, PII scrub, quality
+filters, exact and near dedup against the curated data, decontamination against eval), counted under
+`sft.dropped.<reason>` / `preference.dropped.<reason>` in this stage's metrics.
+
 The teacher is the base model (`teacher: base`). Outputs: `sft.jsonl`, `preference.jsonl` in the curated
 internal schema; the tokenize stage merges them with the curated data.
 """
@@ -23,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import read_jsonl, seed_everything, write_jsonl, write_manifest
+from tasks.curate import CurateConfig, filter_synthetic
 
 
 class SynthesizeConfig(BaseModel):
@@ -44,6 +49,7 @@ class SynthesizeInputs(BaseModel):
     base: Path
     dtype: str
     curated: Path
+    curate_cfg: CurateConfig = CurateConfig()  # the recipe's curate section: the same filters apply
     out_dir: Path
     seed: int
 
@@ -107,6 +113,9 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
                 drops["empty"] += 1
         metrics.update({"instructions.attempted": cfg.instructions, "instructions.kept": len(new_records),
                         **{f"instructions.dropped.{k}": v for k, v in drops.items()}})
+    new_records, dropped = filter_synthetic("sft", new_records, inputs.curate_cfg, inputs.curated)
+    metrics.update({f"sft.dropped.{k}": v for k, v in dropped.items()})
+    metrics["sft.kept"] = len(new_records)
     write_jsonl(out / "sft.jsonl", new_records)
 
     # --- sampled preference pairs, judged by ROUGE-L against the reference ------------------------------
@@ -130,6 +139,9 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
                           "margin": round(scored[-1][0] - scored[0][0], 4), "judge": "rougeL_vs_reference",
                           "source": "synthetic"})
         metrics.update({"pairs.attempted": len(picked), "pairs.kept": len(pairs), "pairs.dropped.tie": ties})
+    pairs, dropped = filter_synthetic("preference", pairs, inputs.curate_cfg, inputs.curated)
+    metrics.update({f"preference.dropped.{k}": v for k, v in dropped.items()})
+    metrics["preference.kept"] = len(pairs)
     write_jsonl(out / "preference.jsonl", pairs)
 
     seconds = time.perf_counter() - started

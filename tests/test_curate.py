@@ -144,3 +144,25 @@ def test_near_duplicates_and_quality_filters(tmp_path: Path) -> None:
     m = _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", rows)], max_drop_fraction=1.0)["metrics"]
     assert m["sft.dropped.near_duplicate"] == 1 and m["sft.dropped.repetitive"] == 1
     assert m["sft.dropped.junk_characters"] == 1 and m["sft.records_kept"] == 2
+
+
+def test_synthetic_records_pass_the_same_checks(tmp_path: Path) -> None:
+    from tasks.curate import filter_synthetic
+
+    seed_answer = "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
+    _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", [{"prompt": "Describe the scene.", "response": seed_answer}])],
+         ev=[_jsonl(tmp_path / "e.jsonl", [{"prompt": "What is the capital city of the small country of Moldova today?",
+                                           "reference": "Chisinau is the capital city of Moldova"}])])
+    synthetic = [
+        {"messages": [{"role": "user", "content": "Describe the scene."},
+                      {"role": "assistant", "content": seed_answer + " again"}], "source": "synthetic"},  # near-copy
+        {"messages": [{"role": "user", "content": "What is the capital city of the small country of Moldova today?"},
+                      {"role": "assistant", "content": "Chisinau is the capital city of Moldova"}]},  # eval leak
+        {"messages": [{"role": "user", "content": "Mail me"}, {"role": "assistant", "content": "at bo@example.org"}],
+         "source": "synthetic"},
+        {"messages": [{"role": "user", "content": "Loop"}, {"role": "assistant", "content": "ha " * 40}]},
+    ]
+    kept, dropped = filter_synthetic("sft", synthetic, CurateConfig(), tmp_path / "out")
+    assert dropped == {"near_duplicate": 1, "contaminated": 1, "repetitive": 1}
+    assert kept == [{"messages": [{"role": "user", "content": "Mail me"},
+                                  {"role": "assistant", "content": "at <EMAIL>"}], "source": "synthetic"}]
