@@ -48,7 +48,8 @@ def plain_script(r: Recipe, work: Path) -> None:
                                                              curate_cfg=r.curate, out_dir=d / "synthesize", seed=seed))
     tokenize.run(r.tokenize, tokenize.TokenizeInputs(base=base.path, curated=d / "curate",
                                                      synthesized=d / "synthesize", out_dir=d / "tokenize"))
-    quantize.run(r.quantize, quantize.QuantizeInputs(base=base.path, dtype=dtype, out_dir=d / "quantize"))
+    quantize.run(r.quantize, quantize.QuantizeInputs(base=base.path, dtype=dtype, curated=d / "curate",
+                                                     out_dir=d / "quantize"))
     sft.run(r.sft, sft.SftInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize", quantized=d / "quantize",
                                  out_dir=d / "sft", seed=seed))
     reward.run(r.reward, reward.RewardInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize",

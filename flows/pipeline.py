@@ -45,7 +45,8 @@ from tasks.modeling import ResolvedBase, resolve_base
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
 SHARED_CODE = ("tasks.common", "tasks.modeling")
-EXTRA_CODE = {"curate": ("tasks.pii",), "synthesize": ("tasks.curate", "tasks.pii"), "reward": ("tasks.sft",),
+EXTRA_CODE = {"curate": ("tasks.pii",), "quantize": ("tasks.tokenize",), "synthesize": ("tasks.curate", "tasks.pii"),
+              "reward": ("tasks.sft",),
               "evaluate": ("tasks.tokenize", "metrics.rouge.rouge", "metrics.bleu.bleu",
                            "metrics.exact_match.exact_match"),
               "register": ("tasks.served_model",)}
@@ -167,7 +168,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None)
                 {"base": base.key, "curate": ctx.key("curate"), "synthesize": ctx.key("synthesize")})
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
-                base=base.path, dtype=dtype, out_dir=out), {"base": base.key})
+                base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out),
+                {"base": base.key, "curate": ctx.key("curate")})
         if _reached(until, "sft"):
             run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +49,14 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     import evaluate as hf_evaluate
     from peft import PeftModel
 
-    from tasks.modeling import generate, load_causal_lm, load_reward_model, load_tokenizer, score_answers
+    from tasks.modeling import (
+        answer_perplexity,
+        generate,
+        load_causal_lm,
+        load_reward_model,
+        load_tokenizer,
+        score_answers,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     model = load_causal_lm(inputs.base, inputs.dtype)
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     base_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: base", **gen)]
-    base_ppl = _perplexity(model, tok, prompts, references) if "perplexity" in cfg.metrics else None
+    base_ppl = answer_perplexity(model, tok, prompts, references) if "perplexity" in cfg.metrics else None
     champion_answers: list[str] | None = None
     if inputs.champion is not None:
         model = PeftModel.from_pretrained(model, inputs.champion, adapter_name="champion")
@@ -73,7 +79,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: tuned", **gen)]
     metrics: dict[str, float] = {"eval_examples": len(records)}
     if base_ppl is not None:
-        metrics["perplexity"] = round(_perplexity(model, tok, prompts, references), 4)
+        metrics["perplexity"] = round(answer_perplexity(model, tok, prompts, references), 4)
         metrics["perplexity_base"] = round(base_ppl, 4)
     del model
 
@@ -125,25 +131,3 @@ def _win_rate(answers: list[str], rewards: list[float], others: list[str], other
     pairs = zip(answers, rewards, others, other_rewards, strict=True)
     wins = [0.5 if a == o else float(r > ro) for a, r, o, ro in pairs]
     return round(sum(wins) / max(len(wins), 1), 4)
-
-
-def _perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:
-    """exp(mean NLL per answer token) of the references given their prompts (answer tokens only)."""
-    import torch
-
-    from tasks.tokenize import encode_conversation
-
-    total_nll, total_tokens = 0.0, 0
-    model.eval()
-    for prompt, ref in zip(prompts, references, strict=True):
-        encoded = encode_conversation(tok, [*prompt, {"role": "assistant", "content": ref}])
-        if encoded is None:
-            continue
-        ids, labels = encoded
-        n = sum(1 for label in labels[1:] if label != -100)  # labels are shifted by one inside the model
-        with torch.no_grad():
-            loss = model(input_ids=torch.tensor([ids], device=model.device),
-                         labels=torch.tensor([labels], device=model.device)).loss
-        total_nll += float(loss) * n
-        total_tokens += n
-    return math.exp(total_nll / max(total_tokens, 1))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,6 +28,24 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes' 8-bit matmul logs the same warning on every call (thousands per run): keep the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
 
 
 @dataclass(frozen=True)
@@ -293,3 +312,27 @@ def score_answers(
             logits = model(**batch.to(model.device)).logits
         scores.extend(float(x) for x in logits[:, 0].float().cpu())
     return scores
+
+
+def answer_perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:
+    """exp(mean NLL per answer token) of the references given their prompts (answer tokens only)."""
+    import math
+
+    import torch
+
+    from tasks.tokenize import encode_conversation
+
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    for prompt, ref in zip(prompts, references, strict=True):
+        encoded = encode_conversation(tok, [*prompt, {"role": "assistant", "content": ref}])
+        if encoded is None:
+            continue
+        ids, labels = encoded
+        n = sum(1 for label in labels[1:] if label != -100)  # labels are shifted by one inside the model
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids], device=model.device),
+                         labels=torch.tensor([labels], device=model.device)).loss
+        total_nll += float(loss) * n
+        total_tokens += n
+    return math.exp(total_nll / max(total_tokens, 1))

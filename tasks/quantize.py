@@ -1,21 +1,30 @@
-"""quantize: decide how the base weights are held during training, and measure what it saves.
+"""quantize: decide how the base weights are held during training, and measure what it costs and saves.
 
-With `bits: 4` (QLoRA) or `bits: 8`, the base model is loaded through bitsandbytes with the recipe's settings
-(NF4 or FP4, double quantization, compute dtype) and its memory footprint is compared with the unquantized
-load. The settings are written to `quantization.json`; sft and dpo load the base with exactly those settings.
-With `bits: null` (plain LoRA) the stage only records the base footprint and writes an empty settings file.
-bitsandbytes 0.50 quantizes and runs forward passes on CPU too, so QLoRA is exercised without a GPU.
+With `bits: 4` (QLoRA: NF4 or FP4, optional double quantization, a compute dtype) or `bits: 8`, the base is
+loaded through bitsandbytes and compared with the unquantized load:
+- memory footprint before / after (bytes, parameters + buffers);
+- perplexity of the held-out reference answers before / after (same prompts, answer tokens only);
+- a per-layer table of the real quantization error: each quantized Linear's weights are dequantized again
+  and compared with the originals (relative Frobenius error), in `layers.csv`.
+The settings go to `quantization.json`; sft and dpo load the base with exactly those. With `bits: null`
+(plain LoRA) the file is empty and only the unquantized figures are recorded.
+
+Always, from first principles on the base weights (`first_principles.json`): int8 per-output-channel
+*symmetric* (scale = max|w|/127) vs *affine* (scale and zero point from min/max) error, and per-tensor
+symmetric int8 with *min-max* vs *99.9th-percentile* calibration (clipping outliers trades their error for
+finer steps everywhere else). bitsandbytes 0.50 quantizes and runs forward passes on CPU too.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import write_manifest
+from tasks.common import read_jsonl, write_manifest
 
 
 class QuantizeConfig(BaseModel):
@@ -24,11 +33,13 @@ class QuantizeConfig(BaseModel):
     quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too (~0.4 bit/param saved)
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # matmul dtype of 4-bit layers
+    eval_samples: int = Field(16, ge=0, description="held-out records for the perplexity before/after")
 
 
 class QuantizeInputs(BaseModel):
     base: Path
     dtype: str
+    curated: Path  # eval.jsonl: held-out text for perplexity
     out_dir: Path
 
 
@@ -49,23 +60,114 @@ def settings(cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 def run(cfg: QuantizeConfig, inputs: QuantizeInputs) -> dict[str, Any]:
-    from tasks.modeling import load_causal_lm
+    from tasks.modeling import answer_perplexity, load_causal_lm, load_tokenizer
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     quant = settings(cfg)
     (out / "quantization.json").write_text(json.dumps(quant, indent=2, default=str))
+    held_out = list(read_jsonl(inputs.curated / "eval.jsonl"))[: cfg.eval_samples]
+    prompts, refs = [r["prompt"] for r in held_out], [r["reference"] for r in held_out]
+    tok = load_tokenizer(inputs.base)
 
     base = load_causal_lm(inputs.base, inputs.dtype)
-    before = int(base.get_memory_footprint())  # bytes, parameters + buffers
+    metrics: dict[str, float] = {"memory_before_bytes": int(base.get_memory_footprint())}
+    if held_out:
+        metrics["perplexity_before"] = round(answer_perplexity(base, tok, prompts, refs), 4)
+    originals = {name: m.weight.detach().float().clone() for name, m in _linears(base)}
+    first = _first_principles(originals)
+    (out / "first_principles.json").write_text(json.dumps(first, indent=2))
+    metrics.update({f"int8.{k}": v["mean_relative_error"] for k, v in first.items()})
     del base
-    metrics: dict[str, float] = {"memory_before_bytes": before}
+
+    outputs = ["quantization.json", "first_principles.json"]
     if quant:
         quantized = load_causal_lm(inputs.base, inputs.dtype, quant)
-        after = int(quantized.get_memory_footprint())
-        metrics.update({"memory_after_bytes": after, "memory_ratio": round(after / before, 4)})
+        metrics["memory_after_bytes"] = int(quantized.get_memory_footprint())
+        metrics["memory_ratio"] = round(metrics["memory_after_bytes"] / metrics["memory_before_bytes"], 4)
+        # Before any forward pass: bitsandbytes' CPU backend repacks 4-bit weights into another layout on the
+        # first forward, after which dequantizing them no longer gives the weights back.
+        rows = _layer_errors(quantized, originals)
+        if held_out:
+            metrics["perplexity_after"] = round(answer_perplexity(quantized, tok, prompts, refs), 4)
+        with open(out / "layers.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["layer", "shape", "relative_error"])
+            writer.writeheader()
+            writer.writerows(rows)
+        errors = [r["relative_error"] for r in rows]
+        if errors:
+            metrics["layer_error_mean"] = round(sum(errors) / len(errors), 6)
+            metrics["layer_error_max"] = round(max(errors), 6)
+        outputs.append("layers.csv")
         del quantized
     report = {"bits": cfg.bits, "settings": quant, **metrics}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    return write_manifest(out, {"stage": "quantize", "bits": cfg.bits, "outputs": ["quantization.json", "report.json"],
-                                "artifacts": ["report.json"], "metrics": metrics})
+    outputs.append("report.json")
+    return write_manifest(out, {"stage": "quantize", "bits": cfg.bits, "outputs": outputs,
+                                "artifacts": [o for o in outputs if o != "quantization.json"], "metrics": metrics})
+
+
+def _linears(model: Any) -> list[tuple[str, Any]]:
+    """The decoder's Linear-like layers (those bitsandbytes replaces; the LM head stays unquantized)."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2 and name and "lm_head" not in name
+            and "embed" not in name and type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")]
+
+
+def _layer_errors(quantized: Any, originals: dict[str, Any]) -> list[dict[str, Any]]:
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    rows = []
+    for name, module in quantized.named_modules():
+        if name not in originals:
+            continue
+        w = module.weight
+        if type(module).__name__ == "Linear4bit":
+            restored = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        elif type(module).__name__ == "Linear8bitLt":
+            scb = getattr(w, "SCB", None)
+            scb = scb if scb is not None else getattr(module.state, "SCB", None)
+            if scb is None:
+                continue
+            restored = w.data.float() * scb.float().unsqueeze(1) / 127.0  # row-wise absmax int8
+        else:
+            continue
+        original = originals[name].to(restored.device)
+        error = float(torch.linalg.norm(restored.reshape(original.shape) - original) / torch.linalg.norm(original))
+        rows.append({"layer": name, "shape": "x".join(map(str, original.shape)), "relative_error": round(error, 6)})
+    return rows
+
+
+def _first_principles(weights: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """int8 round-trip error of four textbook schemes, averaged over the layers (relative Frobenius error)."""
+    import torch
+
+    def rel(w: Any, wq: Any) -> float:
+        return float(torch.linalg.norm(w - wq) / torch.linalg.norm(w))
+
+    def symmetric(w: Any, absmax: Any) -> Any:  # absmax broadcasts: per channel or per tensor
+        scale = (absmax / 127.0).clamp(min=1e-12)
+        return torch.clamp(torch.round(w / scale), -127, 127) * scale
+
+    def affine_per_channel(w: Any) -> Any:
+        lo, hi = w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values
+        scale = ((hi - lo) / 255.0).clamp(min=1e-12)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(w / scale) + zero, 0, 255)
+        return (q - zero) * scale
+
+    schemes = {
+        "per_channel_symmetric": lambda w: symmetric(w, w.abs().max(dim=1, keepdim=True).values),
+        "per_channel_affine": affine_per_channel,
+        "per_tensor_minmax": lambda w: symmetric(w, w.abs().max()),
+        # 99.9th percentile of |w| (on a sample: torch.quantile caps its input size) clips the rare outliers
+        "per_tensor_percentile": lambda w: symmetric(
+            w, torch.quantile(w.abs().flatten()[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))
+                                                [:1_000_000]], 0.999)),
+    }
+    result = {}
+    for scheme, fn in schemes.items():
+        errors = [rel(w, fn(w)) for w in weights.values()]
+        result[scheme] = {"mean_relative_error": round(sum(errors) / max(len(errors), 1), 6), "layers": len(errors)}
+    return result
