@@ -145,6 +145,8 @@ class Tracker:
         c.set_tag(run_id, "alignflow.stage_dir", str(folder))
         if cached:
             c.set_tag(run_id, "alignflow.cached_from", produced_by.get("mlflow_run_id", "unknown"))
+        if "ref_logprobs_cached" in manifest:
+            c.set_tag(run_id, "alignflow.ref_logprobs_cached", str(manifest["ref_logprobs_cached"]).lower())
         if manifest.get("resumed_from") is not None:
             c.set_tag(run_id, "alignflow.resumed_from", str(manifest["resumed_from"]))
         c.log_artifact(run_id, str(folder / "manifest.json"))

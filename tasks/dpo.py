@@ -5,12 +5,19 @@ freezes a copy of the SFT adapter under the name `ref` and swaps to it for refer
 reference is the SFT policy itself (standard DPO) at the cost of one extra adapter (a few MB), not a model.
 Loss variants are TRL's (`sigmoid`, `ipo`, `hinge`, `robust`, ...). Output: `adapter/` (the tuned adapter
 only, without the frozen reference copy) + tokenizer, the reward-margin curves, the log history.
+
+With `precompute_ref_log_probs`, TRL computes the reference log-probs of every pair once, before training,
+and stores them beside the tokenized data (the tokenize stage's `preference/` folder) under a key of
+(prepared data fingerprint, hash of the reference weights). A later DPO run on the same data and SFT adapter
+(another `dpo.beta`, say) reuses them instead of running the reference model again: the manifest then says
+`ref_logprobs_cached: true` and the dpo child run is tagged `alignflow.ref_logprobs_cached=true`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +45,7 @@ class DpoConfig(BaseModel):
     grad_accum: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
     save_steps: int = Field(50, gt=0)
+    precompute_ref_log_probs: bool = Field(False, description="compute reference log-probs once and cache them")
 
 
 class DpoInputs(BaseModel):
@@ -87,10 +95,13 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=read_manifest(inputs.tokenized)["max_length"],
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
+    started = time.time()
     trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok)
+    ref_cached = cfg.precompute_ref_log_probs and _ref_logprobs_reused(trainer.train_dataset, started)
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
@@ -112,7 +123,19 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     return write_manifest(out, {
         "stage": "dpo",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "ref_logprobs_cached": ref_cached,
         "outputs": ["adapter", "rewards.png", "log_history.json"],
         "artifacts": ["rewards.png", "log_history.json"],
         "metrics": metrics,
     })
+
+
+def _ref_logprobs_reused(dataset: Any, started: float) -> bool:
+    """True when the reference log-probs TRL attached came from a cache file written before this stage began."""
+    from datasets import Dataset
+
+    for entry in dataset.cache_files:
+        path = Path(entry["filename"])
+        if "ref_chosen_logps" in Dataset.from_file(str(path)).column_names:
+            return path.stat().st_mtime < started
+    return False
