@@ -36,7 +36,9 @@ from tasks.common import (
 class DpoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     beta: float = Field(0.1, gt=0, description="KL strength: higher stays closer to the SFT model")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero"] = "sigmoid"
+    # TRL 1.16 DPOTrainer losses (SimPO and ORPO live in other, reference-free trainers under trl.experimental)
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+                  "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm"] = "sigmoid"
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
     lr: float = Field(5e-5, gt=0)

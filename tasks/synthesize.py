@@ -12,27 +12,51 @@ Every generated record then passes the same checks as real data (curate's valida
 filters, exact and near dedup against the curated data, decontamination against eval), counted under
 `sft.dropped.<reason>` / `preference.dropped.<reason>` in this stage's metrics.
 
-The teacher is the base model (`teacher: base`). Outputs: `sft.jsonl`, `preference.jsonl` in the curated
-internal schema; the tokenize stage merges them with the curated data.
+Teachers: `teacher: base` (the local base model, batched generation) or an OpenAI-compatible HTTP endpoint
+(vLLM, TGI, llama.cpp server, ...): `teacher: {url: http://host:8000/v1, model: NAME, api_key_env: VAR}` with
+concurrency, a timeout and bounded retries. The key is read from the environment variable *named* in the
+recipe, so it never appears in params, manifests or artifacts.
+
+Resumable: every completion is appended to `generations.jsonl` as it arrives, keyed by a hash of the
+prompt and the sampling settings. A killed run, re-run, reads that journal and generates only what is
+missing (`teacher.resumed` counts the completions it reused).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import read_jsonl, seed_everything, write_jsonl, write_manifest
+from tasks.common import StageError, read_jsonl, seed_everything, sha256_json, write_jsonl, write_manifest
 from tasks.curate import CurateConfig, filter_synthetic
+
+Messages = list[dict[str, str]]
+
+
+class TeacherEndpoint(BaseModel):
+    """An OpenAI-compatible chat-completions server."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(..., pattern=r"^https?://", description="base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(..., min_length=1, description="model name the server expects")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight")
+    timeout_s: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(3, ge=0, description="retries per request on timeouts, 429 and 5xx")
 
 
 class SynthesizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    teacher: Literal["base"] = "base"
+    teacher: Literal["base"] | TeacherEndpoint = "base"
     instructions: int = Field(8, ge=0, description="new instructions the teacher attempts (0: none)")
     seeds_per_prompt: int = Field(3, ge=1, description="seed tasks shown to the teacher per new instruction")
     max_similarity: float = Field(0.7, ge=0, le=1, description="ROUGE-L F1 above which a new one is a near-copy")
@@ -42,7 +66,7 @@ class SynthesizeConfig(BaseModel):
     max_new_tokens: int = Field(48, gt=0, description="tokens per generated instruction or answer")
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    batch_size: int = Field(8, gt=0, description="prompts per generate() call")
+    batch_size: int = Field(8, gt=0, description="prompts per generate() call (local teacher)")
 
 
 class SynthesizeInputs(BaseModel):
@@ -57,8 +81,6 @@ class SynthesizeInputs(BaseModel):
 def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
     from rouge_score import rouge_scorer
 
-    from tasks.modeling import generate, load_causal_lm, load_tokenizer
-
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
@@ -67,11 +89,7 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
-    generated_chars = 0
-
-    need_teacher = cfg.instructions > 0 or cfg.preference_prompts > 0
-    model = load_causal_lm(inputs.base, inputs.dtype) if need_teacher else None
-    tok = load_tokenizer(inputs.base) if need_teacher else None
+    teacher = Teacher(cfg, inputs.base, inputs.dtype, out / "generations.jsonl")
 
     # --- new instructions -------------------------------------------------------------------------------
     existing = [_first_user(r["messages"]) for r in sft]
@@ -83,10 +101,7 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
             listing = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(shown))
             asks.append([{"role": "user", "content": f"Here are some tasks:\n{listing}\n"
                           "Write one new task of the same kind. Reply with the task only."}])
-        raw = [c[0] for c in generate(model, tok, asks, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                      do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      desc="synthesize: instructions")]
-        generated_chars += sum(len(r) for r in raw)
+        raw = [c[0] for c in teacher.complete(asks, n=1, sample=True, desc="synthesize: instructions")]
         kept: list[str] = []
         drops = {"empty": 0, "near_copy": 0}
         for text in raw:
@@ -100,18 +115,16 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
                 drops["near_copy"] += 1
                 continue
             kept.append(text)
-        answers = generate(model, tok, [[{"role": "user", "content": k}] for k in kept],
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           desc="synthesize: answers") if kept else []
+        answers = teacher.complete([[{"role": "user", "content": k}] for k in kept], n=1, sample=False,
+                                   desc="synthesize: answers") if kept else []
         for instruction, (answer,) in zip(kept, answers, strict=True):
-            generated_chars += len(answer)
             if answer.strip():
                 new_records.append({"messages": [{"role": "user", "content": instruction},
                                                  {"role": "assistant", "content": answer}],
                                     "source": "synthetic"})
             else:
                 drops["empty"] += 1
-        metrics.update({"instructions.attempted": cfg.instructions, "instructions.kept": len(new_records),
+        metrics.update({"instructions.attempted": cfg.instructions, "instructions.answered": len(new_records),
                         **{f"instructions.dropped.{k}": v for k, v in drops.items()}})
     new_records, dropped = filter_synthetic("sft", new_records, inputs.curate_cfg, inputs.curated)
     metrics.update({f"sft.dropped.{k}": v for k, v in dropped.items()})
@@ -123,12 +136,9 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
     if cfg.preference_prompts > 0 and sft:
         picked = rng.sample(sft, min(cfg.preference_prompts, len(sft)))
         prompts = [r["messages"][:-1] for r in picked]
-        samples = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                           num_return_sequences=cfg.samples_per_prompt, desc="synthesize: pairs")
+        samples = teacher.complete(prompts, n=cfg.samples_per_prompt, sample=True, desc="synthesize: pairs")
         ties = 0
         for record, prompt, answers in zip(picked, prompts, samples, strict=True):
-            generated_chars += sum(len(a) for a in answers)
             reference = record["messages"][-1]["content"]
             scored = sorted(((scorer.score(reference, a)["rougeL"].fmeasure, a) for a in answers if a.strip()),
                             key=lambda s: s[0])
@@ -138,20 +148,126 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
             pairs.append({"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1],
                           "margin": round(scored[-1][0] - scored[0][0], 4), "judge": "rougeL_vs_reference",
                           "source": "synthetic"})
-        metrics.update({"pairs.attempted": len(picked), "pairs.kept": len(pairs), "pairs.dropped.tie": ties})
+        metrics.update({"pairs.attempted": len(picked), "pairs.judged": len(pairs), "pairs.dropped.tie": ties})
     pairs, dropped = filter_synthetic("preference", pairs, inputs.curate_cfg, inputs.curated)
     metrics.update({f"preference.dropped.{k}": v for k, v in dropped.items()})
     metrics["preference.kept"] = len(pairs)
     write_jsonl(out / "preference.jsonl", pairs)
 
+    teacher.close()
     seconds = time.perf_counter() - started
-    metrics["generated_chars"] = generated_chars
-    metrics["seconds"] = round(seconds, 2)
-    return write_manifest(out, {"stage": "synthesize", "outputs": ["sft.jsonl", "preference.jsonl"],
-                                "artifacts": ["sft.jsonl", "preference.jsonl"], "metrics": metrics})
+    metrics.update({"teacher.completions": teacher.generated, "teacher.resumed": teacher.resumed,
+                    "generated_chars": teacher.chars, "seconds": round(seconds, 2),
+                    "chars_per_s": round(teacher.chars / seconds, 2) if seconds else 0.0})
+    files = ["sft.jsonl", "preference.jsonl", "generations.jsonl"]
+    return write_manifest(out, {"stage": "synthesize", "outputs": files, "artifacts": files,
+                                "teacher": "base" if cfg.teacher == "base" else cfg.teacher.model_dump(),
+                                "metrics": metrics})
 
 
-def _first_user(messages: list[dict[str, str]]) -> str:
+class Teacher:
+    """Completions for chat prompts: from the journal if already made, else from the local model or endpoint."""
+
+    def __init__(self, cfg: SynthesizeConfig, base: Path, dtype: str, journal: Path) -> None:
+        self.cfg, self.base, self.dtype, self.journal = cfg, base, dtype, journal
+        self.done: dict[str, list[str]] = {}
+        if journal.exists():  # a previous, interrupted attempt of this stage
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.done[row["key"]] = row["outputs"]
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut off by the kill
+        self.resumed, self.generated, self.chars = 0, 0, 0
+        self._file = open(journal, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+        self._local: tuple[Any, Any] | None = None
+
+    def complete(self, prompts: list[Messages], *, n: int, sample: bool, desc: str) -> list[list[str]]:
+        settings = {"n": n, "sample": sample, "max_new_tokens": self.cfg.max_new_tokens,
+                    "temperature": self.cfg.temperature if sample else 0.0, "top_p": self.cfg.top_p if sample else 1.0}
+        keys = [sha256_json({"messages": p, **settings}) for p in prompts]
+        todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in self.done}
+        self.resumed += sum(1 for k in set(keys) if k not in todo)
+        if todo:
+            if self.cfg.teacher == "base":
+                self._complete_local(todo, n, sample, desc)
+            else:
+                self._complete_remote(todo, n, sample, desc)
+        return [self.done[k] for k in keys]
+
+    def _record(self, key: str, outputs: list[str]) -> None:
+        with self._lock:
+            self.done[key] = outputs
+            self.generated += 1
+            self.chars += sum(len(o) for o in outputs)
+            self._file.write(json.dumps({"key": key, "outputs": outputs}, ensure_ascii=False) + "\n")
+            self._file.flush()  # on disk before the next request: a kill loses at most the one in flight
+
+    def _complete_local(self, todo: dict[str, Messages], n: int, sample: bool, desc: str) -> None:
+        from tasks.modeling import generate, load_causal_lm, load_tokenizer
+
+        if self._local is None:
+            self._local = (load_causal_lm(self.base, self.dtype), load_tokenizer(self.base))
+        model, tok = self._local
+        items = list(todo.items())
+        for i in range(0, len(items), self.cfg.batch_size):
+            chunk = items[i : i + self.cfg.batch_size]
+            outputs = generate(model, tok, [p for _, p in chunk], max_new_tokens=self.cfg.max_new_tokens,
+                               batch_size=self.cfg.batch_size, do_sample=sample, temperature=self.cfg.temperature,
+                               top_p=self.cfg.top_p, num_return_sequences=n, desc=f"{desc} {i}/{len(items)}")
+            for (key, _), out in zip(chunk, outputs, strict=True):
+                self._record(key, out)
+
+    def _complete_remote(self, todo: dict[str, Messages], n: int, sample: bool, desc: str) -> None:
+        import httpx
+        from tqdm.auto import tqdm
+
+        endpoint = self.cfg.teacher
+        assert isinstance(endpoint, TeacherEndpoint)
+        headers = {"Content-Type": "application/json"}
+        if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
+        url = endpoint.url.rstrip("/") + "/chat/completions"
+
+        def one(item: tuple[str, Messages]) -> None:
+            key, messages = item
+            body = {"model": endpoint.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens, "n": n,
+                    "temperature": self.cfg.temperature if sample else 0.0, "top_p": self.cfg.top_p if sample else 1.0}
+            last_error = ""
+            for attempt in range(endpoint.max_retries + 1):
+                try:
+                    r = client.post(url, json=body, headers=headers, timeout=endpoint.timeout_s)
+                    if r.status_code == 429 or r.status_code >= 500:
+                        last_error = f"HTTP {r.status_code}"
+                    elif r.status_code >= 400:
+                        raise StageError(f"synthesize: teacher {url} refused the request: HTTP {r.status_code} "
+                                         f"{r.text[:200]}")
+                    else:
+                        choices = r.json()["choices"]
+                        self._record(key, [(c.get("message") or {}).get("content", "").strip() for c in choices])
+                        return
+                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    last_error = type(e).__name__
+                time.sleep(min(2**attempt * 0.5, 8.0))  # exponential backoff, capped at 8 s
+            raise StageError(f"synthesize: teacher {url} failed after {endpoint.max_retries + 1} attempts "
+                             f"({last_error}); completions so far are kept and a re-run resumes")
+
+        with httpx.Client() as client, ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
+            futures = [pool.submit(one, item) for item in todo.items()]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="request"):
+                    future.result()
+            except BaseException:
+                for future in futures:  # stop queued requests; those in flight finish and are journaled
+                    future.cancel()
+                raise
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _first_user(messages: Messages) -> str:
     return next(m["content"] for m in messages if m["role"] == "user")
 
 

@@ -1,0 +1,106 @@
+"""synthesize against a local OpenAI-compatible HTTP server: retries, the key stays secret, and a failed run
+resumes without repeating completed requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from tasks.common import StageError, read_manifest
+from tasks.curate import CurateConfig, CurateInputs
+from tasks.curate import run as curate
+from tasks.synthesize import SynthesizeConfig, SynthesizeInputs, TeacherEndpoint, run
+
+SECRET = "sk-test-canary-5f3a9e1d2c7b"
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Answers /v1/chat/completions; fails the requests whose 1-based number is in `fail_on` with a 500."""
+
+    calls: ClassVar[list[dict]] = []
+    fail_on: ClassVar[set[int]] = set()
+    auth: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.calls.append(body)
+        FakeOpenAI.auth.append(self.headers.get("Authorization", ""))
+        if len(FakeOpenAI.calls) in FakeOpenAI.fail_on:
+            self.send_response(500)
+            self.end_headers()
+            return
+        prompt = body["messages"][-1]["content"]
+        if "Write one new task" in prompt:
+            topics = ["Name three rivers that flow through Peru.", "Translate good morning into Finnish politely.",
+                      "Summarize the plot of a heist film in one line."]
+            texts = [topics[len(FakeOpenAI.calls) % 3]]
+        else:
+            texts = [f"answer {i}: " + prompt[:20] for i in range(body["n"])]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)]
+        payload = {"choices": choices}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def server() -> Iterator[str]:
+    FakeOpenAI.calls, FakeOpenAI.fail_on, FakeOpenAI.auth = [], set(), []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def _curated(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"Spell the word number {i} backwards please", "response": f"reply {i}"} for i in range(6)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "Unrelated eval question?", "reference": "x"}) + "\n")
+    curate(CurateConfig(), CurateInputs(sft=[tmp_path / "s.jsonl"], preference=[tmp_path / "p.jsonl"],
+                                        eval=[tmp_path / "e.jsonl"], out_dir=tmp_path / "curated"))
+    return tmp_path / "curated"
+
+
+def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    cfg = SynthesizeConfig(teacher=TeacherEndpoint(url=server, model="m", api_key_env="TEACHER_KEY", concurrency=1,
+                                                   timeout_s=5, max_retries=0),
+                           instructions=3, preference_prompts=4, samples_per_prompt=2)
+    inputs = SynthesizeInputs(base=tmp_path, dtype="float32", curated=_curated(tmp_path), out_dir=tmp_path / "out",
+                              seed=0)
+
+    FakeOpenAI.fail_on = {5}  # no retries allowed: the 5th request kills the stage
+    with pytest.raises(StageError, match="failed after 1 attempts"):
+        run(cfg, inputs)
+    journaled = len((tmp_path / "out" / "generations.jsonl").read_text().splitlines())
+    assert 4 <= journaled <= 5  # the four before the failure (+ one already in flight, at most)
+
+    FakeOpenAI.calls, FakeOpenAI.fail_on = [], {1}  # one transient 500, now with a retry allowed
+    cfg.teacher.max_retries = 1  # type: ignore[union-attr]
+    manifest = run(cfg, inputs)
+    m = manifest["metrics"]
+    assert m["teacher.resumed"] == journaled  # completed before the failure: not requested again
+    total = 3 + 3 + 4  # instructions, their answers, preference prompts
+    assert len(FakeOpenAI.calls) == total - journaled + 1  # + the retried request
+    assert m["teacher.completions"] == total - journaled
+    assert all(a == f"Bearer {SECRET}" for a in FakeOpenAI.auth)
+    assert FakeOpenAI.calls[-1]["n"] == 2 and FakeOpenAI.calls[-1]["model"] == "m"
+    for f in (tmp_path / "out").iterdir():
+        assert SECRET not in f.read_text(errors="ignore"), f.name
+    assert read_manifest(tmp_path / "out")["teacher"]["api_key_env"] == "TEACHER_KEY"
+    assert m["sft.kept"] == 3 and m["preference.kept"] >= 1
