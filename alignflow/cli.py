@@ -94,6 +94,29 @@ def run(
     _print_result(result, work_dir)
 
 
+@app.command()
+def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("runs")) -> None:
+    """Retrain on data that arrived since the current champion; the gate decides. No new data: ends at once."""
+    r = _load(recipe, set_)
+    _quiet_environment()
+    from tasks.common import StageError
+
+    try:
+        from flows.retrain import retrain as retrain_flow
+
+        result = retrain_flow(recipe=r, work_dir=str(work_dir))
+    except StageError as e:
+        err.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    if result["new_data"] is False:
+        console.print(f"no new data since champion v{result['champion_version']} ({result['counts']}): "
+                      "nothing trained, nothing registered")
+        return
+    if result["new_data"]:
+        console.print(f"new data since champion v{result['champion_version']}: {result['counts']}")
+    _print_result(result, work_dir)
+
+
 def _print_result(result: dict[str, Any], work_dir: Path) -> None:
     table = Table(title="stages")
     for col in ("stage", "status", "seconds", "folder"):

@@ -49,6 +49,12 @@ class DataSection(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
+class RetrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start_from: Literal["champion", "base"] = Field(
+        "champion", description="alignflow retrain: continue the champion's adapter, or train anew from the base")
+
+
 # `register` is the stage's name and a promised recipe key; it shadows only ABCMeta.register, unused here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -70,6 +76,7 @@ class Recipe(BaseModel):
     dpo: DpoConfig = DpoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = Field(..., description="registry name and promotion gate")
+    retrain: RetrainSection = RetrainSection()
 
 
 class RecipeError(Exception):

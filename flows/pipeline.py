@@ -143,15 +143,19 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
 
 
 @flow(name="alignflow-pipeline", log_prints=False)  # True would also capture print(file=...) inside libraries
-def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None) -> dict[str, Any]:
-    """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking."""
+def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None, init_adapter: str | None = None,
+             tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking.
+
+    `init_adapter` makes sft continue that adapter (retraining); `tags` go onto the parent run."""
     from prefect.runtime import flow_run
 
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = {name: sha256_json([sha256_file(Path(f)) for f in getattr(recipe.data, name)])
             for name in ("sft", "preference", "eval")}
-    ctx = Context(recipe, work, Tracker.start(recipe, work, data, str(flow_run.id or "local")), str(flow_run.id))
+    tracker = Tracker.start(recipe, work, data, str(flow_run.id or "local"), tags or {})
+    ctx = Context(recipe, work, tracker, str(flow_run.id))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:
         base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
@@ -171,10 +175,12 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None)
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out),
                 {"base": base.key, "curate": ctx.key("curate")})
         if _reached(until, "sft"):
+            init = Path(init_adapter) if init_adapter else None
             run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                out_dir=out, seed=seed, report_to=["mlflow"]),
-                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize")})
+                out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"]),
+                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
+                 "init_adapter": sha256_tree(init) if init else None})
         if _reached(until, "reward"):
             run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,

@@ -92,7 +92,8 @@ class Tracker:
     parent_run_id: str
 
     @classmethod
-    def start(cls, recipe: Recipe, work: Path, data_hashes: dict[str, str], flow_run_id: str) -> Tracker:
+    def start(cls, recipe: Recipe, work: Path, data_hashes: dict[str, str], flow_run_id: str,
+              extra_tags: dict[str, str] | None = None) -> Tracker:
         uri = tracking_uri(work)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
@@ -113,6 +114,7 @@ class Tracker:
             "alignflow.work_dir": str(work),
             "alignflow.base_model": recipe.model.base,
             **{f"alignflow.data_hash.{k}": v for k, v in data_hashes.items()},
+            **(extra_tags or {}),
         }
         run = client.create_run(experiment_id, run_name=f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "recipe.yaml")

@@ -271,6 +271,15 @@ def filter_synthetic(
     return kept, dropped
 
 
+def new_records(
+    name: Dataset, files: list[Path], cfg: CurateConfig, used: Path
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Records of `files` (curated as usual) that were not already used: exact and near duplicates of the
+    curated folder `used` (e.g. the champion's) are dropped, and eval overlap is removed, as for any data."""
+    current, _dropped, _samples, _pii = _curate_dataset(name, _read_all(files), cfg, None)
+    return filter_synthetic(name, current, cfg, used)
+
+
 def _read_all(files: list[Path]) -> Any:
     for path in files:
         yield from _read_records(path)

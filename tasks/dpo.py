@@ -6,11 +6,11 @@ reference is the SFT policy itself (standard DPO) at the cost of one extra adapt
 Loss variants are TRL's (`sigmoid`, `ipo`, `hinge`, `robust`, ...). Output: `adapter/` (the tuned adapter
 only, without the frozen reference copy) + tokenizer, the reward-margin curves, the log history.
 
-With `precompute_ref_log_probs`, TRL computes the reference log-probs of every pair once, before training,
-and stores them beside the tokenized data (the tokenize stage's `preference/` folder) under a key of
-(prepared data fingerprint, hash of the reference weights). A later DPO run on the same data and SFT adapter
-(another `dpo.beta`, say) reuses them instead of running the reference model again: the manifest then says
-`ref_logprobs_cached: true` and the dpo child run is tagged `alignflow.ref_logprobs_cached=true`.
+With `precompute_ref_log_probs`, TRL computes the reference log-probs of every pair once, before training
+(the training steps then skip the reference forward pass), and caches them beside the tokenized data under
+a key of (prepared-data fingerprint, hash of the reference weights). Measured here: that fingerprint changes
+with the DPOConfig (beta, output dir), so a run with another beta does NOT reuse them; `ref_logprobs_cached`
+in the manifest (tag `alignflow.ref_logprobs_cached`) says whether a run did.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class DpoConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="pairs per step")
     grad_accum: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
     precompute_ref_log_probs: bool = Field(False, description="compute reference log-probs once and cache them")
 
@@ -66,11 +67,18 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
+    from tasks.modeling import (
+        check_optimizer,
+        load_causal_lm,
+        load_tokenizer,
+        peak_memory_bytes,
+        train_precision,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
+    check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
     base = load_causal_lm(inputs.base, inputs.dtype, quant or None)
@@ -94,6 +102,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         logging_steps=1,
         save_steps=cfg.save_steps,
         save_total_limit=2,
+        optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=read_manifest(inputs.tokenized)["max_length"],
@@ -116,6 +125,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     last = trainer_summary(history)
     metrics = {
         "global_step": trainer.state.global_step,
+        "peak_memory_bytes": peak_memory_bytes(),
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "reward_margin": last.get("rewards/margins", float("nan")),

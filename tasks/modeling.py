@@ -336,3 +336,24 @@ def answer_perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]],
         total_nll += float(loss) * n
         total_tokens += n
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+def check_optimizer(optim: str) -> None:
+    """bitsandbytes' paged / 8-bit optimizers need CUDA; say so before training starts."""
+    import torch
+
+    from tasks.common import StageError
+
+    if ("paged" in optim or "8bit" in optim) and not torch.cuda.is_available():
+        raise StageError(f"optimizer '{optim}' needs a CUDA GPU; use adamw_torch on this machine")
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory of this process (CUDA), or its peak resident set size on CPU-only machines."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -35,6 +35,7 @@ class RewardConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="pairs per step")
     grad_accum: int = Field(1, gt=0)
     eval_fraction: float = Field(0.15, gt=0, lt=1, description="pairs held out for accuracy / margin")
+    optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
 
 
@@ -51,11 +52,19 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
 
-    from tasks.modeling import load_reward_model, load_tokenizer, score_answers, train_precision
+    from tasks.modeling import (
+        check_optimizer,
+        load_reward_model,
+        load_tokenizer,
+        peak_memory_bytes,
+        score_answers,
+        train_precision,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
+    check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     pairs = load_from_disk(str(inputs.tokenized / "preference")).train_test_split(
         test_size=cfg.eval_fraction, seed=inputs.seed)
@@ -76,6 +85,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         logging_steps=1,
         save_steps=cfg.save_steps,
         save_total_limit=2,
+        optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
         report_to=inputs.report_to,
@@ -101,6 +111,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     last = trainer_summary(history)
     metrics = {
         "global_step": trainer.state.global_step,
+        "peak_memory_bytes": peak_memory_bytes(),
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "heldout_pairs": len(held),

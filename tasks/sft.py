@@ -56,6 +56,7 @@ class SftConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="examples per device per step")
     grad_accum: int = Field(1, gt=0, description="steps accumulated per optimizer step")
     gradient_checkpointing: bool = False  # saves activation memory, costs ~30% more compute; off on CPU
+    optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many optimizer steps (resume point)")
     logging_steps: int = Field(1, gt=0)
 
@@ -67,6 +68,7 @@ class SftInputs(BaseModel):
     quantized: Path
     out_dir: Path
     seed: int
+    init_adapter: Path | None = None  # continue training this adapter (retraining from the champion)
     report_to: list[str] = ["none"]
 
 
@@ -75,11 +77,18 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import prepare_model_for_kbit_training
 
-    from tasks.modeling import load_causal_lm, load_tokenizer, train_precision
+    from tasks.modeling import (
+        check_optimizer,
+        load_causal_lm,
+        load_tokenizer,
+        peak_memory_bytes,
+        train_precision,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
+    check_optimizer(cfg.optim)
     tok_manifest = read_manifest(inputs.tokenized)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
@@ -102,16 +111,23 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
         save_total_limit=2,
+        optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=tok_manifest["max_length"],
         packing=tok_manifest["packing"],
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens: packed vs padded is fair
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
+    peft_config = cfg.lora.peft("CAUSAL_LM")
+    if inputs.init_adapter is not None:  # continue an existing adapter instead of starting a new one
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, inputs.init_adapter, is_trainable=True)
+        peft_config = None
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                             peft_config=cfg.lora.peft("CAUSAL_LM"))
+                             peft_config=peft_config)
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 
@@ -127,6 +143,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     tokens = float(trainer.state.num_input_tokens_seen or 0)
     metrics = {
         "global_step": trainer.state.global_step,
+        "peak_memory_bytes": peak_memory_bytes(),
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "train_runtime_s": round(seconds, 2),
@@ -138,6 +155,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "stage": "sft",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "quantized": bool(quant),
+        "init_adapter": str(inputs.init_adapter) if inputs.init_adapter else None,
         "outputs": ["adapter", "loss.png", "log_history.json"],
         "artifacts": ["loss.png", "log_history.json"],
         "metrics": metrics,

@@ -1,0 +1,131 @@
+"""Training-stage benchmarks, each a ratio against a baseline measured in the same run.
+
+  P3  SFT train tokens/s through `tasks.sft.run`  /  a plain TRL SFTTrainer script, same model, data, settings
+  P4  SFT tokens/s with packing (padding-free)  /  padded batches, on data with skewed lengths
+  P6  wall time of a second DPO run whose reference log-probs come from cache  /  the first DPO run
+
+Uses the embedded SmolLM2-135M when installed (else the tiny model); tokens/s count non-padding tokens.
+  python bench/bench_training.py            # ~5 min on 2 cores with SmolLM2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks import dpo, quantize, sft, tokenize  # noqa: E402
+from tasks.common import read_manifest, write_jsonl  # noqa: E402
+from tasks.modeling import embedded_available, resolve_base  # noqa: E402
+
+STEPS, BATCH = 6, 8
+
+
+def curated(folder: Path, skewed: bool) -> Path:
+    """A curated folder; with `skewed`, 85% short answers and 15% long ones (what packing is for)."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, pairs = [], []
+    for i in range(200):
+        long = skewed and rng.random() < 0.15
+        answer = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(90 if long else 6))
+        rows.append({"messages": [{"role": "user", "content": f"Item {i}: list some words."},
+                                  {"role": "assistant", "content": answer}]})
+        pairs.append({"prompt": [{"role": "user", "content": f"Item {i}: say yes."}], "chosen": "yes",
+                      "rejected": f"no, never, item {i}"})
+    write_jsonl(folder / "sft.jsonl", rows)
+    write_jsonl(folder / "preference.jsonl", pairs)
+    write_jsonl(folder / "eval.jsonl", [])
+    (folder / "empty").mkdir(exist_ok=True)
+    write_jsonl(folder / "empty" / "sft.jsonl", [])
+    write_jsonl(folder / "empty" / "preference.jsonl", [])
+    return folder
+
+
+def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
+    """The baseline: a plain TRL SFTTrainer script with the same settings as the sft stage."""
+    import torch
+    import trl
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenized / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    args = trl.SFTConfig(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-3,
+                         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                         use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+                         max_length=256, include_num_input_tokens_seen="non_padding", seed=0, data_seed=0)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=load_from_disk(str(tokenized / "sft")),
+                             processing_class=tok, peft_config=lora)
+    result = trainer.train()
+    return trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    spec = "embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct") else "tiny:llama"
+    tmp = Path(tempfile.mkdtemp(prefix="alignflow-bench-train-"))
+    base = resolve_base(spec, tmp / "base", [ROOT / "data" / "sft.jsonl"]).path
+    cfg = sft.SftConfig(max_steps=STEPS, batch_size=BATCH, lr=1e-3, save_steps=1000,
+                        lora=sft.LoraSpec(r=16, alpha=32, dropout=0.05))
+    figures: dict[str, float | str] = {"model": spec}
+    try:
+        quantize.run(quantize.QuantizeConfig(eval_samples=0),
+                     quantize.QuantizeInputs(base=base, dtype="float32", curated=curated(tmp / "c", False),
+                                             out_dir=tmp / "q"))
+        # P3: the stage vs plain TRL on the same tokenized data
+        for name, skewed, packing in (("plain", False, False), ("skewed-padded", True, False),
+                                      ("skewed-packed", True, True)):
+            c = curated(tmp / f"c-{name}", skewed)
+            tokenize.run(tokenize.TokenizeConfig(max_length=256, packing=packing), tokenize.TokenizeInputs(
+                base=base, curated=c, synthesized=c / "empty", out_dir=tmp / f"t-{name}"))
+        stage = sft.run(cfg, sft.SftInputs(base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q",
+                                           out_dir=tmp / "sft-plain", seed=0))
+        baseline = plain_trl(base, tmp / "t-plain", tmp / "trl")
+        figures["P3_stage_tokens_per_s"] = stage["metrics"]["tokens_per_s"]
+        figures["P3_plain_trl_tokens_per_s"] = round(baseline, 2)
+        figures["P3_ratio"] = round(stage["metrics"]["tokens_per_s"] / baseline, 3)
+        # P4: packed vs padded on skewed lengths
+        rates = {}
+        for name in ("skewed-padded", "skewed-packed"):
+            m = sft.run(cfg, sft.SftInputs(base=base, dtype="float32", tokenized=tmp / f"t-{name}",
+                                           quantized=tmp / "q", out_dir=tmp / f"sft-{name}", seed=0))["metrics"]
+            rates[name] = m["tokens_per_s"]
+        figures["P4_padded_tokens_per_s"] = rates["skewed-padded"]
+        figures["P4_packed_tokens_per_s"] = rates["skewed-packed"]
+        figures["P4_ratio"] = round(rates["skewed-packed"] / rates["skewed-padded"], 3)
+        # P6: DPO twice on the same data and SFT adapter, reference log-probs precomputed and cached
+        dcfg = dpo.DpoConfig(max_steps=STEPS, batch_size=4, precompute_ref_log_probs=True, save_steps=1000)
+        seconds = []
+        for i, beta in enumerate((0.1, 0.3)):
+            t0 = time.perf_counter()
+            m = dpo.run(dcfg.model_copy(update={"beta": beta}), dpo.DpoInputs(
+                base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain",
+                out_dir=tmp / f"dpo-{i}", seed=0))
+            seconds.append(time.perf_counter() - t0)
+            figures[f"P6_run{i + 1}_ref_cached"] = str(read_manifest(tmp / f"dpo-{i}")["ref_logprobs_cached"])
+        figures["P6_first_s"], figures["P6_second_s"] = round(seconds[0], 2), round(seconds[1], 2)
+        figures["P6_ratio"] = round(seconds[1] / seconds[0], 3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for k, v in figures.items():
+        print(f"{k:28s} {v}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

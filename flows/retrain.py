@@ -1,0 +1,105 @@
+"""The retrain flow: train on data that arrived since the current champion, and let the gate decide.
+
+1. Find the registry's `champion` for the recipe's model name (none yet: run the full pipeline instead).
+2. Find the data it was trained on: the curate stage folder of the pipeline run it came from (version tag
+   `alignflow.parent_run_id` -> that run's curate child run -> `alignflow.stage_dir`).
+3. Curate the recipe's current data and keep only records not already used: exact and near duplicates of
+   the champion's data are dropped, and eval overlap is removed (`tasks.curate.new_records`).
+4. Nothing new: end now, saying so, and register nothing.
+5. Otherwise run the pipeline on the new SFT records (continuing the champion's adapter, or from the base:
+   `retrain.start_from`) and on all preference pairs, old and new (the reward model is retrained from
+   scratch). Evaluate compares with the champion and the gate decides: champion or challenger.
+Wiring only: the ML is in the stages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import flow, get_run_logger
+
+from alignflow.recipe import DataSection, Recipe
+from flows.pipeline import pipeline
+from flows.registry import download_model
+from flows.tracking import tracking_uri
+from tasks.common import StageError, read_jsonl, sha256_json, write_jsonl
+from tasks.curate import new_records
+
+
+def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | None:
+    """The champion version and the curate folder of the run that trained it; None without a champion."""
+    try:
+        version = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    parent = version.tags.get("alignflow.parent_run_id")
+    if not parent:
+        raise StageError(f"retrain: {model_name} v{version.version} has no alignflow.parent_run_id tag")
+    run = client.get_run(parent)
+    children = client.search_runs([run.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`alignflow.stage` = 'curate'"))
+    folders = [Path(c.data.tags["alignflow.stage_dir"]) for c in children if "alignflow.stage_dir" in c.data.tags]
+    found = next((f for f in folders if (f / "sft.jsonl").exists()), None)
+    if found is None:
+        raise StageError(f"retrain: the data champion v{version.version} was trained on is gone "
+                         f"(looked in {', '.join(map(str, folders)) or 'no folder recorded'})")
+    return version, found
+
+
+@flow(name="alignflow-retrain", log_prints=False)
+def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
+    """Retrain on new data since the champion; with none, end in seconds and register nothing."""
+    logger = get_run_logger()
+    work = Path(work_dir).expanduser().resolve()
+    uri = tracking_uri(work)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = recipe.register.model_name
+
+    found = champion_data(client, name)
+    if found is None:
+        logger.info("%s has no champion yet: running the full pipeline", name)
+        return {"new_data": None, **pipeline(recipe=recipe, work_dir=work_dir)}
+    version, used = found
+
+    fresh: dict[str, list[dict[str, Any]]] = {}
+    summary: dict[str, int] = {}
+    for dataset in ("sft", "preference"):
+        files = [Path(f) for f in getattr(recipe.data, dataset)]
+        fresh[dataset], dropped = new_records(dataset, files, recipe.curate, used)  # type: ignore[arg-type]
+        summary[f"{dataset}.new"] = len(fresh[dataset])
+        summary[f"{dataset}.already_used"] = dropped.get("duplicate", 0) + dropped.get("near_duplicate", 0)
+    if not fresh["sft"] and not fresh["preference"]:
+        logger.info("no new data since %s v%s (%s): nothing to train, nothing registered", name, version.version,
+                    summary)
+        return {"new_data": False, "champion_version": str(version.version), "counts": summary}
+
+    # New SFT records only (the champion already learned the old ones); with none, the champion's own data.
+    # Preference pairs: old and new together, since reward and DPO start again from the SFT result.
+    folder = work / "retrain" / sha256_json([fresh, str(used)])[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "sft.jsonl", fresh["sft"] or list(read_jsonl(used / "sft.jsonl")))
+    write_jsonl(folder / "preference.jsonl", list(read_jsonl(used / "preference.jsonl")) + fresh["preference"])
+    data = DataSection(sft=[str(folder / "sft.jsonl")], preference=[str(folder / "preference.jsonl")],
+                       eval=recipe.data.eval)
+    init = None
+    if recipe.retrain.start_from == "champion":
+        init = work / "champions" / f"{name}-v{version.version}-adapter"
+        if not (init / "adapter_config.json").exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter, _config = download_model(f"models:/{name}/{version.version}", Path(tmp))
+                init.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(adapter), init)  # across filesystems (tmp -> work dir)
+    logger.info("retraining %s from %s on %s", name, "champion v" + str(version.version) if init else "the base",
+                summary)
+    result = pipeline(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,
+                      init_adapter=str(init) if init else None,
+                      tags={"alignflow.retrain_of": str(version.version),
+                            **{f"alignflow.retrain.{k}": str(v) for k, v in summary.items()}})
+    return {"new_data": True, "champion_version": str(version.version), "counts": summary, **result}
