@@ -13,6 +13,7 @@ Wiring only. Each stage is a Prefect task over folder paths, with
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -88,16 +89,25 @@ def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
 def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
                   folder: str, run_id: str, flow_run_id: str, cache_key: str,
                   upstream: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder."""
+    """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder.
+
+    An exclusive lock per stage folder keeps two runs sharing a work dir from writing the same `.partial`
+    folder at once; the one that waited finds the folder finished and reuses it.
+    """
     partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
-    with mlflow.start_run(run_id=run_id):  # active here, so the Trainers' MLflow callback logs live steps into it
-        manifest = fn(cfg, inputs)
-    manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), upstream=upstream,
-                    produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    if final.exists():  # a stale folder without a manifest (deleted or interrupted): replace it
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(final.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (final / MANIFEST).exists():  # another run finished it while we waited
+            return json.loads((final / MANIFEST).read_text())
+        with mlflow.start_run(run_id=run_id):  # active here: the Trainers' MLflow callback logs live steps into it
+            manifest = fn(cfg, inputs)
+        manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), upstream=upstream,
+                        produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if final.exists():  # a stale folder without a manifest (deleted or interrupted): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
     return manifest
 
 
