@@ -13,7 +13,6 @@ Wiring only. Each stage is a Prefect task over folder paths, with
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from tasks.common import (
     MANIFEST,
     StageError,
     code_version,
+    folder_lock,
     read_jsonl,
     read_manifest,
     sha256_file,
@@ -95,9 +95,7 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     folder at once; the one that waited finds the folder finished and reuses it.
     """
     partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(final.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    with folder_lock(final):
         if (final / MANIFEST).exists():  # another run finished it while we waited
             return json.loads((final / MANIFEST).read_text())
         with mlflow.start_run(run_id=run_id):  # active here: the Trainers' MLflow callback logs live steps into it

@@ -15,6 +15,7 @@ import platform
 import random
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,19 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             continue
         return str(ckpt)
     return None
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on `<folder>.lock` (flock: released when the process exits, however it exits).
+
+    Two runs sharing a work dir take turns building the same stage or base-model folder instead of both
+    writing its `.partial` copy at once.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

