@@ -34,6 +34,10 @@ def _quiet_environment() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # An unreachable tracking server fails in ~15 s (retries after 1, 2, 4, 8 s), not after minutes.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         "GIT_PYTHON_REFRESH": "quiet",
     }.items():
         os.environ.setdefault(key, value)

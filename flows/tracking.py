@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 from alignflow.recipe import Recipe
-from tasks.common import sha256_json
+from tasks.common import StageError, sha256_json
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
@@ -97,7 +97,13 @@ class Tracker:
         uri = tracking_uri(work)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(recipe.name)
+        try:  # the first call: an unreachable server fails here, before any stage runs
+            exp = client.get_experiment_by_name(recipe.name)
+        except Exception as e:  # MlflowException, requests' ConnectionError, ... depending on where it broke
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLflow's default")
+            raise StageError(f"tracking server {uri} is unreachable ({type(e).__name__}) after {retries} retries; "
+                             "start it, or unset MLFLOW_TRACKING_URI to use the local store under the work dir. "
+                             "Finished stages and checkpoints are kept; re-running resumes.") from None
         if exp is None:
             # A local store keeps artifacts beside the db; a tracking server decides for itself.
             location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None

@@ -5,8 +5,11 @@ are empty, too short, or near-copies of an existing instruction (ROUGE-L F1 abov
 dropped and counted. The teacher then answers each kept instruction (greedy).
 
 Preference pairs: for `preference_prompts` curated SFT prompts the teacher samples `samples_per_prompt`
-answers; a rule judge scores each by ROUGE-L F1 against the prompt's reference answer; best vs worst is kept
-with the score margin recorded, pairs with a margin below `min_margin` are dropped as ties.
+answers, and a judge scores them; best vs worst is kept with the score margin recorded, and pairs with a
+margin below `min_margin` are dropped as ties. Judges: `reference` scores each answer by its ROUGE-L F1
+against the prompt's reference answer. `teacher` makes the teacher compare every two answers in both
+orders (A/B, then B/A), which controls position bias: an answer wins a comparison only if it is preferred in
+both orders. Its score is its share of wins.
 
 Every generated record then passes the same checks as real data (curate's validation, PII scrub, quality
 filters, exact and near dedup against the curated data, decontamination against eval), counted under
@@ -62,6 +65,7 @@ class SynthesizeConfig(BaseModel):
     max_similarity: float = Field(0.7, ge=0, le=1, description="ROUGE-L F1 above which a new one is a near-copy")
     preference_prompts: int = Field(8, ge=0, description="curated prompts that get sampled response pairs")
     samples_per_prompt: int = Field(2, ge=2, description="sampled answers per prompt; best vs worst is kept")
+    judge: Literal["reference", "teacher"] = Field("reference", description="how sampled answers are scored")
     min_margin: float = Field(0.05, ge=0, description="judge-score margin under which a pair is a tie")
     max_new_tokens: int = Field(48, gt=0, description="tokens per generated instruction or answer")
     temperature: float = Field(0.8, gt=0)
@@ -139,14 +143,19 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
         samples = teacher.complete(prompts, n=cfg.samples_per_prompt, sample=True, desc="synthesize: pairs")
         ties = 0
         for record, prompt, answers in zip(picked, prompts, samples, strict=True):
-            reference = record["messages"][-1]["content"]
-            scored = sorted(((scorer.score(reference, a)["rougeL"].fmeasure, a) for a in answers if a.strip()),
-                            key=lambda s: s[0])
+            answers = [a for a in answers if a.strip()]
+            if cfg.judge == "teacher":
+                scores = _teacher_scores(teacher, prompt, answers)
+            else:
+                reference = record["messages"][-1]["content"]
+                scores = [scorer.score(reference, a)["rougeL"].fmeasure for a in answers]
+            scored = sorted(zip(scores, answers, strict=True), key=lambda s: s[0])
             if len(scored) < 2 or scored[-1][0] - scored[0][0] < cfg.min_margin:
                 ties += 1
                 continue
             pairs.append({"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1],
-                          "margin": round(scored[-1][0] - scored[0][0], 4), "judge": "rougeL_vs_reference",
+                          "margin": round(scored[-1][0] - scored[0][0], 4),
+                          "judge": "teacher_both_orders" if cfg.judge == "teacher" else "rougeL_vs_reference",
                           "source": "synthetic"})
         metrics.update({"pairs.attempted": len(picked), "pairs.judged": len(pairs), "pairs.dropped.tie": ties})
     pairs, dropped = filter_synthetic("preference", pairs, inputs.curate_cfg, inputs.curated)
@@ -265,6 +274,34 @@ class Teacher:
 
     def close(self) -> None:
         self._file.close()
+
+
+JUDGE_PROMPT = ("Question:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+                "Which answer is better: more correct, more helpful, better formatted? Reply with one letter, A or B.")
+
+
+def _teacher_scores(teacher: Teacher, prompt: Messages, answers: list[str]) -> list[float]:
+    """Each answer's share of pairwise wins; a win needs the teacher's preference in both presentation orders."""
+    question = "\n".join(m["content"] for m in prompt if m["role"] == "user")
+    pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
+    asks = []
+    for i, j in pairs:
+        asks.append([{"role": "user", "content": JUDGE_PROMPT.format(question=question, a=answers[i], b=answers[j])}])
+        asks.append([{"role": "user", "content": JUDGE_PROMPT.format(question=question, a=answers[j], b=answers[i])}])
+    verdicts = [_letter(c[0]) for c in teacher.complete(asks, n=1, sample=False, desc="synthesize: judge")]
+    wins = [0] * len(answers)
+    for k, (i, j) in enumerate(pairs):
+        first, swapped = verdicts[2 * k], verdicts[2 * k + 1]
+        if first == "A" and swapped == "B":
+            wins[i] += 1
+        elif first == "B" and swapped == "A":
+            wins[j] += 1  # otherwise the two orders disagree (position bias) or no verdict: nobody wins
+    return [w / max(len(answers) - 1, 1) for w in wins]
+
+
+def _letter(text: str) -> str | None:
+    found = re.search(r"\b([AB])\b", text.strip()[:20])
+    return found.group(1) if found else None
 
 
 def _first_user(messages: Messages) -> str:

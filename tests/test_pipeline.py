@@ -107,3 +107,17 @@ def test_a_failing_stage_exits_nonzero_with_a_message_and_marks_runs_failed(in_r
     statuses = {r.info.run_name.split("-")[0]: r.info.status for r in runs}
     assert statuses["curate"] == "FAILED" and statuses["smoke"] == "FAILED"
     assert not list((work / "stages" / "curate").glob("*/manifest.json"))  # nothing half-written published
+
+
+def test_unreachable_tracking_server_fails_fast_with_a_clear_message(in_root: Path, tmp_path: Path) -> None:
+    import time
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir",
+                           str(tmp_path / "w")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "tracking server http://127.0.0.1:9 is unreachable" in proc.stderr.replace("\n", " ")
+    assert "Traceback" not in proc.stderr
+    assert time.perf_counter() - started < 120
+    assert not (tmp_path / "w" / "stages").exists()  # failed before any stage ran

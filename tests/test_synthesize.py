@@ -26,6 +26,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     calls: ClassVar[list[dict]] = []
     fail_on: ClassVar[set[int]] = set()
     auth: ClassVar[list[str]] = []
+    judge: ClassVar[str] = "longer"  # "longer": prefers the longer answer; "first": always "A" (position bias)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -36,12 +37,16 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             return
         prompt = body["messages"][-1]["content"]
-        if "Write one new task" in prompt:
+        if "Reply with one letter" in prompt:
+            a = prompt.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+            b = prompt.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
+            texts = ["A" if FakeOpenAI.judge == "first" or len(a) >= len(b) else "B"]
+        elif "Write one new task" in prompt:
             topics = ["Name three rivers that flow through Peru.", "Translate good morning into Finnish politely.",
                       "Summarize the plot of a heist film in one line."]
             texts = [topics[len(FakeOpenAI.calls) % 3]]
         else:
-            texts = [f"answer {i}: " + prompt[:20] for i in range(body["n"])]
+            texts = [f"answer {i}: " + prompt[:20] + " more" * i for i in range(body["n"])]
         choices = [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)]
         payload = {"choices": choices}
         data = json.dumps(payload).encode()
@@ -57,7 +62,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server() -> Iterator[str]:
-    FakeOpenAI.calls, FakeOpenAI.fail_on, FakeOpenAI.auth = [], set(), []
+    FakeOpenAI.calls, FakeOpenAI.fail_on, FakeOpenAI.auth, FakeOpenAI.judge = [], set(), [], "longer"
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -104,3 +109,21 @@ def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_
         assert SECRET not in f.read_text(errors="ignore"), f.name
     assert read_manifest(tmp_path / "out")["teacher"]["api_key_env"] == "TEACHER_KEY"
     assert m["sft.kept"] == 3 and m["preference.kept"] >= 1
+
+
+def test_teacher_judge_controls_position_bias(server: str, tmp_path: Path) -> None:
+    teacher = TeacherEndpoint(url=server, model="m", api_key_env=None, concurrency=2, timeout_s=5)
+    cfg = SynthesizeConfig(teacher=teacher, instructions=0, preference_prompts=3, samples_per_prompt=3,
+                           judge="teacher")
+    curated = _curated(tmp_path)
+    m = run(cfg, SynthesizeInputs(base=tmp_path, dtype="float32", curated=curated, out_dir=tmp_path / "a",
+                                  seed=0))["metrics"]
+    assert m["pairs.judged"] == 3 and m["pairs.dropped.tie"] == 0
+    pairs = [json.loads(line) for line in (tmp_path / "a" / "preference.jsonl").read_text().splitlines()]
+    assert all(p["chosen"].endswith("more more") and "more" not in p["rejected"] for p in pairs)
+    assert all(p["judge"] == "teacher_both_orders" and p["margin"] == 1.0 for p in pairs)
+
+    FakeOpenAI.judge = "first"  # a judge that always says "A": every verdict flips with the order -> ties
+    m = run(cfg, SynthesizeInputs(base=tmp_path, dtype="float32", curated=curated, out_dir=tmp_path / "b",
+                                  seed=0))["metrics"]
+    assert m["pairs.judged"] == 0 and m["pairs.dropped.tie"] == 3
