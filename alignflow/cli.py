@@ -44,6 +44,7 @@ def _quiet_environment() -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
+    _quiet_environment()  # before validation: it reads HF_HUB_OFFLINE
     from alignflow.recipe import RecipeError, load_recipe
 
     try:

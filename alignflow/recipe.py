@@ -9,6 +9,7 @@ form. Stage sections are the stages' own config models (in `tasks/<stage>.py`).
 from __future__ import annotations
 
 import glob
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +190,14 @@ def _check_base(base: str) -> list[str]:
         return []
     if base.startswith("tiny:"):
         return [] if base == "tiny:llama" else [f"model.base: unknown tiny model '{base}' (known: tiny:llama)"]
-    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
-        return [f"model.base: folder not found: {base}"]
+    if base.startswith((".", "/", "~")) or Path(base).expanduser().is_dir():
+        return [] if Path(base).expanduser().is_dir() else [f"model.base: folder not found: {base}"]
+    # A Hugging Face hub id: when the hub is off limits it must already be in the local cache.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(base, "config.json"), str):
+            return [f"model.base: '{base}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                    "download it on a machine with access, or use a local folder"]
     return []

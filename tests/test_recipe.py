@@ -60,6 +60,15 @@ def test_missing_data_files_and_base_model_are_reported_together(tmp_path: Path)
     assert "data.preference[0]" in text and "data.eval[1]" in text and "model.base: folder not found" in text
 
 
+def test_uncached_hub_model_is_rejected_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _base(tmp_path)
+    data["model"]["base"] = "no-such-org/no-such-model"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert "not in the local Hugging Face cache" in e.value.problems[0]
+
+
 def test_missing_required_section(tmp_path: Path) -> None:
     data = _base(tmp_path)
     del data["register"]
