@@ -48,10 +48,11 @@ Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward",
 SHARED_CODE = ("tasks.common", "tasks.modeling")
 EXTRA_CODE = {"curate": ("tasks.pii",), "quantize": ("tasks.tokenize",), "synthesize": ("tasks.curate", "tasks.pii"),
               "reward": ("tasks.sft",),
-              "evaluate": ("tasks.tokenize", "metrics.rouge.rouge", "metrics.bleu.bleu",
+              "evaluate": ("tasks.tokenize", "tasks.synthesize", "metrics.rouge.rouge", "metrics.bleu.bleu",
                            "metrics.exact_match.exact_match"),
               "register": ("tasks.served_model",)}
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
+            "judge_win_rate_vs_base",
             "win_rate_vs_champion", "perplexity", "perplexity_base", "gate_passed", "registered_version")
 
 
@@ -205,10 +206,11 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                                                                  work / "champions")
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
-                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], champion=champion, out_dir=out,
-                seed=seed),
+                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], champion=champion,
+                teacher=r.synthesize.teacher, out_dir=out, seed=seed),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "curate": ctx.key("curate"),
-                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward"), "champion": champion_id})
+                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward"), "champion": champion_id,
+                 "teacher": r.synthesize.teacher if r.evaluate.judge else None})
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),

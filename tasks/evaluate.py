@@ -9,6 +9,9 @@
 - reward-model win-rate: the reward stage's model scores the base's and the tuned model's answer to each
   prompt; a win counts 1, a tie (same text) 0.5 (`win_rate_vs_base`). When the registry has a `champion`
   (another adapter than this one), its answers are generated and scored too (`win_rate_vs_champion`);
+- optional pairwise LLM judge (`judge: true`): the recipe's teacher (the base model or an OpenAI-compatible
+  endpoint) compares the base's and the tuned model's answers in both orders; a win needs both orders, a
+  disagreement counts one half (`judge_win_rate_vs_base`);
 - `samples.jsonl`: prompt, reference, base / champion / tuned answers and their rewards (side-by-side table).
 """
 
@@ -31,6 +34,7 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="prompts per generate() call")
     max_samples: int | None = Field(None, gt=0, description="evaluate on the first N eval records (None: all)")
     metrics: list[Metric] = ["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
+    judge: bool = Field(False, description="also let the teacher judge tuned vs base answers (both orders)")
 
 
 class EvaluateInputs(BaseModel):
@@ -41,6 +45,7 @@ class EvaluateInputs(BaseModel):
     candidate: Path  # the dpo stage folder (adapter/)
     reward: Path  # the reward stage folder (adapter/)
     champion: Path | None = None  # the registry champion's adapter folder, when there is one
+    teacher: Any = "base"  # the recipe's synthesize.teacher, for the optional LLM judge
     out_dir: Path
     seed: int
 
@@ -114,6 +119,17 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         if champion_answers is not None:
             champion_rewards = score_answers(rm, rm_tok, prompts, champion_answers)
             metrics["win_rate_vs_champion"] = _win_rate(answers, rewards, champion_answers, champion_rewards)
+
+    if cfg.judge:
+        from tasks.synthesize import SynthesizeConfig, Teacher, teacher_scores
+
+        judge = Teacher(SynthesizeConfig(teacher=inputs.teacher, max_new_tokens=4), inputs.base, inputs.dtype,
+                        out / "judge.jsonl")
+        verdicts = [teacher_scores(judge, p, [b, a]) for p, b, a in zip(prompts, base_answers, answers, strict=True)]
+        judge.close()
+        # [base, tuned] scores: (0, 1) tuned won both orders, (1, 0) base did, (0, 0) the orders disagreed
+        metrics["judge_win_rate_vs_base"] = round(
+            sum(1.0 if t > b else 0.0 if b > t else 0.5 for b, t in verdicts) / max(len(verdicts), 1), 4)
 
     write_jsonl(out / "samples.jsonl", (
         {"prompt": p[-1]["content"], "reference": ref, "base": b, **({"champion": c} if champion_answers else {}),

@@ -145,7 +145,7 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
         for record, prompt, answers in zip(picked, prompts, samples, strict=True):
             answers = [a for a in answers if a.strip()]
             if cfg.judge == "teacher":
-                scores = _teacher_scores(teacher, prompt, answers)
+                scores = teacher_scores(teacher, prompt, answers)
             else:
                 reference = record["messages"][-1]["content"]
                 scores = [scorer.score(reference, a)["rougeL"].fmeasure for a in answers]
@@ -280,7 +280,7 @@ JUDGE_PROMPT = ("Question:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
                 "Which answer is better: more correct, more helpful, better formatted? Reply with one letter, A or B.")
 
 
-def _teacher_scores(teacher: Teacher, prompt: Messages, answers: list[str]) -> list[float]:
+def teacher_scores(teacher: Teacher, prompt: Messages, answers: list[str]) -> list[float]:
     """Each answer's share of pairwise wins; a win needs the teacher's preference in both presentation orders."""
     question = "\n".join(m["content"] for m in prompt if m["role"] == "user")
     pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]

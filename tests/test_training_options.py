@@ -24,6 +24,7 @@ CASES = {
     "packing-cosine": (["tokenize.packing=true", "sft.scheduler=cosine", "sft.warmup_ratio=0.2"], "sft"),
     "dpo-ipo": (["dpo.loss=ipo"], "dpo"),
     "dpo-hinge": (["dpo.loss=hinge", "dpo.beta=0.5"], "dpo"),
+    "llm-judge": (["evaluate.judge=true"], "evaluate"),
 }
 
 
@@ -45,6 +46,9 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
     if case == "rslora-qv":
         assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert sft["quantized"] == (recipe.quantize.bits is not None)
+    if until == "evaluate":
+        assert 0.0 <= read_manifest(Path(result["stages"]["evaluate"]["folder"]))["metrics"][
+            "judge_win_rate_vs_base"] <= 1.0
     if until == "dpo":
         dpo = read_manifest(Path(result["stages"]["dpo"]["folder"]))
         assert dpo["metrics"]["global_step"] == recipe.dpo.max_steps
