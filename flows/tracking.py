@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 from alignflow.recipe import Recipe
-from tasks.common import StageError, sha256_json
+from tasks.common import StageError, folder_lock, sha256_json
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
@@ -97,19 +98,24 @@ class Tracker:
         uri = tracking_uri(work)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        try:  # the first call: an unreachable server fails here, before any stage runs
-            exp = client.get_experiment_by_name(recipe.name)
-        except Exception as e:  # MlflowException, requests' ConnectionError, ... depending on where it broke
-            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLflow's default")
-            raise StageError(f"tracking server {uri} is unreachable ({type(e).__name__}) after {retries} retries; "
-                             "start it, or unset MLFLOW_TRACKING_URI to use the local store under the work dir. "
-                             "Finished stages and checkpoints are kept; re-running resumes.") from None
-        if exp is None:
-            # A local store keeps artifacts beside the db; a tracking server decides for itself.
-            location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = client.create_experiment(recipe.name, artifact_location=location)
-        else:
-            experiment_id = exp.experiment_id
+        # A local SQLite store is created (migrated) on first use: two runs starting together on one work dir
+        # would migrate it twice and create the experiment twice. They take turns here.
+        with folder_lock(work / "mlflow.db") if uri.startswith("sqlite:") else nullcontext():
+            try:  # the first call: an unreachable server fails here, before any stage runs
+                exp = client.get_experiment_by_name(recipe.name)
+            except Exception as e:  # MlflowException, requests' ConnectionError, ... depending on where it broke
+                if not uri.startswith(("http://", "https://")):
+                    raise
+                retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLflow's default")
+                raise StageError(f"tracking server {uri} is unreachable ({type(e).__name__}) after {retries} "
+                                 "retries; start it, or unset MLFLOW_TRACKING_URI to use the local store under the "
+                                 "work dir. Finished stages and checkpoints are kept; re-running resumes.") from None
+            if exp is None:
+                # A local store keeps artifacts beside the db; a tracking server decides for itself.
+                location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+                experiment_id = client.create_experiment(recipe.name, artifact_location=location)
+            else:
+                experiment_id = exp.experiment_id
         reap_orphans(client, experiment_id)
         resolved = recipe.model_dump(mode="json")
         tags = {

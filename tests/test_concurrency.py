@@ -19,6 +19,10 @@ def test_two_runs_at_once_share_a_work_dir_safely(in_root: Path, tmp_path: Path)
     work = tmp_path / "w"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(work)]
+    # Prefect's own home database is created on first use; start from one that exists, as a team's server does.
+    warm = subprocess.run([*cmd[:-1], str(tmp_path / "warm-up"), "--until", "curate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-2000:]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
