@@ -97,10 +97,10 @@ class Tracker:
               extra_tags: dict[str, str] | None = None) -> Tracker:
         uri = tracking_uri(work)
         mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        # A local SQLite store is created (migrated) on first use: two runs starting together on one work dir
-        # would migrate it twice and create the experiment twice. They take turns here.
+        # A local SQLite store is created and migrated when the first client touches it: two runs starting
+        # together on one work dir would migrate it twice and create the experiment twice. They take turns.
         with folder_lock(work / "mlflow.db") if uri.startswith("sqlite:") else nullcontext():
+            client = MlflowClient(uri)
             try:  # the first call: an unreachable server fails here, before any stage runs
                 exp = client.get_experiment_by_name(recipe.name)
             except Exception as e:  # MlflowException, requests' ConnectionError, ... depending on where it broke
