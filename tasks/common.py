@@ -113,11 +113,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
 
 class StageError(Exception):
     """A problem the user can fix (bad data, a gate, a missing file): shown as a message, not a traceback."""
