@@ -232,6 +232,60 @@ def compare(run_a: str, run_b: str, work_dir: WorkOpt = Path("runs")) -> None:
             console.print(f"  config {change}", highlight=False)
 
 
+server_app = typer.Typer(no_args_is_help=True, help="Team mode: PostgreSQL, Prefect server + worker, MLflow server.")
+app.add_typer(server_app, name="server")
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="state, logs, artifact store (env ALIGNFLOW_SERVER_HOME)")]
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_SERVER_HOME", "~/.alignflow/server")).expanduser()
+
+
+@server_app.command("up")
+def server_up(
+    home: HomeOpt = None,
+    project_dir: Annotated[Path, typer.Option(help="the checkout the worker runs flows from")] = Path("."),
+    pg_port: Annotated[int, typer.Option(help="PostgreSQL port (127.0.0.1)")] = 5433,
+    prefect_port: Annotated[int, typer.Option(help="Prefect UI/API port (127.0.0.1)")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port (127.0.0.1)")] = 5000,
+    pool: Annotated[str, typer.Option(help="Prefect work pool the worker serves")] = "alignflow",
+    auth: Annotated[bool, typer.Option(help="MLflow basic auth; credentials from MLFLOW_TRACKING_USERNAME/"
+                                            "MLFLOW_TRACKING_PASSWORD")] = False,
+) -> None:
+    """Start PostgreSQL, a Prefect server and worker, and an MLflow server on this machine (safe to re-run)."""
+    from alignflow.server import ServerError, up
+
+    try:
+        state = up(home or _default_home(), project_dir, pg_port, prefect_port, mlflow_port, pool, auth,
+                   say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    except ServerError as e:
+        err.print(f"[bold red]server up failed:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print("\npoint alignflow (and any Prefect/MLflow client) at them:")
+    for key, value in state.client_env().items():
+        console.print(f"export {key}={value}", highlight=False, markup=False, soft_wrap=True)
+    if state.auth:
+        console.print("# and keep MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD exported", markup=False)
+    console.print(f"deploy: prefect deploy --prefect-file deployments/prefect.yaml --all   "
+                  f"(UI: {state.prefect_api_url.removesuffix('/api')})", highlight=False, markup=False)
+
+
+@server_app.command("down")
+def server_down(
+    home: HomeOpt = None,
+    purge: Annotated[bool, typer.Option(help="also delete the databases, artifact store and logs")] = False,
+) -> None:
+    """Stop what `alignflow server up` started (data and artifacts stay unless --purge)."""
+    from alignflow.server import ServerError, down
+
+    try:
+        down(home or _default_home(), purge, say=lambda line: console.print(line, highlight=False, markup=False,
+                                                                            soft_wrap=True))
+    except ServerError as e:
+        err.print(f"[bold red]server down failed:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     try:
         app()

@@ -110,6 +110,14 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     return manifest
 
 
+def _run_link(ctx: Context, run_id: str) -> str:
+    """A clickable link to the stage's MLflow run when tracking goes to a server; the run id otherwise."""
+    uri = tracking_uri(ctx.work)
+    if uri.startswith(("http://", "https://")):
+        return f"[`{run_id}`]({uri.rstrip('/')}/#/experiments/{ctx.tracker.experiment_id}/runs/{run_id})"
+    return f"`{run_id}`"
+
+
 def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel,
               make_inputs: Callable[[Path, str], BaseModel], upstream: dict[str, Any]) -> Path:
     code = code_version(f"tasks.{stage}", *SHARED_CODE, *EXTRA_CODE.get(stage, ()))
@@ -142,7 +150,8 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         key=f"{stage}-summary",
         description=f"alignflow {stage}",
         markdown="\n".join([f"## {stage} ({'cached' if cached else 'ran'}, {seconds:.1f}s)",
-                            f"MLflow run `{run_id}` · folder `{folder}`", "", "| metric | value |", "|---|---|",
+                            f"MLflow run {_run_link(ctx, run_id)} · folder `{folder}`", "", "| metric | value |",
+                            "|---|---|",
                             *[f"| {k} | {v} |" for k, v in metrics.items()], "", card]),
     )
     if stage == "evaluate" and (folder / "samples.jsonl").exists():

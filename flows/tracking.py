@@ -23,6 +23,7 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
 from alignflow.recipe import Recipe
 from tasks.common import StageError, folder_lock, sha256_json
@@ -113,7 +114,12 @@ class Tracker:
             if exp is None:
                 # A local store keeps artifacts beside the db; a tracking server decides for itself.
                 location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-                experiment_id = client.create_experiment(recipe.name, artifact_location=location)
+                try:
+                    experiment_id = client.create_experiment(recipe.name, artifact_location=location)
+                except MlflowException as e:  # another run on the same tracking server created it just now
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    experiment_id = client.get_experiment_by_name(recipe.name).experiment_id
             else:
                 experiment_id = exp.experiment_id
         reap_orphans(client, experiment_id)

@@ -1,0 +1,378 @@
+"""Team mode: `alignflow server up` / `down` run, on this machine, the servers a team shares.
+
+    PostgreSQL (127.0.0.1:5433)  ── databases `prefect` and `mlflow`, role `alignflow`
+    Prefect server (127.0.0.1:4200, UI + API) on Postgres, and a Prefect worker for the `alignflow` pool
+    MLflow tracking server (127.0.0.1:5000) on Postgres, artifacts proxied into <home>/mlflow-artifacts
+
+Everything lives in one folder (`--home`, default ~/.alignflow/server): state.json (ports, pids), logs/,
+the artifact store, Prefect's home. `up` is idempotent: a service whose process is alive and answers its
+health check is left alone, anything else is (re)started. `down` stops them all, PostgreSQL last.
+
+Secrets: the database password is generated once and kept in <home>/state.json (mode 0600); it reaches the
+servers through their environment, never their command lines (`ps` shows those). With `--auth`, the MLflow
+server runs its basic-auth app; its admin credentials are read from MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD in the caller's environment (the same variables the MLflow client reads) and are
+passed on through the environment only, so they never land in a file, a log, a param or an artifact.
+
+PostgreSQL refuses to run as root. When called as root (containers, CI), the database cluster belongs to
+the `postgres` OS user that Debian's package creates, and lives under /var/lib/postgresql/alignflow/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("ALIGNFLOW_SERVER_HOME", "~/.alignflow/server")).expanduser()
+DB_USER = "alignflow"
+DATABASES = ("prefect", "mlflow")
+PG_INSTALL_HINT = "install PostgreSQL's server first: apt-get update && apt-get install -y postgresql"
+
+
+class ServerError(RuntimeError):
+    """A problem the user can fix (missing PostgreSQL, a port taken by something else, missing credentials)."""
+
+
+@dataclass
+class State:
+    """What `up` started, persisted in <home>/state.json so that `up` again and `down` find it."""
+
+    home: str
+    project_dir: str
+    pg_port: int = 5433
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    pool: str = "alignflow"
+    auth: bool = False
+    pg_data: str = ""
+    pg_bin: str = ""
+    pg_os_user: str = ""  # "" = the current user; "postgres" when run as root
+    db_password: str = field(default="", repr=False)
+    flask_secret: str = field(default="", repr=False)  # MLflow auth app's CSRF key: stable across restarts
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def db_url(self, db: str, driver: str) -> str:
+        # name the driver: SQLAlchemy 2.1's plain postgresql:// means psycopg 3, which is not installed
+        return f"{driver}://{DB_USER}:{self.db_password}@127.0.0.1:{self.pg_port}/{db}"
+
+    def client_env(self) -> dict[str, str]:
+        """The variables that point `alignflow run` (and any Prefect / MLflow client) at the team servers."""
+        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_url}
+
+
+def _state_file(home: Path) -> Path:
+    return home / "state.json"
+
+
+def load_state(home: Path) -> State | None:
+    path = _state_file(home)
+    return State(**json.loads(path.read_text())) if path.exists() else None
+
+
+def _save_state(state: State) -> None:
+    path = _state_file(Path(state.home))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the database password
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f, indent=2)
+
+
+# ---------------------------------------------------------------- processes and health checks
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return 200 <= r.status < 300
+    except urllib.error.HTTPError as e:
+        return e.code == 401  # MLflow with basic auth: up, and asking for credentials
+    except (OSError, ValueError):
+        return False
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(what: str, check: Callable[[], bool], pid: int, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        if check():
+            return
+        time.sleep(0.5)
+    why = "exited" if not _alive(pid) else f"did not answer within {timeout_s:.0f} s"
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise ServerError(f"{what} {why}; the end of {log}:\n{tail}")
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], state: State, cwd: Path) -> int:
+    """Start a long-running service detached from this terminal (own session), output into logs/<name>.log."""
+    log = Path(state.home) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    state.pids[name] = proc.pid
+    _save_state(state)
+    return proc.pid
+
+
+def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group (a server's own workers included), SIGKILL what is left after grace_s."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def find_pg_bin() -> Path:
+    """The directory of PostgreSQL's server binaries (Debian keeps them out of PATH)."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    raise ServerError(f"PostgreSQL server binaries (pg_ctl, initdb) not found: {PG_INSTALL_HINT}")
+
+
+def _as_pg_user(state: State, argv: list[str]) -> list[str]:
+    return ["runuser", "-u", state.pg_os_user, "--", *argv] if state.pg_os_user else argv
+
+
+def _pg_run(state: State, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(_as_pg_user(state, argv), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise ServerError(f"{' '.join(argv[:2])} failed ({out.returncode}):\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
+    return out
+
+
+def _pg_ready(state: State) -> bool:
+    ready = Path(state.pg_bin) / "pg_isready"
+    out = subprocess.run([str(ready), "-h", "127.0.0.1", "-p", str(state.pg_port), "-q"], timeout=10)
+    return out.returncode == 0
+
+
+def _start_postgres(state: State) -> str:
+    data = Path(state.pg_data)
+    bin_dir = Path(state.pg_bin)
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        if state.pg_os_user:
+            user = pwd.getpwnam(state.pg_os_user)
+            for p in (data.parent, data):
+                os.chown(p, user.pw_uid, user.pw_gid)
+        data.chmod(0o700)
+        # trust on the local socket only (for creating the role below); TCP needs the role's password
+        _pg_run(state, [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                        "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"])
+    if _pg_ready(state):
+        return "already running"
+    if _port_taken(state.pg_port):
+        raise ServerError(f"port {state.pg_port} is taken by another program: choose one with --pg-port")
+    # -k: the unix socket goes into the data dir (Debian's /var/run/postgresql may not exist without a cluster)
+    _pg_run(state, [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w", "-t", "60",
+                    "-o", f"-p {state.pg_port} -h 127.0.0.1 -k {data}", "start"])
+    return "started"
+
+
+def _ensure_databases(state: State) -> None:
+    import psycopg2  # the `team` extra
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(host=state.pg_data, port=state.pg_port, user="postgres", dbname="postgres")
+    conn.autocommit = True  # CREATE DATABASE can't run in a transaction
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DB_USER,))
+        verb = "ALTER" if cur.fetchone() else "CREATE"
+        cur.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(DB_USER)),
+                    (state.db_password,))
+        for db in DATABASES:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+            if not cur.fetchone():
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(DB_USER)))
+    conn.close()
+
+
+# ---------------------------------------------------------------- up / down
+
+
+def _base_env(state: State) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(Path(state.home) / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _auth_credentials() -> tuple[str, str]:
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not user or not password:
+        raise ServerError("--auth needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                          "(they become the MLflow admin's credentials, and every client reads the same variables)")
+    return user, password
+
+
+def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int = 5433, prefect_port: int = 4200,
+       mlflow_port: int = 5000, pool: str = "alignflow", auth: bool = False,
+       say: Callable[[str], None] = print) -> State:
+    """Start (or keep) PostgreSQL, the Prefect server and worker, and the MLflow server. Idempotent."""
+    home = home.expanduser().resolve()
+    project = (project_dir or Path.cwd()).resolve()
+    state = load_state(home) or State(home=str(home), project_dir=str(project), db_password=secrets.token_urlsafe(24))
+    state.project_dir = str(project)
+    state.pg_port, state.prefect_port, state.mlflow_port, state.pool, state.auth = (
+        pg_port, prefect_port, mlflow_port, pool, auth)
+    state.pg_bin = str(find_pg_bin())
+    if os.geteuid() == 0:  # PostgreSQL won't run as root: the Debian package's `postgres` user owns the cluster
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise ServerError(f"running as root needs the `postgres` OS user: {PG_INSTALL_HINT}") from None
+        state.pg_os_user = "postgres"
+        state.pg_data = f"/var/lib/postgresql/alignflow/{sha256(str(home).encode()).hexdigest()[:12]}"
+    else:
+        state.pg_os_user, state.pg_data = "", str(home / "postgres")
+    credentials = _auth_credentials() if auth else None
+    _save_state(state)
+    log = say
+
+    log(f"postgres  127.0.0.1:{state.pg_port}  {_start_postgres(state)}  (data {state.pg_data})")
+    _ensure_databases(state)
+
+    env = _base_env(state)
+    prefect_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": state.db_url("prefect", "postgresql+asyncpg"),
+                   "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(state.prefect_port)}
+    if _alive(state.pids.get("prefect-server")) and _http_ok(f"{state.prefect_api_url}/health"):
+        status = "already running"
+    else:
+        if _port_taken(state.prefect_port):
+            raise ServerError(f"port {state.prefect_port} is taken by another program: choose one with --prefect-port")
+        pid = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                  "--port", str(state.prefect_port)], prefect_env, state, home)
+        _wait("the Prefect server", lambda: _http_ok(f"{state.prefect_api_url}/health"), pid, 180,
+              home / "logs" / "prefect-server.log")
+        status = "started"
+    log(f"prefect   {state.prefect_api_url.removesuffix('/api')}  {status}  (UI and API, on Postgres)")
+
+    mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": state.db_url("mlflow", "postgresql+psycopg2"),
+                  "MLFLOW_ARTIFACTS_DESTINATION": str(home / "mlflow-artifacts")}
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(state.mlflow_port),
+            "--serve-artifacts", "--workers", "2"]
+    if credentials:
+        ini = home / "mlflow-auth.ini"  # holds no secret: the admin's credentials come from the environment
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{home / 'mlflow-auth.db'}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        state.flask_secret = state.flask_secret or secrets.token_urlsafe(32)
+        _save_state(state)
+        mlflow_env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=state.flask_secret, MLFLOW_AUTH_ADMIN_USERNAME=credentials[0],
+                          MLFLOW_AUTH_ADMIN_PASSWORD=credentials[1])
+        argv += ["--app-name", "basic-auth"]
+    if _alive(state.pids.get("mlflow-server")) and _http_ok(f"{state.mlflow_url}/health"):
+        status = "already running"
+    else:
+        if _port_taken(state.mlflow_port):
+            raise ServerError(f"port {state.mlflow_port} is taken by another program: choose one with --mlflow-port")
+        pid = _spawn("mlflow-server", argv, mlflow_env, state, home)
+        _wait("the MLflow server", lambda: _http_ok(f"{state.mlflow_url}/health"), pid, 180,
+              home / "logs" / "mlflow-server.log")
+        status = "started"
+    log(f"mlflow    {state.mlflow_url}  {status}  (tracking + registry on Postgres, "
+        f"artifacts in {home / 'mlflow-artifacts'}{', basic auth' if credentials else ''})")
+
+    # The worker runs flow runs as subprocesses, with this environment: it points them at both servers.
+    # MLflow credentials are inherited from the caller's environment (never written anywhere).
+    worker_env = {**env, **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
+                  "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
+    if credentials:
+        worker_env.update(MLFLOW_TRACKING_USERNAME=credentials[0], MLFLOW_TRACKING_PASSWORD=credentials[1])
+    if _alive(state.pids.get("prefect-worker")):
+        status = "already running"
+    else:
+        create = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", state.pool, "--type",
+                                 "process"], env=worker_env, capture_output=True, text=True, timeout=120)
+        if create.returncode != 0 and "already exists" not in create.stdout + create.stderr:
+            raise ServerError(f"could not create work pool {state.pool}: {create.stdout}{create.stderr}")
+        _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", state.pool,
+                                  "--type", "process"], worker_env, state, Path(state.project_dir))
+        status = "started"
+    log(f"worker    pool '{state.pool}'  {status}  (runs flows from {state.project_dir})")
+    return state
+
+
+def down(home: Path = DEFAULT_HOME, purge: bool = False, say: Callable[[str], None] = print) -> bool:
+    """Stop the worker, the servers and PostgreSQL that `up` started from this home. False if none was.
+
+    purge=True also deletes what they stored: the database cluster, the artifact store, logs and state.
+    """
+    home = home.expanduser().resolve()
+    state = load_state(home)
+    if state is None:
+        say(f"nothing to stop: no team servers were started from {home}")
+        return False
+    for name in ("prefect-worker", "mlflow-server", "prefect-server"):
+        pid = state.pids.pop(name, None)
+        if _alive(pid):
+            assert pid is not None
+            _stop_pid(pid)
+            say(f"{name:<15} stopped (pid {pid})")
+    if state.pg_data and (Path(state.pg_data) / "postmaster.pid").exists():
+        _pg_run(state, [str(Path(state.pg_bin) / "pg_ctl"), "-D", state.pg_data, "-m", "fast", "-w", "stop"])
+        say("postgres        stopped")
+    if purge:
+        if state.pg_data:
+            shutil.rmtree(state.pg_data, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        say(f"purged          {home} and {state.pg_data}")
+        return True
+    _save_state(state)
+    return True

@@ -1,0 +1,224 @@
+"""Team mode against the real servers: PostgreSQL, a Prefect server + worker, an MLflow server with basic auth.
+
+`alignflow server up` starts them (twice: the second call must change nothing), `prefect deploy` deploys
+deployments/prefect.yaml, two smoke pipelines run at once through the worker into one work dir, and the
+MLflow server must then hold both run trees and the registry versions. A canary password must not appear in
+any store, and headless Chromium looks at the flow run in the Prefect UI.
+
+Needs PostgreSQL's server and Chromium (`bash deployments/system-packages.sh` installs both from Debian's
+packages). Under CI they are required; elsewhere the module is skipped without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alignflow.recipe import load_recipe
+from alignflow.server import State, find_pg_bin, load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _missing() -> str | None:
+    try:
+        find_pg_bin()
+    except RuntimeError as e:
+        return str(e)
+    return None if CHROMIUM else "chromium not found: bash deployments/system-packages.sh"
+
+
+if _missing() and not os.environ.get("CI"):
+    pytest.skip(f"team mode needs system packages: {_missing()}", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Team:
+    def __init__(self, home: Path, work: Path, state: State, env: dict[str, str], password: str) -> None:
+        self.home, self.work, self.state, self.env, self.password = home, work, state, env, password
+        self.flow_runs: list[dict[str, Any]] = []
+
+    def cli(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def mlflow(self) -> Any:
+        """A client on the team's MLflow server, with the credentials in this process's environment."""
+        from mlflow import MlflowClient
+
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=self.password)
+        return MlflowClient(self.state.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    assert _missing() is None, _missing()
+    home, work = tmp_path_factory.mktemp("team-home"), tmp_path_factory.mktemp("team-work")
+    password = "canary-" + secrets.token_hex(12)  # must never be written anywhere
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password,
+               PREFECT_HOME=str(home / "client-prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    ports = {"--pg-port": _free_port(), "--prefect-port": _free_port(), "--mlflow-port": _free_port()}
+    argv = ["server", "up", "--home", str(home), "--auth", *[x for kv in ports.items() for x in map(str, kv)]]
+    t = Team(home, work, State(home=str(home), project_dir=str(ROOT)), env, password)
+    first = t.cli(*argv)
+    try:
+        assert first.returncode == 0, first.stdout + first.stderr
+        state = load_state(home)
+        assert state is not None
+        t.state = state
+        t.env.update(state.client_env())
+        t.first_up = first.stdout  # type: ignore[attr-defined]
+        yield t
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        t.cli("server", "down", "--home", str(home), "--purge", timeout=120)
+
+
+def test_server_up_is_idempotent_and_prints_the_environment(team: Team) -> None:
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{team.state.prefect_port}/api" in team.first_up  # type: ignore[attr-defined]
+    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{team.state.mlflow_port}" in team.first_up  # type: ignore[attr-defined]
+    pids = dict(team.state.pids)
+    again = team.cli("server", "up", "--home", str(team.home), "--auth", "--pg-port", str(team.state.pg_port),
+                     "--prefect-port", str(team.state.prefect_port), "--mlflow-port", str(team.state.mlflow_port))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already running") == 4, again.stdout
+    state = load_state(team.home)
+    assert state is not None and state.pids == pids
+    # basic auth is on: no credentials, no access
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{team.state.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert e.value.code == 401
+
+
+def _run_deployment(team: Team, params: dict[str, Any]) -> subprocess.Popen[str]:
+    code = ("import json, sys\nfrom prefect.deployments import run_deployment\n"
+            "fr = run_deployment('alignflow-pipeline/pipeline', parameters=json.loads(sys.argv[1]), timeout=900)\n"
+            "print(json.dumps({'id': str(fr.id), 'name': fr.name, 'state': fr.state.type.value}))\n")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], cwd=ROOT, env=team.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
+    deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                             "deployments/prefect.yaml", "--all"], cwd=ROOT, env=team.env, capture_output=True,
+                            text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    assert "alignflow-retrain/retrain" in deploy.stdout  # the scheduled + event-triggered one deploys too
+
+    smoke = load_recipe(ROOT / "configs" / "smoke.yaml", [])
+    beta = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.beta=0.3"])
+    procs = [_run_deployment(team, {"recipe": r.model_dump(mode="json"), "work_dir": str(team.work)})
+             for r in (smoke, beta)]
+    for p in procs:
+        out, errs = p.communicate(timeout=900)
+        assert p.returncode == 0, errs[-3000:]
+        team.flow_runs.append(json.loads(out.strip().splitlines()[-1]))
+    log = (team.home / "logs" / "prefect-worker.log").read_text(errors="replace")
+    assert [fr["state"] for fr in team.flow_runs] == ["COMPLETED", "COMPLETED"], log[-8000:]
+
+    client = team.mlflow()
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert {p.data.tags["alignflow.prefect_flow_run_id"] for p in parents} == {fr["id"] for fr in team.flow_runs}
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([experiment.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(c.info.run_name for c in children) == sorted(
+            ["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"])
+        for child in children:  # every stage folder is complete, whichever run produced it
+            assert child.info.status == "FINISHED"
+            assert (Path(child.data.tags["alignflow.stage_dir"]) / "manifest.json").exists()
+    betas = sorted(float(r.data.params["dpo.beta"]) for r in runs if r.info.run_name == "dpo")
+    assert betas == [0.1, 0.3]
+    versions = client.search_model_versions("name = 'smoke-assistant'")
+    assert {v.tags["alignflow.parent_run_id"] for v in versions} <= {p.info.run_id for p in parents}
+    assert len(versions) == 2
+    assert client.get_model_version_by_alias("smoke-assistant", "champion").version in {v.version for v in versions}
+    # the artifacts went through the server's proxy into the team's artifact store
+    assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))
+
+
+def test_credentials_never_land_in_a_store(team: Team) -> None:
+    if not team.flow_runs:
+        pytest.skip("needs the pipeline runs of the test above")
+    state = team.state
+    dumps = []
+    for db in ("prefect", "mlflow"):
+        argv = [str(Path(state.pg_bin) / "pg_dump"), "-h", state.pg_data, "-p", str(state.pg_port), "-U", "postgres",
+                db]
+        if state.pg_os_user:
+            argv = ["runuser", "-u", state.pg_os_user, "--", *argv]
+        out = subprocess.run(argv, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout) > 10_000  # a real dump of a used database
+        dumps.append(out.stdout)
+    needle = team.password.encode()
+    leaks = [f"pg_dump {db}" for db, dump in zip(("prefect", "mlflow"), dumps, strict=True) if needle in dump]
+    for root in (team.home, team.work):
+        leaks += [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+    assert leaks == []
+    # and the canary is really the password in use: the server accepts it
+    client = team.mlflow()
+    assert client.get_experiment_by_name("smoke") is not None
+
+
+def test_prefect_ui_shows_the_flow_run_with_artifacts_and_the_recipe_form(team: Team) -> None:
+    if not team.flow_runs:
+        pytest.skip("needs the pipeline runs of the test above")
+    from playwright.sync_api import sync_playwright
+
+    ui = team.state.prefect_api_url.removesuffix("/api")
+    flow_run = team.flow_runs[0]
+    shots = team.work / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/runs/flow-run/{flow_run['id']}", wait_until="networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("evaluate-summary").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "flow-run-artifacts.png"))
+        text = page.inner_text("body")
+        assert flow_run["name"] in text and "Completed" in text
+        for stage in ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"):
+            assert f"{stage}-summary" in text
+        assert "evaluate-side-by-side" in text
+
+        # the recipe as a typed form: the pipeline deployment's "Run" page
+        deployments = page.context.request.post(f"{team.state.prefect_api_url}/deployments/filter", data={}).json()
+        pipeline = next(d for d in deployments if d["name"] == "pipeline")
+        page.goto(f"{ui}/deployments/deployment/{pipeline['id']}/run", wait_until="networkidle")
+        page.get_by_text("KL strength").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "run-form.png"))
+        form = page.inner_text("body")
+        for field_help in ("A whole alignflow recipe", "adapter rank", "MLflow experiment name", "Work Pool"):
+            assert field_help in form
+        browser.close()
+    assert (shots / "flow-run-artifacts.png").stat().st_size > 20_000
+    # keep the screenshots where a person can look at them after the run
+    keep = Path(os.environ.get("ALIGNFLOW_SCREENSHOTS", ROOT / "tests" / ".screenshots"))
+    keep.mkdir(parents=True, exist_ok=True)
+    for png in shots.glob("*.png"):
+        shutil.copy(png, keep / png.name)
