@@ -103,20 +103,3 @@ def test_cli_names_a_missing_recipe_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "validate", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_deployment_file_parses_and_points_at_real_flows(in_root: Path, tmp_path: Path) -> None:
-    import importlib
-
-    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    assert spec["deployments"]
-    for dep in spec["deployments"]:
-        module_path, func = dep["entrypoint"].split(":")
-        module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, func)
-        assert hasattr(flow, "deploy"), f"{dep['entrypoint']} is not a Prefect flow"
-        if "recipe" in dep.get("parameters", {}):
-            # the deployment's default recipe must validate like a recipe file does (data/ relative to the root)
-            path = tmp_path / "deployed.yaml"
-            path.write_text(yaml.safe_dump(dep["parameters"]["recipe"]))
-            load_recipe(path)

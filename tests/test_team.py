@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -222,3 +223,42 @@ def test_prefect_ui_shows_the_flow_run_with_artifacts_and_the_recipe_form(team: 
     keep.mkdir(parents=True, exist_ok=True)
     for png in shots.glob("*.png"):
         shutil.copy(png, keep / png.name)
+
+
+def _api(team: Team, path: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(f"{team.state.prefect_api_url}{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_work_pool_templates_and_retrain_triggers_on_the_server(team: Team) -> None:
+    if not team.flow_runs:
+        pytest.skip("needs the deployments of the test above")
+    prefect = [sys.executable, "-m", "prefect"]
+    for kind in ("docker", "kubernetes"):  # the server validates each template against its variables
+        out = subprocess.run([*prefect, "work-pool", "create", f"alignflow-{kind}", "--type", kind,
+                              "--base-job-template", f"deployments/work-pools/{kind}.json"],
+                             cwd=ROOT, env=team.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+    k8s = _api(team, "/work_pools/alignflow-kubernetes")
+    assert k8s["base_job_template"]["variables"]["properties"]["gpu_count"]["type"] == "integer"
+
+    deployments = _api(team, "/deployments/filter", {})
+    retrain = next(d for d in deployments if d["name"] == "retrain")
+    assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 * * *"]
+
+    # New data landed: the event fires the automation, which creates a retrain flow run. The pool is paused
+    # first so that the worker leaves that run alone (it would train the demo model for minutes).
+    subprocess.run([*prefect, "work-pool", "pause", "alignflow"], cwd=ROOT, env=team.env, check=True,
+                   capture_output=True, timeout=60)
+    emitted = subprocess.run([sys.executable, "deployments/emit_data_landed.py", "data/sft.jsonl"], cwd=ROOT,
+                             env={**team.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert emitted.returncode == 0 and "emitted alignflow.data.landed" in emitted.stdout, emitted.stderr
+    deadline, triggered = time.monotonic() + 90, []
+    while time.monotonic() < deadline and not triggered:
+        runs = _api(team, "/flow_runs/filter", {"deployments": {"id": {"any_": [retrain["id"]]}}})
+        triggered = [r for r in runs if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
+        time.sleep(2)
+    assert triggered, "no retrain flow run was created by the alignflow.data.landed automation"

@@ -1,0 +1,62 @@
+"""The deployment files parse and agree with the code: prefect.yaml, the work-pool job templates, docker compose.
+
+The templates are also created as real work pools on a real Prefect server in tests/test_team.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from alignflow.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deployments"
+
+
+def test_deployment_file_parses_and_points_at_real_flows(in_root: Path, tmp_path: Path) -> None:
+    import importlib
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for dep in spec["deployments"]:
+        module_path, func = dep["entrypoint"].split(":")
+        module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        assert hasattr(flow, "deploy"), f"{dep['entrypoint']} is not a Prefect flow"
+        if "recipe" in dep.get("parameters", {}):
+            # the deployment's default recipe must validate like a recipe file does (data/ relative to the root)
+            path = tmp_path / "deployed.yaml"
+            path.write_text(yaml.safe_dump(dep["parameters"]["recipe"]))
+            load_recipe(path)
+
+
+def test_work_pool_templates_only_use_declared_variables() -> None:
+    # what Prefect's server checks when a pool is created: every {{ placeholder }} is a declared variable
+    for kind in ("docker", "kubernetes"):
+        template = json.loads((DEPLOY / "work-pools" / f"{kind}.json").read_text())
+        declared = set(template["variables"]["properties"])
+        used = set(re.findall(r"{{\s*([\w]+)\s*}}", json.dumps(template["job_configuration"])))
+        assert used and used <= declared, f"{kind}: undeclared {used - declared}"
+        assert template["variables"]["properties"]["image"]["default"] == "alignflow:latest"
+    k8s = json.loads((DEPLOY / "work-pools" / "kubernetes.json").read_text())
+    container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/app/runs", "/dev/shm"}
+
+
+def test_compose_file_defines_the_team_services_on_loopback() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker"}
+    assert services["prefect-server"]["ports"] == ["127.0.0.1:4200:4200"]
+    assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "postgresql+psycopg2://" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert "--pool" in services["worker"]["command"] and "alignflow" in services["worker"]["command"]
+    assert (DEPLOY / "postgres-init.sql").read_text().count("CREATE DATABASE mlflow") == 1
+    # no literal password: it comes from the environment
+    assert "${ALIGNFLOW_DB_PASSWORD" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
