@@ -56,6 +56,17 @@ class RetrainSection(BaseModel):
         "champion", description="alignflow retrain: continue the champion's adapter, or train anew from the base")
 
 
+class ScaleOutSection(BaseModel):
+    """Where fanned-out shards (synthesize.shards) run. Not part of any cache key: the results are the same."""
+
+    model_config = ConfigDict(extra="forbid")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads in the flow's process, or Dask: local worker processes or a cluster")
+    dask_address: str | None = Field(
+        None, description="tcp://scheduler:8786 of a running Dask cluster; None starts a local one per stage")
+    workers: int = Field(2, ge=1, le=256, description="local Dask worker processes, or threads")
+
+
 # `register` is the stage's name and a promised recipe key; it shadows only ABCMeta.register, unused here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -78,6 +89,7 @@ class Recipe(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = Field(..., description="registry name and promotion gate")
     retrain: RetrainSection = RetrainSection()
+    scale_out: ScaleOutSection = ScaleOutSection()
 
 
 class RecipeError(Exception):

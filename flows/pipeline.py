@@ -20,15 +20,17 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from alignflow.recipe import STAGES, Recipe
+from alignflow.recipe import STAGES, Recipe, ScaleOutSection
 from flows.tracking import Tracker, tracking_uri
 from tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from tasks.common import (
@@ -110,6 +112,41 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     return manifest
 
 
+@task(name="synthesize-shard", persist_result=False)
+def synthesize_shard(cfg: synthesize.SynthesizeConfig, inputs: synthesize.SynthesizeInputs, index: int) -> str:
+    return str(synthesize.run_shard(cfg, inputs, index))
+
+
+@flow(name="alignflow-synthesize-shards", log_prints=False)
+def synthesize_shards(cfg: synthesize.SynthesizeConfig, inputs: synthesize.SynthesizeInputs) -> list[str]:
+    """The synthesize shards as mapped tasks, on this subflow's task runner (threads or Dask)."""
+    futures = synthesize_shard.map(unmapped(cfg), unmapped(inputs), list(range(cfg.shards)))
+    return [f.result() for f in futures]
+
+
+def task_runner(scale: ScaleOutSection, local_model: bool) -> TaskRunner[Any]:
+    if scale.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner  # the `team` extra
+
+        if scale.dask_address:
+            return DaskTaskRunner(address=scale.dask_address)
+        # one single-threaded process per worker: a local teacher model per process, no GIL sharing
+        return DaskTaskRunner(cluster_kwargs={"n_workers": scale.workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    # Threads help an HTTP teacher (requests wait on the network). A local model already uses every core, and
+    # two shards sampling at once would interleave torch's global RNG: one at a time keeps shards reproducible.
+    return ThreadPoolTaskRunner(max_workers=1 if local_model else scale.workers)
+
+
+def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConfig,
+                          inputs: synthesize.SynthesizeInputs) -> dict[str, Any]:
+    """Shards fanned out (a subflow, visible in the Prefect UI), then synthesize.run: it finds every shard
+    finished and only merges."""
+    if cfg.shards > 1:
+        synthesize_shards.with_options(task_runner=task_runner(scale, cfg.teacher == "base"))(cfg, inputs)
+    return synthesize.run(cfg, inputs)
+
+
 def _run_link(ctx: Context, run_id: str) -> str:
     """A clickable link to the stage's MLflow run when tracking goes to a server; the run id otherwise."""
     uri = tracking_uri(ctx.work)
@@ -181,7 +218,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         run_stage(ctx, "curate", curate.run, r.curate, lambda out, _: curate.CurateInputs(
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out), {"data": data})
         if _reached(until, "synthesize"):
-            run_stage(ctx, "synthesize", synthesize.run, r.synthesize, lambda out, _: synthesize.SynthesizeInputs(
+            run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
+                      lambda out, _: synthesize.SynthesizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], curate_cfg=r.curate, out_dir=out,
                 seed=seed), {"base": base.key, "curate": ctx.key("curate")})
         if _reached(until, "tokenize"):

@@ -20,9 +20,13 @@ Teachers: `teacher: base` (the local base model, batched generation) or an OpenA
 concurrency, a timeout and bounded retries. The key is read from the environment variable *named* in the
 recipe, so it never appears in params, manifests or artifacts.
 
-Resumable: every completion is appended to `generations.jsonl` as it arrives, keyed by a hash of the
-prompt and the sampling settings. A killed run, re-run, reads that journal and generates only what is
-missing (`teacher.resumed` counts the completions it reused).
+Sharded: the requests (drawn once from the seed) are split into `shards` slices. Each shard writes its own
+folder `shards/NNN/`; `merge` joins them in order and drops near-copies across shards. The pipeline flow runs
+the shards as mapped Prefect tasks (on threads, or Dask processes / a Dask cluster), `run` one after another.
+
+Resumable: every completion is appended to the shard's `generations.jsonl` as it arrives, keyed by a hash of
+the prompt and the sampling settings. A killed run, re-run, reads that journal and generates only what is
+missing (`teacher.resumed` counts the completions it reused); a finished shard is not run again.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class SynthesizeConfig(BaseModel):
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, gt=0, description="prompts per generate() call (local teacher)")
+    shards: int = Field(1, ge=1, le=256, description="independent slices of the requests; the pipeline fans them "
+                        "out with Prefect task mapping (see the recipe's scale_out section)")
 
 
 class SynthesizeInputs(BaseModel):
@@ -83,65 +89,84 @@ class SynthesizeInputs(BaseModel):
 
 
 def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
-    from rouge_score import rouge_scorer
+    """All shards one after another, then the merge. The pipeline flow instead fans the shards out with
+    Prefect task mapping (threads, or Dask worker processes / a Dask cluster) and then calls `merge`."""
+    for index in range(cfg.shards):
+        run_shard(cfg, inputs, index)
+    return merge(cfg, inputs)
 
-    out = inputs.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(inputs.seed)
+
+def _plan(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> tuple[list[Messages], list[dict[str, Any]]]:
+    """The whole stage's teacher requests, drawn from the seed: the same in every shard and every re-run."""
     rng = random.Random(inputs.seed)
     sft = list(read_jsonl(inputs.curated / "sft.jsonl"))
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    teacher = Teacher(cfg, inputs.base, inputs.dtype, out / "generations.jsonl")
-
-    # --- new instructions -------------------------------------------------------------------------------
     existing = [_first_user(r["messages"]) for r in sft]
-    new_records: list[dict[str, Any]] = []
-    if cfg.instructions > 0:
-        asks = []
-        for _ in range(cfg.instructions):
-            shown = rng.sample(existing, min(cfg.seeds_per_prompt, len(existing)))
-            listing = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(shown))
-            asks.append([{"role": "user", "content": f"Here are some tasks:\n{listing}\n"
-                          "Write one new task of the same kind. Reply with the task only."}])
-        raw = [c[0] for c in teacher.complete(asks, n=1, sample=True, desc="synthesize: instructions")]
+    asks: list[Messages] = []
+    for _ in range(cfg.instructions if existing else 0):
+        shown = rng.sample(existing, min(cfg.seeds_per_prompt, len(existing)))
+        listing = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(shown))
+        asks.append([{"role": "user", "content": f"Here are some tasks:\n{listing}\n"
+                      "Write one new task of the same kind. Reply with the task only."}])
+    picked = rng.sample(sft, min(cfg.preference_prompts, len(sft))) if cfg.preference_prompts > 0 else []
+    return asks, picked
+
+
+def shard_dir(inputs: SynthesizeInputs, index: int) -> Path:
+    return inputs.out_dir / "shards" / f"{index:03d}"
+
+
+def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Path:
+    """Shard `index` of `cfg.shards`: every shards-th instruction request and preference prompt.
+
+    Writes raw (not yet cross-shard deduplicated or curated) instructions and judged pairs into its own folder,
+    with its own completion journal, so shards run anywhere in any order and each one resumes on its own.
+    """
+    from rouge_score import rouge_scorer
+
+    out = shard_dir(inputs, index)
+    if (out / "stats.json").exists():  # finished in an earlier attempt
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(inputs.seed + index)
+    asks, picked = _plan(cfg, inputs)
+    asks, picked = asks[index :: cfg.shards], picked[index :: cfg.shards]
+    existing = [_first_user(r["messages"]) for r in read_jsonl(inputs.curated / "sft.jsonl")]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    started = time.time()
+    teacher = Teacher(cfg, inputs.base, inputs.dtype, out / "generations.jsonl")
+    stats: dict[str, Any] = {"instructions.attempted": len(asks), "instructions.dropped.empty": 0,
+                             "instructions.dropped.near_copy": 0, "pairs.attempted": len(picked),
+                             "pairs.dropped.tie": 0}
+
+    # --- new instructions: near-copies of the seed data or of this shard's earlier ones are dropped -------
+    instructions: list[dict[str, Any]] = []
+    if asks:
+        raw = [c[0] for c in teacher.complete(asks, n=1, sample=True, desc=f"synthesize[{index}]: instructions")]
         kept: list[str] = []
-        drops = {"empty": 0, "near_copy": 0}
         for text in raw:
             text = _clean_instruction(text)
             if len(text) < 10:
-                drops["empty"] += 1
+                stats["instructions.dropped.empty"] += 1
                 continue
             pool = existing + kept
-            best = max(scorer.score(p, text)["rougeL"].fmeasure for p in pool) if pool else 0.0
-            if best > cfg.max_similarity:
-                drops["near_copy"] += 1
+            if pool and max(scorer.score(p, text)["rougeL"].fmeasure for p in pool) > cfg.max_similarity:
+                stats["instructions.dropped.near_copy"] += 1
                 continue
             kept.append(text)
         answers = teacher.complete([[{"role": "user", "content": k}] for k in kept], n=1, sample=False,
-                                   desc="synthesize: answers") if kept else []
+                                   desc=f"synthesize[{index}]: answers") if kept else []
         for instruction, (answer,) in zip(kept, answers, strict=True):
             if answer.strip():
-                new_records.append({"messages": [{"role": "user", "content": instruction},
-                                                 {"role": "assistant", "content": answer}],
-                                    "source": "synthetic"})
+                instructions.append({"messages": [{"role": "user", "content": instruction},
+                                                  {"role": "assistant", "content": answer}], "source": "synthetic"})
             else:
-                drops["empty"] += 1
-        metrics.update({"instructions.attempted": cfg.instructions, "instructions.answered": len(new_records),
-                        **{f"instructions.dropped.{k}": v for k, v in drops.items()}})
-    new_records, dropped = filter_synthetic("sft", new_records, inputs.curate_cfg, inputs.curated)
-    metrics.update({f"sft.dropped.{k}": v for k, v in dropped.items()})
-    metrics["sft.kept"] = len(new_records)
-    write_jsonl(out / "sft.jsonl", new_records)
+                stats["instructions.dropped.empty"] += 1
 
-    # --- sampled preference pairs, judged by ROUGE-L against the reference ------------------------------
+    # --- sampled preference pairs, judged against the reference or by the teacher ------------------------
     pairs: list[dict[str, Any]] = []
-    if cfg.preference_prompts > 0 and sft:
-        picked = rng.sample(sft, min(cfg.preference_prompts, len(sft)))
+    if picked:
         prompts = [r["messages"][:-1] for r in picked]
-        samples = teacher.complete(prompts, n=cfg.samples_per_prompt, sample=True, desc="synthesize: pairs")
-        ties = 0
+        samples = teacher.complete(prompts, n=cfg.samples_per_prompt, sample=True, desc=f"synthesize[{index}]: pairs")
         for record, prompt, answers in zip(picked, prompts, samples, strict=True):
             answers = [a for a in answers if a.strip()]
             if cfg.judge == "teacher":
@@ -151,23 +176,68 @@ def run(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
                 scores = [scorer.score(reference, a)["rougeL"].fmeasure for a in answers]
             scored = sorted(zip(scores, answers, strict=True), key=lambda s: s[0])
             if len(scored) < 2 or scored[-1][0] - scored[0][0] < cfg.min_margin:
-                ties += 1
+                stats["pairs.dropped.tie"] += 1
                 continue
             pairs.append({"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1],
                           "margin": round(scored[-1][0] - scored[0][0], 4),
                           "judge": "teacher_both_orders" if cfg.judge == "teacher" else "rougeL_vs_reference",
                           "source": "synthetic"})
-        metrics.update({"pairs.attempted": len(picked), "pairs.judged": len(pairs), "pairs.dropped.tie": ties})
+    teacher.close()
+    write_jsonl(out / "instructions.jsonl", instructions)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    stats.update({"teacher.completions": teacher.generated, "teacher.resumed": teacher.resumed,
+                  "generated_chars": teacher.chars, "started": started, "ended": time.time(), "pid": os.getpid()})
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))  # written last: marks the shard finished
+    return out
+
+
+def merge(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
+    """Join the shards in order: drop cross-shard near-copies, then curate's checks; sum the counts."""
+    from rouge_score import rouge_scorer
+
+    out = inputs.out_dir
+    dirs = [shard_dir(inputs, i) for i in range(cfg.shards)]
+    missing = [str(d) for d in dirs if not (d / "stats.json").exists()]
+    if missing:
+        raise StageError(f"synthesize: shard(s) not finished: {', '.join(missing)}")
+    stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
+    metrics: dict[str, float] = {}
+    for key in ("instructions.attempted", "instructions.dropped.empty", "instructions.dropped.near_copy",
+                "pairs.attempted", "pairs.dropped.tie", "teacher.completions", "teacher.resumed", "generated_chars"):
+        metrics[key] = sum(s[key] for s in stats)
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    new_records: list[dict[str, Any]] = []
+    kept: list[str] = []
+    for d in dirs:  # shards could not see each other's instructions: near-copies across shards go here
+        for record in read_jsonl(d / "instructions.jsonl"):
+            text = _first_user(record["messages"])
+            if kept and max(scorer.score(k, text)["rougeL"].fmeasure for k in kept) > cfg.max_similarity:
+                metrics["instructions.dropped.near_copy"] += 1
+                continue
+            kept.append(text)
+            new_records.append(record)
+    if cfg.instructions > 0:
+        metrics["instructions.answered"] = len(new_records)
+    new_records, dropped = filter_synthetic("sft", new_records, inputs.curate_cfg, inputs.curated)
+    metrics.update({f"sft.dropped.{k}": v for k, v in dropped.items()})
+    metrics["sft.kept"] = len(new_records)
+    write_jsonl(out / "sft.jsonl", new_records)
+
+    pairs = [p for d in dirs for p in read_jsonl(d / "pairs.jsonl")]
+    metrics["pairs.judged"] = len(pairs)
     pairs, dropped = filter_synthetic("preference", pairs, inputs.curate_cfg, inputs.curated)
     metrics.update({f"preference.dropped.{k}": v for k, v in dropped.items()})
     metrics["preference.kept"] = len(pairs)
     write_jsonl(out / "preference.jsonl", pairs)
 
-    teacher.close()
-    seconds = time.perf_counter() - started
-    metrics.update({"teacher.completions": teacher.generated, "teacher.resumed": teacher.resumed,
-                    "generated_chars": teacher.chars, "seconds": round(seconds, 2),
-                    "chars_per_s": round(teacher.chars / seconds, 2) if seconds else 0.0})
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as journal:  # one artifact with every completion
+        for d in dirs:
+            journal.write((d / "generations.jsonl").read_text(encoding="utf-8"))
+    seconds = max(s["ended"] for s in stats) - min(s["started"] for s in stats)  # wall clock over all shards
+    metrics.update({"shards": cfg.shards, "shard_processes": len({s["pid"] for s in stats}),
+                    "seconds": round(seconds, 2),
+                    "chars_per_s": round(metrics["generated_chars"] / seconds, 2) if seconds > 0 else 0.0})
     files = ["sft.jsonl", "preference.jsonl", "generations.jsonl"]
     return write_manifest(out, {"stage": "synthesize", "outputs": files, "artifacts": files,
                                 "teacher": "base" if cfg.teacher == "base" else cfg.teacher.model_dump(),

@@ -92,7 +92,7 @@ def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_
     FakeOpenAI.fail_on = {5}  # no retries allowed: the 5th request kills the stage
     with pytest.raises(StageError, match="failed after 1 attempts"):
         run(cfg, inputs)
-    journaled = len((tmp_path / "out" / "generations.jsonl").read_text().splitlines())
+    journaled = len((tmp_path / "out" / "shards" / "000" / "generations.jsonl").read_text().splitlines())
     assert 4 <= journaled <= 5  # the four before the failure (+ one already in flight, at most)
 
     FakeOpenAI.calls, FakeOpenAI.fail_on = [], {1}  # one transient 500, now with a retry allowed
@@ -105,8 +105,8 @@ def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_
     assert m["teacher.completions"] == total - journaled
     assert all(a == f"Bearer {SECRET}" for a in FakeOpenAI.auth)
     assert FakeOpenAI.calls[-1]["n"] == 2 and FakeOpenAI.calls[-1]["model"] == "m"
-    for f in (tmp_path / "out").iterdir():
-        assert SECRET not in f.read_text(errors="ignore"), f.name
+    for f in (tmp_path / "out").rglob("*"):
+        assert not f.is_file() or SECRET not in f.read_text(errors="ignore"), f.name
     assert read_manifest(tmp_path / "out")["teacher"]["api_key_env"] == "TEACHER_KEY"
     assert m["sft.kept"] == 3 and m["preference.kept"] >= 1
 
