@@ -7,7 +7,8 @@ dropped and counted. The teacher then answers each kept instruction (greedy).
 Preference pairs: for `preference_prompts` curated SFT prompts the teacher samples `samples_per_prompt`
 answers, and a judge scores them; best vs worst is kept with the score margin recorded, and pairs with a
 margin below `min_margin` are dropped as ties. Judges: `reference` scores each answer by its ROUGE-L F1
-against the prompt's reference answer. `teacher` makes the teacher compare every two answers in both
+against the prompt's reference answer. `reward_model` scores them with a reward model trained by an earlier
+run's reward stage (say the champion's), when one exists. `teacher` makes the teacher compare every two answers in both
 orders (A/B, then B/A), which controls position bias: an answer wins a comparison only if it is preferred in
 both orders. Its score is its share of wins.
 
@@ -41,12 +42,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import StageError, read_jsonl, seed_everything, sha256_json, write_jsonl, write_manifest
 from tasks.curate import CurateConfig, filter_synthetic
 
 Messages = list[dict[str, str]]
+JUDGE_LABEL = {"reference": "rougeL_vs_reference", "teacher": "teacher_both_orders", "reward_model": "reward_model"}
 
 
 class TeacherEndpoint(BaseModel):
@@ -69,7 +71,12 @@ class SynthesizeConfig(BaseModel):
     max_similarity: float = Field(0.7, ge=0, le=1, description="ROUGE-L F1 above which a new one is a near-copy")
     preference_prompts: int = Field(8, ge=0, description="curated prompts that get sampled response pairs")
     samples_per_prompt: int = Field(2, ge=2, description="sampled answers per prompt; best vs worst is kept")
-    judge: Literal["reference", "teacher"] = Field("reference", description="how sampled answers are scored")
+    judge: Literal["reference", "teacher", "reward_model"] = Field(
+        "reference", description="how sampled answers are scored: ROUGE-L vs the reference, the teacher in both "
+        "orders, or a reward model from an earlier run (reward_model)")
+    reward_model: Path | None = Field(
+        None, description="judge=reward_model: a reward stage folder of an earlier run on the same base "
+        "(e.g. the champion's), holding adapter/")
     min_margin: float = Field(0.05, ge=0, description="judge-score margin under which a pair is a tie")
     max_new_tokens: int = Field(48, gt=0, description="tokens per generated instruction or answer")
     temperature: float = Field(0.8, gt=0)
@@ -77,6 +84,15 @@ class SynthesizeConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="prompts per generate() call (local teacher)")
     shards: int = Field(1, ge=1, le=256, description="independent slices of the requests; the pipeline fans them "
                         "out with Prefect task mapping (see the recipe's scale_out section)")
+
+    @model_validator(mode="after")
+    def _judge_has_a_model(self) -> SynthesizeConfig:
+        if self.judge == "reward_model":
+            if self.reward_model is None:
+                raise ValueError("judge=reward_model needs synthesize.reward_model (a reward stage folder)")
+            if not (Path(self.reward_model) / "adapter" / "adapter_config.json").exists():
+                raise ValueError(f"synthesize.reward_model: no reward adapter at {self.reward_model}/adapter")
+        return self
 
 
 class SynthesizeInputs(BaseModel):
@@ -165,12 +181,21 @@ def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Pa
     # --- sampled preference pairs, judged against the reference or by the teacher ------------------------
     pairs: list[dict[str, Any]] = []
     if picked:
+        judge_model = None
+        if cfg.judge == "reward_model":
+            from tasks.modeling import load_reward_model, load_tokenizer, score_answers
+
+            assert cfg.reward_model is not None
+            judge_model = (load_reward_model(inputs.base, inputs.dtype, cfg.reward_model / "adapter"),
+                           load_tokenizer(cfg.reward_model / "adapter"))
         prompts = [r["messages"][:-1] for r in picked]
         samples = teacher.complete(prompts, n=cfg.samples_per_prompt, sample=True, desc=f"synthesize[{index}]: pairs")
         for record, prompt, answers in zip(picked, prompts, samples, strict=True):
             answers = [a for a in answers if a.strip()]
             if cfg.judge == "teacher":
                 scores = teacher_scores(teacher, prompt, answers)
+            elif judge_model is not None:  # reward-model scores (logits): the margin is in the same units
+                scores = score_answers(judge_model[0], judge_model[1], [prompt] * len(answers), answers)
             else:
                 reference = record["messages"][-1]["content"]
                 scores = [scorer.score(reference, a)["rougeL"].fmeasure for a in answers]
@@ -180,7 +205,7 @@ def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Pa
                 continue
             pairs.append({"prompt": prompt, "chosen": scored[-1][1], "rejected": scored[0][1],
                           "margin": round(scored[-1][0] - scored[0][0], 4),
-                          "judge": "teacher_both_orders" if cfg.judge == "teacher" else "rougeL_vs_reference",
+                          "judge": JUDGE_LABEL[cfg.judge],
                           "source": "synthetic"})
     teacher.close()
     write_jsonl(out / "instructions.jsonl", instructions)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 
-from tasks.common import StageError, read_manifest
+from tasks.common import StageError, read_jsonl, read_manifest
 from tasks.curate import CurateConfig, CurateInputs
 from tasks.curate import run as curate
 from tasks.synthesize import SynthesizeConfig, SynthesizeInputs, TeacherEndpoint, run
@@ -127,3 +127,33 @@ def test_teacher_judge_controls_position_bias(server: str, tmp_path: Path) -> No
     m = run(cfg, SynthesizeInputs(base=tmp_path, dtype="float32", curated=curated, out_dir=tmp_path / "b",
                                   seed=0))["metrics"]
     assert m["pairs.judged"] == 0 and m["pairs.dropped.tie"] == 3
+
+
+def test_reward_model_judge_keeps_the_higher_scored_answer(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from pydantic import ValidationError
+
+    from tasks.modeling import load_reward_model, load_tokenizer, resolve_base, score_answers
+
+    curated = _curated(tmp_path)
+    base = resolve_base("tiny:llama", tmp_path / "base", [tmp_path / "s.jsonl"]).path
+    # a reward "stage folder" as an earlier run leaves it: a LoRA + score head on the same base
+    rm = load_reward_model(base, "float32", adapter=None)
+    rm.config.pad_token_id = load_tokenizer(base).pad_token_id
+    get_peft_model(rm, LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear")).save_pretrained(
+        tmp_path / "reward" / "adapter")
+    load_tokenizer(base).save_pretrained(tmp_path / "reward" / "adapter")
+
+    with pytest.raises(ValidationError, match="no reward adapter"):
+        SynthesizeConfig(judge="reward_model", reward_model=tmp_path / "nowhere")
+    cfg = SynthesizeConfig(judge="reward_model", reward_model=tmp_path / "reward", instructions=0,
+                           preference_prompts=4, samples_per_prompt=3, max_new_tokens=8, min_margin=0.0)
+    m = run(cfg, SynthesizeInputs(base=base, dtype="float32", curated=curated, out_dir=tmp_path / "out",
+                                  seed=0))["metrics"]
+    pairs = list(read_jsonl(tmp_path / "out" / "preference.jsonl"))
+    assert pairs and m["pairs.judged"] + m["pairs.dropped.tie"] == 4
+    judge = load_reward_model(base, "float32", adapter=tmp_path / "reward" / "adapter")
+    tok = load_tokenizer(tmp_path / "reward" / "adapter")
+    for p in pairs:
+        chosen, rejected = score_answers(judge, tok, [p["prompt"]] * 2, [p["chosen"], p["rejected"]])
+        assert p["judge"] == "reward_model" and chosen - rejected == pytest.approx(p["margin"], abs=1e-3)
