@@ -124,7 +124,28 @@ def synthesize_shards(cfg: synthesize.SynthesizeConfig, inputs: synthesize.Synth
     return [f.result() for f in futures]
 
 
-def task_runner(scale: ScaleOutSection, local_model: bool) -> TaskRunner[Any]:
+@task(name="curate-shard", persist_result=False)
+def curate_shard(cfg: curate.CurateConfig, inputs: curate.CurateInputs, dataset: str, index: int) -> str:
+    return str(curate.run_shard(cfg, inputs, dataset, index))  # type: ignore[arg-type]
+
+
+@flow(name="alignflow-curate-shards", log_prints=False)
+def curate_shards(cfg: curate.CurateConfig, inputs: curate.CurateInputs) -> list[str]:
+    """The per-record work of curate (parse, scrub, quality, MinHash, eval overlap) as mapped tasks."""
+    jobs = [(name, i) for name in curate.SHARDED for i in range(cfg.shards)]
+    futures = curate_shard.map(unmapped(cfg), unmapped(inputs), [j[0] for j in jobs], [j[1] for j in jobs])
+    return [f.result() for f in futures]
+
+
+def curate_fanned_out(scale: ScaleOutSection, cfg: curate.CurateConfig, inputs: curate.CurateInputs,
+                      ) -> dict[str, Any]:
+    """Shards fanned out, then curate.run: it finds them finished and takes the dedup decisions in order."""
+    if cfg.shards > 1:
+        curate_shards.with_options(task_runner=task_runner(scale, cpu_bound=True))(cfg, inputs)
+    return curate.run(cfg, inputs)
+
+
+def task_runner(scale: ScaleOutSection, cpu_bound: bool) -> TaskRunner[Any]:
     if scale.task_runner == "dask":
         from prefect_dask import DaskTaskRunner  # the `team` extra
 
@@ -133,9 +154,10 @@ def task_runner(scale: ScaleOutSection, local_model: bool) -> TaskRunner[Any]:
         # one single-threaded process per worker: a local teacher model per process, no GIL sharing
         return DaskTaskRunner(cluster_kwargs={"n_workers": scale.workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
-    # Threads help an HTTP teacher (requests wait on the network). A local model already uses every core, and
-    # two shards sampling at once would interleave torch's global RNG: one at a time keeps shards reproducible.
-    return ThreadPoolTaskRunner(max_workers=1 if local_model else scale.workers)
+    # Threads help an HTTP teacher (requests wait on the network). CPU-bound shards gain nothing from threads:
+    # curate's Python holds the GIL, a local model already uses every core, and two shards sampling at once
+    # would interleave torch's global RNG. Those run one at a time (use Dask processes to spread them).
+    return ThreadPoolTaskRunner(max_workers=1 if cpu_bound else scale.workers)
 
 
 def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConfig,
@@ -143,7 +165,7 @@ def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConf
     """Shards fanned out (a subflow, visible in the Prefect UI), then synthesize.run: it finds every shard
     finished and only merges."""
     if cfg.shards > 1:
-        synthesize_shards.with_options(task_runner=task_runner(scale, cfg.teacher == "base"))(cfg, inputs)
+        synthesize_shards.with_options(task_runner=task_runner(scale, cpu_bound=cfg.teacher == "base"))(cfg, inputs)
     return synthesize.run(cfg, inputs)
 
 
@@ -215,7 +237,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     try:
         base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
 
-        run_stage(ctx, "curate", curate.run, r.curate, lambda out, _: curate.CurateInputs(
+        run_stage(ctx, "curate", partial(curate_fanned_out, r.scale_out), r.curate, lambda out, _: curate.CurateInputs(
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out), {"data": data})
         if _reached(until, "synthesize"):
             run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,

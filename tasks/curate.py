@@ -33,9 +33,13 @@ Files: JSONL, a JSON array, CSV, Parquet, or a `datasets` folder saved with `sav
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
+import os
+import pickle
 import re
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +101,8 @@ class CurateConfig(BaseModel):
     max_chars: int = Field(4000, gt=0, description="records longer than this (all turns, characters) are dropped")
     max_drop_fraction: float = Field(0.5, ge=0, le=1, description="fail if a dataset loses more than this")
     reject_samples: int = Field(5, ge=0, description="rejected records kept per reason in rejects.jsonl")
+    shards: int = Field(1, ge=1, le=256, description="split the per-record work of sft and preference; the "
+                        "pipeline fans the shards out with Prefect task mapping (recipe section scale_out)")
 
 
 class CurateInputs(BaseModel):
@@ -106,7 +112,55 @@ class CurateInputs(BaseModel):
     out_dir: Path
 
 
+SHARDED: tuple[Dataset, ...] = ("sft", "preference")  # the eval set is small, and needed whole by every shard
+
+
 def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
+    """Curate all three datasets. With `shards` > 1 the per-record work of sft and preference is done by
+    `run_shard` (the pipeline flow fans those out; here they run one after another, skipping finished ones),
+    and the decisions that need every record (dedup) are taken here, in input order: the same result."""
+    for name in SHARDED if cfg.shards > 1 else ():
+        for index in range(cfg.shards):
+            run_shard(cfg, inputs, name, index)
+    return _merge(cfg, inputs)
+
+
+def shard_file(inputs: CurateInputs, name: Dataset, index: int) -> Path:
+    return inputs.out_dir / "shards" / f"{name}-{index:03d}.pkl"
+
+
+def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int) -> Path:
+    """Phase 1 for the records of `name` at positions index, index + shards, ...: parse, normalise, scrub,
+    quality, MinHash signature, eval overlap. Written as one pickle (an internal intermediate), atomically."""
+    path = shard_file(inputs, name, index)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index_ = None
+    if cfg.decontaminate.enabled:
+        eval_kept, *_ = _curate_dataset("eval", _read_all(inputs.eval), cfg, None)
+        index_ = _EvalIndex(eval_kept, cfg.decontaminate.ngram)
+    items = list(_inspect(name, _read_all(getattr(inputs, name)), cfg, index_, index, cfg.shards, portable=True))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
+
+
+def _shard_items(cfg: CurateConfig, inputs: CurateInputs, name: Dataset) -> Any:
+    """Every shard's items, back in input order (each shard file is already in order: merge the streams)."""
+    streams = []
+    for index in range(cfg.shards):
+        path = shard_file(inputs, name, index)
+        if not path.exists():
+            raise StageError(f"curate: shard {path.name} is missing; re-run the stage")
+        with open(path, "rb") as f:
+            streams.append(pickle.load(f))
+    return heapq.merge(*streams, key=lambda item: item["pos"])
+
+
+def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
@@ -123,7 +177,9 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
         if name == "eval":
             kept, dropped, samples, pii = eval_kept, eval_dropped, eval_samples, eval_pii
         else:
-            kept, dropped, samples, pii = _curate_dataset(name, _read_all(files), cfg, index)  # type: ignore[arg-type]
+            items = (_shard_items(cfg, inputs, name) if cfg.shards > 1  # type: ignore[arg-type]
+                     else _inspect(name, _read_all(files), cfg, index))  # type: ignore[arg-type]
+            kept, dropped, samples, pii = _decide(name, items, cfg)  # type: ignore[arg-type]
         n_in = len(kept) + sum(dropped.values())
         write_jsonl(out / f"{name}.jsonl", kept)
         metrics[f"{name}.records_in"] = n_in
@@ -147,12 +203,14 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
             raise StageError(f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons})")
 
     metrics["decontaminated"] = float(cfg.decontaminate.enabled)
+    metrics["shards"] = cfg.shards
     write_jsonl(out / "rejects.jsonl", rejects)
     pii_total = {k.split(".")[-1]: v for k, v in metrics.items() if ".pii." in k}
     card += ["", f"PII replaced: {pii_total or 'none found'} · decontaminated: {cfg.decontaminate.enabled}",
              "", "![answer lengths](lengths.png)", "", "## Samples (after scrubbing)", "", *samples_md]
     (out / "data_card.md").write_text("\n".join(card) + "\n")
     _plot_lengths(out / "lengths.png", lengths)
+    shutil.rmtree(out / "shards", ignore_errors=True)  # intermediates (MinHash signatures), merged by now
     return write_manifest(
         out,
         {
@@ -202,12 +260,23 @@ class _NearDuplicates:
         self.num_perm = cfg.num_perm
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
         self.n = 0
+        self.scheme = MinHash(num_perm=cfg.num_perm, seed=1).scheme
 
-    def seen_before(self, text: str) -> bool:
+    def signature(self, text: str) -> Any:
         words = re.findall(r"\w+", text.lower())
         shingles = {" ".join(words[i : i + 5]).encode() for i in range(max(len(words) - 4, 1))}
         m = self._minhash(num_perm=self.num_perm, seed=1)
         m.update_batch(list(shingles))
+        self.scheme = m.scheme  # datasketch's hashing scheme: needed to rebuild a MinHash from its values
+        return m
+
+    def seen_before(self, text_or_signature: Any) -> bool:
+        """Query, then insert when new. Takes a text, a MinHash, or a MinHash's hash values (from a shard)."""
+        m = text_or_signature
+        if isinstance(m, str):
+            m = self.signature(m)
+        elif not isinstance(m, self._minhash):  # hash values computed by a shard
+            m = self._minhash(num_perm=self.num_perm, seed=1, hashvalues=m, scheme=self.scheme)
         if self.lsh.query(m):
             return True
         self.lsh.insert(str(self.n), m)
@@ -299,6 +368,50 @@ def _curate_dataset(
     name: Dataset, source: Any, cfg: CurateConfig, index: _EvalIndex | None,
     prior: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]], Counter[str]]:
+    return _decide(name, _inspect(name, source, cfg, index), cfg, prior)
+
+
+def _inspect(name: Dataset, source: Any, cfg: CurateConfig, index: _EvalIndex | None, shard: int = 0,
+             shards: int = 1, portable: bool = False) -> Any:
+    """Phase 1, record by record (what a shard does): parse, normalise, scrub PII, and compute everything the
+    decisions need: the exact-dedup key, the quality problem, the MinHash signature, the eval overlap.
+    Yields one dict per input record whose position % shards == shard. `portable`: picklable values only."""
+    lsh = _NearDuplicates(cfg.dedup.near) if cfg.dedup.near.enabled and name != "eval" else None
+    for pos, (where, raw, error) in enumerate(source):
+        if pos % shards != shard:
+            continue
+        item: dict[str, Any] = {"pos": pos, "where": where, "reason": error, "raw": raw, "pii": {}}
+        record = None
+        if not error:
+            extra = {k: raw[k] for k in ("source", "margin", "judge") if isinstance(raw, dict) and k in raw}
+            record, item["reason"] = normalise(name, raw)
+        if record is not None:
+            if cfg.pii:
+                pii: Counter[str] = Counter()
+                record = _scrub_record(record, pii)
+                item["pii"] = dict(pii)
+            if _n_chars(record) > cfg.max_chars:
+                item["reason"] = "too_long"
+            else:
+                item["record"] = {**record, **extra}
+                item["key"] = sha256_bytes(_normal_text(record).encode())
+                item["quality"] = _quality_problem(record, cfg.quality) if name != "eval" else None
+                text = _record_text(record) if lsh is not None or index is not None else ""
+                if lsh is not None:
+                    m = lsh.signature(text)
+                    item["minhash"] = m.hashvalues if portable else m  # a uint64 array travels lighter
+                item["contaminated"] = index is not None and index.contaminated(text, cfg.decontaminate.threshold)
+        if item["reason"] is None:
+            item.pop("raw")  # kept for reject samples only
+        elif portable:
+            item["raw"] = str(item["raw"])[:2000]  # enough for a reject sample (500 characters)
+        yield item
+
+
+def _decide(name: Dataset, items: Any, cfg: CurateConfig, prior: list[dict[str, Any]] | None = None,
+            ) -> tuple[list[dict[str, Any]], Counter[str], list[dict[str, Any]], Counter[str]]:
+    """Phase 2, in input order (the merge): rejects from phase 1, then exact dedup, quality, near dedup and
+    decontamination; then optional semantic dedup. Every drop is counted under its reason."""
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     pii: Counter[str] = Counter()
@@ -316,39 +429,28 @@ def _curate_dataset(
             text = scrub(str(raw)) if cfg.pii else str(raw)  # rejects are written too: scrub them as well
             samples[reason].append({"dataset": name, "reason": reason, "where": where, "record": text[:500]})
 
-    for where, raw, error in source:
-        if error:
-            reject(error, raw, where)
+    for item in items:
+        pii.update(item["pii"])
+        where = item["where"]
+        if item["reason"]:
+            reject(item["reason"], item["raw"], where)
             continue
-        extra = {k: raw[k] for k in ("source", "margin", "judge") if isinstance(raw, dict) and k in raw}
-        record, reason = normalise(name, raw)
-        if reason:
-            reject(reason, raw, where)
-            continue
-        assert record is not None
-        if cfg.pii:
-            record = _scrub_record(record, pii)
-        if _n_chars(record) > cfg.max_chars:
-            reject("too_long", raw, where)
-            continue
+        record = item["record"]
         if cfg.dedup.exact:
-            key = sha256_bytes(_normal_text(record).encode())
-            if key in seen:
-                reject("duplicate", raw, where)
+            if item["key"] in seen:
+                reject("duplicate", record, where)
                 continue
-            seen.add(key)
-        if name != "eval":
-            problem = _quality_problem(record, cfg.quality)
-            if problem:
-                reject(problem, raw, where)
-                continue
-        if lsh is not None and name != "eval" and lsh.seen_before(_record_text(record)):
-            reject("near_duplicate", raw, where)
+            seen.add(item["key"])
+        if item["quality"]:
+            reject(item["quality"], record, where)
             continue
-        if index is not None and index.contaminated(_record_text(record), cfg.decontaminate.threshold):
-            reject("contaminated", raw, where)
+        if lsh is not None and name != "eval" and lsh.seen_before(item["minhash"]):
+            reject("near_duplicate", record, where)
             continue
-        kept.append({**record, **extra})
+        if item["contaminated"]:
+            reject("contaminated", record, where)
+            continue
+        kept.append(record)
     if cfg.dedup.semantic.enabled and name != "eval" and kept:
         duplicate = semantic_duplicates([_record_text(r) for r in kept],
                                         [_record_text(r) for r in prior or []], cfg.dedup.semantic)

@@ -184,3 +184,19 @@ def test_semantic_dedup_drops_paraphrases_that_minhash_misses(tmp_path: Path) ->
     assert "Which city is France's capital?" not in kept and "How many legs does a spider have?" in kept
     rejects = list(read_jsonl(tmp_path / "out" / "rejects.jsonl"))
     assert any(r["reason"] == "semantic_duplicate" and "France" in r["record"] for r in rejects)
+
+
+def test_shards_give_the_same_result_as_one_pass(tmp_path: Path) -> None:
+    rows = [{"prompt": f"Tell me fact number {i % 40} about the planet {i % 40 + 1}?",
+             "response": f"Fact {i % 40} is known."} for i in range(60)]
+    rows += ["{not json", {"prompt": "", "response": "x"}, {"prompt": "Mail me", "response": "at a@b.com"}]
+    sft = [_jsonl(tmp_path / "s.jsonl", rows)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    one = _run(tmp_path / "one", sft, max_drop_fraction=1.0)
+    three = _run(tmp_path / "three", sft, max_drop_fraction=1.0, shards=3)
+    assert one["metrics"] == three["metrics"]
+    assert one["metrics"]["sft.dropped.duplicate"] > 0 and one["metrics"]["sft.pii.email"] == 1
+    for name in ("sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl"):
+        assert (tmp_path / "one" / "out" / name).read_text() == (tmp_path / "three" / "out" / name).read_text()
+    assert not (tmp_path / "three" / "out" / "shards").exists()  # intermediates removed after the merge

@@ -1,5 +1,5 @@
-"""Synthesis shards fan out with Prefect task mapping onto a Dask task runner (local worker processes), and
-give exactly what the same shards give one after another in one process."""
+"""Curation and synthesis shards fan out with Prefect task mapping onto a Dask task runner (local worker
+processes), and give exactly what the same work gives in one process."""
 
 from __future__ import annotations
 
@@ -8,18 +8,26 @@ from pathlib import Path
 
 from alignflow.recipe import load_recipe
 from flows.pipeline import pipeline
-from tasks import synthesize
+from tasks import curate, synthesize
 from tasks.common import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_synthesize_shards_on_dask_processes_match_a_sequential_run(prefect_server: None, in_root: Path,
+def test_curate_and_synthesize_shards_on_dask_processes_match_a_sequential_run(prefect_server: None, in_root: Path,
                                                                       tmp_path: Path) -> None:
     recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [
-        "synthesize.shards=3", "synthesize.instructions=6", "synthesize.preference_prompts=6",
+        "curate.shards=2", "synthesize.shards=3", "synthesize.instructions=6", "synthesize.preference_prompts=6",
         "scale_out.task_runner=dask", "scale_out.workers=2"])
     result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="synthesize")
+    curated = Path(result["stages"]["curate"]["folder"])
+    assert json.loads((curated / "manifest.json").read_text())["metrics"]["shards"] == 2
+    one_pass = curate.run(recipe.curate.model_copy(update={"shards": 1}), curate.CurateInputs(
+        sft=recipe.data.sft, preference=recipe.data.preference, eval=recipe.data.eval, out_dir=tmp_path / "c1"))
+    assert one_pass["metrics"] == {**json.loads((curated / "manifest.json").read_text())["metrics"], "shards": 1}
+    for name in ("sft.jsonl", "preference.jsonl", "eval.jsonl"):
+        assert (curated / name).read_text() == (tmp_path / "c1" / name).read_text()
+
     folder = Path(result["stages"]["synthesize"]["folder"])
     manifest = json.loads((folder / "manifest.json").read_text())
     m = manifest["metrics"]
