@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.curate import CurateConfig
 from tasks.dpo import DpoConfig
 from tasks.evaluate import EvaluateConfig
+from tasks.launch import LaunchSpec
 from tasks.quantize import QuantizeConfig
 from tasks.register import RegisterConfig
 from tasks.reward import RewardConfig
@@ -90,6 +91,7 @@ class Recipe(BaseModel):
     register: RegisterConfig = Field(..., description="registry name and promotion gate")
     retrain: RetrainSection = RetrainSection()
     scale_out: ScaleOutSection = ScaleOutSection()
+    launch: LaunchSpec = LaunchSpec()
 
 
 class RecipeError(Exception):

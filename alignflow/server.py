@@ -314,7 +314,8 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         state.flask_secret = state.flask_secret or secrets.token_urlsafe(32)
         _save_state(state)
-        mlflow_env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=state.flask_secret, MLFLOW_AUTH_ADMIN_USERNAME=credentials[0],
+        mlflow_env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=state.flask_secret,
+                          MLFLOW_AUTH_ADMIN_USERNAME=credentials[0],
                           MLFLOW_AUTH_ADMIN_PASSWORD=credentials[1])
         argv += ["--app-name", "basic-auth"]
     if _alive(state.pids.get("mlflow-server")) and _http_ok(f"{state.mlflow_url}/health"):

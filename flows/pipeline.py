@@ -48,7 +48,8 @@ from tasks.modeling import ResolvedBase, resolve_base
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
 SHARED_CODE = ("tasks.common", "tasks.modeling")
-EXTRA_CODE = {"curate": ("tasks.pii",), "quantize": ("tasks.tokenize",), "synthesize": ("tasks.curate", "tasks.pii"),
+EXTRA_CODE = {"curate": ("tasks.pii",), "sft": ("tasks.launch",), "quantize": ("tasks.tokenize",),
+              "synthesize": ("tasks.curate", "tasks.pii"),
               "reward": ("tasks.sft",),
               "evaluate": ("tasks.tokenize", "tasks.synthesize", "metrics.rouge.rouge", "metrics.bleu.bleu",
                            "metrics.exact_match.exact_match"),
@@ -256,9 +257,10 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             init = Path(init_adapter) if init_adapter else None
             run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"]),
+                out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
-                 "init_adapter": sha256_tree(init) if init else None})
+                 "init_adapter": sha256_tree(init) if init else None,
+                 **({"launch": r.launch.model_dump(mode="json")} if r.launch.num_processes > 1 else {})})
         if _reached(until, "reward"):
             run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,

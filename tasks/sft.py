@@ -25,6 +25,7 @@ from tasks.common import (
     trainer_summary,
     write_manifest,
 )
+from tasks.launch import LaunchSpec, distributed, launched
 
 
 class LoraSpec(BaseModel):
@@ -70,6 +71,7 @@ class SftInputs(BaseModel):
     seed: int
     init_adapter: Path | None = None  # continue training this adapter (retraining from the champion)
     report_to: list[str] = ["none"]
+    launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
 
 def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
@@ -87,6 +89,8 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    if inputs.launch.num_processes > 1 and not launched():
+        return distributed("tasks.sft", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok_manifest = read_manifest(inputs.tokenized)
@@ -131,7 +135,9 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 
-    trainer.model.save_pretrained(out / "adapter")
+    trainer.save_model(str(out / "adapter"))  # the PEFT adapter; collective under FSDP / DeepSpeed
+    if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
+        return {}
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
@@ -150,6 +156,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "processes": trainer.args.world_size,
     }
     return write_manifest(out, {
         "stage": "sft",
