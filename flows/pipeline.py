@@ -50,7 +50,7 @@ Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward",
 SHARED_CODE = ("tasks.common", "tasks.modeling")
 EXTRA_CODE = {"curate": ("tasks.pii",), "sft": ("tasks.launch",), "quantize": ("tasks.tokenize",),
               "synthesize": ("tasks.curate", "tasks.pii"),
-              "reward": ("tasks.sft",),
+              "reward": ("tasks.sft", "tasks.launch"), "dpo": ("tasks.launch",),
               "evaluate": ("tasks.tokenize", "tasks.synthesize", "metrics.rouge.rouge", "metrics.bleu.bleu",
                            "metrics.exact_match.exact_match"),
               "register": ("tasks.served_model",)}
@@ -253,24 +253,25 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out),
                 {"base": base.key, "curate": ctx.key("curate")})
+        # several training processes change the effective batch: part of the training stages' keys
+        launch = {"launch": r.launch.model_dump(mode="json")} if r.launch.num_processes > 1 else {}
         if _reached(until, "sft"):
             init = Path(init_adapter) if init_adapter else None
             run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
                 out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
-                 "init_adapter": sha256_tree(init) if init else None,
-                 **({"launch": r.launch.model_dump(mode="json")} if r.launch.num_processes > 1 else {})})
+                 "init_adapter": sha256_tree(init) if init else None, **launch})
         if _reached(until, "reward"):
             run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,
-                report_to=["mlflow"]), {"base": base.key, "tokenize": ctx.key("tokenize")})
+                report_to=["mlflow"], launch=r.launch), {"base": base.key, "tokenize": ctx.key("tokenize"), **launch})
         if _reached(until, "dpo"):
             run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"]),
+                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
-                 "sft": ctx.key("sft")})
+                 "sft": ctx.key("sft"), **launch})
         if _reached(until, "evaluate"):
             candidate_sha = sha256_tree(ctx.folders["dpo"] / "adapter")
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,

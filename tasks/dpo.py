@@ -31,6 +31,7 @@ from tasks.common import (
     trainer_summary,
     write_manifest,
 )
+from tasks.launch import LaunchSpec, distributed, launched
 
 
 class DpoConfig(BaseModel):
@@ -60,6 +61,7 @@ class DpoInputs(BaseModel):
     out_dir: Path
     seed: int
     report_to: list[str] = ["none"]
+    launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
 
 def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
@@ -77,6 +79,8 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    if inputs.launch.num_processes > 1 and not launched():
+        return distributed("tasks.dpo", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
@@ -115,7 +119,10 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     ref_cached = cfg.precompute_ref_log_probs and _ref_logprobs_reused(trainer.train_dataset, started)
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
+    if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy
+        trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
+    else:  # launched processes: the main one writes everything
+        return {}
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))

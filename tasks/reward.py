@@ -23,6 +23,7 @@ from tasks.common import (
     trainer_summary,
     write_manifest,
 )
+from tasks.launch import LaunchSpec, distributed, launched
 from tasks.sft import LoraSpec
 
 
@@ -46,6 +47,7 @@ class RewardInputs(BaseModel):
     out_dir: Path
     seed: int
     report_to: list[str] = ["none"]
+    launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
 
 def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    if inputs.launch.num_processes > 1 and not launched():
+        return distributed("tasks.reward", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
@@ -95,7 +99,9 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
                                 peft_config=cfg.lora.peft("SEQ_CLS"))
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.model.save_pretrained(out / "adapter")
+    trainer.save_model(str(out / "adapter"))  # the PEFT adapter + score head; collective under FSDP / DeepSpeed
+    if not trainer.is_world_process_zero():  # launched processes: the main one scores and writes the rest
+        return {}
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))

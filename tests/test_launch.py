@@ -1,5 +1,5 @@
-"""Training on several processes through `accelerate launch`: the command line for each strategy, and a real
-two-process DDP run of the SFT stage on CPU (gloo) that logs into the stage's MLflow child run."""
+"""Training on several processes through `accelerate launch`: the command line for each strategy, and real
+two-process DDP runs of sft, reward and dpo on CPU (gloo) that log into the stages' MLflow child runs."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def test_launch_command_for_each_strategy(tmp_path: Path) -> None:
 
 def test_sft_on_two_processes_through_accelerate(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
     recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [
-        "launch.num_processes=2", "launch.cpu=true", "quantize.bits=null", "sft.max_steps=4", "sft.batch_size=4"])
-    result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="sft")
+        "launch.num_processes=2", "launch.cpu=true", "quantize.bits=null", "sft.max_steps=4", "sft.batch_size=4",
+        "reward.max_steps=2", "dpo.max_steps=2"])
+    result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="dpo")
     folder = Path(result["stages"]["sft"]["folder"])
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["global_step"] == 4
@@ -51,4 +52,7 @@ def test_sft_on_two_processes_through_accelerate(prefect_server: None, in_root: 
     runs = client.search_runs([result["experiment_id"]])
     sft_run = next(r for r in runs if r.info.run_name == "sft")
     assert len(client.get_metric_history(sft_run.info.run_id, "loss")) == 4
-    assert len(runs) == 1 + 5  # parent + curate, synthesize, tokenize, quantize, sft: no stray runs
+    assert len(runs) == 1 + 7  # parent + seven stages up to dpo: no stray runs from the launched processes
+    for stage in ("reward", "dpo"):  # the other two training stages went through accelerate as well
+        stage_manifest = json.loads((Path(result["stages"][stage]["folder"]) / "manifest.json").read_text())
+        assert stage_manifest["launch"]["num_processes"] == 2 and stage_manifest["metrics"]["global_step"] == 2
