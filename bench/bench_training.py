@@ -114,7 +114,7 @@ def main() -> None:
             t0 = time.perf_counter()
             m = dpo.run(dcfg.model_copy(update={"beta": beta}), dpo.DpoInputs(
                 base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain",
-                out_dir=tmp / f"dpo-{i}", seed=0))
+                out_dir=tmp / f"dpo-{i}", seed=0, ref_cache=tmp / "ref-cache"))
             seconds.append(time.perf_counter() - t0)
             figures[f"P6_run{i + 1}_ref_cached"] = str(read_manifest(tmp / f"dpo-{i}")["ref_logprobs_cached"])
         figures["P6_first_s"], figures["P6_second_s"] = round(seconds[0], 2), round(seconds[1], 2)

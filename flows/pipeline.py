@@ -26,7 +26,12 @@ from typing import Any, Literal
 
 import mlflow
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -40,6 +45,7 @@ from tasks.common import (
     folder_lock,
     read_jsonl,
     read_manifest,
+    set_progress_reporter,
     sha256_file,
     sha256_json,
     sha256_tree,
@@ -102,8 +108,15 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     with folder_lock(final):
         if (final / MANIFEST).exists():  # another run finished it while we waited
             return json.loads((final / MANIFEST).read_text())
-        with mlflow.start_run(run_id=run_id):  # active here: the Trainers' MLflow callback logs live steps into it
-            manifest = fn(cfg, inputs)
+        # the Prefect UI shows how far a long stage is (training stages report steps / max_steps)
+        progress = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"alignflow {stage}: % done")
+        set_progress_reporter(lambda fraction: update_progress_artifact(progress, 100.0 * fraction))
+        try:
+            with mlflow.start_run(run_id=run_id):  # active: the Trainers' MLflow callback logs live steps into it
+                manifest = fn(cfg, inputs)
+        finally:
+            set_progress_reporter(None)
+        update_progress_artifact(progress, 100.0)
         manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), upstream=upstream,
                         produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
@@ -269,7 +282,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         if _reached(until, "dpo"):
             run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch),
+                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch,
+                ref_cache=work / "cache" / "ref_logps"),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
                  "sft": ctx.key("sft"), **launch})
         if _reached(until, "evaluate"):

@@ -16,8 +16,8 @@ in the manifest (tag `alignflow.ref_logprobs_cached`) says whether a run did.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.common import (
     last_complete_checkpoint,
     plot_curves,
+    progress_callback,
     read_manifest,
     seed_everything,
+    sha256_json,
+    sha256_tree,
     trainer_summary,
     write_manifest,
 )
@@ -61,6 +64,7 @@ class DpoInputs(BaseModel):
     out_dir: Path
     seed: int
     report_to: list[str] = ["none"]
+    ref_cache: Path | None = None  # where reference log-probs are kept across runs (None: this stage's folder)
     launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
 
@@ -110,13 +114,13 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=read_manifest(inputs.tokenized)["max_length"],
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_log_probs=False,  # done below, with a cache keyed on what the values depend on
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
-    started = time.time()
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok)
-    ref_cached = cfg.precompute_ref_log_probs and _ref_logprobs_reused(trainer.train_dataset, started)
+    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok,
+                             callbacks=[progress_callback()])
+    ref_cached = _attach_ref_logps(trainer, inputs, quant) if cfg.precompute_ref_log_probs else False
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy
@@ -149,12 +153,42 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     })
 
 
-def _ref_logprobs_reused(dataset: Any, started: float) -> bool:
-    """True when the reference log-probs TRL attached came from a cache file written before this stage began."""
-    from datasets import Dataset
+def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) -> bool:
+    """Attach every pair's reference log-probs to the training data, computed once and reused by later runs.
 
-    for entry in dataset.cache_files:
-        path = Path(entry["filename"])
-        if "ref_chosen_logps" in Dataset.from_file(str(path)).column_names:
-            return path.stat().st_mtime < started
-    return False
+    TRL's own precompute caches them under the prepared dataset's fingerprint, which changes with the DPOConfig
+    (beta, output_dir): a run with another beta recomputed them. The key here is what they depend on: the
+    reference weights (the SFT adapter, whose config names the base), dtype and quantization, and the pairs as
+    TRL tokenized them. The loss then reads them from each batch (`precompute_ref_logps`) instead of running
+    the reference. Returns True when they came from the cache.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    dataset = trainer.train_dataset
+    key = sha256_json({"reference": sha256_tree(inputs.sft / "adapter"), "dtype": inputs.dtype, "quant": quant,
+                       "max_length": trainer.args.max_length,
+                       "pairs": sha256_json([dataset[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")])})
+    cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.pt"
+    cached = cache.exists()
+    if cached:
+        logps = torch.load(cache)
+    else:
+        loader = DataLoader(dataset, batch_size=trainer.args.per_device_train_batch_size,
+                            collate_fn=trainer.data_collator, shuffle=False)
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc="dpo: reference log-probs", unit="batch"):
+            batch = {k: v.to(trainer.accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            c, r = trainer.compute_ref_log_probs(trainer.model, batch)  # TRL's own: the frozen "ref" adapter
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        logps = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+        torch.save(logps, tmp)
+        os.replace(tmp, cache)
+    trainer.train_dataset = dataset.add_column("ref_chosen_logps", logps["chosen"].tolist()).add_column(
+        "ref_rejected_logps", logps["rejected"].tolist())
+    trainer.precompute_ref_logps = True  # DPOTrainer's switch: the loss reads the batch's reference log-probs
+    return cached

@@ -19,6 +19,7 @@ from tasks.common import (
     StageError,
     last_complete_checkpoint,
     plot_curves,
+    progress_callback,
     seed_everything,
     trainer_summary,
     write_manifest,
@@ -96,7 +97,8 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         **train_precision(inputs.dtype),
     )
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=pairs["train"], processing_class=tok,
-                                peft_config=cfg.lora.peft("SEQ_CLS"))
+                                peft_config=cfg.lora.peft("SEQ_CLS"),
+                                callbacks=[progress_callback()])
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "adapter"))  # the PEFT adapter + score head; collective under FSDP / DeepSpeed

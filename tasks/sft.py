@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.common import (
     last_complete_checkpoint,
     plot_curves,
+    progress_callback,
     read_manifest,
     seed_everything,
     trainer_summary,
@@ -131,7 +132,8 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         model = PeftModel.from_pretrained(model, inputs.init_adapter, is_trainable=True)
         peft_config = None
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                             peft_config=peft_config)
+                             peft_config=peft_config,
+                             callbacks=[progress_callback()])
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 

@@ -157,6 +157,11 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
     assert {v.tags["alignflow.parent_run_id"] for v in versions} <= {p.info.run_id for p in parents}
     assert len(versions) == 2
     assert client.get_model_version_by_alias("smoke-assistant", "champion").version in {v.version for v in versions}
+    # every stage that ran reported progress in the UI; the training stages step by step, ending at 100 %
+    for stage in ("sft", "reward", "dpo"):
+        progress = _api(team, "/artifacts/filter", {"artifacts": {"key": {"any_": [f"{stage}-progress"]}}})
+        assert progress and {a["type"] for a in progress} == {"progress"}
+        assert all(a["data"] == 100.0 for a in progress)
     # the artifacts went through the server's proxy into the team's artifact store
     assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))
 

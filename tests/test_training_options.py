@@ -55,13 +55,28 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
         assert dpo["config"]["loss"] == recipe.dpo.loss
 
 
-def test_precomputed_reference_logprobs_train_and_are_recorded(prefect_server: None, in_root: Path,
-                                                                tmp_path: Path) -> None:
-    # TRL computes the reference log-probs once, before training, and the steps then skip the reference pass.
-    # Known limit (see README): TRL's cache key includes the whole DPOConfig, so a later run with another beta
-    # does not reuse them; the manifest and the dpo child run say whether they were reused.
-    recipe = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.precompute_ref_log_probs=true"])
-    result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="dpo")
-    dpo = read_manifest(Path(result["stages"]["dpo"]["folder"]))
-    assert dpo["metrics"]["global_step"] == recipe.dpo.max_steps
-    assert dpo["ref_logprobs_cached"] is False  # first computation in a fresh work dir
+def test_reference_logprobs_are_computed_once_and_reused_by_a_run_with_another_beta(
+        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    work = tmp_path / "w"
+    first = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.precompute_ref_log_probs=true"])
+    second = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.precompute_ref_log_probs=true", "dpo.beta=0.3"])
+    for recipe, reused in ((first, False), (second, True)):
+        result = pipeline(recipe=recipe, work_dir=str(work), until="dpo")
+        folder = Path(result["stages"]["dpo"]["folder"])
+        dpo = read_manifest(folder)
+        assert dpo["metrics"]["global_step"] == recipe.dpo.max_steps
+        assert dpo["ref_logprobs_cached"] is reused  # computed by the first run, loaded by the second
+        # before the first update the policy is the reference: with the right reference log-probs attached to
+        # the right pairs, the implicit rewards of the first step are zero, up to float noise (other padding
+        # in the precompute batches, 4-bit kernels); a pair given another pair's values is off by whole nats
+        first_step = json.loads((folder / "log_history.json").read_text())[0]
+        for side in ("chosen", "rejected"):
+            assert abs(first_step[f"rewards/{side}"]) / recipe.dpo.beta < 0.05  # nats
+        client = MlflowClient(result["tracking_uri"])
+        runs = client.search_runs([result["experiment_id"]],
+                                  f"tags.mlflow.parentRunId = '{result['parent_run_id']}' and "
+                                  "attributes.run_name = 'dpo'")
+        assert runs[0].data.tags["alignflow.ref_logprobs_cached"] == str(reused).lower()
+    assert len(list((work / "cache" / "ref_logps").glob("ref-logps-*.pt"))) == 1
