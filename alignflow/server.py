@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
+from tasks.common import pid_alive
+
 DEFAULT_HOME = Path(os.environ.get("ALIGNFLOW_SERVER_HOME", "~/.alignflow/server")).expanduser()
 DB_USER = "alignflow"
 DATABASES = ("prefect", "mlflow")
@@ -101,21 +103,6 @@ def _save_state(state: State) -> None:
 # ---------------------------------------------------------------- processes and health checks
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
@@ -136,11 +123,11 @@ def _port_taken(port: int) -> bool:
 
 def _wait(what: str, check: Callable[[], bool], pid: int, timeout_s: float, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         if check():
             return
         time.sleep(0.5)
-    why = "exited" if not _alive(pid) else f"did not answer within {timeout_s:.0f} s"
+    why = "exited" if not pid_alive(pid) else f"did not answer within {timeout_s:.0f} s"
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
     raise ServerError(f"{what} {why}; the end of {log}:\n{tail}")
 
@@ -165,9 +152,9 @@ def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.2)
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
 
 
@@ -291,7 +278,7 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     env = _base_env(state)
     prefect_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": state.db_url("prefect", "postgresql+asyncpg"),
                    "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(state.prefect_port)}
-    if _alive(state.pids.get("prefect-server")) and _http_ok(f"{state.prefect_api_url}/health"):
+    if pid_alive(state.pids.get("prefect-server")) and _http_ok(f"{state.prefect_api_url}/health"):
         status = "already running"
     else:
         if _port_taken(state.prefect_port):
@@ -318,7 +305,7 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
                           MLFLOW_AUTH_ADMIN_USERNAME=credentials[0],
                           MLFLOW_AUTH_ADMIN_PASSWORD=credentials[1])
         argv += ["--app-name", "basic-auth"]
-    if _alive(state.pids.get("mlflow-server")) and _http_ok(f"{state.mlflow_url}/health"):
+    if pid_alive(state.pids.get("mlflow-server")) and _http_ok(f"{state.mlflow_url}/health"):
         status = "already running"
     else:
         if _port_taken(state.mlflow_port):
@@ -336,7 +323,7 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
                   "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
     if credentials:
         worker_env.update(MLFLOW_TRACKING_USERNAME=credentials[0], MLFLOW_TRACKING_PASSWORD=credentials[1])
-    if _alive(state.pids.get("prefect-worker")):
+    if pid_alive(state.pids.get("prefect-worker")):
         status = "already running"
     else:
         create = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", state.pool, "--type",
@@ -362,7 +349,7 @@ def down(home: Path = DEFAULT_HOME, purge: bool = False, say: Callable[[str], No
         return False
     for name in ("prefect-worker", "mlflow-server", "prefect-server"):
         pid = state.pids.pop(name, None)
-        if _alive(pid):
+        if pid_alive(pid):
             assert pid is not None
             _stop_pid(pid)
             say(f"{name:<15} stopped (pid {pid})")

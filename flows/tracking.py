@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from alignflow.recipe import Recipe
-from tasks.common import StageError, folder_lock, sha256_json
+from tasks.common import StageError, folder_lock, pid_alive, sha256_json
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
@@ -51,16 +51,6 @@ def _process_tags() -> dict[str, str]:
     return {"alignflow.host": platform.node(), "alignflow.pid": str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def reap_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs whose process on this host is gone (a kill -9, an OOM kill, a power cut).
 
@@ -70,7 +60,7 @@ def reap_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500):
         tags = run.data.tags
         pid = tags.get("alignflow.pid", "")
-        if tags.get("alignflow.host") == host and pid.isdigit() and not _alive(int(pid)):
+        if tags.get("alignflow.host") == host and pid.isdigit() and not pid_alive(int(pid)):
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             client.set_tag(run.info.run_id, "alignflow.reaped", "process gone; marked KILLED by a later run")
             reaped.append(run.info.run_id)

@@ -186,6 +186,22 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Is process `pid` running on this host? A zombie (exited, not yet reaped by its parent) counts as gone."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:  # no /proc (macOS): os.kill said it exists
+        return True
+
+
 # --- progress ------------------------------------------------------------------------------------------------
 # A stage reports how far it is (0..1); the pipeline flow installs a reporter that shows it in the Prefect UI
 # as a progress artifact. Without one (a plain `run()` call, a launched worker process) this is a no-op.

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 
 from alignflow.recipe import load_recipe
 from alignflow.server import State, find_pg_bin, load_state
+from tasks.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,16 +46,11 @@ if _missing() and not os.environ.get("CI"):
     pytest.skip(f"team mode needs system packages: {_missing()}", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Team:
     def __init__(self, home: Path, work: Path, state: State, env: dict[str, str], password: str) -> None:
         self.home, self.work, self.state, self.env, self.password = home, work, state, env, password
         self.flow_runs: list[dict[str, Any]] = []
+        self.first_up = ""  # what the first `server up` printed
 
     def cli(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], cwd=ROOT, env=self.env,
@@ -77,7 +72,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password,
                PREFECT_HOME=str(home / "client-prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    ports = {"--pg-port": _free_port(), "--prefect-port": _free_port(), "--mlflow-port": _free_port()}
+    ports = {"--pg-port": free_port(), "--prefect-port": free_port(), "--mlflow-port": free_port()}
     argv = ["server", "up", "--home", str(home), "--auth", *[x for kv in ports.items() for x in map(str, kv)]]
     t = Team(home, work, State(home=str(home), project_dir=str(ROOT)), env, password)
     first = t.cli(*argv)
@@ -87,7 +82,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         assert state is not None
         t.state = state
         t.env.update(state.client_env())
-        t.first_up = first.stdout  # type: ignore[attr-defined]
+        t.first_up = first.stdout
         yield t
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
@@ -96,8 +91,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 
 def test_server_up_is_idempotent_and_prints_the_environment(team: Team) -> None:
-    assert f"export PREFECT_API_URL=http://127.0.0.1:{team.state.prefect_port}/api" in team.first_up  # type: ignore[attr-defined]
-    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{team.state.mlflow_port}" in team.first_up  # type: ignore[attr-defined]
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{team.state.prefect_port}/api" in team.first_up
+    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{team.state.mlflow_port}" in team.first_up
     pids = dict(team.state.pids)
     again = team.cli("server", "up", "--home", str(team.home), "--auth", "--pg-port", str(team.state.pg_port),
                      "--prefect-port", str(team.state.prefect_port), "--mlflow-port", str(team.state.mlflow_port))
