@@ -257,7 +257,9 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
                       lambda out, _: synthesize.SynthesizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], curate_cfg=r.curate, out_dir=out,
-                seed=seed), {"base": base.key, "curate": ctx.key("curate")})
+                seed=seed), {"base": base.key, "curate": ctx.key("curate"),  # a judge's weights are an input too
+                             "reward_model": sha256_tree(r.synthesize.reward_model / "adapter")
+                             if r.synthesize.reward_model else None})
         if _reached(until, "tokenize"):
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
                 base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out),
