@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.curate import CurateConfig
 from tasks.dpo import DpoConfig
@@ -93,6 +93,20 @@ class Recipe(BaseModel):
     scale_out: ScaleOutSection = ScaleOutSection()
     launch: LaunchSpec = LaunchSpec()
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
+        problem = _full_but_quantized(self.sft.method, self.quantize.bits)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _full_but_quantized(method: Any, bits: Any) -> str | None:
+    if method == "full" and bits is not None:
+        return (f"sft.method: 'full' trains every weight in model.dtype, so quantize.bits must be null (got {bits}); "
+                "QLoRA is sft.method 'lora' with quantize.bits 4")
+    return None
+
 
 class RecipeError(Exception):
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -141,7 +155,12 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(source, [_format_error(err) for err in e.errors()] + problems) from None
+        errors = [_format_error(err) for err in e.errors()]
+        sections = {k: raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("sft", "quantize")}
+        clash = _full_but_quantized(sections["sft"].get("method"), sections["quantize"].get("bits"))
+        if clash and not any(clash in error for error in errors):  # field errors stop the check above: add it
+            errors.append(clash)
+        raise RecipeError(source, errors + problems) from None
     if problems:
         raise RecipeError(source, problems)
     return recipe.model_copy(update={"data": DataSection(**resolved)})
@@ -171,6 +190,9 @@ def _format_error(err: Any) -> str:
         return f"{loc}: unknown key"
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
+    if err["type"] == "value_error":  # a check across keys: its message names them; the input would be noise
+        message = str(err["msg"]).removeprefix("Value error, ")
+        return message if loc == "(recipe)" else f"{loc}: {message}"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
 
 

@@ -50,7 +50,7 @@ from tasks.common import (
     sha256_json,
     sha256_tree,
 )
-from tasks.modeling import ResolvedBase, resolve_base
+from tasks.modeling import ResolvedBase, resolve_base, tuned_weights
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
 SHARED_CODE = ("tasks.common", "tasks.modeling")
@@ -285,11 +285,11 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
                 sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch,
-                ref_cache=work / "cache" / "ref_logps"),
+                ref_cache=work / "cache" / "ref_logps", lora=r.sft.lora),
                 {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
                  "sft": ctx.key("sft"), **launch})
         if _reached(until, "evaluate"):
-            candidate_sha = sha256_tree(ctx.folders["dpo"] / "adapter")
+            candidate_sha = sha256_tree(tuned_weights(ctx.folders["dpo"]))
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
                                                                  work / "champions")
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(

@@ -59,7 +59,7 @@ def rollback(client: MlflowClient, name: str) -> str:
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """A registered alignflow model's adapter folder and its model config (base path, spec, dtype)."""
+    """A registered model's weights folder (adapter, or full model) and its config (base path, spec, dtype)."""
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
     except MlflowException as e:
@@ -67,7 +67,8 @@ def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     pyfunc = mlmodel["flavors"]["python_function"]
     config = pyfunc.get("config") or pyfunc.get("model_config") or {}  # MLflow 3 stores model_config as "config"
-    return local / "artifacts" / "adapter", config
+    adapter = local / "artifacts" / "adapter"
+    return (adapter if adapter.exists() else local / "artifacts" / "model"), config
 
 
 @dataclass

@@ -14,6 +14,7 @@ Wiring only: the ML is in the stages.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,12 +91,15 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                        eval=recipe.data.eval)
     init = None
     if recipe.retrain.start_from == "champion":
-        init = work / "champions" / f"{name}-v{version.version}-adapter"
-        if not (init / "adapter_config.json").exists():
+        init = work / "champions" / f"{name}-v{version.version}-weights"  # adapter, or full model
+        if not init.exists():
             with tempfile.TemporaryDirectory() as tmp:
-                adapter, _config = download_model(f"models:/{name}/{version.version}", Path(tmp))
-                init.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(adapter), init)  # across filesystems (tmp -> work dir)
+                weights, _config = download_model(f"models:/{name}/{version.version}", Path(tmp))
+                partial = init.with_name(init.name + ".partial")  # a crash mid-copy leaves no half `init`
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(weights), partial)  # across filesystems (tmp -> work dir)
+                os.replace(partial, init)
     logger.info("retraining %s from %s on %s", name, "champion v" + str(version.version) if init else "the base",
                 summary)
     result = pipeline(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,

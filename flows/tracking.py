@@ -170,7 +170,7 @@ class Tracker:
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path) -> tuple[Path | None, dict]:
-        """The adapter to compare the candidate with, downloaded once under dest_root, and its identity.
+        """The weights (adapter or full model) to compare the candidate with, downloaded once, and their identity.
 
         That is the registry's `champion`; or, when the champion is this very adapter (same content hash: the run
         that promoted it, re-run unchanged), the `previous-champion` it displaced, which is the comparison the
@@ -190,15 +190,18 @@ class Tracker:
             return None, {}
         sha = version.tags.get("alignflow.adapter_sha256", "")
         dest = dest_root / f"{model_name}-v{version.version}"
-        if not (dest / "adapter").exists():
+        kinds = ("adapter", "model")  # a LoRA adapter, or a full fine-tune's complete weights
+        if not any((dest / kind).exists() for kind in kinds):
             tmp = dest.with_name(dest.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}",
                                                         dst_path=str(tmp))
             dest.mkdir(parents=True, exist_ok=True)
-            os.replace(Path(local) / "artifacts" / "adapter", dest / "adapter")
+            kind = next(k for k in kinds if (Path(local) / "artifacts" / k).exists())
+            os.replace(Path(local) / "artifacts" / kind, dest / kind)
             shutil.rmtree(tmp, ignore_errors=True)
-        return dest / "adapter", {"version": str(version.version), "adapter_sha256": sha}
+        weights = next(dest / kind for kind in kinds if (dest / kind).exists())
+        return weights, {"version": str(version.version), "adapter_sha256": sha}
 
     def fail(self, run_id: str, killed: bool) -> None:
         status = RunStatus.KILLED if killed else RunStatus.FAILED

@@ -3,8 +3,15 @@
 The policy is base + the SFT adapter (trainable). No second model copy is loaded for the reference: TRL
 freezes a copy of the SFT adapter under the name `ref` and swaps to it for reference log-probs, so the
 reference is the SFT policy itself (standard DPO) at the cost of one extra adapter (a few MB), not a model.
-Loss variants are TRL's (`sigmoid`, `ipo`, `hinge`, `robust`, ...). Output: `adapter/` (the tuned adapter
-only, without the frozen reference copy) + tokenizer, the reward-margin curves, the log history.
+Loss variants are TRL's (`sigmoid`, `ipo`, `hinge`, `robust`, ...). `simpo` and `orpo` are reference-free
+and live in other TRL trainers (`trl.experimental.cpo.CPOTrainer` with loss_type="simpo" and cpo_alpha=0, and
+`trl.experimental.orpo.ORPOTrainer`); with them the stage trains the same SFT adapter on the same pairs, and
+there are no reference log-probs at all. Output: `adapter/` (the tuned adapter only, without the frozen
+reference copy) + tokenizer, the reward-margin curves, the log history.
+
+After a full fine-tune (sft wrote `model/`), the SFT model is the base here: a new LoRA adapter (the recipe's
+`sft.lora` settings) is trained over it, so the reference is still the SFT weights with the adapter disabled
+and no second model copy is held; at the end the adapter is merged in and the stage writes `model/` instead.
 
 With `precompute_ref_log_probs`, TRL computes the reference log-probs of every pair once, before training
 (the training steps then skip the reference forward pass), and caches them beside the tokenized data under
@@ -21,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import (
     last_complete_checkpoint,
@@ -35,14 +42,16 @@ from tasks.common import (
     write_manifest,
 )
 from tasks.launch import LaunchSpec, distributed, launched
+from tasks.sft import LoraSpec
 
 
 class DpoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     beta: float = Field(0.1, gt=0, description="KL strength: higher stays closer to the SFT model")
-    # TRL 1.16 DPOTrainer losses (SimPO and ORPO live in other, reference-free trainers under trl.experimental)
+    # TRL 1.16 DPOTrainer losses, then the two reference-free ones from trl.experimental (CPO's SimPO, ORPO)
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-                  "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm"] = "sigmoid"
+                  "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "simpo", "orpo"] = "sigmoid"
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (loss: simpo only)")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
     lr: float = Field(5e-5, gt=0)
@@ -53,6 +62,15 @@ class DpoConfig(BaseModel):
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
     precompute_ref_log_probs: bool = Field(False, description="compute reference log-probs once and cache them")
+
+    @model_validator(mode="after")
+    def _reference_free(self) -> DpoConfig:
+        if self.precompute_ref_log_probs and self.loss in REFERENCE_FREE:
+            raise ValueError(f"precompute_ref_log_probs is for losses with a reference model; {self.loss!r} has none")
+        return self
+
+
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 class DpoInputs(BaseModel):
@@ -65,20 +83,23 @@ class DpoInputs(BaseModel):
     seed: int
     report_to: list[str] = ["none"]
     ref_cache: Path | None = None  # where reference log-probs are kept across runs (None: this stage's folder)
+    lora: LoraSpec = LoraSpec()  # the adapter trained over a fully fine-tuned SFT model (sft.method: full)
     launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
 
 def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from tasks.modeling import (
         check_optimizer,
+        is_adapter,
         load_causal_lm,
         load_tokenizer,
         peak_memory_bytes,
         train_precision,
+        tuned_weights,
     )
 
     out = inputs.out_dir
@@ -89,17 +110,21 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
-    base = load_causal_lm(inputs.base, inputs.dtype, quant or None)
+    sft_weights = tuned_weights(inputs.sft)
+    full = not is_adapter(sft_weights)  # sft.method: full; the recipe check keeps quantization off then
+    base = load_causal_lm(sft_weights if full else inputs.base, inputs.dtype, quant or None)
     if quant:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model = PeftModel.from_pretrained(base, inputs.sft / "adapter", is_trainable=True)
+    if full:  # a fresh adapter over the SFT model: disabled, it is the reference
+        model = get_peft_model(base, inputs.lora.peft("CAUSAL_LM"))
+    else:
+        model = PeftModel.from_pretrained(base, sft_weights, is_trainable=True)
     pairs = load_from_disk(str(inputs.tokenized / "preference"))
 
-    args = trl.DPOConfig(
+    common = dict(  # TrainingArguments every trainer below shares
         output_dir=str(out / "checkpoints"),
         run_name="dpo",
-        beta=cfg.beta,
-        loss_type=[cfg.loss],
+        beta=cfg.beta,  # DPO's KL strength; SimPO's reward scale; ORPO's odds-ratio weight (lambda)
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.lr,
@@ -114,13 +139,28 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=read_manifest(inputs.tokenized)["max_length"],
-        precompute_ref_log_probs=False,  # done below, with a cache keyed on what the values depend on
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok,
-                             callbacks=[progress_callback()])
-    ref_cached = _attach_ref_logps(trainer, inputs, quant) if cfg.precompute_ref_log_probs else False
+    callbacks = [progress_callback()]
+    ref_cached = False
+    if cfg.loss == "simpo":  # reference-free: the policy's length-normalised log-probs are the reward
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=cfg.simpo_gamma, **common)
+        trainer = CPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, callbacks=callbacks)
+    elif cfg.loss == "orpo":  # reference-free: NLL on chosen + beta * log odds ratio
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, callbacks=callbacks)
+    else:
+        args = trl.DPOConfig(loss_type=[cfg.loss],
+                             precompute_ref_log_probs=False,  # done below, with a cache keyed on what they depend on
+                             **common)
+        trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok,
+                                 callbacks=callbacks)
+        ref_cached = _attach_ref_logps(trainer, inputs, quant) if cfg.precompute_ref_log_probs else False
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy
@@ -143,11 +183,17 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         "reward_accuracy": last.get("rewards/accuracies", float("nan")),
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
     }
+    if full:  # fold the adapter into the SFT weights: the product is a complete model again
+        del trainer, model, base  # free the training copy first
+        merged = PeftModel.from_pretrained(load_causal_lm(sft_weights, inputs.dtype), out / "adapter")
+        merged.merge_and_unload().save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        shutil.rmtree(out / "adapter")
     return write_manifest(out, {
         "stage": "dpo",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "ref_logprobs_cached": ref_cached,
-        "outputs": ["adapter", "rewards.png", "log_history.json"],
+        "outputs": ["model" if full else "adapter", "rewards.png", "log_history.json"],
         "artifacts": ["rewards.png", "log_history.json"],
         "metrics": metrics,
     })
@@ -167,7 +213,9 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
     from tqdm.auto import tqdm
 
     dataset = trainer.train_dataset
-    key = sha256_json({"reference": sha256_tree(inputs.sft / "adapter"), "dtype": inputs.dtype, "quant": quant,
+    from tasks.modeling import tuned_weights
+
+    key = sha256_json({"reference": sha256_tree(tuned_weights(inputs.sft)), "dtype": inputs.dtype, "quant": quant,
                        "max_length": trainer.args.max_length,
                        "pairs": sha256_json([dataset[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")])})
     cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.pt"

@@ -42,9 +42,9 @@ class EvaluateInputs(BaseModel):
     dtype: str
     tokenized: Path
     curated: Path
-    candidate: Path  # the dpo stage folder (adapter/)
+    candidate: Path  # the dpo stage folder (adapter/, or model/ after a full fine-tune)
     reward: Path  # the reward stage folder (adapter/)
-    champion: Path | None = None  # the registry champion's adapter folder, when there is one
+    champion: Path | None = None  # the registry champion's weights (an adapter or a full model), when there is one
     teacher: Any = "base"  # the recipe's synthesize.teacher, for the optional LLM judge
     out_dir: Path
     seed: int
@@ -57,10 +57,12 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     from tasks.modeling import (
         answer_perplexity,
         generate,
+        is_adapter,
         load_causal_lm,
         load_reward_model,
         load_tokenizer,
         score_answers,
+        tuned_weights,
     )
 
     out = inputs.out_dir
@@ -76,11 +78,20 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     base_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: base", **gen)]
     base_ppl = answer_perplexity(model, tok, prompts, references) if "perplexity" in cfg.metrics else None
     champion_answers: list[str] | None = None
-    if inputs.champion is not None:
+    if inputs.champion is not None and is_adapter(inputs.champion):  # over the same base: no second model
         model = PeftModel.from_pretrained(model, inputs.champion, adapter_name="champion")
         champion_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: champion", **gen)]
         model = model.unload()  # back to the plain base, without the champion's layers
-    model = PeftModel.from_pretrained(model, inputs.candidate / "adapter")
+    elif inputs.champion is not None:  # a fully fine-tuned champion: its own weights
+        champion = load_causal_lm(inputs.champion, inputs.dtype)
+        champion_answers = [a[0] for a in generate(champion, tok, prompts, desc="evaluate: champion", **gen)]
+        del champion
+    weights = tuned_weights(inputs.candidate)
+    if is_adapter(weights):
+        model = PeftModel.from_pretrained(model, weights)
+    else:  # a full fine-tune: the candidate is a complete model
+        del model
+        model = load_causal_lm(weights, inputs.dtype)
     answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: tuned", **gen)]
     metrics: dict[str, float] = {"eval_examples": len(records)}
     if base_ppl is not None:

@@ -4,6 +4,8 @@
   config, generation config and tokenizer (chat template included): `AutoModelForCausalLM.from_pretrained(OUT)`
   loads it anywhere transformers runs.
 - adapter: the PEFT adapter folder + tokenizer, and `base_model.json` naming the base it applies to.
+
+A full fine-tune was registered as complete weights: `merged` copies them; it has no adapter to export.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from tasks.common import StageError
+
 
 class ExportInputs(BaseModel):
-    adapter: Path
+    adapter: Path  # the registered weights: a PEFT adapter, or a complete model (full fine-tune)
     base_path: Path
     base_spec: str
     dtype: str = "float32"
@@ -26,7 +30,14 @@ class ExportInputs(BaseModel):
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
+    from tasks.modeling import is_adapter
+
     out = inputs.out_dir
+    if not is_adapter(inputs.adapter):
+        if inputs.kind == "adapter":
+            raise StageError("export: this model is a full fine-tune (complete weights, no adapter); use --merged")
+        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)  # already plain transformers files
+        return {"kind": "merged", "out_dir": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     if inputs.kind == "adapter":
         shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)

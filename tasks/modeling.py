@@ -224,6 +224,26 @@ def load_causal_lm(path: Path, dtype: str, quantization: dict[str, Any] | None =
     return model
 
 
+def tuned_weights(stage_folder: Path) -> Path:
+    """A training stage's product: `model/` (full fine-tune: every weight) or `adapter/` (PEFT over the base)."""
+    full = stage_folder / "model"
+    return full if (full / "config.json").exists() else stage_folder / "adapter"
+
+
+def is_adapter(weights: Path) -> bool:
+    """True for a PEFT adapter folder (applies over a base model), False for a complete model folder."""
+    return (weights / "adapter_config.json").exists()
+
+
+def load_tuned(base: Path, dtype: str, weights: Path) -> Any:
+    """A tuned model for inference: full weights load on their own; an adapter loads over `base`."""
+    if not is_adapter(weights):
+        return load_causal_lm(weights, dtype)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_causal_lm(base, dtype), weights)
+
+
 def generate(
     model: Any,
     tok: Any,

@@ -1,12 +1,12 @@
 """register: put the tuned adapter into the MLflow model registry and let the gate pick its alias.
 
-The adapter (with tokenizer and chat template) is logged as an MLflow pyfunc model in the register child run
-and registered under `register.model_name`. The gate reads the evaluate stage's metrics, the current
-champion's metrics (version tags `alignflow.metric.*`) and whether curate decontaminated the training data.
-If every condition holds, the new version gets the alias `champion` (the version it displaces keeps
-`previous-champion`); otherwise it gets `challenger` and the reasons are recorded on the version. A failed gate
-is an outcome, not an error. Registration is idempotent: a version whose adapter has the same content hash is
-reused, never duplicated (and a champion re-submitted keeps its alias).
+The adapter (with tokenizer and chat template; or, after a full fine-tune, the complete model) is logged as an
+MLflow pyfunc model in the register child run and registered under `register.model_name`. The gate reads the
+evaluate stage's metrics, the current champion's metrics (version tags `alignflow.metric.*`) and whether curate
+decontaminated the training data. If every condition holds, the new version gets the alias `champion` (the
+version it displaces keeps `previous-champion`); otherwise it gets `challenger` and the reasons are recorded on
+the version. A failed gate is an outcome, not an error. Registration is idempotent: a version whose adapter has
+the same content hash is reused, never duplicated (and a champion re-submitted keeps its alias).
 """
 
 from __future__ import annotations
@@ -96,12 +96,14 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
+    from tasks.modeling import is_adapter, tuned_weights
     from tasks.served_model import AdapterModel
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    adapter = inputs.candidate / "adapter"
-    adapter_hash = sha256_tree(adapter)
+    weights = tuned_weights(inputs.candidate)  # adapter/, or model/ after a full fine-tune
+    kind = "adapter" if is_adapter(weights) else "model"
+    adapter_hash = sha256_tree(weights)  # tagged alignflow.adapter_sha256 for either kind (the name is a promise)
     metrics = read_manifest(inputs.evaluation)["metrics"]
     client = MlflowClient()
     try:
@@ -126,7 +128,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=AdapterModel(),
-                artifacts={"adapter": str(adapter)},
+                artifacts={kind: str(weights)},
                 model_config={"base_path": str(inputs.base_path), "base_spec": inputs.base_spec,
                               "dtype": inputs.dtype},
                 pip_requirements=pins,
@@ -134,6 +136,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
             )
         version = str(info.registered_model_version)
         tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
+                "alignflow.weights": "adapter" if kind == "adapter" else "full",
                 **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in GATED_METRICS}}
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)

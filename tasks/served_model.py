@@ -1,9 +1,9 @@
-"""The MLflow pyfunc wrapper a registered alignflow model loads through: base model + LoRA adapter.
+"""The MLflow pyfunc wrapper a registered alignflow model loads through: base model + LoRA adapter, or full weights.
 
 `mlflow.pyfunc.load_model("models:/<name>@champion").predict(["prompt", ...])` returns one greedy answer per
 prompt. The adapter and tokenizer travel inside the registered model; the base model is referenced by the
 path (and recipe spec) in the model config, because copying a multi-GB base into every version would waste
-the artifact store.
+the artifact store. A full fine-tune has no adapter: its complete weights travel as the `model` artifact.
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ import mlflow.pyfunc
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from peft import PeftModel
-
-        from tasks.modeling import load_causal_lm, load_tokenizer
+        from tasks.modeling import load_tokenizer, load_tuned
 
         cfg = context.model_config
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
-        self.tok = load_tokenizer(Path(context.artifacts["adapter"]))
-        base = load_causal_lm(Path(cfg["base_path"]), cfg.get("dtype", "float32"))
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
+        weights = Path(context.artifacts.get("adapter") or context.artifacts["model"])
+        self.tok = load_tokenizer(weights)
+        self.model = load_tuned(Path(cfg["base_path"]), cfg.get("dtype", "float32"), weights).eval()
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         from tasks.modeling import generate

@@ -1,4 +1,4 @@
-"""sft: supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA / QLoRA / DoRA / rsLoRA adapter.
+"""sft: supervised fine-tuning with TRL's SFTTrainer: a PEFT LoRA / QLoRA / DoRA / rsLoRA adapter, or every weight.
 
 Trains on the tokenize stage's pre-tokenized examples (labels are -100 outside assistant turns, so the loss
 is on the answers only). When the quantize stage asked for 4/8-bit, the base is loaded with those
@@ -6,6 +6,12 @@ bitsandbytes settings and prepared for k-bit training (QLoRA). Checkpoints go to
 `save_steps`; a re-run of an interrupted stage resumes from the last complete one (the Trainer restores
 optimizer, scheduler, RNG state and the data order). Output: `adapter/` (PEFT adapter + tokenizer), the
 loss curve, and the Trainer's log history.
+
+`method: full` trains every weight instead (small models: AdamW keeps ~16 bytes per parameter, so a 135M model
+needs ~2 GB, a 7B one ~110 GB) and writes `model/` (complete weights + tokenizer) in place of `adapter/`.
+Later stages then treat that model as the base: dpo trains a LoRA adapter over it (its reference is the same
+weights with the adapter disabled, as always) and merges it in; evaluate, register and export take the full
+weights as they are.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class LoraSpec(BaseModel):
 
 class SftConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train a PEFT adapter (QLoRA when quantize.bits is set); full: train every weight")
     lora: LoraSpec = LoraSpec()
     epochs: float = Field(1.0, gt=0, description="passes over the data (ignored when max_steps > 0)")
     max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
@@ -70,7 +78,7 @@ class SftInputs(BaseModel):
     quantized: Path
     out_dir: Path
     seed: int
-    init_adapter: Path | None = None  # continue training this adapter (retraining from the champion)
+    init_adapter: Path | None = None  # continue from these tuned weights (retraining from the champion)
     report_to: list[str] = ["none"]
     launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
 
@@ -78,10 +86,12 @@ class SftInputs(BaseModel):
 def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
-    from peft import prepare_model_for_kbit_training
+    from peft import PeftModel, prepare_model_for_kbit_training
 
+    from tasks.common import StageError
     from tasks.modeling import (
         check_optimizer,
+        is_adapter,
         load_causal_lm,
         load_tokenizer,
         peak_memory_bytes,
@@ -97,9 +107,21 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     tok_manifest = read_manifest(inputs.tokenized)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
-    model = load_causal_lm(inputs.base, inputs.dtype, quant or None)
+    if cfg.method == "full" and quant:  # the recipe check refuses this too; a stage run on its own must as well
+        raise StageError("sft: method 'full' trains every weight and cannot train a 4/8-bit quantized base")
+    init = inputs.init_adapter
+    if init is not None and not is_adapter(init) and cfg.method == "lora":
+        raise StageError(f"sft: {init} holds full weights (a full fine-tune); continue it with sft.method: full")
+    full_init = init is not None and cfg.method == "full" and not is_adapter(init)
+    model = load_causal_lm(init if full_init else inputs.base, inputs.dtype, quant or None)
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_config = cfg.lora.peft("CAUSAL_LM") if cfg.method == "lora" else None
+    if init is not None and is_adapter(init):  # continue an existing adapter instead of starting a new one
+        model = PeftModel.from_pretrained(model, init, is_trainable=cfg.method == "lora")
+        if cfg.method == "full":  # a LoRA champion, fully fine-tuned from here on: fold it into the weights
+            model = model.merge_and_unload()
+        peft_config = None
     train = load_from_disk(str(inputs.tokenized / "sft"))
 
     args = trl.SFTConfig(
@@ -125,22 +147,17 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
-    peft_config = cfg.lora.peft("CAUSAL_LM")
-    if inputs.init_adapter is not None:  # continue an existing adapter instead of starting a new one
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, inputs.init_adapter, is_trainable=True)
-        peft_config = None
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                              peft_config=peft_config,
                              callbacks=[progress_callback()])
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 
-    trainer.save_model(str(out / "adapter"))  # the PEFT adapter; collective under FSDP / DeepSpeed
+    product = out / ("model" if cfg.method == "full" else "adapter")
+    trainer.save_model(str(product))  # the adapter or the whole model; collective under FSDP / DeepSpeed
     if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
-    tok.save_pretrained(out / "adapter")
+    tok.save_pretrained(product)
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(out / "loss.png", history, ["loss", "learning_rate", "grad_norm"], "sft")
@@ -164,8 +181,9 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "stage": "sft",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "quantized": bool(quant),
+        "method": cfg.method,
         "init_adapter": str(inputs.init_adapter) if inputs.init_adapter else None,
-        "outputs": ["adapter", "loss.png", "log_history.json"],
+        "outputs": [product.name, "loss.png", "log_history.json"],
         "artifacts": ["loss.png", "log_history.json"],
         "metrics": metrics,
     })

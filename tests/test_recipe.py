@@ -49,6 +49,25 @@ def test_all_problems_listed_at_once_with_dotted_paths(tmp_path: Path) -> None:
     assert len(e.value.problems) == 5
 
 
+def test_checks_across_keys_are_listed_with_the_others(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    data["sft"] = {"method": "full", "lr": "fast"}  # full fine-tuning of a 4-bit base, and a field error
+    data["quantize"] = {"bits": 4}
+    data["dpo"] = {"loss": "orpo", "precompute_ref_log_probs": True}  # ORPO has no reference to precompute
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    text = "\n".join(e.value.problems)
+    assert "sft.lr" in text and "quantize.bits must be null (got 4)" in text, text
+    assert "dpo: precompute_ref_log_probs is for losses with a reference model; 'orpo' has none" in text, text
+    assert len(e.value.problems) == 3
+    data["sft"] = {"method": "full"}  # alone, the clash is still caught (by the model's own check)
+    data.pop("dpo")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert e.value.problems == ["sft.method: 'full' trains every weight in model.dtype, so quantize.bits must be "
+                                "null (got 4); QLoRA is sft.method 'lora' with quantize.bits 4"]
+
+
 def test_missing_data_files_and_base_model_are_reported_together(tmp_path: Path) -> None:
     data = _base(tmp_path)
     data["data"]["preference"] = "nope/*.jsonl"

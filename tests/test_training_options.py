@@ -1,5 +1,5 @@
 """Every training option trains on the smoke recipe (tiny model): LoRA variants, QLoRA NF4 / FP4, 8-bit,
-target modules, gradient checkpointing + accumulation, packing, schedules, DPO loss variants."""
+target modules, gradient checkpointing + accumulation, packing, schedules, DPO loss variants, SimPO and ORPO."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ CASES = {
     "packing-cosine": (["tokenize.packing=true", "sft.scheduler=cosine", "sft.warmup_ratio=0.2"], "sft"),
     "dpo-ipo": (["dpo.loss=ipo"], "dpo"),
     "dpo-hinge": (["dpo.loss=hinge", "dpo.beta=0.5"], "dpo"),
+    "simpo": (["dpo.loss=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.5"], "dpo"),
+    "orpo": (["dpo.loss=orpo"], "dpo"),
     "llm-judge": (["evaluate.judge=true"], "evaluate"),
 }
 
@@ -53,6 +55,14 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
         dpo = read_manifest(Path(result["stages"]["dpo"]["folder"]))
         assert dpo["metrics"]["global_step"] == recipe.dpo.max_steps
         assert dpo["config"]["loss"] == recipe.dpo.loss
+        history = json.loads((Path(result["stages"]["dpo"]["folder"]) / "log_history.json").read_text())
+        steps = [h for h in history if "rewards/chosen" in h]
+        assert len(steps) == recipe.dpo.max_steps
+        if case == "orpo":  # ORPOTrainer's own quantities
+            assert all("log_odds_ratio" in h and "nll_loss" in h for h in steps)
+        if case == "simpo":  # CPOTrainer with SimPO: reward = beta * mean token log-prob, no reference term
+            for h in steps:
+                assert h["rewards/chosen"] == pytest.approx(recipe.dpo.beta * h["logps/chosen"], rel=1e-3)
 
 
 def test_reference_logprobs_are_computed_once_and_reused_by_a_run_with_another_beta(
@@ -80,3 +90,68 @@ def test_reference_logprobs_are_computed_once_and_reused_by_a_run_with_another_b
                                   "attributes.run_name = 'dpo'")
         assert runs[0].data.tags["alignflow.ref_logprobs_cached"] == str(reused).lower()
     assert len(list((work / "cache" / "ref_logps").glob("ref-logps-*.pt"))) == 1
+
+
+def test_full_fine_tune_goes_through_every_stage(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    """sft.method: full trains every weight; dpo tunes an adapter over it and merges it; evaluate compares with
+    a full champion; the registry serves the full weights; export copies them and refuses an adapter."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path / "w"
+    overrides = ["sft.method=full", "quantize.bits=null", "sft.lr=1e-3", "register.model_name=smoke-full"]
+    first = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", overrides), work_dir=str(work))
+    sft_dir, dpo_dir = (Path(first["stages"][s]["folder"]) for s in ("sft", "dpo"))
+    assert (sft_dir / "model" / "config.json").exists() and not (sft_dir / "adapter").exists()
+    base = AutoModelForCausalLM.from_pretrained(next((work / "base").glob("tiny-*")))
+    assert read_manifest(sft_dir)["metrics"]["trainable_params"] == sum(p.numel() for p in base.parameters())
+    sft_model = AutoModelForCausalLM.from_pretrained(sft_dir / "model")
+    moved = [n for (n, p), q in zip(base.named_parameters(), sft_model.parameters(), strict=True)
+             if not torch.equal(p, q)]
+    assert len(moved) == len(list(base.parameters()))  # every tensor trained, not just adapter targets
+
+    assert (dpo_dir / "model" / "config.json").exists() and not (dpo_dir / "adapter").exists()
+    dpo_model = AutoModelForCausalLM.from_pretrained(dpo_dir / "model")
+    assert any(not torch.equal(p, q) for p, q in zip(sft_model.parameters(), dpo_model.parameters(), strict=True))
+    assert first["registered"]["alias"] == "champion"
+
+    # a second candidate (another beta) is evaluated against the full champion's own weights
+    second = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", [*overrides, "dpo.beta=0.3"]),
+                      work_dir=str(work))
+    assert 0.0 <= read_manifest(Path(second["stages"]["evaluate"]["folder"]))["metrics"][
+        "win_rate_vs_champion"] <= 1.0
+    assert (work / "champions" / "smoke-full-v1" / "model" / "config.json").exists()
+
+    client = MlflowClient(first["tracking_uri"])
+    assert client.get_model_version("smoke-full", "1").tags["alignflow.weights"] == "full"
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    served = mlflow.pyfunc.load_model("models:/smoke-full/1")
+    answers = served.predict(["List the fruits in: 'pears and figs'", "hi"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "alignflow.cli", *args, "--work-dir", str(work)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    proc = cli("export", "models:/smoke-full/1", "--merged", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(torch.equal(p, q) for p, q in zip(exported.parameters(), dpo_model.parameters(), strict=True))
+    proc = cli("export", "models:/smoke-full/1", "--adapter", str(tmp_path / "a"))
+    assert proc.returncode != 0 and "full fine-tune" in proc.stderr + proc.stdout
+
+    # retraining from the full champion starts where the champion's training ended, not from the base
+    champion = work / "champions" / "smoke-full-v1" / "model"
+    again = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", overrides), work_dir=str(work),
+                     until="sft", init_adapter=str(champion))
+    first_losses = [h["loss"] for h in json.loads((sft_dir / "log_history.json").read_text()) if "loss" in h]
+    again_start = json.loads((Path(again["stages"]["sft"]["folder"]) / "log_history.json").read_text())[0]["loss"]
+    assert abs(again_start - first_losses[-1]) < abs(again_start - first_losses[0]), (first_losses, again_start)
+    with pytest.raises(Exception, match="holds full weights"):  # a LoRA recipe cannot continue full weights
+        pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", ["quantize.bits=null"]), work_dir=str(work),
+                 until="sft", init_adapter=str(champion))
