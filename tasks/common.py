@@ -232,3 +232,36 @@ def progress_callback() -> Any:
                 report_progress(state.global_step / state.max_steps)
 
     return Progress()
+
+
+def add_step_metrics(trainer: Any) -> None:
+    """Add `tokens_per_s` (non-padding tokens since the previous log) and `peak_memory_bytes` to every step log.
+
+    The callback goes first in the Trainer's list: the logs dict it extends is then the one the MLflow callback
+    logs to the stage's child run; the copy already kept in `state.log_history` gets the same values.
+    """
+    from transformers import TrainerCallback
+
+    from tasks.modeling import peak_memory_bytes
+
+    class StepMetrics(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.last: tuple[float, int] | None = None  # (monotonic seconds, tokens seen) at the previous log
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = (time.monotonic(), int(state.num_input_tokens_seen or 0))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            if logs is None or "loss" not in logs:  # the end-of-training summary has its own figures
+                return
+            now, tokens = time.monotonic(), int(state.num_input_tokens_seen or 0)
+            extra: dict[str, float] = {"peak_memory_bytes": float(peak_memory_bytes())}
+            if self.last is not None and now > self.last[0] and tokens > self.last[1]:
+                extra["tokens_per_s"] = round((tokens - self.last[1]) / (now - self.last[0]), 2)
+            self.last = (now, tokens)
+            logs.update(extra)
+            if state.log_history:
+                state.log_history[-1].update(extra)
+
+    trainer.callback_handler.callbacks.insert(0, StepMetrics())

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import (
+    add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
     progress_callback,
@@ -161,6 +162,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok,
                                  callbacks=callbacks)
         ref_cached = _attach_ref_logps(trainer, inputs, quant) if cfg.precompute_ref_log_probs else False
+    add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import (
     StageError,
+    add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
     progress_callback,
@@ -99,6 +100,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=pairs["train"], processing_class=tok,
                                 peft_config=cfg.lora.peft("SEQ_CLS"),
                                 callbacks=[progress_callback()])
+    add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "adapter"))  # the PEFT adapter + score head; collective under FSDP / DeepSpeed

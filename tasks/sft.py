@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import (
+    add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
     progress_callback,
@@ -150,6 +151,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                              peft_config=peft_config,
                              callbacks=[progress_callback()])
+    add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
 

@@ -52,6 +52,9 @@ def test_smoke_pipeline_end_to_end_then_cached(prefect_server: None, smoke: Reci
     assert children["curate"].data.metrics["sft.dropped.bad_json"] == 1
     assert children["sft"].data.params["sft.lora.r"] == "8"
     assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) >= 3  # live step metrics
+    for metric in ("learning_rate", "grad_norm", "tokens_per_s", "peak_memory_bytes"):  # one per step (6)
+        history = client.get_metric_history(children["sft"].info.run_id, metric)
+        assert len({h.step for h in history}) >= 6 and all(h.value > 0 for h in history), metric
     assert children["sft"].data.metrics["global_step"] == 6
     assert children["quantize"].data.metrics["memory_ratio"] < 1.0  # NF4 base is smaller
     assert "side_by_side.json" in [a.path for a in client.list_artifacts(children["evaluate"].info.run_id)]
