@@ -5,8 +5,10 @@ QLoRA loads the base through bitsandbytes NF4 with double quantization and bf16 
 its own process, so that neither sees the other's peak:
 - CUDA: `torch.cuda.max_memory_allocated()` over the stage (weights, adapter, optimizer, activations);
 - CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the stage)
-  minus its resident set at that moment (imports excluded). A rougher figure: the allocator keeps freed
-  pages, and bitsandbytes' CPU kernels dequantize whole layers.
+  minus its resident set at that moment (imports excluded). A rougher figure: the allocator keeps freed pages.
+Two peaks per variant: over the whole stage (loading included), and from the first training step on (the
+peak is reset when training begins). On CPU, bitsandbytes quantizes after loading the bf16 weights in host
+memory, so the stage peak of QLoRA holds both copies for a moment; the training peak is the one to compare.
 
 The base is SmolLM2-135M (embedded) with `--shape 135m`, or a Llama of random weights in a bigger shape
 (memory does not depend on the values), with SmolLM2's tokenizer and chat template:
@@ -76,19 +78,34 @@ def child(base: Path, tokenized: Path, work: Path, steps: int) -> dict[str, floa
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     import trl  # noqa: F401  (imported now, so that its memory is not counted as the stage's)
+    from transformers import TrainerCallback
 
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS from here on
     before = _status_bytes("VmRSS")
+    train_start: dict[str, int] = {}
+
+    class ResetPeakAtTrainBegin(TrainerCallback):  # put in place of the stage's (here idle) progress callback
+        def on_train_begin(self, *args: object, **kwargs: object) -> None:
+            train_start["stage_peak"] = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                Path("/proc/self/clear_refs").write_text("5")
+
+    sft.progress_callback = ResetPeakAtTrainBegin
     cfg = sft.SftConfig(max_steps=steps, batch_size=4, lr=2e-4, save_steps=10_000,
                         lora=sft.LoraSpec(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
     metrics = sft.run(cfg, sft.SftInputs(base=base, dtype="bfloat16", tokenized=tokenized, quantized=work / "q",
                                          out_dir=work / "sft", seed=0))["metrics"]
-    peak = float(torch.cuda.max_memory_allocated()) if cuda else float(_status_bytes("VmHWM") - before)
+    train_peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+    stage_peak = max(train_start["stage_peak"], train_peak)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # count parameters without allocating them
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).parameters())
-    return {"peak_bytes": peak, "tokens_per_s": metrics["tokens_per_s"], "params": params,
+    base_level = 0 if cuda else before  # on CPU: above the level before the stage (imports excluded)
+    return {"stage_peak_bytes": float(stage_peak - base_level), "train_peak_bytes": float(train_peak - base_level),
+            "tokens_per_s": metrics["tokens_per_s"], "params": params,
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
@@ -132,9 +149,10 @@ def main() -> None:
         lora, qlora = results["lora-bf16"], results["qlora-nf4"]
         figures["device"] = lora["device"]
         figures["params"] = lora["params"]
-        figures["P5_lora_bf16_peak_MiB"] = round(lora["peak_bytes"] / 2**20, 1)
-        figures["P5_qlora_nf4_peak_MiB"] = round(qlora["peak_bytes"] / 2**20, 1)
-        figures["P5_ratio"] = round(qlora["peak_bytes"] / lora["peak_bytes"], 3)
+        for scope in ("train", "stage"):
+            figures[f"P5_{scope}_lora_bf16_peak_MiB"] = round(lora[f"{scope}_peak_bytes"] / 2**20, 1)
+            figures[f"P5_{scope}_qlora_nf4_peak_MiB"] = round(qlora[f"{scope}_peak_bytes"] / 2**20, 1)
+            figures[f"P5_{scope}_ratio"] = round(qlora[f"{scope}_peak_bytes"] / lora[f"{scope}_peak_bytes"], 3)
         figures["lora_bf16_tokens_per_s"] = lora["tokens_per_s"]
         figures["qlora_nf4_tokens_per_s"] = qlora["tokens_per_s"]
         if lora["device"] != "cpu":
