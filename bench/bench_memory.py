@@ -12,7 +12,7 @@ memory, so the stage peak of QLoRA holds both copies for a moment; the training 
 
 The base is SmolLM2-135M (embedded) with `--shape 135m`, or a Llama of random weights in a bigger shape
 (memory does not depend on the values), with SmolLM2's tokenizer and chat template:
-  python bench/bench_memory.py                        # CPU, 135m: ~4 min on 2 cores
+  python bench/bench_memory.py                        # CPU, 135m: ~1 min on 2 cores (1b: ~4 min)
   python bench/bench_memory.py --shape 1b --steps 20  # a GPU: TinyLlama-1.1B's shape, MFU too
 MFU = trained tokens/s x 6 x parameters / the GPU's dense bf16 peak (the PaLM convention; LoRA skips the
 weight gradients of frozen layers, so the work done is nearer 4N per token and 6N overstates it by ~1.5x).

@@ -113,7 +113,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 class StageError(Exception):
     """A problem the user can fix (bad data, a gate, a missing file): shown as a message, not a traceback."""
 

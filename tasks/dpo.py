@@ -13,11 +13,12 @@ After a full fine-tune (sft wrote `model/`), the SFT model is the base here: a n
 `sft.lora` settings) is trained over it, so the reference is still the SFT weights with the adapter disabled
 and no second model copy is held; at the end the adapter is merged in and the stage writes `model/` instead.
 
-With `precompute_ref_log_probs`, TRL computes the reference log-probs of every pair once, before training
-(the training steps then skip the reference forward pass), and caches them beside the tokenized data under
-a key of (prepared-data fingerprint, hash of the reference weights). Measured here: that fingerprint changes
-with the DPOConfig (beta, output dir), so a run with another beta does NOT reuse them; `ref_logprobs_cached`
-in the manifest (tag `alignflow.ref_logprobs_cached`) says whether a run did.
+With `precompute_ref_log_probs`, every pair's reference log-probs are computed once, before training (the
+steps then skip the reference forward pass), with TRL's own `compute_ref_log_probs`, and kept in
+`<work>/cache/ref_logps/` under a key of what they depend on: the reference weights, dtype, quantization,
+max length and the tokenized pairs. TRL's own cache keys on the prepared dataset's fingerprint, which changes
+with the DPOConfig (beta, output dir), so a run with another beta recomputed them; here it reuses them.
+`ref_logprobs_cached` in the manifest (tag `alignflow.ref_logprobs_cached`) says whether a run did.
 """
 
 from __future__ import annotations
@@ -206,17 +207,17 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
 
     TRL's own precompute caches them under the prepared dataset's fingerprint, which changes with the DPOConfig
     (beta, output_dir): a run with another beta recomputed them. The key here is what they depend on: the
-    reference weights (the SFT adapter, whose config names the base), dtype and quantization, and the pairs as
-    TRL tokenized them. The loss then reads them from each batch (`precompute_ref_logps`) instead of running
-    the reference. Returns True when they came from the cache.
+    reference weights (the SFT adapter, whose config names the base, or the full SFT model), dtype and
+    quantization, and the pairs as TRL tokenized them. The loss then reads them from each batch
+    (`precompute_ref_logps`) instead of running the reference. Returns True when they came from the cache.
     """
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    dataset = trainer.train_dataset
     from tasks.modeling import tuned_weights
 
+    dataset = trainer.train_dataset
     key = sha256_json({"reference": sha256_tree(tuned_weights(inputs.sft)), "dtype": inputs.dtype, "quant": quant,
                        "max_length": trainer.args.max_length,
                        "pairs": sha256_json([dataset[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")])})

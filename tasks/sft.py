@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import (
+    StageError,
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
@@ -89,7 +90,6 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from tasks.common import StageError
     from tasks.modeling import (
         check_optimizer,
         is_adapter,

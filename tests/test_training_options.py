@@ -4,6 +4,7 @@ target modules, gradient checkpointing + accumulation, packing, schedules, DPO l
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,15 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
         assert len(steps) == recipe.dpo.max_steps
         if case == "orpo":  # ORPOTrainer's own quantities
             assert all("log_odds_ratio" in h and "nll_loss" in h for h in steps)
-        if case == "simpo":  # CPOTrainer with SimPO: reward = beta * mean token log-prob, no reference term
+        if case == "simpo":  # CPOTrainer with SimPO: reward = beta * log-prob averaged over the answer's tokens
+            from transformers import AutoTokenizer
+
+            vocab = len(AutoTokenizer.from_pretrained(Path(result["stages"]["tokenize"]["folder"]) / "tokenizer"))
             for h in steps:
                 assert h["rewards/chosen"] == pytest.approx(recipe.dpo.beta * h["logps/chosen"], rel=1e-3)
+                # a per-token mean stays near log(vocab) (6.9 nats here, 6.8 seen); a sum over the answers (3+
+                # tokens, as sigmoid-CPO takes it) would be several times that
+                assert -h["logps/chosen"] < 1.5 * math.log(vocab)
 
 
 def test_reference_logprobs_are_computed_once_and_reused_by_a_run_with_another_beta(
