@@ -77,11 +77,11 @@ def run(
         raise typer.Exit(2)
     r = _load(recipe, set_)
     _quiet_environment()
-    from tasks.common import StageError
+    from alignflow.tasks.lib.errors import StageError
 
     console.print(f"[bold]alignflow[/] running '{r.name}' (base {r.model.base}) in {work_dir.resolve()}")
     try:
-        from flows.pipeline import pipeline
+        from alignflow.flows.pipeline import pipeline
 
         result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
     except StageError as e:
@@ -104,10 +104,10 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
     """Retrain on data that arrived since the current champion; the gate decides. No new data: ends at once."""
     r = _load(recipe, set_)
     _quiet_environment()
-    from tasks.common import StageError
+    from alignflow.tasks.lib.errors import StageError
 
     try:
-        from flows.retrain import retrain as retrain_flow
+        from alignflow.flows.retrain import retrain as retrain_flow
 
         result = retrain_flow(recipe=r, work_dir=str(work_dir))
     except StageError as e:
@@ -150,7 +150,7 @@ def _client(work_dir: Path) -> Any:
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.tracking import tracking_uri
+    from alignflow.flows.tracking import tracking_uri
 
     uri = tracking_uri(work_dir.expanduser().resolve())
     mlflow.set_tracking_uri(uri)
@@ -158,7 +158,7 @@ def _client(work_dir: Path) -> Any:
 
 
 def _user_error(fn: Any, *args: Any) -> Any:
-    from tasks.common import StageError
+    from alignflow.tasks.lib.errors import StageError
 
     try:
         return fn(*args)
@@ -170,7 +170,7 @@ def _user_error(fn: Any, *args: Any) -> Any:
 @app.command()
 def promote(model_name: str, version: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Make VERSION the champion of MODEL_NAME by hand (the old champion becomes previous-champion)."""
-    from flows.registry import promote as do_promote
+    from alignflow.flows.registry import promote as do_promote
 
     console.print(_user_error(do_promote, _client(work_dir), model_name, version))
 
@@ -178,7 +178,7 @@ def promote(model_name: str, version: str, work_dir: WorkOpt = Path("runs")) -> 
 @app.command()
 def rollback(model_name: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Swap champion and previous-champion of MODEL_NAME."""
-    from flows.registry import rollback as do_rollback
+    from alignflow.flows.registry import rollback as do_rollback
 
     console.print(_user_error(do_rollback, _client(work_dir), model_name))
 
@@ -193,9 +193,9 @@ def export(
     """Export a registered model as plain transformers files (merged) or as its PEFT adapter."""
     import tempfile
 
-    from flows.registry import download_model
-    from tasks.export import ExportInputs
-    from tasks.export import run as do_export
+    from alignflow.flows.registry import download_model
+    from alignflow.tasks.export import ExportInputs
+    from alignflow.tasks.export import run as do_export
 
     if (merged is None) == (adapter is None):
         err.print("[red]give exactly one of --merged OUT or --adapter OUT[/]")
@@ -214,7 +214,7 @@ def export(
 @app.command()
 def compare(run_a: str, run_b: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Stage by stage: what differed between two pipeline runs (config, data, cache) and their metrics."""
-    from flows.registry import compare as do_compare
+    from alignflow.flows.registry import compare as do_compare
 
     lineage, rows = _user_error(do_compare, _client(work_dir), run_a, run_b)
     console.print(f"[bold]{run_a}[/] vs [bold]{run_b}[/]")

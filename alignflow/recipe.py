@@ -17,16 +17,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.curate import CurateConfig
-from tasks.dpo import DpoConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.launch import LaunchSpec
-from tasks.quantize import QuantizeConfig
-from tasks.register import RegisterConfig
-from tasks.reward import RewardConfig
-from tasks.sft import SftConfig
-from tasks.synthesize import SynthesizeConfig
-from tasks.tokenize import TokenizeConfig
+from alignflow.tasks.curate import CurateConfig
+from alignflow.tasks.dpo import DpoConfig
+from alignflow.tasks.evaluate import EvaluateConfig
+from alignflow.tasks.lib.launch import LaunchSpec
+from alignflow.tasks.quantize import QuantizeConfig
+from alignflow.tasks.register import RegisterConfig
+from alignflow.tasks.reward import RewardConfig
+from alignflow.tasks.sft import SftConfig
+from alignflow.tasks.synthesize import SynthesizeConfig
+from alignflow.tasks.tokenize import TokenizeConfig
 
 STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -214,7 +214,7 @@ def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:
 
 
 def _check_base(base: str) -> list[str]:
-    from tasks.modeling import EMBEDDED, embedded_available
+    from alignflow.tasks.lib.base_model import EMBEDDED, embedded_available
 
     if base.startswith("embedded:"):
         name = base.removeprefix("embedded:")

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-from tasks.common import pid_alive
+from alignflow.tasks.lib.processes import pid_alive
 
 DEFAULT_HOME = Path(os.environ.get("ALIGNFLOW_SERVER_HOME", "~/.alignflow/server")).expanduser()
 DB_USER = "alignflow"

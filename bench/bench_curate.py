@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.curate import CurateConfig, CurateInputs, run  # noqa: E402
+from alignflow.tasks.curate import CurateConfig, CurateInputs, run  # noqa: E402
 
 WORDS = ["river", "city", "garden", "market", "window", "music", "winter", "summer", "engine", "signal",
          "paper", "bridge", "forest", "doctor", "teacher", "planet", "coffee", "orange", "silver", "button",

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_training import curated  # noqa: E402
 
-from tasks import quantize, sft, tokenize  # noqa: E402
-from tasks.modeling import resolve_base  # noqa: E402
+from alignflow.tasks import quantize, sft, tokenize  # noqa: E402
+from alignflow.tasks.lib.base_model import resolve_base  # noqa: E402
 
 # Llama shapes: hidden, intermediate, layers, attention heads, key/value heads
 SHAPES = {"1b": (2048, 5632, 22, 32, 4), "3b": (3072, 8192, 28, 24, 8)}

@@ -34,8 +34,8 @@ os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": 
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from alignflow.recipe import Recipe, load_recipe  # noqa: E402
-from tasks import curate, dpo, evaluate, quantize, reward, sft, synthesize, tokenize  # noqa: E402
-from tasks.modeling import resolve_base  # noqa: E402
+from alignflow.tasks import curate, dpo, evaluate, quantize, reward, sft, synthesize, tokenize  # noqa: E402
+from alignflow.tasks.lib.base_model import resolve_base  # noqa: E402
 
 
 def plain_script(r: Recipe, work: Path) -> None:
@@ -62,7 +62,7 @@ def plain_script(r: Recipe, work: Path) -> None:
 
 
 def orchestrated(r: Recipe, work: Path) -> dict:
-    from flows.pipeline import pipeline
+    from alignflow.flows.pipeline import pipeline
 
     return pipeline(recipe=r, work_dir=str(work), until="evaluate")  # register needs MLflow: compared without it
 

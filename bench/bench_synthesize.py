@@ -1,7 +1,7 @@
 """Teacher generation throughput: the local teacher batched vs unbatched, measured side by side.
 
 Generates `--prompts` answers of `--tokens` new tokens each (sampled) with batch_size=8 and with batch_size=1
-through `tasks.modeling.generate` (the function the synthesize stage uses), and prints new tokens/s and the
+through `alignflow.tasks.lib.inference.generate` (the function the synthesize stage uses), and prints new tokens/s and the
 ratio batched / unbatched. Uses the embedded SmolLM2 when installed, else the tiny test model.
 
   python bench/bench_synthesize.py
@@ -18,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.modeling import embedded_available, generate, load_causal_lm, load_tokenizer, resolve_base  # noqa: E402
+from alignflow.tasks.lib.base_model import embedded_available, resolve_base  # noqa: E402
+from alignflow.tasks.lib.inference import generate  # noqa: E402
+from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 
 def main() -> None:

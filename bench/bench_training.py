@@ -22,9 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import dpo, quantize, sft, tokenize  # noqa: E402
-from tasks.common import read_manifest, write_jsonl  # noqa: E402
-from tasks.modeling import embedded_available, resolve_base  # noqa: E402
+from alignflow.tasks import dpo, quantize, sft, tokenize  # noqa: E402
+from alignflow.tasks.lib.base_model import embedded_available, resolve_base  # noqa: E402
+from alignflow.tasks.lib.jsonl import write_jsonl  # noqa: E402
+from alignflow.tasks.lib.manifest import read_manifest  # noqa: E402
 
 STEPS, BATCH = 6, 8
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect.events import emit_event
 
-from tasks.common import sha256_file
+from alignflow.tasks.lib.hashing import sha256_file
 
 
 def main() -> None:

@@ -35,31 +35,26 @@ from prefect.artifacts import (
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from alignflow.flows.tracking import Tracker, tracking_uri
 from alignflow.recipe import STAGES, Recipe, ScaleOutSection
-from flows.tracking import Tracker, tracking_uri
-from tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
-from tasks.common import (
-    MANIFEST,
-    StageError,
-    code_version,
-    folder_lock,
-    read_jsonl,
-    read_manifest,
-    set_progress_reporter,
-    sha256_file,
-    sha256_json,
-    sha256_tree,
-)
-from tasks.modeling import ResolvedBase, resolve_base, tuned_weights
+from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
+from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import code_version, sha256_file, sha256_json, sha256_tree
+from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
+from alignflow.tasks.lib.models import tuned_weights
+from alignflow.tasks.lib.processes import folder_lock
+from alignflow.tasks.lib.progress import set_progress_reporter
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
-SHARED_CODE = ("tasks.common", "tasks.modeling")
-EXTRA_CODE = {"curate": ("tasks.pii",), "sft": ("tasks.launch",), "quantize": ("tasks.tokenize",),
-              "synthesize": ("tasks.curate", "tasks.pii"),
-              "reward": ("tasks.sft", "tasks.launch"), "dpo": ("tasks.launch",),
-              "evaluate": ("tasks.tokenize", "tasks.synthesize", "metrics.rouge.rouge", "metrics.bleu.bleu",
-                           "metrics.exact_match.exact_match"),
-              "register": ("tasks.served_model",)}
+SHARED_CODE = ("alignflow.tasks.common", "alignflow.tasks.modeling")
+EXTRA_CODE = {"curate": ("alignflow.tasks.pii",), "sft": ("alignflow.tasks.lib.launch",), "quantize": ("alignflow.tasks.tokenize",),
+              "synthesize": ("alignflow.tasks.curate", "alignflow.tasks.pii"),
+              "reward": ("alignflow.tasks.sft", "alignflow.tasks.lib.launch"), "dpo": ("alignflow.tasks.lib.launch",),
+              "evaluate": ("alignflow.tasks.tokenize", "alignflow.tasks.synthesize", "alignflow.metrics.rouge.rouge", "alignflow.metrics.bleu.bleu",
+                           "alignflow.metrics.exact_match.exact_match"),
+              "register": ("alignflow.tasks.served_model",)}
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
             "judge_win_rate_vs_base",
             "win_rate_vs_champion", "perplexity", "perplexity_base", "gate_passed", "registered_version")
@@ -193,7 +188,7 @@ def _run_link(ctx: Context, run_id: str) -> str:
 
 def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel,
               make_inputs: Callable[[Path, str], BaseModel], upstream: dict[str, Any]) -> Path:
-    code = code_version(f"tasks.{stage}", *SHARED_CODE, *EXTRA_CODE.get(stage, ()))
+    code = code_version(f"alignflow.tasks.{stage}", *SHARED_CODE, *EXTRA_CODE.get(stage, ()))
     key = sha256_json({"stage": stage, "config": cfg.model_dump(mode="json"), "upstream": upstream,
                        "code": code, "seed": ctx.recipe.seed})
     folder = ctx.work / "stages" / stage / key[:16]

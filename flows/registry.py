@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.common import StageError
+from alignflow.tasks.lib.errors import StageError
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

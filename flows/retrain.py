@@ -25,12 +25,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 
+from alignflow.flows.pipeline import pipeline
+from alignflow.flows.registry import download_model
+from alignflow.flows.tracking import tracking_uri
 from alignflow.recipe import DataSection, Recipe
-from flows.pipeline import pipeline
-from flows.registry import download_model
-from flows.tracking import tracking_uri
-from tasks.common import StageError, read_jsonl, sha256_json, write_jsonl
-from tasks.curate import new_records
+from alignflow.tasks.curate import new_records
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 
 
 def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | None:

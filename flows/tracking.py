@@ -26,7 +26,9 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from alignflow.recipe import Recipe
-from tasks.common import StageError, folder_lock, pid_alive, sha256_json
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.processes import folder_lock, pid_alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into

@@ -46,8 +46,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageError, sha256_bytes, sha256_tree, write_jsonl, write_manifest
-from tasks.pii import scrub
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_bytes, sha256_tree
+from alignflow.tasks.lib.jsonl import write_jsonl
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.pii import scrub
 
 Dataset = Literal["sft", "preference", "eval"]
 ROLES = {"system", "user", "assistant"}
@@ -340,7 +343,7 @@ def filter_synthetic(
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
     """Pass generated records through the same checks as real ones: validation, PII, quality, exact and near
     dedup (against the curated data too, so near-copies of seed data go), and decontamination against eval."""
-    from tasks.common import read_jsonl
+    from alignflow.tasks.lib.jsonl import read_jsonl
 
     eval_records = list(read_jsonl(curated / "eval.jsonl"))
     index = _EvalIndex(eval_records, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None

@@ -31,20 +31,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import (
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
+from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
+from alignflow.tasks.lib.lora import LoraSpec
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.progress import progress_callback
+from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
-    progress_callback,
-    read_manifest,
     seed_everything,
-    sha256_json,
-    sha256_tree,
     trainer_summary,
-    write_manifest,
 )
-from tasks.launch import LaunchSpec, distributed, launched
-from tasks.sft import LoraSpec
 
 
 class DpoConfig(BaseModel):
@@ -94,20 +92,13 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.modeling import (
-        check_optimizer,
-        is_adapter,
-        load_causal_lm,
-        load_tokenizer,
-        peak_memory_bytes,
-        train_precision,
-        tuned_weights,
-    )
+    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer, tuned_weights
+    from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if inputs.launch.num_processes > 1 and not launched():
-        return distributed("tasks.dpo", inputs.launch, cfg, inputs, out)
+        return distributed("alignflow.tasks.dpo", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
@@ -215,7 +206,7 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from tasks.modeling import tuned_weights
+    from alignflow.tasks.lib.models import tuned_weights
 
     dataset = trainer.train_dataset
     key = sha256_json({"reference": sha256_tree(tuned_weights(inputs.sft)), "dtype": inputs.dtype, "quant": quant,

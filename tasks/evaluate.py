@@ -23,7 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import read_jsonl, seed_everything, write_jsonl, write_manifest
+from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.training import seed_everything
 
 Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
 
@@ -54,16 +56,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     import evaluate as hf_evaluate
     from peft import PeftModel
 
-    from tasks.modeling import (
-        answer_perplexity,
-        generate,
-        is_adapter,
-        load_causal_lm,
-        load_reward_model,
-        load_tokenizer,
-        score_answers,
-        tuned_weights,
-    )
+    from alignflow.tasks.lib.inference import answer_perplexity, generate, score_answers
+    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_reward_model, load_tokenizer, tuned_weights
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +93,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["perplexity_base"] = round(base_ppl, 4)
     del model
 
-    module = resources.files("metrics")
+    module = resources.files("alignflow.metrics")
     if "rouge" in cfg.metrics:
         rouge = hf_evaluate.load(str(module / "rouge"))
         tuned = rouge.compute(predictions=answers, references=references)
@@ -132,7 +126,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             metrics["win_rate_vs_champion"] = _win_rate(answers, rewards, champion_answers, champion_rewards)
 
     if cfg.judge:
-        from tasks.synthesize import SynthesizeConfig, Teacher, teacher_scores
+        from alignflow.tasks.synthesize import SynthesizeConfig, Teacher, teacher_scores
 
         judge = Teacher(SynthesizeConfig(teacher=inputs.teacher, max_new_tokens=4), inputs.base, inputs.dtype,
                         out / "judge.jsonl")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tasks.common import StageError
+from alignflow.tasks.lib.errors import StageError
 
 
 class ExportInputs(BaseModel):
@@ -30,7 +30,7 @@ class ExportInputs(BaseModel):
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
-    from tasks.modeling import is_adapter
+    from alignflow.tasks.lib.models import is_adapter
 
     out = inputs.out_dir
     if not is_adapter(inputs.adapter):
@@ -47,7 +47,7 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
 
     from peft import PeftModel
 
-    from tasks.modeling import load_causal_lm, load_tokenizer
+    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(inputs.base_path, inputs.dtype)
     merged = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()

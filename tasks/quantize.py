@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import read_jsonl, write_manifest
+from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.manifest import write_manifest
 
 
 class QuantizeConfig(BaseModel):
@@ -60,7 +61,8 @@ def settings(cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 def run(cfg: QuantizeConfig, inputs: QuantizeInputs) -> dict[str, Any]:
-    from tasks.modeling import answer_perplexity, load_causal_lm, load_tokenizer
+    from alignflow.tasks.lib.inference import answer_perplexity
+    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)

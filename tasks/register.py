@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.common import read_manifest, sha256_tree, write_manifest
+from alignflow.tasks.lib.hashing import sha256_tree
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
 LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
@@ -96,8 +97,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.modeling import is_adapter, tuned_weights
-    from tasks.served_model import AdapterModel
+    from alignflow.tasks.lib.models import is_adapter, tuned_weights
+    from alignflow.tasks.lib.served_model import AdapterModel
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -15,18 +15,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import (
-    StageError,
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
+from alignflow.tasks.lib.lora import LoraSpec
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.progress import progress_callback
+from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
-    progress_callback,
     seed_everything,
     trainer_summary,
-    write_manifest,
 )
-from tasks.launch import LaunchSpec, distributed, launched
-from tasks.sft import LoraSpec
 
 
 class RewardConfig(BaseModel):
@@ -56,19 +56,14 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
 
-    from tasks.modeling import (
-        check_optimizer,
-        load_reward_model,
-        load_tokenizer,
-        peak_memory_bytes,
-        score_answers,
-        train_precision,
-    )
+    from alignflow.tasks.lib.inference import score_answers
+    from alignflow.tasks.lib.models import load_reward_model, load_tokenizer
+    from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if inputs.launch.num_processes > 1 and not launched():
-        return distributed("tasks.reward", inputs.launch, cfg, inputs, out)
+        return distributed("alignflow.tasks.reward", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")

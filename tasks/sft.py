@@ -23,36 +23,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import (
-    StageError,
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
+from alignflow.tasks.lib.lora import LoraSpec
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.progress import progress_callback
+from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
-    progress_callback,
-    read_manifest,
     seed_everything,
     trainer_summary,
-    write_manifest,
 )
-from tasks.launch import LaunchSpec, distributed, launched
-
-
-class LoraSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(16, gt=0, description="adapter rank")
-    alpha: int = Field(32, gt=0, description="scaling numerator: the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = Field("all-linear",
-                                            description="'all-linear' or module names, e.g. [q_proj, v_proj]")
-    use_dora: bool = False  # weight-decomposed LoRA
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-
-    def peft(self, task_type: str) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, use_dora=self.use_dora, use_rslora=self.use_rslora,
-                          task_type=task_type)
 
 
 class SftConfig(BaseModel):
@@ -90,19 +72,13 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from tasks.modeling import (
-        check_optimizer,
-        is_adapter,
-        load_causal_lm,
-        load_tokenizer,
-        peak_memory_bytes,
-        train_precision,
-    )
+    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer
+    from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if inputs.launch.num_processes > 1 and not launched():
-        return distributed("tasks.sft", inputs.launch, cfg, inputs, out)
+        return distributed("alignflow.tasks.sft", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok_manifest = read_manifest(inputs.tokenized)

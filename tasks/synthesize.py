@@ -44,8 +44,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.common import StageError, read_jsonl, seed_everything, sha256_json, write_jsonl, write_manifest
-from tasks.curate import CurateConfig, filter_synthetic
+from alignflow.tasks.curate import CurateConfig, filter_synthetic
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.training import seed_everything
 
 Messages = list[dict[str, str]]
 JUDGE_LABEL = {"reference": "rougeL_vs_reference", "teacher": "teacher_both_orders", "reward_model": "reward_model"}
@@ -183,7 +187,8 @@ def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Pa
     if picked:
         judge_model = None
         if cfg.judge == "reward_model":
-            from tasks.modeling import load_reward_model, load_tokenizer, score_answers
+            from alignflow.tasks.lib.inference import score_answers
+            from alignflow.tasks.lib.models import load_reward_model, load_tokenizer
 
             assert cfg.reward_model is not None
             judge_model = (load_reward_model(inputs.base, inputs.dtype, cfg.reward_model / "adapter"),
@@ -309,7 +314,8 @@ class Teacher:
             self._file.flush()  # on disk before the next request: a kill loses at most the one in flight
 
     def _complete_local(self, todo: dict[str, Messages], n: int, sample: bool, desc: str) -> None:
-        from tasks.modeling import generate, load_causal_lm, load_tokenizer
+        from alignflow.tasks.lib.inference import generate
+        from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
 
         if self._local is None:
             self._local = (load_causal_lm(self.base, self.dtype), load_tokenizer(self.base))

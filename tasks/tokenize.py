@@ -22,7 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageError, read_jsonl, sha256_tree, write_manifest
+from alignflow.tasks.lib.chat import encode_conversation
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_tree
+from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.manifest import write_manifest
 
 
 class TokenizeConfig(BaseModel):
@@ -43,7 +47,7 @@ class TokenizeInputs(BaseModel):
 def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     from datasets import Dataset
 
-    from tasks.modeling import load_tokenizer
+    from alignflow.tasks.lib.models import load_tokenizer
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -122,26 +126,6 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "artifacts": ["lengths.png"],
         "metrics": metrics,
     })
-
-
-def encode_conversation(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]] | None:
-    """Token ids and labels (-100 outside assistant turns); None if the template does not render prefixes."""
-    full = tok.apply_chat_template(messages, tokenize=False)
-    spans: list[tuple[int, int]] = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(through) or not through.startswith(before):
-            return None
-        spans.append((len(before), len(through)))
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= s < end for start, end in spans) else -100
-        for token, (s, _e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    return list(enc["input_ids"]), labels
 
 
 def _plot_lengths(path: Path, sft: list[int], pairs: list[int], max_length: int) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import StageError, read_jsonl, read_manifest
-from tasks.curate import CurateConfig, CurateInputs, run
+from alignflow.tasks.curate import CurateConfig, CurateInputs, run
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.manifest import read_manifest
 
 GOOD_PAIR = {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}
 GOOD_EVAL = {"prompt": "Say hi", "reference": "hi"}
@@ -147,7 +149,7 @@ def test_near_duplicates_and_quality_filters(tmp_path: Path) -> None:
 
 
 def test_synthetic_records_pass_the_same_checks(tmp_path: Path) -> None:
-    from tasks.curate import filter_synthetic
+    from alignflow.tasks.curate import filter_synthetic
 
     seed_answer = "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
     _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", [{"prompt": "Describe the scene.", "response": seed_answer}])],

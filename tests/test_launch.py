@@ -8,31 +8,33 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import load_recipe
-from flows.pipeline import pipeline
-from tasks.launch import LaunchSpec, command
+from alignflow.tasks.lib.launch import LaunchSpec, command
 
 ROOT = Path(__file__).resolve().parents[1]
+SFT = "alignflow.tasks.sft"
 
 
 def test_launch_command_for_each_strategy(tmp_path: Path) -> None:
     cfg, inputs = tmp_path / "c.json", tmp_path / "i.json"
-    tail = ["--main_process_port", "29555", "--module", "tasks.launch", "tasks.sft", str(cfg), str(inputs)]
+    tail = ["--main_process_port", "29555", "--module",
+            "alignflow.tasks.lib.launch", SFT, str(cfg), str(inputs)]
 
-    ddp = command(LaunchSpec(num_processes=4, mixed_precision="bf16"), "tasks.sft", cfg, inputs, 29555)
+    ddp = command(LaunchSpec(num_processes=4, mixed_precision="bf16"), SFT, cfg, inputs, 29555)
     assert ddp[1:3] == ["-m", "accelerate.commands.launch"] and ddp[-len(tail):] == tail
     assert ddp[3:ddp.index("--main_process_port")] == [
         "--num_processes", "4", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
         "--multi_gpu"]
-    fsdp = command(LaunchSpec(num_processes=8, strategy="fsdp"), "tasks.sft", cfg, inputs, 29555)
+    fsdp = command(LaunchSpec(num_processes=8, strategy="fsdp"), SFT, cfg, inputs, 29555)
     assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_sharding_strategy") + 1] == "FULL_SHARD"
     assert "--multi_gpu" not in fsdp
-    ds = command(LaunchSpec(num_processes=2, strategy="deepspeed", zero_stage=3), "tasks.sft", cfg, inputs, 29555)
+    ds = command(LaunchSpec(num_processes=2, strategy="deepspeed", zero_stage=3), SFT, cfg, inputs, 29555)
     assert ds[ds.index("--use_deepspeed") + 1 : ds.index("--use_deepspeed") + 3] == ["--zero_stage", "3"]
-    own = command(LaunchSpec(num_processes=2, config_file=tmp_path / "acc.yaml"), "tasks.sft", cfg, inputs, 29555)
+    own = command(LaunchSpec(num_processes=2, config_file=tmp_path / "acc.yaml"), SFT, cfg, inputs, 29555)
     assert own[3:7] == ["--config_file", str(tmp_path / "acc.yaml"), "--num_processes", "2"]
     assert "--multi_gpu" not in own and "--mixed_precision" not in own
-    cpu = command(LaunchSpec(num_processes=2, cpu=True), "tasks.sft", cfg, inputs, 29555)
+    cpu = command(LaunchSpec(num_processes=2, cpu=True), SFT, cfg, inputs, 29555)
     assert "--multi_gpu" in cpu and "--cpu" not in cpu  # torchrun-style processes over gloo
 
 

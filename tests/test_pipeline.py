@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import STAGES, Recipe, load_recipe
-from flows.pipeline import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import Recipe, load_recipe
-from flows.pipeline import pipeline
-from tasks.register import GateConfig, gate
+from alignflow.tasks.register import GateConfig, gate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tasks.common import last_complete_checkpoint
+from alignflow.tasks.lib.training import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

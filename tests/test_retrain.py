@@ -9,10 +9,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from alignflow.flows.pipeline import pipeline
+from alignflow.flows.retrain import retrain
 from alignflow.recipe import load_recipe
-from flows.pipeline import pipeline
-from flows.retrain import retrain
-from tasks.common import read_manifest
+from alignflow.tasks.lib.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW = [

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import load_recipe
-from flows.pipeline import pipeline
-from tasks import curate, synthesize
-from tasks.common import read_jsonl
+from alignflow.tasks import curate, synthesize
+from alignflow.tasks.lib.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,12 @@ from typing import ClassVar
 
 import pytest
 
-from tasks.common import StageError, read_jsonl, read_manifest
-from tasks.curate import CurateConfig, CurateInputs
-from tasks.curate import run as curate
-from tasks.synthesize import SynthesizeConfig, SynthesizeInputs, TeacherEndpoint, run
+from alignflow.tasks.curate import CurateConfig, CurateInputs
+from alignflow.tasks.curate import run as curate
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.manifest import read_manifest
+from alignflow.tasks.synthesize import SynthesizeConfig, SynthesizeInputs, TeacherEndpoint, run
 
 SECRET = "sk-test-canary-5f3a9e1d2c7b"
 
@@ -133,7 +135,9 @@ def test_reward_model_judge_keeps_the_higher_scored_answer(tmp_path: Path) -> No
     from peft import LoraConfig, get_peft_model
     from pydantic import ValidationError
 
-    from tasks.modeling import load_reward_model, load_tokenizer, resolve_base, score_answers
+    from alignflow.tasks.lib.base_model import resolve_base
+    from alignflow.tasks.lib.inference import score_answers
+    from alignflow.tasks.lib.models import load_reward_model, load_tokenizer
 
     curated = _curated(tmp_path)
     base = resolve_base("tiny:llama", tmp_path / "base", [tmp_path / "s.jsonl"]).path

@@ -28,7 +28,7 @@ import pytest
 
 from alignflow.recipe import load_recipe
 from alignflow.server import State, find_pg_bin, load_state
-from tasks.launch import free_port
+from alignflow.tasks.lib.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

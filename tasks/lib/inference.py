@@ -1,0 +1,92 @@
+"""Inference helpers shared by synthesize, quantize and evaluate: batched chat generation, reward-model
+scores, and the perplexity of reference answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignflow.tasks.lib.chat import encode_conversation
+
+
+def generate(
+    model: Any,
+    tok: Any,
+    prompts: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    desc: str = "generating",
+) -> list[list[str]]:
+    """Batched chat generation (left padding). Returns, per prompt, `num_return_sequences` completions."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tok.padding_side = "left"  # decoder-only generation continues from the right end of each row
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    out: list[list[str]] = []
+    model.eval()
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            ids = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=None,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = ids[:, batch["input_ids"].shape[1] :]
+        decoded = tok.batch_decode(new, skip_special_tokens=True)
+        for j in range(0, len(decoded), num_return_sequences):
+            out.append([d.strip() for d in decoded[j : j + num_return_sequences]])
+    tok.padding_side = "right"
+    return out
+
+def score_answers(
+    model: Any, tok: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 16
+) -> list[float]:
+    """Reward-model score of each (prompt messages, answer) rendered with the chat template."""
+    import torch
+
+    texts = [tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
+             for p, a in zip(prompts, answers, strict=True)]
+    scores: list[float] = []
+    tok.padding_side = "right"  # the classification head reads the last non-pad token
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(**batch.to(model.device)).logits
+        scores.extend(float(x) for x in logits[:, 0].float().cpu())
+    return scores
+
+def answer_perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:
+    """exp(mean NLL per answer token) of the references given their prompts (answer tokens only)."""
+    import math
+
+    import torch
+
+
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    for prompt, ref in zip(prompts, references, strict=True):
+        encoded = encode_conversation(tok, [*prompt, {"role": "assistant", "content": ref}])
+        if encoded is None:
+            continue
+        ids, labels = encoded
+        n = sum(1 for label in labels[1:] if label != -100)  # labels are shifted by one inside the model
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids], device=model.device),
+                         labels=torch.tensor([labels], device=model.device)).loss
+        total_nll += float(loss) * n
+        total_tokens += n
+    return math.exp(total_nll / max(total_tokens, 1))

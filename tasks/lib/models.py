@@ -1,0 +1,90 @@
+"""Loading models for inference and training: device and dtype, tokenizer, causal LM (optionally 4/8-bit),
+the tuned weights a training stage produced (an adapter or a full model), the reward model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes' 8-bit matmul logs the same warning on every call (thousands per run): keep the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # bf16 where the hardware has it; fp32 on CPUs, where bf16 matmuls are several times slower here.
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+def load_tokenizer(path: Path, padding_side: str = "right") -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+def load_causal_lm(path: Path, dtype: str, quantization: dict[str, Any] | None = None) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(quantization)
+        kwargs["device_map"] = {"": device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quantization:
+        model.to(device())
+    return model
+
+def tuned_weights(stage_folder: Path) -> Path:
+    """A training stage's product: `model/` (full fine-tune: every weight) or `adapter/` (PEFT over the base)."""
+    full = stage_folder / "model"
+    return full if (full / "config.json").exists() else stage_folder / "adapter"
+
+def is_adapter(weights: Path) -> bool:
+    """True for a PEFT adapter folder (applies over a base model), False for a complete model folder."""
+    return (weights / "adapter_config.json").exists()
+
+def load_tuned(base: Path, dtype: str, weights: Path) -> Any:
+    """A tuned model for inference: full weights load on their own; an adapter loads over `base`."""
+    if not is_adapter(weights):
+        return load_causal_lm(weights, dtype)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_causal_lm(base, dtype), weights)
+
+def load_reward_model(base: Path, dtype: str, adapter: Path | None) -> Any:
+    """The base with a one-output classification head; with `adapter`, the trained reward LoRA + head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch_dtype(dtype))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        model.config.pad_token_id = load_tokenizer(adapter).pad_token_id
+    return model.to(device()).eval()

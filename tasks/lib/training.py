@@ -1,0 +1,143 @@
+"""What the three training stages (sft, reward, dpo) share around the Trainer: seeding, precision flags,
+optimizer checks, resume points, step metrics, peak memory, loss plots and summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.models import torch_dtype
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+def train_precision(dtype: str) -> dict[str, Any]:
+    """Trainer precision flags from the recipe's dtype.
+
+    TRL's configs default to bf16=True even on CPU, where bf16 matmuls made a LoRA step ~5x slower here
+    (environment notes): mixed precision only on a GPU, and only when the recipe asks for it.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    resolved = torch_dtype(dtype)
+    return {
+        "use_cpu": not cuda,
+        "bf16": cuda and resolved == torch.bfloat16,
+        "fp16": cuda and resolved == torch.float16,
+    }
+
+def check_optimizer(optim: str) -> None:
+    """bitsandbytes' paged / 8-bit optimizers need CUDA; say so before training starts."""
+    import torch
+
+
+    if ("paged" in optim or "8bit" in optim) and not torch.cuda.is_available():
+        raise StageError(f"optimizer '{optim}' needs a CUDA GPU; use adamw_torch on this machine")
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """Newest `checkpoint-N` the Trainer finished writing, or None.
+
+    The Trainer writes a checkpoint's model, optimizer, scheduler and RNG state first and `trainer_state.json`
+    last, so a checkpoint whose state file is missing or unreadable was cut short (a kill -9 mid-save) and is
+    skipped, never resumed from.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in candidates:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(ckpt)
+    return None
+
+def add_step_metrics(trainer: Any) -> None:
+    """Add `tokens_per_s` (non-padding tokens since the previous log) and `peak_memory_bytes` to every step log.
+
+    The callback goes first in the Trainer's list: the logs dict it extends is then the one the MLflow callback
+    logs to the stage's child run; the copy already kept in `state.log_history` gets the same values.
+    """
+    from transformers import TrainerCallback
+
+    from alignflow.tasks.lib.training import peak_memory_bytes
+
+    class StepMetrics(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.last: tuple[float, int] | None = None  # (monotonic seconds, tokens seen) at the previous log
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = (time.monotonic(), int(state.num_input_tokens_seen or 0))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            if logs is None or "loss" not in logs:  # the end-of-training summary has its own figures
+                return
+            now, tokens = time.monotonic(), int(state.num_input_tokens_seen or 0)
+            extra: dict[str, float] = {"peak_memory_bytes": float(peak_memory_bytes())}
+            if self.last is not None and now > self.last[0] and tokens > self.last[1]:
+                extra["tokens_per_s"] = round((tokens - self.last[1]) / (now - self.last[0]), 2)
+            self.last = (now, tokens)
+            logs.update(extra)
+            if state.log_history:
+                state.log_history[-1].update(extra)
+
+    trainer.callback_handler.callbacks.insert(0, StepMetrics())
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory of this process (CUDA), or its peak resident set size on CPU-only machines."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    status = Path("/proc/self/status")
+    if status.exists():  # VmHWM: this process's own peak. ru_maxrss survives exec, so a child reports its parent's
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], title: str) -> list[str]:
+    """Plot the given Trainer `log_history` keys against step into one PNG; returns the keys found."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    found = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, max(len(found), 1), figsize=(4 * max(len(found), 1), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], found, strict=False):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return found
+
+def trainer_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Headline numbers from a Trainer's `log_history`: the last value of each logged scalar."""
+    last: dict[str, float] = {}
+    for entry in history:
+        for k, v in entry.items():
+            if isinstance(v, int | float) and k not in ("epoch",):
+                last[k] = float(v)
+    return last
