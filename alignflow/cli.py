@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from alignflow.flows.keys import STAGES  # light: hashing and manifest helpers only
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="alignflow: one YAML recipe in, a trained, evaluated, registered model out.")
 console = Console()
@@ -21,7 +23,6 @@ RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. configs/demo.
 SetOpt = Annotated[list[str] | None,
                    typer.Option("--set", help="override a recipe key: --set sft.lora.r=32 (repeatable)")]
 WorkOpt = Annotated[Path, typer.Option("--work-dir", help="stage folders, caches and the default MLflow store")]
-STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
 
 
 def _quiet_environment() -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignflow.flows.keys import STAGES  # noqa: F401  (re-exported: the stage list lives in flows/keys.py)
 from alignflow.tasks.curate import CurateConfig
 from alignflow.tasks.dpo import DpoConfig
 from alignflow.tasks.evaluate import EvaluateConfig
@@ -28,7 +29,6 @@ from alignflow.tasks.sft import SftConfig
 from alignflow.tasks.synthesize import SynthesizeConfig
 from alignflow.tasks.tokenize import TokenizeConfig
 
-STAGES = ("curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

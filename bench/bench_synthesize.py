@@ -1,8 +1,8 @@
 """Teacher generation throughput: the local teacher batched vs unbatched, measured side by side.
 
 Generates `--prompts` answers of `--tokens` new tokens each (sampled) with batch_size=8 and with batch_size=1
-through `alignflow.tasks.lib.inference.generate` (the function the synthesize stage uses), and prints new tokens/s and the
-ratio batched / unbatched. Uses the embedded SmolLM2 when installed, else the tiny test model.
+through `alignflow.tasks.lib.inference.generate` (the function the synthesize stage uses), and prints new tokens/s
+and the ratio batched / unbatched. Uses the embedded SmolLM2 when installed, else the tiny test model.
 
   python bench/bench_synthesize.py
 """

@@ -1,9 +1,11 @@
 """The pipeline flow: curate -> synthesize -> tokenize -> quantize -> sft -> reward -> dpo -> evaluate -> register.
 
 Wiring only. Each stage is a Prefect task over folder paths, with
-- a cache key = hash(stage config, upstream cache keys / data hashes, stage code version, seed): Prefect
-  persists the stage's manifest under that key in `<work>/.prefect-results`, so an unchanged stage is not
-  recomputed, in this run or any later one (changing `dpo.beta` re-runs dpo, evaluate and register only);
+- a cache key made of what the stage reads (flows/keys.py: its settings, the content hashes of the upstream
+  files it reads, the base model with dtype, its code, the seed): Prefect persists the stage's manifest under
+  that key in `<work>/.prefect-results`, so an unchanged stage is not recomputed, in this run or any later one
+  (changing `dpo.beta` re-runs dpo, evaluate and register only; an upstream stage that re-ran but wrote the
+  same files leaves the stages after it cached);
 - its own folder `<work>/stages/<stage>/<key[:16]>`, written as `<...>.partial` and renamed when complete,
   so a half-written stage is never mistaken for a finished one (and a crashed training stage finds its
   checkpoints in the partial folder when re-run);
@@ -19,10 +21,10 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task, unmapped
@@ -35,26 +37,18 @@ from prefect.artifacts import (
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
 from alignflow.flows.tracking import Tracker, tracking_uri
-from alignflow.recipe import STAGES, Recipe, ScaleOutSection
+from alignflow.recipe import Recipe, ScaleOutSection
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import code_version, sha256_file, sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
-from alignflow.tasks.lib.models import tuned_weights
 from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import set_progress_reporter
 
-Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
-SHARED_CODE = ("alignflow.tasks.common", "alignflow.tasks.modeling")
-EXTRA_CODE = {"curate": ("alignflow.tasks.pii",), "sft": ("alignflow.tasks.lib.launch",), "quantize": ("alignflow.tasks.tokenize",),
-              "synthesize": ("alignflow.tasks.curate", "alignflow.tasks.pii"),
-              "reward": ("alignflow.tasks.sft", "alignflow.tasks.lib.launch"), "dpo": ("alignflow.tasks.lib.launch",),
-              "evaluate": ("alignflow.tasks.tokenize", "alignflow.tasks.synthesize", "alignflow.metrics.rouge.rouge", "alignflow.metrics.bleu.bleu",
-                           "alignflow.metrics.exact_match.exact_match"),
-              "register": ("alignflow.tasks.served_model",)}
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
             "judge_win_rate_vs_base",
             "win_rate_vs_champion", "perplexity", "perplexity_base", "gate_passed", "registered_version")
@@ -77,12 +71,10 @@ class Context:
     work: Path
     tracker: Tracker
     flow_run_id: str
+    facts: RunFacts = field(default_factory=RunFacts)  # what the keys need beyond the recipe (flows/keys.py)
     folders: dict[str, Path] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-
-    def key(self, stage: str) -> str:
-        return read_manifest(self.folders[stage])["cache_key"]
 
 
 @task(name="base-model", persist_result=False)
@@ -93,7 +85,7 @@ def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
 @task(persist_result=True)
 def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
                   folder: str, run_id: str, flow_run_id: str, cache_key: str,
-                  upstream: dict[str, Any]) -> dict[str, Any]:
+                  key_inputs: dict[str, Any]) -> dict[str, Any]:
     """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder.
 
     An exclusive lock per stage folder keeps two runs sharing a work dir from writing the same `.partial`
@@ -112,7 +104,7 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
         finally:
             set_progress_reporter(None)
         update_progress_artifact(progress, 100.0)
-        manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), upstream=upstream,
+        manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), inputs=key_inputs,
                         produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         if final.exists():  # a stale folder without a manifest (deleted or interrupted): replace it
@@ -187,10 +179,10 @@ def _run_link(ctx: Context, run_id: str) -> str:
 
 
 def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel,
-              make_inputs: Callable[[Path, str], BaseModel], upstream: dict[str, Any]) -> Path:
-    code = code_version(f"alignflow.tasks.{stage}", *SHARED_CODE, *EXTRA_CODE.get(stage, ()))
-    key = sha256_json({"stage": stage, "config": cfg.model_dump(mode="json"), "upstream": upstream,
-                       "code": code, "seed": ctx.recipe.seed})
+              make_inputs: Callable[[Path, str], BaseModel]) -> Path:
+    """Run (or serve from cache) one stage; its key is what it reads (flows/keys.py)."""
+    key_inputs = stage_inputs(stage, ctx.recipe, ctx.folders, ctx.facts)
+    key = stage_key(stage, key_inputs)
     folder = ctx.work / "stages" / stage / key[:16]
     partial = folder.with_name(folder.name + ".partial")
     run_id = ctx.tracker.child(stage, key)
@@ -203,7 +195,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     )
     try:
         manifest = runner(stage, fn, cfg, make_inputs(partial, run_id), str(folder), run_id, ctx.flow_run_id, key,
-                          upstream)
+                          key_inputs)
     except BaseException as e:
         ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))
         raise
@@ -238,62 +230,54 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
 
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = {name: sha256_json([sha256_file(Path(f)) for f in getattr(recipe.data, name)])
-            for name in ("sft", "preference", "eval")}
+    data = data_hashes(recipe)  # files or `datasets` folders: content hashes
     tracker = Tracker.start(recipe, work, data, str(flow_run.id or "local"), tags or {})
-    ctx = Context(recipe, work, tracker, str(flow_run.id))
+    init = Path(init_adapter) if init_adapter else None
+    ctx = Context(recipe, work, tracker, str(flow_run.id), RunFacts(
+        data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_tree(init) if init else None))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:
-        base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
+        base: ResolvedBase | None = None
+        if _reached(until, "synthesize"):  # curate needs no model: `--until curate` converts nothing
+            base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
+            ctx.facts = replace(ctx.facts, base_key=base.key)
 
         run_stage(ctx, "curate", partial(curate_fanned_out, r.scale_out), r.curate, lambda out, _: curate.CurateInputs(
-            sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out), {"data": data})
-        if _reached(until, "synthesize"):
-            run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
-                      lambda out, _: synthesize.SynthesizeInputs(
-                base=base.path, dtype=dtype, curated=ctx.folders["curate"], curate_cfg=r.curate, out_dir=out,
-                seed=seed), {"base": base.key, "curate": ctx.key("curate"),  # a judge's weights are an input too
-                             "reward_model": sha256_tree(r.synthesize.reward_model / "adapter")
-                             if r.synthesize.reward_model else None})
+            sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out))
+        if base is None:
+            raise _Stop
+        run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
+                  lambda out, _: synthesize.SynthesizeInputs(
+                      base=base.path, dtype=dtype, curated=ctx.folders["curate"], curate_cfg=r.curate, out_dir=out,
+                      seed=seed))
         if _reached(until, "tokenize"):
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
-                base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out),
-                {"base": base.key, "curate": ctx.key("curate"), "synthesize": ctx.key("synthesize")})
+                base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out))
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
-                base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out),
-                {"base": base.key, "curate": ctx.key("curate")})
-        # several training processes change the effective batch: part of the training stages' keys
-        launch = {"launch": r.launch.model_dump(mode="json")} if r.launch.num_processes > 1 else {}
+                base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))
         if _reached(until, "sft"):
-            init = Path(init_adapter) if init_adapter else None
             run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch),
-                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
-                 "init_adapter": sha256_tree(init) if init else None, **launch})
+                out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch))
         if _reached(until, "reward"):
             run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,
-                report_to=["mlflow"], launch=r.launch), {"base": base.key, "tokenize": ctx.key("tokenize"), **launch})
+                report_to=["mlflow"], launch=r.launch))
         if _reached(until, "dpo"):
             run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(
-                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
-                sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch,
-                ref_cache=work / "cache" / "ref_logps", lora=r.sft.lora),
-                {"base": base.key, "tokenize": ctx.key("tokenize"), "quantize": ctx.key("quantize"),
-                 "sft": ctx.key("sft"), **launch})
+                base=base.path, base_key=base.key, dtype=dtype, tokenized=ctx.folders["tokenize"],
+                quantized=ctx.folders["quantize"], sft=ctx.folders["sft"], out_dir=out, seed=seed, report_to=["mlflow"], launch=r.launch,
+                ref_cache=work / "cache" / "ref_logps", lora=r.sft.lora))
         if _reached(until, "evaluate"):
-            candidate_sha = sha256_tree(tuned_weights(ctx.folders["dpo"]))
+            candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
                                                                  work / "champions")
+            ctx.facts = replace(ctx.facts, champion=champion_id)
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
                 candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], champion=champion,
-                teacher=r.synthesize.teacher, out_dir=out, seed=seed),
-                {"base": base.key, "tokenize": ctx.key("tokenize"), "curate": ctx.key("curate"),
-                 "dpo": ctx.key("dpo"), "reward": ctx.key("reward"), "champion": champion_id,
-                 "teacher": r.synthesize.teacher if r.evaluate.judge else None})
+                teacher=r.synthesize.teacher, out_dir=out, seed=seed))
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
@@ -301,8 +285,9 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
                 base_path=base.path, base_spec=base.spec, dtype=dtype, candidate=ctx.folders["dpo"],
                 evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=lineage,
-                out_dir=out),
-                {"dpo": ctx.key("dpo"), "evaluate": ctx.key("evaluate"), "curate": ctx.key("curate")})
+                out_dir=out))
+    except _Stop:
+        pass
     except BaseException as e:
         ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
@@ -325,6 +310,10 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         m = read_manifest(ctx.folders["register"])
         result["registered"] = {k: m[k] for k in ("model_name", "version", "alias", "gate_reasons", "model_uri")}
     return result
+
+
+class _Stop(Exception):
+    """`--until curate`: the stages after it are not run."""
 
 
 def _reached(until: str | None, stage: str) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import sha256_dataset, sha256_json, sha256_tree
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
@@ -75,6 +75,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 class DpoInputs(BaseModel):
     base: Path
+    base_key: str = ""  # the base model's identity: the reference is base + SFT adapter (reference log-prob cache)
     dtype: str
     tokenized: Path
     quantized: Path
@@ -209,9 +210,12 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
     from alignflow.tasks.lib.models import tuned_weights
 
     dataset = trainer.train_dataset
-    key = sha256_json({"reference": sha256_tree(tuned_weights(inputs.sft)), "dtype": inputs.dtype, "quant": quant,
-                       "max_length": trainer.args.max_length,
-                       "pairs": sha256_json([dataset[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")])})
+    sft_outputs = read_manifest(inputs.sft).get("outputs", {})  # the SFT weights, hashed when sft wrote them
+    weights = tuned_weights(inputs.sft)
+    key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_tree(weights), "base": inputs.base_key,
+                       "dtype": inputs.dtype, "quant": quant, "max_length": trainer.args.max_length,
+                       # every row's token ids (not `str()` of a lazy Column, which shows the first rows only)
+                       "pairs": sha256_dataset(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"])})
     cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.pt"
     cached = cache.exists()
     if cached:

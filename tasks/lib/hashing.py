@@ -42,7 +42,7 @@ def sha256_tree(path: Path, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 def code_version(*modules: str) -> str:
-    """Hash of the source files of the given modules (e.g. `tasks.sft`): a code change re-runs the stage."""
+    """Hash of the source files of the given modules (e.g. `alignflow.tasks.sft`): a code change re-runs the stage."""
     import importlib.util
 
     h = hashlib.sha256()
@@ -52,3 +52,50 @@ def code_version(*modules: str) -> str:
             raise RuntimeError(f"cannot find source of module {name}")
         h.update(Path(spec.origin).read_bytes())
     return h.hexdigest()
+
+
+def sha256_dataset(dataset: Any, columns: list[str]) -> str:
+    """Hash of every row of the given columns of a `datasets.Dataset`, plus the row count.
+
+    Row values are serialised in batches of 1,000 as canonical JSON, so two datasets that differ in any row
+    hash differently. (`dataset[col]` is a lazy `Column` in datasets 5: its `str()` shows only the first rows.)
+    """
+    h = hashlib.sha256(f"{len(dataset)}:{sorted(columns)}".encode())
+    for batch in dataset.select_columns(sorted(columns)).with_format(None).iter(batch_size=1000):
+        h.update(json.dumps(batch, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return h.hexdigest()
+
+
+def package_modules(module: str, package: str = "alignflow.tasks") -> dict[str, Path]:
+    """`module` and every module of `package` it imports, directly or through others (imports inside functions
+    too): the code a stage runs, as {module name: source file}. Found by parsing sources; nothing is imported."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"cannot find package {package}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+
+    def source(name: str) -> Path | None:
+        parts = name.removeprefix(package + ".").split(".")
+        for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = source(name) if name.startswith(package + ".") else None
+        if name in found or path is None:
+            continue
+        found[name] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import mod` may name a module: source() keeps only names that are files
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return dict(sorted(found.items()))

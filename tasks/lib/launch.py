@@ -72,7 +72,8 @@ def command(spec: LaunchSpec, module: str, cfg_file: Path, inputs_file: Path, po
                      "SHARDED_STATE_DICT"]
         else:
             argv += ["--use_deepspeed", "--zero_stage", str(spec.zero_stage)]
-    argv += ["--main_process_port", str(port), "--module", "alignflow.tasks.lib.launch", module, str(cfg_file), str(inputs_file)]
+    argv += ["--main_process_port", str(port), "--module", "alignflow.tasks.lib.launch", module, str(cfg_file),
+             str(inputs_file)]
     return argv
 
 

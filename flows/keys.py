@@ -1,0 +1,186 @@
+"""What each stage reads, and the cache key made of exactly that. The one place that answers "what makes X re-run?".
+
+A stage's key is the hash of
+- the recipe settings it reads: its own section, plus the named fields of other sections it uses (`SETTINGS`);
+- the *content* hashes of the upstream files it reads (`READS`), taken from the manifest the upstream stage
+  wrote (each file is hashed once, when it is written; a cached run re-hashes no weights);
+- the base model's identity (`model.base` resolved: an embedded package version, a folder listing, a hub commit)
+  with `model.dtype`, for the stages that load it; quantization reaches them as `quantization.json`'s hash;
+- the source of the stage's module and of every `alignflow.tasks` module it imports (`package_modules`);
+- the seed, for the stages that draw random numbers;
+- what lies outside the recipe and the upstream files (`outside`): the data files' content (curate), a judge
+  reward model's weights (synthesize), an adapter to continue (sft), the registry champion and the LLM judge
+  (evaluate), the tracking server (register registers there).
+
+Keying on what a stage reads, not on upstream keys, gives early cutoff (as in Bazel or Nix): an upstream stage
+that re-ran but wrote byte-identical files leaves the stages after it cached. So `quantize.eval_samples` (its
+report only) re-runs quantize and nothing else, and a new preference file leaves sft cached.
+The contract, one row per recipe key, is the table in tests/test_cache_keys.py (and README "What re-runs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel
+
+from alignflow.tasks.lib.hashing import package_modules, sha256_bytes, sha256_json, sha256_tree
+from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
+
+Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
+STAGES: tuple[Stage, ...] = get_args(Stage)  # the nine stages, in order: the one list
+
+# Upstream files each stage reads: {upstream stage: names}. A name is an output listed in the upstream manifest
+# (its content hash is used), `weights` (a training stage's product: `adapter` or `model`), or a dotted field of
+# the upstream manifest (`max_length`, `metrics.decontaminated`).
+READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
+    "curate": {},
+    "synthesize": {"curate": ("sft.jsonl", "preference.jsonl", "eval.jsonl")},
+    "tokenize": {"curate": ("sft.jsonl", "preference.jsonl"), "synthesize": ("sft.jsonl", "preference.jsonl")},
+    "quantize": {"curate": ("eval.jsonl",)},
+    "sft": {"tokenize": ("sft", "tokenizer", "max_length", "packing"), "quantize": ("quantization.json",)},
+    "reward": {"tokenize": ("preference", "tokenizer", "max_length")},
+    "dpo": {"tokenize": ("preference", "tokenizer", "max_length"), "quantize": ("quantization.json",),
+            "sft": ("weights",)},
+    "evaluate": {"tokenize": ("tokenizer",), "curate": ("eval.jsonl",), "dpo": ("weights",), "reward": ("weights",)},
+    "register": {"dpo": ("weights",), "evaluate": ("metrics",), "curate": ("metrics.decontaminated",)},
+}
+
+# Recipe settings each stage reads, as dotted paths into the recipe; a section name means all of it.
+SETTINGS: dict[Stage, tuple[str, ...]] = {
+    "curate": ("curate",),
+    # synthesize passes its records through curate's record checks (not its drop limit, reject samples or shards)
+    "synthesize": ("synthesize", "curate.dedup", "curate.quality", "curate.decontaminate", "curate.pii",
+                   "curate.max_chars", "model.dtype", "seed"),
+    "tokenize": ("tokenize",),
+    "quantize": ("quantize", "model.dtype"),
+    "sft": ("sft", "model.dtype", "seed"),
+    "reward": ("reward", "model.dtype", "seed"),
+    # sft.lora: the adapter dpo trains over a fully fine-tuned SFT model; sft.method tells which
+    "dpo": ("dpo", "sft.lora", "sft.method", "model.dtype", "seed"),
+    "evaluate": ("evaluate", "model.dtype", "seed"),
+    # model.base: the spec is written into the logged model (served over that base) and its version tags
+    "register": ("register", "model.base", "model.dtype"),
+}
+# Settings that change how a stage works, never what it makes: checkpoint cadence (a resumed run continues to the
+# same result), log cadence, and shards (tests/test_scale_out.py: sharded results equal the single pass). Dropped
+# from the sections above, so changing them re-runs nothing.
+NOT_RESULTS: frozenset[str] = frozenset({"curate.shards", "synthesize.shards", "sft.save_steps", "sft.logging_steps",
+                                         "reward.save_steps", "dpo.save_steps"})
+# Stages that load the base model's weights or tokenizer: the resolved base's identity is in their key.
+LOADS_BASE: frozenset[Stage] = frozenset({"synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate",
+                                          "register"})
+# Files a stage loads by path rather than by import: evaluate's metric modules (relative to metrics/).
+EXTRA_SOURCES: dict[Stage, tuple[str, ...]] = {
+    "evaluate": ("rouge/rouge.py", "bleu/bleu.py", "exact_match/exact_match.py"),
+}
+TRAINING: frozenset[Stage] = frozenset({"sft", "reward", "dpo"})
+
+
+def setting(recipe: BaseModel, path: str) -> Any:
+    """The recipe value at a dotted path, as JSON (`sft.lora` -> {"r": 16, ...}), without NOT_RESULTS."""
+    node: Any = recipe
+    for part in path.split("."):
+        node = getattr(node, part)
+    if not isinstance(node, BaseModel):
+        return node
+    value = node.model_dump(mode="json")
+    for dropped in NOT_RESULTS:
+        if dropped.startswith(path + "."):
+            value.pop(dropped.removeprefix(path + "."), None)  # one level below a section: all NOT_RESULTS are
+    return value
+
+
+def data_hashes(recipe: Any) -> dict[str, str]:
+    """data.sft / preference / eval -> hash of their files' (or `datasets` folders') contents, in order."""
+    return {name: sha256_json([sha256_tree(Path(f)) for f in getattr(recipe.data, name)])
+            for name in ("sft", "preference", "eval")}
+
+
+def upstream_value(manifest: dict[str, Any], name: str) -> Any:
+    """What a stage reads of one upstream manifest: an output's content hash, or a manifest field."""
+    outputs = manifest.get("outputs", {})
+    if name == "weights":
+        name = "model" if "model" in outputs else "adapter"
+    if name in outputs:
+        return outputs[name]
+    node: Any = manifest
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"{manifest.get('stage')} manifest has no output or field '{name}'")
+        node = node[part]
+    return node
+
+
+@cache  # one process, one checkout: the sources do not change under a running pipeline
+def code_hash(stage: Stage) -> str:
+    """Hash of the stage's module, every alignflow.tasks module it imports, and the metric modules it loads."""
+    import importlib.util
+
+    files = list(package_modules(f"alignflow.tasks.{stage}").values())
+    spec = importlib.util.find_spec("alignflow.metrics")
+    assert spec is not None and spec.submodule_search_locations
+    metrics = Path(next(iter(spec.submodule_search_locations)))
+    files += [metrics / f for f in EXTRA_SOURCES.get(stage, ())]
+    return sha256_json([[f.name, sha256_bytes(f.read_bytes())] for f in files])
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows beyond the recipe and the upstream files, found before the stages run."""
+
+    base_key: str = ""  # the resolved base model's identity (embedded package version, folder listing, hub commit)
+    data: dict[str, str] = field(default_factory=dict)  # data.sft / preference / eval -> content hash
+    tracking_uri: str = ""  # where register registers
+    champion: dict[str, str] = field(default_factory=dict)  # the registry version evaluate compares with
+    init_adapter: str | None = None  # content hash of the weights sft continues (retraining), if any
+
+
+def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
+    """The inputs of a stage that are neither recipe settings nor upstream files."""
+    if stage == "curate":
+        return {"data": facts.data}
+    if stage == "synthesize":  # a judge reward model from an earlier run: its weights are an input
+        judge = recipe.synthesize.reward_model
+        return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None}
+    if stage == "sft":
+        return {"init_adapter": facts.init_adapter}
+    if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
+        return {"champion": facts.champion,
+                "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None}
+    if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version
+        return {"tracking_uri": facts.tracking_uri}
+    return {}
+
+
+def weights_hash(folder: Path, name: str) -> str:
+    """Content hash of a stage folder's weights, as its manifest recorded them (no re-hashing of weights)."""
+    if (folder / MANIFEST).exists():
+        return str(upstream_value(read_manifest(folder), name))
+    return sha256_tree(folder / name)
+
+
+def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: RunFacts) -> dict[str, Any]:
+    """Everything the stage's key covers, as a JSON-able dict (also written into its manifest as `inputs`).
+    `folders`: the finished upstream stage folders."""
+    files: dict[str, Any] = {}
+    for upstream, names in READS[stage].items():
+        manifest = read_manifest(folders[upstream])
+        for name in names:
+            files[f"{upstream}/{name}"] = upstream_value(manifest, name)
+    launch = setting(recipe, "launch")
+    return {
+        "settings": {path: setting(recipe, path) for path in SETTINGS[stage]},
+        "files": files,
+        "base": facts.base_key if stage in LOADS_BASE else None,
+        # several training processes change the effective batch; one process is the default, keyed as before
+        "launch": launch if stage in TRAINING and launch["num_processes"] > 1 else None,
+        "outside": outside(stage, recipe, facts),
+    }
+
+
+def stage_key(stage: Stage, inputs: dict[str, Any]) -> str:
+    return sha256_json({"stage": stage, "inputs": inputs, "code": code_hash(stage)})

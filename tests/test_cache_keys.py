@@ -1,0 +1,338 @@
+"""The caching contract: which stages re-run when a recipe key (or a data file, the base model, the tracking server)
+changes. `TABLE` is the contract: one row per recipe key, with the stages that read it directly. A stage that
+reads a changed stage's *files* re-runs only when those files changed (early cutoff); the real-run tests below
+check the cases users meet (dtype, a report-only setting, new preference data, a new tracking server).
+
+The README's "What re-runs" table is generated from TABLE (`python tests/test_cache_keys.py`) and checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from pydantic import BaseModel
+
+from alignflow.flows.keys import STAGES, RunFacts, data_hashes, stage_inputs, stage_key
+from alignflow.recipe import Recipe, load_recipe
+from alignflow.tasks.lib.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+MODEL = ("synthesize", "quantize", "sft", "reward", "dpo", "evaluate", "register")  # read model.dtype
+CHECKS = ("curate", "synthesize")  # curate's record checks: synthesize runs its records through them too
+NONE: tuple[str, ...] = ()
+
+# recipe key -> (overrides that change it, the stages that read it). `@pairs2` / `@base_folder` / `@reward` are
+# filled in by the test (a second preference file, a local copy of the base, the baseline's reward stage folder).
+TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "name": (["name=other"], NONE),  # the MLflow experiment only
+    "seed": (["seed=1"], ("synthesize", "sft", "reward", "dpo", "evaluate")),
+    "model.base": (["model.base=@base_folder"], ("synthesize", "tokenize", *MODEL[1:])),
+    "model.dtype": (["model.dtype=bfloat16"], MODEL),
+    "data.sft": (["data.sft=@sft2"], ("curate",)),
+    "data.preference": (["data.preference=@pairs2"], ("curate",)),
+    "data.eval": (["data.eval=@eval2"], ("curate",)),
+    "curate.dedup.exact": (["curate.dedup.exact=false"], CHECKS),
+    "curate.dedup.near.enabled": (["curate.dedup.near.enabled=false"], CHECKS),
+    "curate.dedup.near.threshold": (["curate.dedup.near.threshold=0.9"], CHECKS),
+    "curate.dedup.near.num_perm": (["curate.dedup.near.num_perm=32"], CHECKS),
+    "curate.dedup.semantic.enabled": (["curate.dedup.semantic.enabled=true"], CHECKS),
+    "curate.dedup.semantic.threshold": (["curate.dedup.semantic.threshold=0.9"], CHECKS),
+    "curate.dedup.semantic.model": (["curate.dedup.semantic.model=/elsewhere"], CHECKS),
+    "curate.dedup.semantic.batch_size": (["curate.dedup.semantic.batch_size=8"], CHECKS),
+    "curate.quality.min_answer_chars": (["curate.quality.min_answer_chars=2"], CHECKS),
+    "curate.quality.max_repetition": (["curate.quality.max_repetition=0.4"], CHECKS),
+    "curate.quality.max_nonprintable": (["curate.quality.max_nonprintable=0.1"], CHECKS),
+    "curate.quality.languages": (["curate.quality.languages=[en]"], CHECKS),
+    "curate.decontaminate.enabled": (["curate.decontaminate.enabled=false"], CHECKS),
+    "curate.decontaminate.ngram": (["curate.decontaminate.ngram=6"], CHECKS),
+    "curate.decontaminate.threshold": (["curate.decontaminate.threshold=0.4"], CHECKS),
+    "curate.pii": (["curate.pii=false"], CHECKS),
+    "curate.max_chars": (["curate.max_chars=3000"], CHECKS),
+    "curate.max_drop_fraction": (["curate.max_drop_fraction=0.6"], ("curate",)),
+    "curate.reject_samples": (["curate.reject_samples=2"], ("curate",)),
+    "curate.shards": (["curate.shards=2"], NONE),  # same records, split differently
+    "synthesize.teacher": (["synthesize.teacher={url: 'http://127.0.0.1:1/v1', model: m}"], ("synthesize",)),
+    "synthesize.instructions": (["synthesize.instructions=5"], ("synthesize",)),
+    "synthesize.seeds_per_prompt": (["synthesize.seeds_per_prompt=2"], ("synthesize",)),
+    "synthesize.max_similarity": (["synthesize.max_similarity=0.6"], ("synthesize",)),
+    "synthesize.preference_prompts": (["synthesize.preference_prompts=5"], ("synthesize",)),
+    "synthesize.samples_per_prompt": (["synthesize.samples_per_prompt=3"], ("synthesize",)),
+    "synthesize.judge": (["synthesize.judge=teacher"], ("synthesize",)),
+    "synthesize.reward_model": (["synthesize.judge=reward_model", "synthesize.reward_model=@reward"], ("synthesize",)),
+    "synthesize.min_margin": (["synthesize.min_margin=0.1"], ("synthesize",)),
+    "synthesize.max_new_tokens": (["synthesize.max_new_tokens=12"], ("synthesize",)),
+    "synthesize.temperature": (["synthesize.temperature=0.7"], ("synthesize",)),
+    "synthesize.top_p": (["synthesize.top_p=0.9"], ("synthesize",)),
+    "synthesize.batch_size": (["synthesize.batch_size=4"], ("synthesize",)),
+    "synthesize.shards": (["synthesize.shards=2"], NONE),
+    "tokenize.max_length": (["tokenize.max_length=120"], ("tokenize",)),
+    "tokenize.packing": (["tokenize.packing=true"], ("tokenize",)),
+    "tokenize.chat_template": (["tokenize.chat_template='{{ messages }}'"], ("tokenize",)),
+    "tokenize.include_synthetic": (["tokenize.include_synthetic=false"], ("tokenize",)),
+    "quantize.bits": (["quantize.bits=8"], ("quantize",)),
+    "quantize.quant_type": (["quantize.quant_type=fp4"], ("quantize",)),
+    "quantize.double_quant": (["quantize.double_quant=false"], ("quantize",)),
+    "quantize.compute_dtype": (["quantize.compute_dtype=bfloat16"], ("quantize",)),
+    "quantize.eval_samples": (["quantize.eval_samples=3"], ("quantize",)),
+    "sft.method": (["sft.method=full", "quantize.bits=null"], ("quantize", "sft", "dpo")),  # full needs bits null
+    "sft.lora.r": (["sft.lora.r=4"], ("sft", "dpo")),  # dpo trains sft.lora over a fully fine-tuned model
+    "sft.lora.alpha": (["sft.lora.alpha=8"], ("sft", "dpo")),
+    "sft.lora.dropout": (["sft.lora.dropout=0.1"], ("sft", "dpo")),
+    "sft.lora.target_modules": (["sft.lora.target_modules=[q_proj]"], ("sft", "dpo")),
+    "sft.lora.use_dora": (["sft.lora.use_dora=true"], ("sft", "dpo")),
+    "sft.lora.use_rslora": (["sft.lora.use_rslora=true"], ("sft", "dpo")),
+    "sft.epochs": (["sft.epochs=2"], ("sft",)),
+    "sft.max_steps": (["sft.max_steps=5"], ("sft",)),
+    "sft.lr": (["sft.lr=0.002"], ("sft",)),
+    "sft.scheduler": (["sft.scheduler=linear"], ("sft",)),
+    "sft.warmup_ratio": (["sft.warmup_ratio=0.1"], ("sft",)),
+    "sft.batch_size": (["sft.batch_size=4"], ("sft",)),
+    "sft.grad_accum": (["sft.grad_accum=2"], ("sft",)),
+    "sft.gradient_checkpointing": (["sft.gradient_checkpointing=true"], ("sft",)),
+    "sft.optim": (["sft.optim=sgd"], ("sft",)),
+    "sft.save_steps": (["sft.save_steps=2"], NONE),  # checkpoint cadence: the same adapter
+    "sft.logging_steps": (["sft.logging_steps=2"], NONE),
+    "reward.lora.r": (["reward.lora.r=4"], ("reward",)),
+    "reward.lora.alpha": (["reward.lora.alpha=8"], ("reward",)),
+    "reward.lora.dropout": (["reward.lora.dropout=0.1"], ("reward",)),
+    "reward.lora.target_modules": (["reward.lora.target_modules=[q_proj]"], ("reward",)),
+    "reward.lora.use_dora": (["reward.lora.use_dora=true"], ("reward",)),
+    "reward.lora.use_rslora": (["reward.lora.use_rslora=true"], ("reward",)),
+    "reward.epochs": (["reward.epochs=2"], ("reward",)),
+    "reward.max_steps": (["reward.max_steps=3"], ("reward",)),
+    "reward.lr": (["reward.lr=0.001"], ("reward",)),
+    "reward.batch_size": (["reward.batch_size=4"], ("reward",)),
+    "reward.grad_accum": (["reward.grad_accum=2"], ("reward",)),
+    "reward.eval_fraction": (["reward.eval_fraction=0.2"], ("reward",)),
+    "reward.optim": (["reward.optim=sgd"], ("reward",)),
+    "reward.save_steps": (["reward.save_steps=2"], NONE),
+    "dpo.beta": (["dpo.beta=0.3"], ("dpo",)),
+    "dpo.loss": (["dpo.loss=ipo"], ("dpo",)),
+    "dpo.simpo_gamma": (["dpo.simpo_gamma=0.3"], ("dpo",)),
+    "dpo.epochs": (["dpo.epochs=2"], ("dpo",)),
+    "dpo.max_steps": (["dpo.max_steps=3"], ("dpo",)),
+    "dpo.lr": (["dpo.lr=0.0001"], ("dpo",)),
+    "dpo.scheduler": (["dpo.scheduler=linear"], ("dpo",)),
+    "dpo.batch_size": (["dpo.batch_size=2"], ("dpo",)),
+    "dpo.grad_accum": (["dpo.grad_accum=2"], ("dpo",)),
+    "dpo.gradient_checkpointing": (["dpo.gradient_checkpointing=true"], ("dpo",)),
+    "dpo.optim": (["dpo.optim=sgd"], ("dpo",)),
+    "dpo.save_steps": (["dpo.save_steps=3"], NONE),
+    "dpo.precompute_ref_log_probs": (["dpo.precompute_ref_log_probs=true"], ("dpo",)),
+    "evaluate.max_new_tokens": (["evaluate.max_new_tokens=12"], ("evaluate",)),
+    "evaluate.batch_size": (["evaluate.batch_size=4"], ("evaluate",)),
+    "evaluate.max_samples": (["evaluate.max_samples=6"], ("evaluate",)),
+    "evaluate.metrics": (["evaluate.metrics=[rouge]"], ("evaluate",)),
+    "evaluate.judge": (["evaluate.judge=true"], ("evaluate",)),
+    "register.model_name": (["register.model_name=other"], ("register",)),
+    "register.gate.min_win_rate": (["register.gate.min_win_rate=0.5"], ("register",)),
+    "register.gate.min_win_rate_vs_champion": (["register.gate.min_win_rate_vs_champion=0.6"], ("register",)),
+    "register.gate.min_rougeL_gain": (["register.gate.min_rougeL_gain=0.0"], ("register",)),
+    "register.gate.max_regression": (["register.gate.max_regression={rougeL: 0.1}"], ("register",)),
+    "register.gate.require_decontaminated": (["register.gate.require_decontaminated=true"], ("register",)),
+    "retrain.start_from": (["retrain.start_from=base"], NONE),  # read by `alignflow retrain` before the pipeline
+    "scale_out.task_runner": (["scale_out.task_runner=dask"], NONE),  # where shards run, not what they make
+    "scale_out.dask_address": (["scale_out.dask_address=tcp://127.0.0.1:8786"], NONE),
+    "scale_out.workers": (["scale_out.workers=3"], NONE),
+    "launch.num_processes": (["launch.num_processes=2"], ("sft", "reward", "dpo")),
+    # with one process, launch settings are unused; these rows compare two-process runs (see BASELINE)
+    "launch.strategy": (["launch.strategy=fsdp"], ("sft", "reward", "dpo")),
+    "launch.zero_stage": (["launch.zero_stage=3"], ("sft", "reward", "dpo")),
+    "launch.mixed_precision": (["launch.mixed_precision=bf16"], ("sft", "reward", "dpo")),
+    "launch.config_file": (["launch.config_file=/tmp/accelerate.yaml"], ("sft", "reward", "dpo")),
+    "launch.cpu": (["launch.cpu=true"], ("sft", "reward", "dpo")),
+}
+# Overrides applied to both sides of a row (the baseline of the comparison).
+BASELINE: dict[str, list[str]] = {k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.")
+                                  and k != "launch.num_processes"}
+# Extra rows: what lies outside the recipe.
+OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
+           "the registry champion": ("evaluate",),
+           "an adapter to continue (alignflow retrain)": ("sft",)}
+
+
+def recipe_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable key of the recipe, dotted (`sft.lora.r`)."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += recipe_leaves(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def readme_table() -> str:
+    """The README's "What re-runs" table, generated from TABLE: keys grouped by the stages that read them."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, (_, stages) in TABLE.items():
+        groups.setdefault(stages, []).append(key)
+    for what, stages in OUTSIDE.items():
+        groups.setdefault(stages, []).append(what)
+    lines = ["| changing | re-runs (then every stage whose input files changed) |", "|---|---|"]
+    for stages, keys in sorted(groups.items(), key=lambda g: (STAGES.index(g[0][0]) if g[0] else 99, -len(g[0]))):
+        shown = ", ".join(f"`{k}`" if "." in k or k in ("name", "seed") else k for k in keys)
+        lines.append(f"| {shown} | {', '.join(stages) if stages else 'nothing'} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_table_covers_every_recipe_key() -> None:
+    assert sorted(TABLE) == sorted(recipe_leaves(Recipe)), "a recipe key without a row (or a row without a key)"
+
+
+def test_readme_shows_the_table() -> None:
+    assert readme_table() in (ROOT / "README.md").read_text(), "regenerate: python tests/test_cache_keys.py"
+
+
+@pytest.fixture(scope="module")
+def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One smoke run; its stage folders are the upstream files every row's keys are computed against."""
+    from alignflow.flows.pipeline import pipeline
+
+    work = tmp_path_factory.mktemp("keys")
+    cwd = Path.cwd()
+    os.chdir(ROOT)  # the recipe names data/ relative to the repository
+    try:
+        result = pipeline(recipe=load_recipe(SMOKE), work_dir=str(work))
+    finally:
+        os.chdir(cwd)
+    folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
+    # alternative data and base, for the rows that change them
+    pairs = (ROOT / "data" / "pairs.jsonl").read_text().splitlines()
+    (work / "pairs2.jsonl").write_text("\n".join(pairs[:-1]) + "\n")
+    (work / "sft2.jsonl").write_text((ROOT / "data" / "sft.jsonl").read_text() + '{"prompt": "a", "response": "b"}\n')
+    (work / "eval2.jsonl").write_text("\n".join((ROOT / "data" / "eval.jsonl").read_text().splitlines()[:-1]) + "\n")
+    copy = work / "base-copy"  # the same weights as a local folder: another identity
+    shutil.copytree(next((work / "base").glob("tiny-*")), copy)
+    fill = {"@pairs2": str(work / "pairs2.jsonl"), "@sft2": str(work / "sft2.jsonl"),
+            "@eval2": str(work / "eval2.jsonl"), "@base_folder": str(copy), "@reward": str(folders["reward"])}
+    base_key = read_manifest(folders["sft"])["inputs"]["base"]
+    return {"work": work, "folders": folders, "result": result, "fill": fill, "base_key": base_key}
+
+
+def _keys(recipe: Recipe, baseline: dict[str, Any]) -> dict[str, str]:
+    """Every stage's key for `recipe` over the baseline's upstream folders, with the facts the pipeline would find.
+    The tiny test base is built from data.sft; its identity is held fixed so a data row shows what reads data."""
+    from alignflow.flows.tracking import tracking_uri
+    from alignflow.tasks.lib.base_model import resolve_base
+
+    folders, work = baseline["folders"], baseline["work"]
+    base_key = baseline["base_key"] if recipe.model.base == "tiny:llama" else resolve_base(
+        recipe.model.base, work / "base", []).key
+    champion = read_manifest(folders["evaluate"])["inputs"]["outside"]["champion"]
+    facts = RunFacts(base_key=base_key, data=data_hashes(recipe), tracking_uri=tracking_uri(work), champion=champion)
+    return {s: stage_key(s, stage_inputs(s, recipe, folders, facts)) for s in STAGES}
+
+
+def test_computed_keys_are_the_pipelines(baseline: dict[str, Any]) -> None:
+    keys = _keys(load_recipe(SMOKE, []), baseline)
+    assert keys == {s: read_manifest(f)["cache_key"] for s, f in baseline["folders"].items()}
+
+
+@pytest.mark.parametrize("key", list(TABLE))
+def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(baseline: dict[str, Any],
+                                                                             key: str) -> None:
+    overrides, expected = TABLE[key]
+    overrides = [o.split("=", 1)[0] + "=" + baseline["fill"].get(o.split("=", 1)[1], o.split("=", 1)[1])
+                 for o in overrides]
+    before = load_recipe(SMOKE, BASELINE.get(key, []))
+    after = load_recipe(SMOKE, BASELINE.get(key, []) + overrides)
+    changed, unchanged = _keys(after, baseline), _keys(before, baseline)
+    assert tuple(s for s in STAGES if changed[s] != unchanged[s]) == expected
+
+
+def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> None:
+    folders, work = baseline["folders"], baseline["work"]
+    recipe = load_recipe(SMOKE)
+    base = RunFacts(base_key="b", data=data_hashes(recipe), tracking_uri="sqlite:///a.db", champion={})
+    others = {"tracking_uri": RunFacts(base.base_key, base.data, "http://elsewhere:5000", {}),
+              "champion": RunFacts(base.base_key, base.data, base.tracking_uri, {"version": "3"}),
+              "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc")}
+    expected = {"tracking_uri": ("register",), "champion": ("evaluate",), "init_adapter": ("sft",)}
+    for name, facts in others.items():
+        diff = tuple(s for s in STAGES if stage_key(s, stage_inputs(s, recipe, folders, facts))
+                     != stage_key(s, stage_inputs(s, recipe, folders, base)))
+        assert diff == expected[name], name
+    assert work.exists()
+
+
+# --- real runs: early cutoff and the defects users met ---------------------------------------------------------
+
+def _rerun(result: dict[str, Any]) -> set[str]:
+    return {s for s, info in result["stages"].items() if not info["cached"]}
+
+
+def test_real_runs_rerun_what_changed_and_nothing_else(baseline: dict[str, Any]) -> None:
+    from alignflow.flows.pipeline import pipeline
+
+    work = str(baseline["work"])
+    # a report-only setting of quantize: quantize re-runs, writes the same quantization.json, sft/reward/dpo stay
+    assert _rerun(pipeline(recipe=load_recipe(SMOKE, ["quantize.eval_samples=3"]), work_dir=work)) == {"quantize"}
+    # the rejects sample only: nothing reads it
+    assert _rerun(pipeline(recipe=load_recipe(SMOKE, ["curate.reject_samples=1"]), work_dir=work)) == {"curate"}
+    # dtype reaches every stage that loads weights (it was in no key before)
+    ran = _rerun(pipeline(recipe=load_recipe(SMOKE, ["model.dtype=bfloat16"]), work_dir=work))
+    assert {"quantize", "sft", "reward", "dpo", "evaluate", "register"} <= ran and "curate" not in ran
+
+
+def test_new_preference_data_leaves_sft_cached_and_recomputes_reference_logprobs(
+        baseline: dict[str, Any], tmp_path: Path) -> None:
+    from alignflow.flows.pipeline import pipeline
+
+    work = str(tmp_path / "w")
+    pairs = (ROOT / "data" / "pairs.jsonl").read_text().splitlines()
+    changed = pairs[:-10] + [json.dumps({**json.loads(line), "chosen": json.loads(line)["chosen"] + " Indeed."})
+                             for line in pairs[-10:]]  # the same first rows, other last rows
+    (tmp_path / "pairs2.jsonl").write_text("\n".join(changed) + "\n")
+    ref = ["dpo.precompute_ref_log_probs=true"]
+    first = pipeline(recipe=load_recipe(SMOKE, ref), work_dir=work)
+    second = pipeline(recipe=load_recipe(SMOKE, [*ref, f"data.preference={tmp_path / 'pairs2.jsonl'}"]), work_dir=work)
+    ran = _rerun(second)
+    assert "sft" not in ran and {"curate", "tokenize", "reward", "dpo"} <= ran
+    client = MlflowClient(first["tracking_uri"])
+    dpo_run = client.search_runs([second["experiment_id"]], filter_string=(
+        f"tags.mlflow.parentRunId = '{second['parent_run_id']}' and tags.alignflow.stage = 'dpo'"))[0]
+    assert dpo_run.data.tags["alignflow.ref_logprobs_cached"] == "false"
+    assert read_manifest(Path(second["stages"]["dpo"]["folder"]))["ref_logprobs_cached"] is False
+
+
+def test_a_new_tracking_server_gets_its_version(prefect_server: None, in_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same work dir, another MLflow store: register runs again and the new store holds the model."""
+    from alignflow.flows import tracking
+    from alignflow.flows.pipeline import pipeline
+
+    work = str(tmp_path / "w")
+    recipe = load_recipe(SMOKE)
+    pipeline(recipe=recipe, work_dir=work)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", other)  # what MLFLOW_TRACKING_URI sets at import
+    again = pipeline(recipe=recipe, work_dir=work)
+    assert _rerun(again) == {"register"}
+    assert str(MlflowClient(other).get_model_version_by_alias("smoke-assistant", "champion").version) == "1"
+
+
+def test_dataset_hash_covers_every_row() -> None:
+    from datasets import Dataset
+
+    from alignflow.tasks.lib.hashing import sha256_dataset
+
+    rows = [{"prompt_ids": [i, i + 1], "chosen_ids": [i], "rejected_ids": [i + 2]} for i in range(20)]
+    other = [*rows[:15], {"prompt_ids": [99], "chosen_ids": [98], "rejected_ids": [97]}, *rows[16:]]
+    cols = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    a, b = Dataset.from_list(rows), Dataset.from_list(other)
+    assert sha256_dataset(a, cols) != sha256_dataset(b, cols)
+    assert sha256_dataset(a, cols) == sha256_dataset(Dataset.from_list(rows), cols)
+
+
+if __name__ == "__main__":  # print the README table
+    sys.stdout.write(readme_table())
