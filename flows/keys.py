@@ -42,9 +42,10 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
     "tokenize": {"curate": ("sft.jsonl", "preference.jsonl"), "synthesize": ("sft.jsonl", "preference.jsonl")},
     "quantize": {"curate": ("eval.jsonl",)},
     "sft": {"tokenize": ("sft", "tokenizer", "max_length", "packing"), "quantize": ("quantization.json",)},
-    "reward": {"tokenize": ("preference", "tokenizer", "max_length")},
-    "dpo": {"tokenize": ("preference", "tokenizer", "max_length"), "quantize": ("quantization.json",),
-            "sft": ("weights",)},
+    "reward": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
+               "quantize": ("quantization.json",)},
+    "dpo": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
+            "quantize": ("quantization.json",), "sft": ("weights",)},
     "evaluate": {"tokenize": ("tokenizer",), "curate": ("eval.jsonl",), "dpo": ("weights",), "reward": ("weights",)},
     "register": {"dpo": ("weights",), "evaluate": ("metrics",), "curate": ("metrics.decontaminated",)},
 }
@@ -55,7 +56,7 @@ SETTINGS: dict[Stage, tuple[str, ...]] = {
     # synthesize passes its records through curate's record checks (not its drop limit, reject samples or shards)
     "synthesize": ("synthesize", "curate.dedup", "curate.quality", "curate.decontaminate", "curate.pii",
                    "curate.max_chars", "model.dtype", "seed"),
-    "tokenize": ("tokenize",),
+    "tokenize": ("tokenize", "reward.eval_fraction"),  # the held-out preference split neither reward nor dpo sees
     "quantize": ("quantize", "model.dtype"),
     "sft": ("sft", "model.dtype", "seed"),
     "reward": ("reward", "model.dtype", "seed"),

@@ -252,7 +252,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                       seed=seed))
         if _reached(until, "tokenize"):
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
-                base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out))
+                base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out,
+                heldout_fraction=r.reward.eval_fraction))
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))
@@ -262,7 +263,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                 out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch))
         if _reached(until, "reward"):
             run_stage(ctx, "reward", reward.run, r.reward, lambda out, _: reward.RewardInputs(
-                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], out_dir=out, seed=seed,
+                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
+                out_dir=out, seed=seed,
                 report_to=["mlflow"], launch=r.launch))
         if _reached(until, "dpo"):
             run_stage(ctx, "dpo", dpo.run, r.dpo, lambda out, _: dpo.DpoInputs(

@@ -114,6 +114,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     else:
         model = PeftModel.from_pretrained(base, sft_weights, is_trainable=True)
     pairs = load_from_disk(str(inputs.tokenized / "preference"))
+    heldout = load_from_disk(str(inputs.tokenized / "preference_heldout"))  # not trained on: the metrics come from it
 
     common = dict(  # TrainingArguments every trainer below shares
         output_dir=str(out / "checkpoints"),
@@ -142,22 +143,30 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=cfg.simpo_gamma, **common)
-        trainer = CPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, callbacks=callbacks)
+        trainer = CPOTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=heldout,
+                             processing_class=tok, callbacks=callbacks)
     elif cfg.loss == "orpo":  # reference-free: NLL on chosen + beta * log odds ratio
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**common)
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, callbacks=callbacks)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=heldout, processing_class=tok,
+                              callbacks=callbacks)
     else:
         args = trl.DPOConfig(loss_type=[cfg.loss],
                              precompute_ref_log_probs=False,  # done below, with a cache keyed on what they depend on
                              **common)
-        trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tok,
+        trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, eval_dataset=heldout,
+                                 processing_class=tok,
                                  callbacks=callbacks)
-        ref_cached = _attach_ref_logps(trainer, inputs, quant) if cfg.precompute_ref_log_probs else False
+        if cfg.precompute_ref_log_probs:
+            trainer.train_dataset, ref_cached = _ref_logps(trainer, trainer.train_dataset, inputs, quant)
+            trainer.eval_dataset, _ = _ref_logps(trainer, trainer.eval_dataset, inputs, quant)
+            trainer.precompute_ref_logps = True  # DPOTrainer's switch: the loss reads the batch's reference log-probs
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
+    # Means over the held-out pairs (not the last training batch of a few pairs): margin, accuracy, loss.
+    heldout_metrics = trainer.evaluate()
     if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy
         trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
     else:  # launched processes: the main one writes everything
@@ -174,8 +183,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         "peak_memory_bytes": peak_memory_bytes(),
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
-        "reward_margin": last.get("rewards/margins", float("nan")),
-        "reward_accuracy": last.get("rewards/accuracies", float("nan")),
+        "reward_margin": round(float(heldout_metrics.get("eval_rewards/margins", float("nan"))), 5),
+        "reward_accuracy": round(float(heldout_metrics.get("eval_rewards/accuracies", float("nan"))), 5),
+        "heldout_loss": round(float(heldout_metrics.get("eval_loss", float("nan"))), 5),
+        "heldout_pairs": len(heldout),
+        "train_reward_margin": last.get("rewards/margins", float("nan")),  # the last training batch's
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
     }
     if full:  # fold the adapter into the SFT weights: the product is a complete model again
@@ -194,14 +206,15 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     })
 
 
-def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) -> bool:
-    """Attach every pair's reference log-probs to the training data, computed once and reused by later runs.
+def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, Any]) -> tuple[Any, bool]:
+    """`dataset` (the training or held-out pairs, as TRL tokenized them) with every pair's reference log-probs
+    attached, computed once and reused by later runs; and whether they came from the cache.
 
     TRL's own precompute caches them under the prepared dataset's fingerprint, which changes with the DPOConfig
     (beta, output_dir): a run with another beta recomputed them. The key here is what they depend on: the
     reference weights (the SFT adapter, whose config names the base, or the full SFT model), dtype and
     quantization, and the pairs as TRL tokenized them. The loss then reads them from each batch
-    (`precompute_ref_logps`) instead of running the reference. Returns True when they came from the cache.
+    (`precompute_ref_logps`) instead of running the reference.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -209,7 +222,6 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
 
     from alignflow.tasks.lib.models import tuned_weights
 
-    dataset = trainer.train_dataset
     sft_outputs = read_manifest(inputs.sft).get("outputs", {})  # the SFT weights, hashed when sft wrote them
     weights = tuned_weights(inputs.sft)
     key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_tree(weights), "base": inputs.base_key,
@@ -234,7 +246,6 @@ def _attach_ref_logps(trainer: Any, inputs: DpoInputs, quant: dict[str, Any]) ->
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
         torch.save(logps, tmp)
         os.replace(tmp, cache)
-    trainer.train_dataset = dataset.add_column("ref_chosen_logps", logps["chosen"].tolist()).add_column(
+    dataset = dataset.add_column("ref_chosen_logps", logps["chosen"].tolist()).add_column(
         "ref_rejected_logps", logps["rejected"].tolist())
-    trainer.precompute_ref_logps = True  # DPOTrainer's switch: the loss reads the batch's reference log-probs
-    return cached
+    return dataset, cached

@@ -1,9 +1,12 @@
 """reward: a reward model from preference pairs with TRL's RewardTrainer (scalar head + LoRA).
 
 The base model gets a one-output sequence-classification head; LoRA (task SEQ_CLS, which also trains the
-head) learns to score chosen answers above rejected ones. A held-out split of the pairs measures it:
-pairwise accuracy (chosen scored higher) and the mean margin (chosen - rejected score). The evaluate stage
-uses this model to compare the tuned model's answers with the base model's.
+head) learns to score chosen answers above rejected ones. The base is held as the quantize stage says (QLoRA
+when `quantize.bits` is set), and pairs are at most `tokenize.max_length` tokens, as for sft and dpo.
+tokenize's held-out pairs (which neither this stage nor dpo trains on) measure it: pairwise accuracy
+(`heldout_accuracy`, chosen scored higher) and the mean margin (chosen - rejected score); the manifest lists
+those pairs' hashes. The evaluate stage uses this model as the judge of tuned vs base answers, and the gate
+trusts it only when `heldout_accuracy` reaches `register.gate.min_judge_accuracy`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
-from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.training import (
     add_step_metrics,
@@ -46,6 +49,7 @@ class RewardInputs(BaseModel):
     base: Path
     dtype: str
     tokenized: Path
+    quantized: Path | None = None  # quantization.json: the base is held as sft and dpo hold it (QLoRA)
     out_dir: Path
     seed: int
     report_to: list[str] = ["none"]
@@ -55,6 +59,7 @@ class RewardInputs(BaseModel):
 def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     import trl
     from datasets import load_from_disk
+    from peft import prepare_model_for_kbit_training
 
     from alignflow.tasks.lib.inference import score_answers
     from alignflow.tasks.lib.models import load_reward_model, load_tokenizer
@@ -67,11 +72,15 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
-    pairs = load_from_disk(str(inputs.tokenized / "preference")).train_test_split(
-        test_size=cfg.eval_fraction, seed=inputs.seed)
-    if len(pairs["test"]) < 2:
-        raise StageError(f"reward: only {len(pairs['test'])} held-out pairs; add data or raise reward.eval_fraction")
-    model = load_reward_model(inputs.base, inputs.dtype, adapter=None)
+    tok_manifest = read_manifest(inputs.tokenized)
+    train = load_from_disk(str(inputs.tokenized / "preference"))
+    held = load_from_disk(str(inputs.tokenized / "preference_heldout"))  # neither reward nor dpo trains on these
+    if len(held) < 2:
+        raise StageError(f"reward: only {len(held)} held-out pairs; add data or raise reward.eval_fraction")
+    quant = json.loads((inputs.quantized / "quantization.json").read_text()) if inputs.quantized else {}
+    model = load_reward_model(inputs.base, inputs.dtype, adapter=None, quantization=quant or None)
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.pad_token_id = tok.pad_token_id
 
     args = trl.RewardConfig(
@@ -89,12 +98,19 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
+        max_length=tok_manifest["max_length"],  # TRL's default is 1024; pairs were sized for this in tokenize
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),
     )
-    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=pairs["train"], processing_class=tok,
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                                 peft_config=cfg.lora.peft("SEQ_CLS"),
                                 callbacks=[progress_callback()])
+    if quant and not (args.bf16 or args.fp16):
+        # TRL casts a quantized model's trainable weights (LoRA and the score head) to bf16, which only works
+        # under bf16 autocast; without it the fp32 hidden states meet a bf16 head. Keep them in fp32 then.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
@@ -108,7 +124,6 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     # Held-out pairwise accuracy and margin, scored by the trained model exactly as evaluate will score.
-    held = pairs["test"]
     prompts = list(held["prompt"])
     chosen = score_answers(trainer.model, tok, prompts, [c[-1]["content"] for c in held["chosen"]])
     rejected = score_answers(trainer.model, tok, prompts, [r[-1]["content"] for r in held["rejected"]])
@@ -127,6 +142,8 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     return write_manifest(out, {
         "stage": "reward",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "quantized": bool(quant),
+        "heldout_pair_hashes": tok_manifest["heldout_pair_hashes"],  # what heldout_accuracy was measured on
         "outputs": ["adapter", "loss.png", "log_history.json"],
         "artifacts": ["loss.png", "log_history.json"],
         "metrics": metrics,

@@ -90,7 +90,10 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     if init is not None and not is_adapter(init) and cfg.method == "lora":
         raise StageError(f"sft: {init} holds full weights (a full fine-tune); continue it with sft.method: full")
     full_init = init is not None and cfg.method == "full" and not is_adapter(init)
-    model = load_causal_lm(init if full_init else inputs.base, inputs.dtype, quant or None)
+    # Full fine-tuning keeps fp32 master weights: AdamW's small updates vanish in bf16/fp16 weights. A bf16 or fp16
+    # recipe then trains under autocast (the Trainer's bf16/fp16 flags, on GPUs); LoRA keeps the base in model.dtype.
+    model = load_causal_lm(init if full_init else inputs.base, "float32" if cfg.method == "full" else inputs.dtype,
+                           quant or None)
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_config = cfg.lora.peft("CAUSAL_LM") if cfg.method == "lora" else None

@@ -1,18 +1,21 @@
-"""tokenize: chat template, assistant-only labels, truncation counts, length statistics.
+"""tokenize: chat template, assistant-only labels, length limits, the held-out preference split, length statistics.
 
 SFT conversations become `input_ids` + `labels`, where every token that is not part of an assistant turn
 (system prompt, user turns, template markers before the answer) is -100, so the loss is taken on the answers
 only. The assistant spans are found in characters: the template rendered up to turn i with the generation
 prompt is a prefix of the full rendering, and the text between that prefix and the rendering up to turn i+1
 is the answer (its end-of-turn marker included, so the model learns to stop). Tokens whose first character
-falls in such a span are trained on. SFTTrainer accepts this pre-tokenized dataset as it is.
+falls in such a span are trained on. SFTTrainer accepts this pre-tokenized dataset as it is. An example longer
+than `max_length` is dropped, not cut (a cut one would lose its end-of-turn token and teach the model not to
+stop): counted as `sft.dropped.too_long` (and, as before, `sft.truncated`).
 
 Preference pairs stay conversational (prompt messages, chosen/rejected answers): the reward and DPO trainers
-apply the same template themselves. Pairs that would not fit `max_length` tokens are dropped and counted.
+apply the same template themselves. Pairs whose rendered prompt + longer answer exceed `max_length` tokens are
+dropped (`preference.dropped.too_long`). A share of the pairs (`reward.eval_fraction`, chosen by each pair's
+hash) goes to `preference_heldout/`: neither reward nor dpo trains on it; both are measured on it, and the
+manifest lists those pairs' hashes.
 
-The tokenizer itself (with the template actually used) is saved in `tokenizer/`: later stages load it from
-here, so the cache key of this stage (tokenizer files' hash, template, max length, data hashes) guards every
-stage after it.
+The tokenizer itself (with the template actually used) is saved in `tokenizer/`: later stages load it from here.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alignflow.tasks.lib.chat import encode_conversation
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_tree
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
 
@@ -42,6 +45,8 @@ class TokenizeInputs(BaseModel):
     curated: Path
     synthesized: Path
     out_dir: Path
+    heldout_fraction: float = Field(0.15, gt=0, lt=1, description="the recipe's reward.eval_fraction: preference "
+                                    "pairs held out from reward and dpo training, to measure both on")
 
 
 def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
@@ -74,33 +79,45 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             continue
         ids, labels = encoded
         if len(ids) > cfg.max_length:
-            truncated += 1
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        if all(label == -100 for label in labels):  # the answer was cut off entirely: nothing to learn
+            # Dropped, not cut: a cut example loses its end-of-turn token, and the model would learn not to stop.
             truncated += 1
             continue
         rows.append({"input_ids": ids, "labels": labels})
     if not rows:
-        raise StageError("tokenize: no SFT example left after tokenization (see sft.truncated)")
+        raise StageError(f"tokenize: no SFT example fits tokenize.max_length={cfg.max_length} "
+                         f"({truncated} longer ones dropped)")
     Dataset.from_list(rows).save_to_disk(out / "sft")
 
-    # --- preference pairs: conversational, dropped when too long ---------------------------------------
+    # --- preference pairs: conversational, dropped when too long, split into training and held-out -------
     pairs: list[dict[str, Any]] = []
+    heldout: list[dict[str, Any]] = []
+    heldout_hashes: list[str] = []
     too_long = 0
     pair_lengths: list[int] = []
     for p in pref:
-        prompt_len = len(tok.apply_chat_template(p["prompt"], tokenize=True, add_generation_prompt=True))
-        answer_len = max(len(tok(p["chosen"], add_special_tokens=False)["input_ids"]),
-                         len(tok(p["rejected"], add_special_tokens=False)["input_ids"])) + 2  # + end-of-turn
-        if prompt_len + answer_len > cfg.max_length:
+        # Lengths as the trainers will see them: the rendered conversation, end-of-turn markers included.
+        length = max(_n_tokens(tok, p["prompt"], p["chosen"]), _n_tokens(tok, p["prompt"], p["rejected"]))
+        if length > cfg.max_length:
             too_long += 1
             continue
-        pair_lengths.append(prompt_len + answer_len)
-        pairs.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                      "rejected": [{"role": "assistant", "content": p["rejected"]}]})
+        pair_lengths.append(length)
+        pair = {"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+        # Held out by the pair's own hash, not its position: the same pair stays held out when data is added, and
+        # neither reward nor dpo trains on it, so the reward model's accuracy on it is an honest judge check.
+        digest = sha256_json([p["prompt"], p["chosen"], p["rejected"]])
+        if int(digest[:8], 16) / 0x1_0000_0000 < inputs.heldout_fraction:
+            heldout.append(pair)
+            heldout_hashes.append(digest)
+        else:
+            pairs.append(pair)
     if len(pairs) < 4:
-        raise StageError(f"tokenize: only {len(pairs)} preference pairs fit max_length={cfg.max_length}")
+        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length}")
+    if len(heldout) < 2:
+        raise StageError(f"tokenize: only {len(heldout)} held-out preference pairs; add data or raise "
+                         "reward.eval_fraction")
     Dataset.from_list(pairs).save_to_disk(out / "preference")
+    Dataset.from_list(heldout).save_to_disk(out / "preference_heldout")
 
     lengths = [len(r["input_ids"]) for r in rows]
     trainable = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
@@ -113,7 +130,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "sft.trainable_tokens": trainable,
         "sft.length_mean": round(sum(lengths) / len(lengths), 1),
         "sft.length_max": max(lengths),
+        "sft.dropped.too_long": truncated,  # the same examples as sft.truncated (kept for existing dashboards)
         "preference.pairs": len(pairs),
+        "preference.heldout_pairs": len(heldout),
         "preference.dropped.too_long": too_long,
         "preference.length_max": max(pair_lengths),
     }
@@ -122,10 +141,17 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "tokenizer_hash": sha256_tree(out / "tokenizer"),
         "packing": cfg.packing,
         "max_length": cfg.max_length,
-        "outputs": ["sft", "preference", "tokenizer", "lengths.png"],
+        "heldout_pair_hashes": sorted(heldout_hashes),  # sha256 of [prompt, chosen, rejected]: never trained on
+        "outputs": ["sft", "preference", "preference_heldout", "tokenizer", "lengths.png"],
         "artifacts": ["lengths.png"],
         "metrics": metrics,
     })
+
+
+def _n_tokens(tok: Any, prompt: list[dict[str, str]], answer: str) -> int:
+    """Tokens of the prompt and one answer rendered with the chat template (a str is tokenized, not a dict)."""
+    text = tok.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _plot_lengths(path: Path, sft: list[int], pairs: list[int], max_length: int) -> None:

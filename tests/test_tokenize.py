@@ -29,25 +29,38 @@ def test_unmasked_tokens_decode_to_the_assistant_turns_only(tmp_path: Path) -> N
     assert "Be brief." in masked and "Name a fruit." in masked and "apple" not in masked
 
 
-def test_stage_writes_datasets_and_counts_truncation(tmp_path: Path) -> None:
+def test_stage_drops_what_does_not_fit_and_holds_out_pairs(tmp_path: Path) -> None:
     base = resolve_base("tiny:llama", tmp_path / "base", [ROOT / "data" / "sft.jsonl"])
     curated, synth = tmp_path / "c", tmp_path / "s"
     curated.mkdir()
     synth.mkdir()
-    long_answer = " ".join(["word"] * 200)
+    long_text = " ".join(["word"] * 200)
     sft = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"}]},
-           {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": long_answer}]}]
-    pairs = [{"prompt": [{"role": "user", "content": f"p{i}"}], "chosen": "yes", "rejected": "no"} for i in range(5)]
-    pairs.append({"prompt": [{"role": "user", "content": "p"}], "chosen": long_answer, "rejected": "no"})
+           {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": long_text}]}]
+    pairs = [{"prompt": [{"role": "user", "content": f"p{i}"}], "chosen": "yes", "rejected": "no"} for i in range(20)]
+    pairs.append({"prompt": [{"role": "user", "content": "p"}], "chosen": long_text, "rejected": "no"})
+    pairs.append({"prompt": [{"role": "user", "content": long_text}], "chosen": "yes", "rejected": "no"})  # prompt
     (curated / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (curated / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     (synth / "sft.jsonl").write_text("")
     (synth / "preference.jsonl").write_text("")
     run(TokenizeConfig(max_length=64), TokenizeInputs(base=base.path, curated=curated, synthesized=synth,
-                                                      out_dir=tmp_path / "out"))
-    m = read_manifest(tmp_path / "out")["metrics"]
-    assert m["sft.examples"] == 2 and m["sft.truncated"] == 1 and m["sft.length_max"] == 64
-    assert m["preference.pairs"] == 5 and m["preference.dropped.too_long"] == 1
-    ds = load_from_disk(str(tmp_path / "out" / "sft"))
-    assert set(ds.column_names) == {"input_ids", "labels"} and all(len(r) <= 64 for r in ds["input_ids"])
+                                                      out_dir=tmp_path / "out", heldout_fraction=0.3))
+    manifest = read_manifest(tmp_path / "out")
+    m = manifest["metrics"]
+    # the long SFT example is dropped whole (a cut one would end without its end-of-turn token)
+    assert m["sft.examples"] == 1 and m["sft.dropped.too_long"] == 1 and m["sft.truncated"] == 1
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    for row in load_from_disk(str(tmp_path / "out" / "sft")):
+        trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
+        assert trained.endswith("<|im_end|>\n")
+    # a pair whose prompt alone is too long is dropped too (the prompt used to count as 2 tokens)
+    assert m["preference.dropped.too_long"] == 2
+    assert m["preference.pairs"] + m["preference.heldout_pairs"] == 20 and m["preference.heldout_pairs"] >= 2
+    assert m["preference.length_max"] <= 64
+    train = load_from_disk(str(tmp_path / "out" / "preference"))
+    held = load_from_disk(str(tmp_path / "out" / "preference_heldout"))
+    train_prompts = {r[0]["content"] for r in train["prompt"]}
+    held_prompts = {r[0]["content"] for r in held["prompt"]}
+    assert not train_prompts & held_prompts and len(held) == len(manifest["heldout_pair_hashes"])
     assert (tmp_path / "out" / "lengths.png").stat().st_size > 1000

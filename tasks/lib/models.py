@@ -77,14 +77,23 @@ def load_tuned(base: Path, dtype: str, weights: Path) -> Any:
 
     return PeftModel.from_pretrained(load_causal_lm(base, dtype), weights)
 
-def load_reward_model(base: Path, dtype: str, adapter: Path | None) -> Any:
-    """The base with a one-output classification head; with `adapter`, the trained reward LoRA + head."""
-    from transformers import AutoModelForSequenceClassification
+def load_reward_model(base: Path, dtype: str, adapter: Path | None,
+                      quantization: dict[str, Any] | None = None) -> Any:
+    """The base with a one-output classification head; with `adapter`, the trained reward LoRA + head.
 
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch_dtype(dtype))
+    `quantization` (the quantize stage's BitsAndBytesConfig dict) holds the base in 4/8 bits for QLoRA training;
+    the new `score` head stays unquantized (it is trained in full)."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(dtype)}
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(
+            {**quantization, "llm_int8_skip_modules": ["score"]})
+        kwargs["device_map"] = {"": device()}
+    model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
         model.config.pad_token_id = load_tokenizer(adapter).pad_token_id
-    return model.to(device()).eval()
+    return (model if quantization else model.to(device())).eval()
