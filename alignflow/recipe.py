@@ -12,10 +12,10 @@ import glob
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from alignflow.flows.keys import STAGES  # noqa: F401  (re-exported: the stage list lives in flows/keys.py)
 from alignflow.tasks.curate import CurateConfig
@@ -39,11 +39,17 @@ class ModelSection(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: bf16 on GPUs that have it
 
 
+# One path or a list of them. The JSON schema (what Prefect's deployment form and `deployment run --params` check)
+# says so too; the validator below turns a single string into a list before the model sees it.
+Paths = Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "string"},
+                                                       {"type": "array", "items": {"type": "string"}}]})]
+
+
 class DataSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sft: list[str] = Field(..., description="instruction data: files, folders or globs")
-    preference: list[str] = Field(..., description="preference pairs: files, folders or globs")
-    eval: list[str] = Field(..., description="held-out eval set: files, folders or globs")
+    sft: Paths = Field(..., description="instruction data: files, folders or globs")
+    preference: Paths = Field(..., description="preference pairs: files, folders or globs")
+    eval: Paths = Field(..., description="held-out eval set: files, folders or globs")
 
     @field_validator("sft", "preference", "eval", mode="before")
     @classmethod
@@ -135,23 +141,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
             problems.append(problem)
     # Files and the base model are checked from the raw mapping, so that their problems are listed together
     # with the schema's (a recipe with a typo and a missing file shows both at once).
-    resolved: dict[str, list[str]] = {}
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    for name in ("sft", "preference", "eval"):
-        entries = data.get(name)
-        entries = [entries] if isinstance(entries, str) else entries
-        if not isinstance(entries, list):
-            continue  # the schema reports it
-        files: list[str] = []
-        for i, entry in enumerate(entries):
-            found = _resolve_data(str(entry), path.parent)
-            if not found:
-                problems.append(f"data.{name}[{i}]: no data file found at '{entry}' "
-                                f"(looked relative to the current folder and to {path.parent})")
-            files.extend(str(f) for f in found)
-        resolved[name] = files
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    problems.extend(_check_base(str(model.get("base", ModelSection().base))))
+    resolved, found_problems = _resolve_files(raw, path.parent)
+    problems.extend(found_problems)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -164,6 +155,39 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise RecipeError(source, problems)
     return recipe.model_copy(update={"data": DataSection(**resolved)})
+
+
+def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None) -> Recipe:
+    """The checks `load_recipe` makes beyond the schema (data globs and folders expanded to files, the base model
+    found), for a recipe that arrived validated by pydantic alone: a Prefect deployment's form or `--params`.
+    Idempotent: resolved paths resolve to themselves. Raises RecipeError listing every problem."""
+    resolved, problems = _resolve_files(recipe.model_dump(mode="json"), recipe_dir or Path.cwd())
+    if problems:
+        raise RecipeError(f"recipe {recipe.name}", problems)
+    return recipe.model_copy(update={"data": DataSection(**resolved)})
+
+
+def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """data.* entries -> files (globs and folders expanded), and the problems with them and with model.base."""
+    problems: list[str] = []
+    resolved: dict[str, list[str]] = {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for name in ("sft", "preference", "eval"):
+        entries = data.get(name)
+        entries = [entries] if isinstance(entries, str) else entries
+        if not isinstance(entries, list):
+            continue  # the schema reports it
+        files: list[str] = []
+        for i, entry in enumerate(entries):
+            found = _resolve_data(str(entry), recipe_dir)
+            if not found:
+                problems.append(f"data.{name}[{i}]: no data file found at '{entry}' "
+                                f"(looked relative to the current folder and to {recipe_dir})")
+            files.extend(str(f) for f in found)
+        resolved[name] = files
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    problems.extend(_check_base(str(model.get("base", ModelSection().base))))
+    return resolved, problems
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str | None:

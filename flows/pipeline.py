@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
 from alignflow.flows.tracking import Tracker, tracking_uri
-from alignflow.recipe import Recipe, ScaleOutSection
+from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, resolve_recipe
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
@@ -228,6 +228,10 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     `init_adapter` makes sft continue that adapter (retraining); `tags` go onto the parent run."""
     from prefect.runtime import flow_run
 
+    try:  # a deployment's form skips load_recipe: expand and check files the same way
+        recipe = resolve_recipe(recipe)
+    except RecipeError as e:
+        raise StageError(str(e)) from None
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = data_hashes(recipe)  # files or `datasets` folders: content hashes

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from alignflow.flows.pipeline import pipeline
 from alignflow.recipe import STAGES, Recipe, load_recipe
+from alignflow.tasks.lib.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,47 @@ def test_unreachable_tracking_server_fails_fast_with_a_clear_message(in_root: Pa
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - started < 120
     assert not (tmp_path / "w" / "stages").exists()  # failed before any stage ran
+
+
+def test_a_datasets_folder_runs_through_the_whole_pipeline(prefect_server: None, in_root: Path,
+                                                             tmp_path: Path) -> None:
+    """data.sft as a `datasets.save_to_disk` folder (it used to crash on hashing a directory)."""
+    import json
+
+    from datasets import Dataset
+
+    rows = []
+    for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the planted malformed line
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            rows.append({"messages": record["messages"]})
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "sft_ds"))
+    recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [f"data.sft={tmp_path / 'sft_ds'}"])
+    result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"))
+    assert result["registered"]["version"] == "1"
+    curated = read_manifest(Path(result["stages"]["curate"]["folder"]))["metrics"]
+    assert curated["sft.records_in"] == len(rows) and curated["sft.records_kept"] > 0.9 * len(rows)
+
+
+def test_the_deployment_form_accepts_the_recipe_as_written(in_root: Path) -> None:
+    """The flow's parameter schema (what the Prefect UI form and `deployment run --params` check) accepts a
+    recipe exactly as the CLI does: plain strings for data paths; and the flow resolves them like the CLI."""
+    import jsonschema
+    import yaml
+    from prefect.utilities.callables import parameter_schema
+
+    from alignflow.recipe import resolve_recipe
+
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    assert isinstance(raw["data"]["sft"], str)
+    schema = parameter_schema(pipeline.fn).model_dump_for_openapi()
+    resolver_schema = {**schema["properties"]["recipe"], "definitions": schema.get("definitions", {}),
+                       "$defs": schema.get("definitions", {})}
+    jsonschema.validate(raw, resolver_schema)  # raises if a string is refused where a list is expected
+    resolved = resolve_recipe(Recipe.model_validate(raw))
+    assert resolved.data.sft == [str(ROOT / "data" / "sft.jsonl")]
+    with pytest.raises(Exception, match=r"data.eval\[0\]: no data file found"):
+        resolve_recipe(Recipe.model_validate({**raw, "data": {**raw["data"], "eval": "nope/*.jsonl"}}))

@@ -114,7 +114,14 @@ def _tiny(spec: str, dest_root: Path, corpus: list[Path]) -> ResolvedBase:
 
     texts: list[str] = []
     for path in corpus:
-        texts.extend(path.read_text(encoding="utf-8", errors="replace").splitlines())
+        if path.is_dir():  # a `datasets` folder saved with save_to_disk: its rows as JSON lines
+            from datasets import load_from_disk
+
+            saved = load_from_disk(str(path))
+            for split in saved.values() if hasattr(saved, "values") else [saved]:
+                texts.extend(json.dumps(row, ensure_ascii=False) for row in split)
+        else:
+            texts.extend(path.read_text(encoding="utf-8", errors="replace").splitlines())
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
