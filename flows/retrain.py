@@ -4,7 +4,7 @@
 2. Find the data it was trained on: the curate stage folder of the pipeline run it came from (version tag
    `alignflow.parent_run_id` -> that run's curate child run -> `alignflow.stage_dir`).
 3. Curate the recipe's current data and keep only records not already used: exact and near duplicates of
-   the champion's data are dropped, and eval overlap is removed (`tasks.curate.new_records`).
+   the champion's data are dropped, and eval overlap is removed (`tasks.records.checks.new_records`).
 4. Nothing new: end now, saying so, and register nothing.
 5. Otherwise run the pipeline on the new SFT records (continuing the champion's adapter, or from the base:
    `retrain.start_from`) and on all preference pairs, old and new (the reward model is retrained from
@@ -29,10 +29,10 @@ from alignflow.flows.pipeline import pipeline
 from alignflow.flows.registry import download_model
 from alignflow.flows.tracking import tracking_uri
 from alignflow.recipe import DataSection, Recipe
-from alignflow.tasks.curate import new_records
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
+from alignflow.tasks.records.checks import new_records
 
 
 def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | None:

@@ -126,10 +126,10 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             metrics["win_rate_vs_champion"] = _win_rate(answers, rewards, champion_answers, champion_rewards)
 
     if cfg.judge:
-        from alignflow.tasks.synthesize import SynthesizeConfig, Teacher, teacher_scores
+        from alignflow.tasks.lib.teacher import Teacher, teacher_scores
 
-        judge = Teacher(SynthesizeConfig(teacher=inputs.teacher, max_new_tokens=4), inputs.base, inputs.dtype,
-                        out / "judge.jsonl")
+        judge = Teacher(inputs.teacher, max_new_tokens=4, temperature=0.8, top_p=0.95, batch_size=8,  # (greedy:
+                        base=inputs.base, dtype=inputs.dtype, journal=out / "judge.jsonl")  # temperature, top_p unused)
         verdicts = [teacher_scores(judge, p, [b, a]) for p, b, a in zip(prompts, base_answers, answers, strict=True)]
         judge.close()
         # [base, tuned] scores: (0, 1) tuned won both orders, (1, 0) base did, (0, 0) the orders disagreed

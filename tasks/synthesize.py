@@ -12,14 +12,14 @@ run's reward stage (say the champion's), when one exists. `teacher` makes the te
 orders (A/B, then B/A), which controls position bias: an answer wins a comparison only if it is preferred in
 both orders. Its score is its share of wins.
 
-Every generated record then passes the same checks as real data (curate's validation, PII scrub, quality
-filters, exact and near dedup against the curated data, decontamination against eval), counted under
-`sft.dropped.<reason>` / `preference.dropped.<reason>` in this stage's metrics.
+Every generated record then passes the same checks as real data (tasks/records/checks.py, as in curate:
+validation, PII scrub, quality filters, exact and near dedup against the curated data, decontamination against
+eval), counted under `sft.dropped.<reason>` / `preference.dropped.<reason>` in this stage's metrics.
 
 Teachers: `teacher: base` (the local base model, batched generation) or an OpenAI-compatible HTTP endpoint
 (vLLM, TGI, llama.cpp server, ...): `teacher: {url: http://host:8000/v1, model: NAME, api_key_env: VAR}` with
 concurrency, a timeout and bounded retries. The key is read from the environment variable *named* in the
-recipe, so it never appears in params, manifests or artifacts.
+recipe, so it never appears in params, manifests or artifacts. The client and the judge: tasks/lib/teacher.py.
 
 Sharded: the requests (drawn once from the seed) are split into `shards` slices. Each shard writes its own
 folder `shards/NNN/`; `merge` joins them in order and drops near-copies across shards. The pipeline flow runs
@@ -36,35 +36,20 @@ import json
 import os
 import random
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignflow.tasks.curate import CurateConfig, filter_synthetic
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.teacher import Messages, Teacher, TeacherEndpoint, teacher_scores
 from alignflow.tasks.lib.training import seed_everything
+from alignflow.tasks.records.checks import RecordChecks, filter_synthetic
 
-Messages = list[dict[str, str]]
 JUDGE_LABEL = {"reference": "rougeL_vs_reference", "teacher": "teacher_both_orders", "reward_model": "reward_model"}
-
-
-class TeacherEndpoint(BaseModel):
-    """An OpenAI-compatible chat-completions server."""
-
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(..., pattern=r"^https?://", description="base URL, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(..., min_length=1, description="model name the server expects")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
-    concurrency: int = Field(4, ge=1, le=64, description="requests in flight")
-    timeout_s: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(3, ge=0, description="retries per request on timeouts, 429 and 5xx")
 
 
 class SynthesizeConfig(BaseModel):
@@ -103,7 +88,7 @@ class SynthesizeInputs(BaseModel):
     base: Path
     dtype: str
     curated: Path
-    curate_cfg: CurateConfig = CurateConfig()  # the recipe's curate section: the same filters apply
+    curate_cfg: RecordChecks = RecordChecks()  # the recipe's curate section (a CurateConfig validates): same checks
     out_dir: Path
     seed: int
 
@@ -153,7 +138,9 @@ def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Pa
     existing = [_first_user(r["messages"]) for r in read_jsonl(inputs.curated / "sft.jsonl")]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     started = time.time()
-    teacher = Teacher(cfg, inputs.base, inputs.dtype, out / "generations.jsonl")
+    teacher = Teacher(cfg.teacher, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                      batch_size=cfg.batch_size, base=inputs.base, dtype=inputs.dtype,
+                      journal=out / "generations.jsonl")
     stats: dict[str, Any] = {"instructions.attempted": len(asks), "instructions.dropped.empty": 0,
                              "instructions.dropped.near_copy": 0, "pairs.attempted": len(picked),
                              "pairs.dropped.tie": 0}
@@ -272,137 +259,6 @@ def merge(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
     return write_manifest(out, {"stage": "synthesize", "outputs": files, "artifacts": files,
                                 "teacher": "base" if cfg.teacher == "base" else cfg.teacher.model_dump(),
                                 "metrics": metrics})
-
-
-class Teacher:
-    """Completions for chat prompts: from the journal if already made, else from the local model or endpoint."""
-
-    def __init__(self, cfg: SynthesizeConfig, base: Path, dtype: str, journal: Path) -> None:
-        self.cfg, self.base, self.dtype, self.journal = cfg, base, dtype, journal
-        self.done: dict[str, list[str]] = {}
-        if journal.exists():  # a previous, interrupted attempt of this stage
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.done[row["key"]] = row["outputs"]
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut off by the kill
-        self.resumed, self.generated, self.chars = 0, 0, 0
-        self._file = open(journal, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._lock = threading.Lock()
-        self._local: tuple[Any, Any] | None = None
-
-    def complete(self, prompts: list[Messages], *, n: int, sample: bool, desc: str) -> list[list[str]]:
-        settings = {"n": n, "sample": sample, "max_new_tokens": self.cfg.max_new_tokens,
-                    "temperature": self.cfg.temperature if sample else 0.0, "top_p": self.cfg.top_p if sample else 1.0}
-        keys = [sha256_json({"messages": p, **settings}) for p in prompts]
-        todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in self.done}
-        self.resumed += sum(1 for k in set(keys) if k not in todo)
-        if todo:
-            if self.cfg.teacher == "base":
-                self._complete_local(todo, n, sample, desc)
-            else:
-                self._complete_remote(todo, n, sample, desc)
-        return [self.done[k] for k in keys]
-
-    def _record(self, key: str, outputs: list[str]) -> None:
-        with self._lock:
-            self.done[key] = outputs
-            self.generated += 1
-            self.chars += sum(len(o) for o in outputs)
-            self._file.write(json.dumps({"key": key, "outputs": outputs}, ensure_ascii=False) + "\n")
-            self._file.flush()  # on disk before the next request: a kill loses at most the one in flight
-
-    def _complete_local(self, todo: dict[str, Messages], n: int, sample: bool, desc: str) -> None:
-        from alignflow.tasks.lib.inference import generate
-        from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
-
-        if self._local is None:
-            self._local = (load_causal_lm(self.base, self.dtype), load_tokenizer(self.base))
-        model, tok = self._local
-        items = list(todo.items())
-        for i in range(0, len(items), self.cfg.batch_size):
-            chunk = items[i : i + self.cfg.batch_size]
-            outputs = generate(model, tok, [p for _, p in chunk], max_new_tokens=self.cfg.max_new_tokens,
-                               batch_size=self.cfg.batch_size, do_sample=sample, temperature=self.cfg.temperature,
-                               top_p=self.cfg.top_p, num_return_sequences=n, desc=f"{desc} {i}/{len(items)}")
-            for (key, _), out in zip(chunk, outputs, strict=True):
-                self._record(key, out)
-
-    def _complete_remote(self, todo: dict[str, Messages], n: int, sample: bool, desc: str) -> None:
-        import httpx
-        from tqdm.auto import tqdm
-
-        endpoint = self.cfg.teacher
-        assert isinstance(endpoint, TeacherEndpoint)
-        headers = {"Content-Type": "application/json"}
-        if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
-        url = endpoint.url.rstrip("/") + "/chat/completions"
-
-        def one(item: tuple[str, Messages]) -> None:
-            key, messages = item
-            body = {"model": endpoint.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens, "n": n,
-                    "temperature": self.cfg.temperature if sample else 0.0, "top_p": self.cfg.top_p if sample else 1.0}
-            last_error = ""
-            for attempt in range(endpoint.max_retries + 1):
-                try:
-                    r = client.post(url, json=body, headers=headers, timeout=endpoint.timeout_s)
-                    if r.status_code == 429 or r.status_code >= 500:
-                        last_error = f"HTTP {r.status_code}"
-                    elif r.status_code >= 400:
-                        raise StageError(f"synthesize: teacher {url} refused the request: HTTP {r.status_code} "
-                                         f"{r.text[:200]}")
-                    else:
-                        choices = r.json()["choices"]
-                        self._record(key, [(c.get("message") or {}).get("content", "").strip() for c in choices])
-                        return
-                except (httpx.TimeoutException, httpx.TransportError) as e:
-                    last_error = type(e).__name__
-                time.sleep(min(2**attempt * 0.5, 8.0))  # exponential backoff, capped at 8 s
-            raise StageError(f"synthesize: teacher {url} failed after {endpoint.max_retries + 1} attempts "
-                             f"({last_error}); completions so far are kept and a re-run resumes")
-
-        with httpx.Client() as client, ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
-            futures = [pool.submit(one, item) for item in todo.items()]
-            try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="request"):
-                    future.result()
-            except BaseException:
-                for future in futures:  # stop queued requests; those in flight finish and are journaled
-                    future.cancel()
-                raise
-
-    def close(self) -> None:
-        self._file.close()
-
-
-JUDGE_PROMPT = ("Question:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
-                "Which answer is better: more correct, more helpful, better formatted? Reply with one letter, A or B.")
-
-
-def teacher_scores(teacher: Teacher, prompt: Messages, answers: list[str]) -> list[float]:
-    """Each answer's share of pairwise wins; a win needs the teacher's preference in both presentation orders."""
-    question = "\n".join(m["content"] for m in prompt if m["role"] == "user")
-    pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
-    asks = []
-    for i, j in pairs:
-        asks.append([{"role": "user", "content": JUDGE_PROMPT.format(question=question, a=answers[i], b=answers[j])}])
-        asks.append([{"role": "user", "content": JUDGE_PROMPT.format(question=question, a=answers[j], b=answers[i])}])
-    verdicts = [_letter(c[0]) for c in teacher.complete(asks, n=1, sample=False, desc="synthesize: judge")]
-    wins = [0] * len(answers)
-    for k, (i, j) in enumerate(pairs):
-        first, swapped = verdicts[2 * k], verdicts[2 * k + 1]
-        if first == "A" and swapped == "B":
-            wins[i] += 1
-        elif first == "B" and swapped == "A":
-            wins[j] += 1  # otherwise the two orders disagree (position bias) or no verdict: nobody wins
-    return [w / max(len(answers) - 1, 1) for w in wins]
-
-
-def _letter(text: str) -> str | None:
-    found = re.search(r"\b([AB])\b", text.strip()[:20])
-    return found.group(1) if found else None
 
 
 def _first_user(messages: Messages) -> str:

@@ -149,7 +149,7 @@ def test_near_duplicates_and_quality_filters(tmp_path: Path) -> None:
 
 
 def test_synthetic_records_pass_the_same_checks(tmp_path: Path) -> None:
-    from alignflow.tasks.curate import filter_synthetic
+    from alignflow.tasks.records.checks import filter_synthetic
 
     seed_answer = "The quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
     _run(tmp_path, [_jsonl(tmp_path / "s.jsonl", [{"prompt": "Describe the scene.", "response": seed_answer}])],
@@ -203,3 +203,21 @@ def test_shards_give_the_same_result_as_one_pass(tmp_path: Path) -> None:
     for name in ("sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl"):
         assert (tmp_path / "one" / "out" / name).read_text() == (tmp_path / "three" / "out" / name).read_text()
     assert not (tmp_path / "three" / "out" / "shards").exists()  # intermediates removed after the merge
+
+
+def test_curate_config_repeats_the_record_checks() -> None:
+    """CurateConfig repeats RecordChecks' fields (to keep the recipe section's field order): they must agree, and a
+    CurateConfig must validate into a RecordChecks with its values (synthesize's `curate_cfg` takes one)."""
+    from alignflow.tasks.records.checks import RecordChecks
+    from alignflow.tasks.synthesize import SynthesizeInputs
+
+    for name, field in RecordChecks.model_fields.items():
+        mirror = CurateConfig.model_fields[name]
+        assert (mirror.annotation, mirror.default, mirror.description, mirror.metadata) == \
+            (field.annotation, field.default, field.description, field.metadata), name
+    assert list(CurateConfig.model_fields) == ["dedup", "quality", "decontaminate", "pii", "max_chars",
+                                               "max_drop_fraction", "reject_samples", "shards"]
+    cfg = CurateConfig(max_chars=99, reject_samples=1, shards=4, dedup={"exact": False})
+    inputs = SynthesizeInputs(base=Path("b"), dtype="float32", curated=Path("c"), curate_cfg=cfg, out_dir=Path("o"),
+                              seed=0)
+    assert inputs.curate_cfg == RecordChecks(max_chars=99, reject_samples=1, dedup={"exact": False})

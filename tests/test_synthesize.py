@@ -17,7 +17,8 @@ from alignflow.tasks.curate import run as curate
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import read_manifest
-from alignflow.tasks.synthesize import SynthesizeConfig, SynthesizeInputs, TeacherEndpoint, run
+from alignflow.tasks.lib.teacher import TeacherEndpoint
+from alignflow.tasks.synthesize import SynthesizeConfig, SynthesizeInputs, run
 
 SECRET = "sk-test-canary-5f3a9e1d2c7b"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Any
 
 _SECRETS = [
     re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),  # OpenAI / Anthropic style
@@ -81,3 +82,16 @@ def scrub(text: str, counts: Counter[str] | None = None) -> str:
     text = sub(_IPV4, "<IP_ADDRESS>", text)
     text = sub(_IPV6, "<IP_ADDRESS>", text)
     return sub(_PHONE, "<PHONE>", text)
+
+
+def scrub_record(record: dict[str, Any], counts: Counter[str]) -> dict[str, Any]:
+    """`record` with every string field, and the content of every message in a list field, scrubbed."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, str):
+            out[key] = scrub(value, counts)
+        elif isinstance(value, list):
+            out[key] = [{**m, "content": scrub(m["content"], counts)} for m in value]
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,213 @@
+"""Reading data files and normalising record shapes: what counts as a record, and what its internal form is.
+
+Files: JSONL, a JSON array, CSV, Parquet, or a `datasets` folder saved with `save_to_disk`. A line that is
+not UTF-8 or not JSON is not an error here: it is yielded with its reason (`invalid_utf8`, `bad_json`) so
+that the caller counts it; a whole file that cannot be read is a StageError.
+
+Accepted record shapes (detected per record), all normalised to one internal schema:
+  chat        {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+  sharegpt    {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
+  alpaca      {"instruction": "...", "input": "...", "output": "..."}   (input folded into the prompt)
+  pair        {"prompt": "...", "response"|"completion"|"reference": "..."}
+  preference  {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": ... }
+  hh-rlhf     {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}  (split into prompt + answers)
+Internal schema:  sft -> {"messages": [...]};  preference -> {"prompt": [...], "chosen": str, "rejected": str};
+                  eval -> {"prompt": [...], "reference": str}
+A record that fits none of them is rejected under a named reason (`wrong_schema`, `bad_role`, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from alignflow.tasks.lib.errors import StageError
+
+Dataset = Literal["sft", "preference", "eval"]
+ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def read_all(files: list[Path]) -> Any:
+    """(where, record, error_reason) for every record of every file, in order."""
+    for path in files:
+        yield from read_records(path)
+
+
+def read_records(path: Path) -> Any:
+    """Yield (where, record, error_reason) for each record of a file or a saved `datasets` folder."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise StageError(f"curate: {path} is a folder but not a saved datasets Dataset: {e}") from None
+        if hasattr(ds, "keys"):  # a DatasetDict: every split
+            for split in ds:
+                for i, row in enumerate(ds[split]):
+                    yield f"{path}[{split}][{i}]", row, None
+        else:
+            for i, row in enumerate(ds):
+                yield f"{path}[{i}]", row, None
+        return
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise StageError(f"curate: {path} is not a readable Parquet file: {e}") from None
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row, None
+        return
+    data = path.read_bytes()
+    if not data.strip():
+        raise StageError(f"curate: {path} is empty")
+    if b"\0" in data[:8192]:
+        raise StageError(f"curate: {path} is not a text data file (binary content)")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        text = data.decode("utf-8", errors="replace")
+        for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+            yield f"{path}:{i}", dict(row), None
+        return
+    stripped = data.lstrip()
+    if suffix == ".json" or stripped.startswith(b"["):
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StageError(f"curate: {path} is not valid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise StageError(f"curate: {path} holds a JSON {type(rows).__name__}, expected a list of records")
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row, None
+        return
+    for i, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield f"{path}:{i}", line[:200], "invalid_utf8"
+            continue
+        try:
+            yield f"{path}:{i}", json.loads(text), None
+        except json.JSONDecodeError:
+            yield f"{path}:{i}", text, "bad_json"
+
+
+def normalise(name: Dataset, raw: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """One raw record -> (internal record, None) or (None, reason it was rejected)."""
+    if not isinstance(raw, dict):
+        return None, "wrong_schema"
+    if name == "preference":
+        return _preference(raw)
+    messages, reason = _messages(raw)
+    if reason:
+        return None, reason
+    assert messages is not None
+    if not any(m["role"] == "user" for m in messages):
+        return None, "no_user_turn"
+    if messages[-1]["role"] != "assistant":
+        return None, "no_assistant_turn"
+    if name == "eval":
+        return {"prompt": messages[:-1], "reference": messages[-1]["content"]}, None
+    return {"messages": messages}, None
+
+
+def _messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None]:
+    if "messages" in raw:
+        turns = raw["messages"]
+        if not isinstance(turns, list) or not turns:
+            return None, "wrong_schema"
+        out = []
+        for t in turns:
+            if not isinstance(t, dict) or "role" not in t or "content" not in t:
+                return None, "wrong_schema"
+            out.append({"role": t["role"], "content": t["content"]})
+    elif "conversations" in raw:
+        turns = raw["conversations"]
+        if not isinstance(turns, list) or not turns:
+            return None, "wrong_schema"
+        out = []
+        for t in turns:
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                return None, "wrong_schema"
+            role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+            if role is None:
+                return None, "bad_role"
+            out.append({"role": role, "content": t["value"]})
+    elif "instruction" in raw and "output" in raw:
+        extra = raw.get("input") or ""
+        if not isinstance(raw["instruction"], str) or not isinstance(extra, str):
+            return None, "non_string_content"
+        prompt = raw["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+        out = [{"role": "user", "content": prompt}, {"role": "assistant", "content": raw["output"]}]
+    elif "prompt" in raw and any(k in raw for k in ("response", "completion", "reference")):
+        answer = next(raw[k] for k in ("response", "completion", "reference") if k in raw)
+        out = [{"role": "user", "content": raw["prompt"]}, {"role": "assistant", "content": answer}]
+    else:
+        return None, "wrong_schema"
+    for m in out:
+        if m["role"] not in ROLES:
+            return None, "bad_role"
+        if not isinstance(m["content"], str):
+            return None, "non_string_content"
+        if not m["content"].strip():
+            return None, "empty_content"
+    return out, None
+
+
+def _split_hh(transcript: str) -> tuple[list[dict[str, str]], str] | None:
+    """'\n\nHuman: a\n\nAssistant: b ...' -> (turns before the last assistant turn, last assistant answer)."""
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + transcript.lstrip("\n") if transcript else "")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+             for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        return None
+    return turns[:-1], turns[-1]["content"]
+
+
+def _preference(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    if "prompt" not in raw and isinstance(raw.get("chosen"), str) and isinstance(raw.get("rejected"), str) \
+            and "\n\nAssistant:" in raw["chosen"]:
+        chosen, rejected = _split_hh(raw["chosen"]), _split_hh(raw["rejected"])
+        if chosen is None or rejected is None:
+            return None, "wrong_schema"
+        if chosen[0] != rejected[0]:
+            return None, "prompt_mismatch"  # the two transcripts must share everything but the last answer
+        raw = {"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]}
+    if not all(k in raw for k in ("prompt", "chosen", "rejected")):
+        return None, "missing_side" if "prompt" in raw and ("chosen" in raw or "rejected" in raw) else "wrong_schema"
+    prompt = raw["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        return None, "wrong_schema"
+    sides = []
+    for side in (raw["chosen"], raw["rejected"]):
+        if isinstance(side, list):  # message list: the answer is its last assistant turn
+            side = next((m.get("content") for m in reversed(side) if isinstance(m, dict)
+                         and m.get("role") == "assistant"), None)
+        if side is None:
+            return None, "missing_side"
+        if not isinstance(side, str):
+            return None, "non_string_content"
+        sides.append(side)
+    chosen, rejected = sides
+    if any(m["role"] not in ROLES for m in prompt):
+        return None, "bad_role"
+    if not all(isinstance(m["content"], str) for m in prompt):
+        return None, "non_string_content"
+    if not chosen.strip() or not rejected.strip() or not any(m["content"].strip() for m in prompt):
+        return None, "empty_content"
+    if not any(m["role"] == "user" for m in prompt):
+        return None, "no_user_turn"
+    if chosen.strip() == rejected.strip():
+        return None, "chosen_equals_rejected"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
