@@ -47,18 +47,20 @@ def plain_script(r: Recipe, work: Path) -> None:
     synthesize.run(r.synthesize, synthesize.SynthesizeInputs(base=base.path, dtype=dtype, curated=d / "curate",
                                                              curate_cfg=r.curate, out_dir=d / "synthesize", seed=seed))
     tokenize.run(r.tokenize, tokenize.TokenizeInputs(base=base.path, curated=d / "curate",
-                                                     synthesized=d / "synthesize", out_dir=d / "tokenize"))
+                                                     synthesized=d / "synthesize", out_dir=d / "tokenize",
+                                                     heldout_fraction=r.reward.eval_fraction))
     quantize.run(r.quantize, quantize.QuantizeInputs(base=base.path, dtype=dtype, curated=d / "curate",
                                                      out_dir=d / "quantize"))
     sft.run(r.sft, sft.SftInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize", quantized=d / "quantize",
                                  out_dir=d / "sft", seed=seed))
     reward.run(r.reward, reward.RewardInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize",
-                                             out_dir=d / "reward", seed=seed))
-    dpo.run(r.dpo, dpo.DpoInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize", quantized=d / "quantize",
-                                 sft=d / "sft", out_dir=d / "dpo", seed=seed))
+                                             quantized=d / "quantize", out_dir=d / "reward", seed=seed))
+    dpo.run(r.dpo, dpo.DpoInputs(base=base.path, base_key=base.key, dtype=dtype, tokenized=d / "tokenize",
+                                 quantized=d / "quantize", sft=d / "sft", out_dir=d / "dpo", seed=seed,
+                                 lora=r.sft.lora))
     evaluate.run(r.evaluate, evaluate.EvaluateInputs(base=base.path, dtype=dtype, tokenized=d / "tokenize",
-                                                     curated=d / "curate", candidate=d / "dpo", reward=d / "reward",
-                                                     out_dir=d / "evaluate", seed=seed))
+                                                     curated=d / "curate", candidate=d / "dpo", sft=d / "sft",
+                                                     reward=d / "reward", out_dir=d / "evaluate", seed=seed))
 
 
 def orchestrated(r: Recipe, work: Path) -> dict:

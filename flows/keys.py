@@ -46,7 +46,8 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
                "quantize": ("quantization.json",)},
     "dpo": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
             "quantize": ("quantization.json",), "sft": ("weights",)},
-    "evaluate": {"tokenize": ("tokenizer",), "curate": ("eval.jsonl",), "dpo": ("weights",), "reward": ("weights",)},
+    "evaluate": {"tokenize": ("tokenizer",), "curate": ("eval.jsonl",), "sft": ("weights",), "dpo": ("weights",),
+                 "reward": ("weights", "metrics.heldout_accuracy")},
     "register": {"dpo": ("weights",), "evaluate": ("metrics",), "curate": ("metrics.decontaminated",)},
 }
 

@@ -278,12 +278,12 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         if _reached(until, "evaluate"):
             candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
-                                                                 work / "champions")
+                                                                 work / "champions", base_spec=r.model.base)
             ctx.facts = replace(ctx.facts, champion=champion_id)
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
-                candidate=ctx.folders["dpo"], reward=ctx.folders["reward"], champion=champion,
-                teacher=r.synthesize.teacher, out_dir=out, seed=seed))
+                candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
+                champion=champion, teacher=r.synthesize.teacher, out_dir=out, seed=seed))
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),

@@ -171,7 +171,8 @@ class Tracker:
                 c.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "side_by_side.json")
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
-    def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path) -> tuple[Path | None, dict]:
+    def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path,
+                         base_spec: str | None = None) -> tuple[Path | None, dict]:
         """The weights (adapter or full model) to compare the candidate with, downloaded once, and their identity.
 
         That is the registry's `champion`; or, when the champion is this very adapter (same content hash: the run
@@ -190,6 +191,12 @@ class Tracker:
                 break
         else:
             return None, {}
+        champion_base = version.tags.get("alignflow.base_model")
+        if base_spec is not None and champion_base is not None and champion_base != base_spec:
+            # its adapter would be applied over the wrong base, and the comparison would mean nothing
+            raise StageError(f"the champion of '{model_name}' (version {version.version}) was trained on base "
+                             f"'{champion_base}', this recipe's model.base is '{base_spec}': register under another "
+                             "register.model_name, or move the champion alias first (alignflow rollback/promote)")
         sha = version.tags.get("alignflow.adapter_sha256", "")
         dest = dest_root / f"{model_name}-v{version.version}"
         kinds = ("adapter", "model")  # a LoRA adapter, or a full fine-tune's complete weights

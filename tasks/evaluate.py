@@ -1,18 +1,25 @@
-"""evaluate: measure the tuned model against its base on the held-out eval set.
+"""evaluate: measure the tuned model against its base, the SFT-only model and the champion, with intervals.
 
-- perplexity: exp(mean negative log-likelihood) of the reference answers (answer tokens only), for the tuned
-  model (`perplexity`) and the base (`perplexity_base`);
-- ROUGE-1/2/L of greedy answers against the references, through the `evaluate` module shipped in
-  `metrics/rouge` (`rouge1`, `rouge2`, `rougeL`, and `rougeL_base` for the base);
-- BLEU (`bleu`) and exact match (`exact_match`, `exact_match_base`) through the shipped `metrics/bleu` and
-  `metrics/exact_match` modules;
-- reward-model win-rate: the reward stage's model scores the base's and the tuned model's answer to each
-  prompt; a win counts 1, a tie (same text) 0.5 (`win_rate_vs_base`). When the registry has a `champion`
-  (another adapter than this one), its answers are generated and scored too (`win_rate_vs_champion`);
-- optional pairwise LLM judge (`judge: true`): the recipe's teacher (the base model or an OpenAI-compatible
-  endpoint) compares the base's and the tuned model's answers in both orders; a win needs both orders, a
-  disagreement counts one half (`judge_win_rate_vs_base`);
-- `samples.jsonl`: prompt, reference, base / champion / tuned answers and their rewards (side-by-side table).
+On the held-out eval set, every model compared answers greedily: the base, the SFT-only model (what sft made,
+before preference tuning), the registry's champion when there is one (re-measured here on the current eval set,
+so its numbers are always comparable), and the tuned candidate (dpo's product). Then:
+- perplexity: exp(mean negative log-likelihood) of the reference answers (answer tokens only): `perplexity`,
+  `perplexity_base`, `perplexity_champion`;
+- ROUGE-1/2/L of the answers against the references through the `evaluate` module shipped in `metrics/rouge`
+  (`rouge1`, `rouge2`, `rougeL`, `rougeL_base`, `rougeL_sft`, `rougeL_champion`, `rougeL_gain` = tuned - base);
+- BLEU and exact match through the shipped `metrics/bleu` and `metrics/exact_match` modules (`bleu`,
+  `bleu_base`, `exact_match`, `exact_match_base`, and `_sft` / `_champion`);
+- reward-model win-rates: the reward stage's model scores each answer; per prompt a win counts 1, a loss 0, the
+  same text (or score) 1/2: `win_rate_vs_base`, `win_rate_vs_sft` (what preference tuning added) and
+  `win_rate_vs_champion`; `changed_vs_sft` is the share of answers preference tuning changed at all. The reward
+  model's accuracy on held-out pairs nobody trained on is copied as `judge_heldout_accuracy`: the gate trusts its
+  win-rates only above `register.gate.min_judge_accuracy`;
+- 95 % intervals from a paired bootstrap over the prompts (tasks/lib/stats.py): `<win rate>_ci_low/_ci_high`,
+  `rougeL_gain_ci_low/_ci_high`, and for each metric vs the champion `<metric>_delta_ci_low/_ci_high` (delta =
+  candidate - champion). The gate decides on these bounds;
+- optional pairwise LLM judge (`judge: true`): the recipe's teacher compares the base's and the tuned model's
+  answers in both orders; a win needs both orders, a disagreement counts one half (`judge_win_rate_vs_base`);
+- `samples.jsonl`: prompt, reference, each model's answer and reward (the side-by-side table).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
-from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.stats import bootstrap_ci, delta_ci, mean_ci, perplexity_delta_ci, win_scores
 from alignflow.tasks.lib.training import seed_everything
 
 Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
@@ -45,7 +54,8 @@ class EvaluateInputs(BaseModel):
     tokenized: Path
     curated: Path
     candidate: Path  # the dpo stage folder (adapter/, or model/ after a full fine-tune)
-    reward: Path  # the reward stage folder (adapter/)
+    sft: Path | None = None  # the sft stage folder: the SFT-only model, to measure what preference tuning added
+    reward: Path  # the reward stage folder (adapter/, and its held-out accuracy)
     champion: Path | None = None  # the registry champion's weights (an adapter or a full model), when there is one
     teacher: Any = "base"  # the recipe's synthesize.teacher, for the optional LLM judge
     out_dir: Path
@@ -54,9 +64,8 @@ class EvaluateInputs(BaseModel):
 
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     import evaluate as hf_evaluate
-    from peft import PeftModel
 
-    from alignflow.tasks.lib.inference import answer_perplexity, generate, score_answers
+    from alignflow.tasks.lib.inference import answer_nlls, generate, perplexity, score_answers
     from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_reward_model, load_tokenizer, tuned_weights
 
     out = inputs.out_dir
@@ -66,89 +75,147 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     prompts = [r["prompt"] for r in records]
     references = [r["reference"] for r in records]
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
-
-    model = load_causal_lm(inputs.base, inputs.dtype)
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
-    base_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: base", **gen)]
-    base_ppl = answer_perplexity(model, tok, prompts, references) if "perplexity" in cfg.metrics else None
-    champion_answers: list[str] | None = None
-    if inputs.champion is not None and is_adapter(inputs.champion):  # over the same base: no second model
-        model = PeftModel.from_pretrained(model, inputs.champion, adapter_name="champion")
-        champion_answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: champion", **gen)]
-        model = model.unload()  # back to the plain base, without the champion's layers
-    elif inputs.champion is not None:  # a fully fine-tuned champion: its own weights
-        champion = load_causal_lm(inputs.champion, inputs.dtype)
-        champion_answers = [a[0] for a in generate(champion, tok, prompts, desc="evaluate: champion", **gen)]
-        del champion
-    weights = tuned_weights(inputs.candidate)
-    if is_adapter(weights):
-        model = PeftModel.from_pretrained(model, weights)
-    else:  # a full fine-tune: the candidate is a complete model
-        del model
-        model = load_causal_lm(weights, inputs.dtype)
-    answers = [a[0] for a in generate(model, tok, prompts, desc="evaluate: tuned", **gen)]
-    metrics: dict[str, float] = {"eval_examples": len(records)}
-    if base_ppl is not None:
-        metrics["perplexity"] = round(answer_perplexity(model, tok, prompts, references), 4)
-        metrics["perplexity_base"] = round(base_ppl, 4)
-    del model
 
+    # --- every model answers every prompt (an adapter goes over the one base model, then comes off again) -------
+    others = {"sft": tuned_weights(inputs.sft) if inputs.sft else None, "champion": inputs.champion,
+              "tuned": tuned_weights(inputs.candidate)}
+    answers: dict[str, list[str]] = {}
+    nlls: dict[str, list[tuple[float, int]]] = {}
+    base_model = load_causal_lm(inputs.base, inputs.dtype)
+
+    def measure(name: str, model: Any) -> None:
+        answers[name] = [a[0] for a in generate(model, tok, prompts, desc=f"evaluate: {name}", **gen)]
+        if "perplexity" in cfg.metrics:
+            nlls[name] = answer_nlls(model, tok, prompts, references)
+
+    measure("base", base_model)
+    for name, weights in others.items():
+        if weights is None:
+            continue
+        if is_adapter(weights):
+            from peft import PeftModel
+
+            adapted = PeftModel.from_pretrained(base_model, weights, adapter_name=name)
+            measure(name, adapted)
+            base_model = adapted.unload()  # back to the plain base, without this adapter's layers
+        else:  # a full fine-tune: its own complete weights
+            full = load_causal_lm(weights, inputs.dtype)
+            measure(name, full)
+            del full
+    del base_model
+    compared = [name for name in ("base", "sft", "champion") if name in answers]
+
+    # --- reference metrics, per model, with paired intervals where the gate reads them ----------------------
+    metrics: dict[str, float] = {"eval_examples": len(records)}
+    tuned = "tuned"
+    if nlls:
+        metrics["perplexity"] = round(perplexity(nlls[tuned]), 4)
+        for name in compared:
+            metrics[f"perplexity_{name}"] = round(perplexity(nlls[name]), 4)
+        if "champion" in nlls:
+            _put(metrics, "perplexity_delta", perplexity_delta_ci(nlls[tuned], nlls["champion"], inputs.seed))
     module = resources.files("alignflow.metrics")
+    per_example: dict[str, dict[str, list[float]]] = {}  # metric -> model -> per-prompt values
     if "rouge" in cfg.metrics:
         rouge = hf_evaluate.load(str(module / "rouge"))
-        tuned = rouge.compute(predictions=answers, references=references)
-        base = rouge.compute(predictions=base_answers, references=references)
-        metrics.update({k: round(v, 4) for k, v in tuned.items()})
-        metrics["rougeL_base"] = round(base["rougeL"], 4)
-        metrics["rougeL_gain"] = round(tuned["rougeL"] - base["rougeL"], 4)
-    if "bleu" in cfg.metrics:
-        bleu = hf_evaluate.load(str(module / "bleu"))
-        metrics["bleu"] = round(bleu.compute(predictions=answers, references=references)["bleu"], 4)
-        metrics["bleu_base"] = round(bleu.compute(predictions=base_answers, references=references)["bleu"], 4)
+        for name in [tuned, *compared]:
+            scores = rouge.compute(predictions=answers[name], references=references, per_example=True)
+            for key, values in scores.items():
+                per_example.setdefault(key, {})[name] = values
+        metrics.update({k: round(_mean(per_example[k][tuned]), 4) for k in ("rouge1", "rouge2", "rougeL")})
+        metrics["rougeL_gain"] = round(_mean(per_example["rougeL"][tuned]) - _mean(per_example["rougeL"]["base"]), 4)
+        _put(metrics, "rougeL_gain", delta_ci(per_example["rougeL"][tuned], per_example["rougeL"]["base"],
+                                              inputs.seed))
     if "exact_match" in cfg.metrics:
         em = hf_evaluate.load(str(module / "exact_match"))
-        metrics["exact_match"] = round(em.compute(predictions=answers, references=references)["exact_match"], 4)
-        metrics["exact_match_base"] = round(
-            em.compute(predictions=base_answers, references=references)["exact_match"], 4)
+        per_example["exact_match"] = {
+            name: em.compute(predictions=answers[name], references=references, per_example=True)["exact_match"]
+            for name in [tuned, *compared]}
+        metrics["exact_match"] = round(_mean(per_example["exact_match"][tuned]), 4)
+    for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
+        for name in compared:
+            if key in per_example and key in ("rougeL", "exact_match"):
+                metrics[f"{key}_{name}"] = round(_mean(per_example[key][name]), 4)
+        if key in per_example and "champion" in per_example[key]:
+            _put(metrics, f"{key}_delta", delta_ci(per_example[key][tuned], per_example[key]["champion"], inputs.seed))
+    if "bleu" in cfg.metrics:
+        bleu = hf_evaluate.load(str(module / "bleu"))
+        metrics["bleu"] = round(bleu.compute(predictions=answers[tuned], references=references)["bleu"], 4)
+        for name in compared:
+            metrics[f"bleu_{name}"] = round(bleu.compute(predictions=answers[name], references=references)["bleu"], 4)
+        if "champion" in answers:
+            _put(metrics, "bleu_delta", _bleu_delta_ci(answers[tuned], answers["champion"], references, inputs.seed))
 
+    # --- the reward model as judge: win-rates with intervals ----------------------------------------------
     nan = [float("nan")] * len(records)
-    rewards, base_rewards, champion_rewards = nan, nan, nan
+    rewards: dict[str, list[float]] = {name: nan for name in answers}
     if "rm_win_rate" in cfg.metrics:
         rm = load_reward_model(inputs.base, inputs.dtype, adapter=inputs.reward / "adapter")
         rm_tok = load_tokenizer(inputs.reward / "adapter")
-        rewards = score_answers(rm, rm_tok, prompts, answers)
-        base_rewards = score_answers(rm, rm_tok, prompts, base_answers)
-        metrics["win_rate_vs_base"] = _win_rate(answers, rewards, base_answers, base_rewards)
-        metrics["reward_mean"] = round(sum(rewards) / len(rewards), 4)
-        metrics["reward_mean_base"] = round(sum(base_rewards) / len(base_rewards), 4)
-        if champion_answers is not None:
-            champion_rewards = score_answers(rm, rm_tok, prompts, champion_answers)
-            metrics["win_rate_vs_champion"] = _win_rate(answers, rewards, champion_answers, champion_rewards)
+        for name in answers:
+            rewards[name] = score_answers(rm, rm_tok, prompts, answers[name])
+        del rm
+        metrics["judge_heldout_accuracy"] = float(
+            read_manifest(inputs.reward)["metrics"].get("heldout_accuracy", float("nan")))
+        metrics["reward_mean"] = round(_mean(rewards[tuned]), 4)
+        for name in compared:
+            metrics[f"reward_mean_{name}"] = round(_mean(rewards[name]), 4)
+            wins = win_scores(answers[tuned], rewards[tuned], answers[name], rewards[name])
+            metrics[f"win_rate_vs_{name}"] = round(_mean(wins), 4)
+            _put(metrics, f"win_rate_vs_{name}", mean_ci(wins, inputs.seed))
+        if "champion" in answers:
+            _put(metrics, "reward_mean_delta", delta_ci(rewards[tuned], rewards["champion"], inputs.seed))
+    if "sft" in answers:
+        metrics["changed_vs_sft"] = round(_mean([float(a != s) for a, s in zip(answers[tuned], answers["sft"],
+                                                                                  strict=True)]), 4)
 
     if cfg.judge:
         from alignflow.tasks.lib.teacher import Teacher, teacher_scores
 
         judge = Teacher(inputs.teacher, max_new_tokens=4, temperature=0.8, top_p=0.95, batch_size=8,  # (greedy:
                         base=inputs.base, dtype=inputs.dtype, journal=out / "judge.jsonl")  # temperature, top_p unused)
-        verdicts = [teacher_scores(judge, p, [b, a]) for p, b, a in zip(prompts, base_answers, answers, strict=True)]
+        verdicts = [teacher_scores(judge, p, [b, a])
+                    for p, b, a in zip(prompts, answers["base"], answers[tuned], strict=True)]
         judge.close()
         # [base, tuned] scores: (0, 1) tuned won both orders, (1, 0) base did, (0, 0) the orders disagreed
         metrics["judge_win_rate_vs_base"] = round(
             sum(1.0 if t > b else 0.0 if b > t else 0.5 for b, t in verdicts) / max(len(verdicts), 1), 4)
 
     write_jsonl(out / "samples.jsonl", (
-        {"prompt": p[-1]["content"], "reference": ref, "base": b, **({"champion": c} if champion_answers else {}),
-         "tuned": a, "reward_base": round(rb, 4), **({"reward_champion": round(rc, 4)} if champion_answers else {}),
-         "reward_tuned": round(r, 4)}
-        for p, ref, b, c, a, rb, rc, r in zip(prompts, references, base_answers, champion_answers or base_answers,
-                                              answers, base_rewards, champion_rewards, rewards, strict=True)
+        {"prompt": p[-1]["content"], "reference": ref,
+         **{name: answers[name][i] for name in compared}, "tuned": answers[tuned][i],
+         **{f"reward_{name}": round(rewards[name][i], 4) for name in compared},
+         "reward_tuned": round(rewards[tuned][i], 4)}
+        for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ))
-    return write_manifest(out, {"stage": "evaluate", "outputs": ["samples.jsonl"], "artifacts": ["samples.jsonl"],
-                                "metrics": metrics})
+    # What makes two evaluations comparable: the same prompts and references, sampling budget and base model.
+    eval_config_hash = sha256_json([records, cfg.max_samples, cfg.max_new_tokens, inputs.base.name])
+    return write_manifest(out, {"stage": "evaluate", "compared": compared, "eval_config_hash": eval_config_hash,
+                                "outputs": ["samples.jsonl"],
+                                "artifacts": ["samples.jsonl"], "metrics": metrics})
 
 
-def _win_rate(answers: list[str], rewards: list[float], others: list[str], other_rewards: list[float]) -> float:
-    """Fraction of prompts where the tuned answer out-scores the other; identical answers count one half."""
-    pairs = zip(answers, rewards, others, other_rewards, strict=True)
-    wins = [0.5 if a == o else float(r > ro) for a, r, o, ro in pairs]
-    return round(sum(wins) / max(len(wins), 1), 4)
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def _put(metrics: dict[str, float], name: str, interval: tuple[float, float]) -> None:
+    metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = interval
+
+
+def _bleu_delta_ci(candidate: list[str], other: list[str], references: list[str], seed: int) -> tuple[float, float]:
+    """Paired interval of corpus BLEU(candidate) - BLEU(other). Corpus BLEU is not a mean of per-prompt values:
+    each resample sums the prompts' n-gram statistics and scores them with sacrebleu, the library behind
+    metrics/bleu (same 13a tokenisation and exp smoothing), without re-running the module 2,000 times."""
+    from sacrebleu.metrics import BLEU
+
+    scorer = BLEU(smooth_method="exp")
+    stats = {name: scorer._extract_corpus_statistics(hyps, [references])  # per-prompt n-gram counts
+             for name, hyps in (("candidate", candidate), ("other", other))}
+
+    def score(name: str, idx: Any) -> float:
+        summed = [sum(stats[name][i][k] for i in idx) for k in range(len(stats[name][0]))]
+        return float(scorer._compute_score_from_stats(summed).score) / 100.0
+
+    return bootstrap_ci(len(candidate), lambda idx: score("candidate", idx) - score("other", idx), seed)

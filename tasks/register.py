@@ -11,6 +11,7 @@ the same content hash is reused, never duplicated (and a champion re-submitted k
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,27 @@ from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
 LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
+# Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
+TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
+                                  "win_rate_vs_champion", "win_rate_vs_sft", "judge_heldout_accuracy"}
 
 
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    min_win_rate: float = Field(0.5, ge=0, le=1, description="reward-model win-rate vs the base must reach this")
+    min_win_rate: float = Field(
+        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must reach this")
     min_win_rate_vs_champion: float | None = Field(
-        0.5, ge=0, le=1, description="win-rate vs the current champion must reach this (checked when one exists)")
-    min_rougeL_gain: float | None = Field(0.0, description="rougeL - rougeL_base must reach this (None: not checked)")
+        0.5, ge=0, le=1, description="the lower 95% bound of the win-rate vs the current champion must exceed this "
+        "(checked when one exists): a candidate that is not measurably better never takes champion")
+    min_rougeL_gain: float | None = Field(
+        0.0, description="the lower 95% bound of rougeL - rougeL_base must reach this (None: not checked)")
     max_regression: dict[str, float] = Field(
-        {}, description="metric -> largest allowed loss vs the champion, e.g. {rougeL: 0.02, perplexity: 0.1}")
+        {}, description="metric -> largest allowed loss vs the champion, checked on the loss's upper 95% bound, "
+        "e.g. {rougeL: 0.02, perplexity: 0.1}")
     require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
+    min_judge_accuracy: float | None = Field(
+        0.6, ge=0, le=1, description="the reward model's accuracy on held-out pairs (that neither reward nor dpo "
+        "trained on) below which its win-rates are not trusted, and the gate fails (None: not checked)")
 
     @field_validator("max_regression")
     @classmethod
@@ -61,34 +72,62 @@ class RegisterInputs(BaseModel):
     out_dir: Path
 
 
-def gate(cfg: GateConfig, metrics: dict[str, float], champion: dict[str, float] | None,
-         decontaminated: bool) -> list[str]:
-    """Reasons the candidate fails the gate; empty when it passes."""
-    reasons = []
-    win = metrics.get("win_rate_vs_base")
-    if win is None or win < cfg.min_win_rate:
-        reasons.append(f"win_rate_vs_base={win} < min_win_rate={cfg.min_win_rate}")
-    vs_champion = metrics.get("win_rate_vs_champion")
-    if cfg.min_win_rate_vs_champion is not None and vs_champion is not None and \
-            vs_champion < cfg.min_win_rate_vs_champion:
-        reasons.append(f"win_rate_vs_champion={vs_champion} < min_win_rate_vs_champion={cfg.min_win_rate_vs_champion}")
+def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tuple[list[str], list[str]]:
+    """(reasons the candidate fails, the bound behind every check made). Passes when there are no reasons.
+
+    Every comparison is on the evaluate stage's 95 % interval (a paired bootstrap over the eval prompts), never on
+    a point estimate: promotion needs the lower bound to clear the threshold; a regression is declared when the
+    upper bound of the loss exceeds `max_regression`. The champion was re-measured on the same prompts.
+    """
+    reasons: list[str] = []
+    decided: list[str] = []
+
+    def bound(name: str) -> float | None:
+        value = metrics.get(name)
+        return None if value is None or math.isnan(value) else float(value)
+
+    judge = bound("judge_heldout_accuracy")
+    if cfg.min_judge_accuracy is not None:
+        decided.append(f"judge_heldout_accuracy={judge} vs min_judge_accuracy={cfg.min_judge_accuracy}")
+        if judge is None or judge < cfg.min_judge_accuracy:
+            reasons.append(f"the reward model's held-out accuracy {judge} < min_judge_accuracy="
+                           f"{cfg.min_judge_accuracy}: its win-rates are not trusted")
+    low = bound("win_rate_vs_base_ci_low")
+    decided.append(f"win_rate_vs_base_ci_low={low} >= min_win_rate={cfg.min_win_rate}")
+    if low is None or low < cfg.min_win_rate:
+        reasons.append(f"win_rate_vs_base_ci_low={low} < min_win_rate={cfg.min_win_rate} "
+                       f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
+    champion = "win_rate_vs_champion" in metrics  # evaluate compared with a champion
+    low = bound("win_rate_vs_champion_ci_low")
+    if cfg.min_win_rate_vs_champion is not None and champion:
+        decided.append(f"win_rate_vs_champion_ci_low={low} > "
+                       f"min_win_rate_vs_champion={cfg.min_win_rate_vs_champion}")
+        if low is None or low <= cfg.min_win_rate_vs_champion:
+            point = metrics.get("win_rate_vs_champion")
+            reasons.append(f"win_rate_vs_champion_ci_low={low} does not exceed min_win_rate_vs_champion="
+                           f"{cfg.min_win_rate_vs_champion} (win_rate_vs_champion={point}): not measurably better "
+                           "than the champion")
     if cfg.min_rougeL_gain is not None:
-        gain = metrics.get("rougeL_gain")
-        if gain is None or gain < cfg.min_rougeL_gain:
-            reasons.append(f"rougeL_gain={gain} < min_rougeL_gain={cfg.min_rougeL_gain}")
+        low = bound("rougeL_gain_ci_low")
+        decided.append(f"rougeL_gain_ci_low={low} >= min_rougeL_gain={cfg.min_rougeL_gain}")
+        if low is None or low < cfg.min_rougeL_gain:
+            reasons.append(f"rougeL_gain_ci_low={low} < min_rougeL_gain={cfg.min_rougeL_gain}")
     for name, allowed in sorted(cfg.max_regression.items()):
-        if champion is None or name not in champion:
+        if not champion:
             continue  # nothing to regress from
-        if name not in metrics:
-            reasons.append(f"{name} was not measured, so its regression vs the champion cannot be checked")
+        low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
+        if low is None or high is None:
+            reasons.append(f"{name} was not measured against the champion, so its regression cannot be checked")
             continue
-        loss = metrics[name] - champion[name] if name in LOWER_IS_BETTER else champion[name] - metrics[name]
-        if loss > allowed:
-            reasons.append(f"{name}={metrics[name]} regressed by {loss:.4f} vs champion {champion[name]} "
-                           f"(max_regression {allowed})")
+        # delta = candidate - champion; the loss is its negative, or itself where lower is better
+        worst = high if name in LOWER_IS_BETTER else -low
+        decided.append(f"{name} loss upper bound={worst:.4f} <= max_regression={allowed}")
+        if worst > allowed:
+            reasons.append(f"{name} may have regressed by up to {worst:.4f} vs the champion (95% upper bound; "
+                           f"max_regression {allowed})")
     if cfg.require_decontaminated and not decontaminated:
         reasons.append("curate did not decontaminate the training data (curate.decontaminate.enabled=false)")
-    return reasons
+    return reasons, decided
 
 
 def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
@@ -105,17 +144,15 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     weights = tuned_weights(inputs.candidate)  # adapter/, or model/ after a full fine-tune
     kind = "adapter" if is_adapter(weights) else "model"
     adapter_hash = sha256_tree(weights)  # tagged alignflow.adapter_sha256 for either kind (the name is a promise)
-    metrics = read_manifest(inputs.evaluation)["metrics"]
+    evaluation = read_manifest(inputs.evaluation)
+    metrics = evaluation["metrics"]
     client = MlflowClient()
     try:
         champion_version = client.get_model_version_by_alias(cfg.model_name, "champion")
     except mlflow.exceptions.MlflowException:  # no registered model, or no champion yet
         champion_version = None
-    champion_metrics = None if champion_version is None else {
-        k.removeprefix("alignflow.metric."): float(v) for k, v in champion_version.tags.items()
-        if k.startswith("alignflow.metric.")}
     decontaminated = bool(read_manifest(inputs.curated)["metrics"].get("decontaminated", 0))
-    reasons = gate(cfg.gate, metrics, champion_metrics, decontaminated)
+    reasons, decided = gate(cfg.gate, metrics, decontaminated)
 
     existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'")
                 if v.tags.get("alignflow.adapter_sha256") == adapter_hash]
@@ -138,7 +175,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         version = str(info.registered_model_version)
         tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
                 "alignflow.weights": "adapter" if kind == "adapter" else "full",
-                **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in GATED_METRICS}}
+                "alignflow.eval_config_hash": evaluation.get("eval_config_hash", "unknown"),
+                **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in TAGGED_METRICS}}
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
 
@@ -155,6 +193,9 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         client.set_registered_model_alias(cfg.model_name, alias, version)
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
+    # which bound decided: every check, with the interval end it compared
+    client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+    mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
 
     return write_manifest(out, {
         "stage": "register",
@@ -162,6 +203,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "version": version,
         "alias": alias,
         "gate_reasons": reasons,
+        "gate_bounds": decided,
         "adapter_sha256": adapter_hash,
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],

@@ -18,20 +18,46 @@ from alignflow.tasks.register import GateConfig, gate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gate_reasons() -> None:
-    good = {"win_rate_vs_base": 0.8, "rougeL_gain": 0.3, "rougeL": 0.9, "perplexity": 1.5}
-    assert gate(GateConfig(), good, None, True) == []
+def test_gate_decides_on_interval_bounds() -> None:
+    good = {"win_rate_vs_base": 0.8, "win_rate_vs_base_ci_low": 0.66, "win_rate_vs_base_ci_high": 0.9,
+            "rougeL_gain": 0.3, "rougeL_gain_ci_low": 0.2, "rougeL_gain_ci_high": 0.4, "judge_heldout_accuracy": 0.8}
+    reasons, decided = gate(GateConfig(), good, True)
+    assert reasons == [] and any("win_rate_vs_base_ci_low=0.66 >= min_win_rate=0.5" in d for d in decided)
+    # a good point estimate with a wide interval is not enough: the lower bound decides
+    wide = {**good, "win_rate_vs_base_ci_low": 0.45}
+    assert "win_rate_vs_base_ci_low=0.45 < min_win_rate=0.5" in " ".join(gate(GateConfig(), wide, True)[0])
+    # a judge that could not tell held-out pairs apart is not trusted
+    assert "not trusted" in " ".join(gate(GateConfig(), {**good, "judge_heldout_accuracy": 0.55}, True)[0])
+    assert gate(GateConfig(min_judge_accuracy=None), {**good, "judge_heldout_accuracy": 0.55}, True)[0] == []
+
+    champion = {**good, "win_rate_vs_champion": 0.7, "win_rate_vs_champion_ci_low": 0.55,
+                "win_rate_vs_champion_ci_high": 0.8, "rougeL_delta_ci_low": -0.01, "rougeL_delta_ci_high": 0.05,
+                "perplexity_delta_ci_low": -0.2, "perplexity_delta_ci_high": 0.3}
     cfg = GateConfig(min_win_rate=0.9, max_regression={"rougeL": 0.05, "perplexity": 0.1}, require_decontaminated=True)
-    reasons = gate(cfg, {**good, "win_rate_vs_champion": 0.2}, {"rougeL": 0.99, "perplexity": 1.2}, False)
-    text = " | ".join(reasons)
-    assert "win_rate_vs_base=0.8 < min_win_rate=0.9" in text
-    assert "win_rate_vs_champion=0.2" in text
-    assert "rougeL=0.9 regressed by 0.0900" in text
-    assert "perplexity=1.5 regressed by 0.3000" in text  # lower is better: a rise is a regression
+    text = " | ".join(gate(cfg, champion, False)[0])
+    assert "win_rate_vs_base_ci_low=0.66 < min_win_rate=0.9" in text
+    assert "rougeL" not in text  # its loss is at most 0.01, within 0.05
+    assert "perplexity may have regressed by up to 0.3000" in text  # lower is better: the upper bound of a rise
     assert "did not decontaminate" in text
-    assert len(reasons) == 5
+    assert len(gate(cfg, champion, False)[0]) == 3
+    assert gate(GateConfig(max_regression={"rougeL": 0.0}), champion, True)[0]  # the loss may reach 0.01 > 0
     with pytest.raises(ValueError, match="unknown metric"):
         GateConfig(max_regression={"vibes": 0.1})
+
+
+def test_a_tie_with_the_champion_is_not_promoted() -> None:
+    """Identical answers to every prompt: win-rate exactly 0.5 with no spread, which used to meet 0.5."""
+    from alignflow.tasks.lib.stats import mean_ci, win_scores
+
+    answers = ["sentiment: positive"] * 48
+    wins = win_scores(answers, [1.0] * 48, answers, [1.0] * 48)
+    low, high = mean_ci(wins)
+    assert (low, high) == (0.5, 0.5)
+    tie = {"win_rate_vs_base": 0.9, "win_rate_vs_base_ci_low": 0.8, "judge_heldout_accuracy": 0.9,
+           "rougeL_gain_ci_low": 0.1, "win_rate_vs_champion": 0.5, "win_rate_vs_champion_ci_low": low,
+           "win_rate_vs_champion_ci_high": high}
+    reasons, _ = gate(GateConfig(), tie, True)
+    assert reasons and "not measurably better than the champion" in reasons[0]
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -52,7 +78,7 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
         "register": smoke.register.model_copy(update={"gate": GateConfig(min_win_rate=0.0, min_rougeL_gain=5.0)})})
     second = pipeline(recipe=strict, work_dir=str(work))
     assert second["registered"]["alias"] == "challenger" and second["registered"]["version"] == "2"
-    assert "rougeL_gain" in second["registered"]["gate_reasons"][0]
+    assert any("rougeL_gain_ci_low" in r for r in second["registered"]["gate_reasons"])
     assert "win_rate_vs_champion" in second["metrics"]  # evaluated against the registered champion
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     name = "smoke-assistant"
@@ -96,3 +122,15 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
                 "--work-dir", str(work)).returncode == 0
     assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()
+
+
+def test_a_champion_on_another_base_is_refused(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    work = tmp_path / "work"
+    first = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(work))
+    assert first["registered"]["alias"] == "champion"
+    copy = tmp_path / "base-copy"  # the same weights, but another model.base: its adapter must not be mixed in
+    shutil.copytree(next((work / "base").glob("tiny-*")), copy)
+    with pytest.raises(Exception, match="was trained on base 'tiny:llama'"):
+        pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", [f"model.base={copy}"]), work_dir=str(work))

@@ -39,7 +39,10 @@ def test_retrain_on_nothing_new_then_on_new_data(prefect_server: None, in_root: 
 
     extra = tmp_path / "new.jsonl"
     extra.write_text("".join(json.dumps(r) + "\n" for r in NEW))
-    grown = load_recipe(ROOT / "configs" / "smoke.yaml", [f"data.sft=[data/sft.jsonl, {extra}]"])
+    # the champion check off: a tiny random model is not measurably better than another one, and this test is
+    # about the retrain path, so the gate must promote and the aliases must move
+    grown = load_recipe(ROOT / "configs" / "smoke.yaml", [f"data.sft=[data/sft.jsonl, {extra}]",
+                                                          "register.gate.min_win_rate_vs_champion=null"])
     result = retrain(recipe=grown, work_dir=str(work))
     assert result["new_data"] is True and result["counts"]["sft.new"] == len(NEW)
     sft = read_manifest(Path(result["stages"]["sft"]["folder"]))
@@ -49,4 +52,6 @@ def test_retrain_on_nothing_new_then_on_new_data(prefect_server: None, in_root: 
     assert "win_rate_vs_champion" in result["metrics"]  # measured against the champion
     parent = client.get_run(result["parent_run_id"])
     assert parent.data.tags["alignflow.retrain_of"] == "1"
-    assert result["registered"]["version"] == "2" and result["registered"]["alias"] in ("champion", "challenger")
+    assert result["registered"]["version"] == "2" and result["registered"]["alias"] == "champion"
+    assert str(client.get_model_version_by_alias("smoke-assistant", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("smoke-assistant", "previous-champion").version) == "1"

@@ -5,6 +5,7 @@ default) lower-casing. Returns `exact_match`, the fraction of matches in [0, 1].
 """
 
 import re
+from typing import Any
 
 import datasets
 import evaluate
@@ -15,6 +16,7 @@ Args:
     predictions: list of generated strings.
     references: list of reference strings, one per prediction.
     ignore_case: compare lower-cased (default True).
+    per_example: return 1.0 / 0.0 per prediction instead of the fraction (default False).
 Returns:
     {"exact_match": fraction in [0, 1]}
 """
@@ -37,6 +39,9 @@ class ExactMatch(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions: list[str], references: list[str], ignore_case: bool = True) -> dict[str, float]:
+    def _compute(self, predictions: list[str], references: list[str], ignore_case: bool = True,
+                 per_example: bool = False) -> dict[str, Any]:
         hits = [_norm(p, ignore_case) == _norm(r, ignore_case) for p, r in zip(predictions, references, strict=True)]
+        if per_example:  # 1.0 / 0.0 per prediction (what a paired bootstrap over prompts resamples)
+            return {"exact_match": [float(h) for h in hits]}
         return {"exact_match": sum(hits) / max(len(hits), 1)}

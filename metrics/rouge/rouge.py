@@ -4,6 +4,8 @@ Load it with `evaluate.load("<path>/metrics/rouge")`. Scores are F1 averaged ove
 with Google's `rouge_score` package (tokenised on non-alphanumerics, lower-cased, no stemming by default).
 """
 
+from typing import Any
+
 import datasets
 import evaluate
 from rouge_score import rouge_scorer
@@ -15,8 +17,9 @@ Args:
     references: list of reference strings, one per prediction.
     rouge_types: subset of ["rouge1", "rouge2", "rougeL"] (default: all three).
     use_stemmer: apply the Porter stemmer before matching (default False).
+    per_example: return each prediction's F1 instead of the mean (default False).
 Returns:
-    dict rouge type -> mean F1 in [0, 1].
+    dict rouge type -> mean F1 in [0, 1] (or the list of F1s with per_example).
 """
 
 
@@ -34,11 +37,13 @@ class Rouge(evaluate.Metric):
 
     def _compute(
         self, predictions: list[str], references: list[str], rouge_types: list[str] | None = None,
-        use_stemmer: bool = False,
-    ) -> dict[str, float]:
+        use_stemmer: bool = False, per_example: bool = False,
+    ) -> dict[str, Any]:
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
         # Plain means, not rouge_score's BootstrapAggregator: its resampling makes results vary run to run.
         scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions, strict=True)]
+        if per_example:  # one F1 per prediction (what a paired bootstrap over prompts resamples)
+            return {key: [s[key].fmeasure for s in scores] for key in rouge_types}
         n = max(len(scores), 1)
         return {key: sum(s[key].fmeasure for s in scores) / n for key in rouge_types}

@@ -69,24 +69,35 @@ def score_answers(
         scores.extend(float(x) for x in logits[:, 0].float().cpu())
     return scores
 
-def answer_perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:
-    """exp(mean NLL per answer token) of the references given their prompts (answer tokens only)."""
-    import math
-
+def answer_nlls(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str],
+                ) -> list[tuple[float, int]]:
+    """Per prompt: (summed negative log-likelihood in nats, token count) of the reference answer's tokens given the
+    prompt. A template that cannot mark the answer gives (0.0, 0)."""
     import torch
 
-
-    total_nll, total_tokens = 0.0, 0
+    out: list[tuple[float, int]] = []
     model.eval()
     for prompt, ref in zip(prompts, references, strict=True):
         encoded = encode_conversation(tok, [*prompt, {"role": "assistant", "content": ref}])
         if encoded is None:
+            out.append((0.0, 0))
             continue
         ids, labels = encoded
         n = sum(1 for label in labels[1:] if label != -100)  # labels are shifted by one inside the model
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([ids], device=model.device),
                          labels=torch.tensor([labels], device=model.device)).loss
-        total_nll += float(loss) * n
-        total_tokens += n
-    return math.exp(total_nll / max(total_tokens, 1))
+        out.append((float(loss) * n, n))
+    return out
+
+
+def perplexity(nlls: list[tuple[float, int]]) -> float:
+    """exp(mean NLL per answer token) over the given (NLL sum, tokens) items."""
+    import math
+
+    return math.exp(sum(s for s, _ in nlls) / max(sum(n for _, n in nlls), 1))
+
+
+def answer_perplexity(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str]) -> float:
+    """exp(mean NLL per answer token) of the references given their prompts (answer tokens only)."""
+    return perplexity(answer_nlls(model, tok, prompts, references))
