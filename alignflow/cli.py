@@ -141,8 +141,13 @@ def _print_result(result: dict[str, Any], work_dir: Path) -> None:
         why = "; ".join(reg["gate_reasons"]) or "gate passed"
         console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as "
                       f"[bold]{reg['alias']}[/] ({why})")
-    console.print(f"MLflow parent run {result['parent_run_id']}: "
-                  f"mlflow ui --backend-store-uri {result['tracking_uri']}")
+    uri = result["tracking_uri"]
+    if uri.startswith(("http://", "https://")):  # a tracking server: the run's page
+        console.print(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{result['experiment_id']}/runs/"
+                      f"{result['parent_run_id']}", highlight=False)
+    else:
+        console.print(f"MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {uri}",
+                      highlight=False)
 
 
 def _client(work_dir: Path) -> Any:

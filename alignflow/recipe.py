@@ -211,13 +211,27 @@ def _apply_override(raw: dict[str, Any], item: str) -> str | None:
 def _format_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{_did_you_mean([str(p) for p in err['loc']])}"
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
     if err["type"] == "value_error":  # a check across keys: its message names them; the input would be noise
         message = str(err["msg"]).removeprefix("Value error, ")
         return message if loc == "(recipe)" else f"{loc}: {message}"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    """` (did you mean `sft.max_steps`?)` for a misspelt key, from the keys its section has; else ''."""
+    import difflib
+
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean `{'.'.join([*loc[:-1], close[0]])}`?)" if close else ""
 
 
 def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:

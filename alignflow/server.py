@@ -248,10 +248,25 @@ def _auth_credentials() -> tuple[str, str]:
     return user, password
 
 
+TEAM_EXTRA = {"psycopg2": "psycopg2-binary (MLflow's PostgreSQL driver)",
+              "flask_wtf": "Flask-WTF (MLflow's basic-auth app)"}
+
+
+def check_team_extra(auth: bool, find: Callable[[str], object] | None = None) -> None:
+    """Raise ServerError naming what to install when a module team mode needs is missing."""
+    import importlib.util
+
+    find = find or importlib.util.find_spec
+    missing = [what for module, what in TEAM_EXTRA.items() if (auth or module != "flask_wtf") and find(module) is None]
+    if missing:
+        raise ServerError(f"team mode needs {', '.join(missing)}: pip install -e '.[team]' (nothing was started)")
+
+
 def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int = 5433, prefect_port: int = 4200,
        mlflow_port: int = 5000, pool: str = "alignflow", auth: bool = False,
        say: Callable[[str], None] = print) -> State:
     """Start (or keep) PostgreSQL, the Prefect server and worker, and the MLflow server. Idempotent."""
+    check_team_extra(auth)  # before anything starts: a missing driver must not leave PostgreSQL running
     home = home.expanduser().resolve()
     project = (project_dir or Path.cwd()).resolve()
     state = load_state(home) or State(home=str(home), project_dir=str(project), db_password=secrets.token_urlsafe(24))

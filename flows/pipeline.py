@@ -50,8 +50,10 @@ from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import set_progress_reporter
 
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
-            "judge_win_rate_vs_base",
-            "win_rate_vs_champion", "perplexity", "perplexity_base", "gate_passed", "registered_version")
+            "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_sft", "win_rate_vs_sft_ci_low",
+            "win_rate_vs_sft_ci_high", "changed_vs_sft", "judge_heldout_accuracy", "judge_win_rate_vs_base",
+            "win_rate_vs_champion", "win_rate_vs_champion_ci_low", "win_rate_vs_champion_ci_high", "perplexity",
+            "perplexity_base", "gate_passed", "registered_version")
 
 
 def _no_traceback_for_stage_errors(record: logging.LogRecord) -> bool:
@@ -301,7 +303,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     summary: dict[str, float] = {"total_seconds": round(sum(ctx.seconds.values()), 2)}
     for stage in ctx.folders:
         for k, v in read_manifest(ctx.folders[stage]).get("metrics", {}).items():
-            if k in HEADLINE:
+            # with `--until curate` the data is the result: records in / kept / dropped by reason
+            if k in HEADLINE or (until == "curate" and (".records_" in k or ".dropped." in k)):
                 summary[k] = float(v)
     ctx.tracker.finish("FINISHED", summary)
     result: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import time
 from dataclasses import dataclass
@@ -59,7 +60,20 @@ def rollback(client: MlflowClient, name: str) -> str:
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """A registered model's weights folder (adapter, or full model) and its config (base path, spec, dtype)."""
+    """A registered model's weights folder (adapter, or full model) and its config (base path, spec, dtype).
+
+    `model_uri` is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, or a bare registered NAME (its champion)."""
+    client = MlflowClient()
+    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
+        model_uri = f"models:/{model_uri}@champion"  # a bare name: its champion
+    if model_uri.startswith("models:/"):
+        name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+        known = sorted(m.name for m in client.search_registered_models())
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise StageError(f"export: no registered model named '{name}'{hint} Registered: "
+                             f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
     except MlflowException as e:

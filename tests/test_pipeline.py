@@ -169,3 +169,12 @@ def test_the_deployment_form_accepts_the_recipe_as_written(in_root: Path) -> Non
     assert resolved.data.sft == [str(ROOT / "data" / "sft.jsonl")]
     with pytest.raises(Exception, match=r"data.eval\[0\]: no data file found"):
         resolve_recipe(Recipe.model_validate({**raw, "data": {**raw["data"], "eval": "nope/*.jsonl"}}))
+
+
+def test_until_curate_builds_no_model_and_reports_the_data(prefect_server: None, smoke: Recipe,
+                                                           tmp_path: Path) -> None:
+    result = pipeline(recipe=smoke, work_dir=str(tmp_path / "w"), until="curate")
+    assert list(result["stages"]) == ["curate"]
+    assert not (tmp_path / "w" / "base").exists()  # curate needs no model: nothing converted or built
+    m = result["metrics"]
+    assert m["sft.records_in"] > m["sft.records_kept"] > 0 and m["sft.dropped.duplicate"] == 4

@@ -49,6 +49,16 @@ def test_all_problems_listed_at_once_with_dotted_paths(tmp_path: Path) -> None:
     assert len(e.value.problems) == 5
 
 
+def test_a_misspelt_key_gets_a_suggestion(tmp_path: Path) -> None:
+    data = _base(tmp_path)
+    data["sft"] = {"max_step": 3}
+    data["dpo"] = {"bta": 0.2}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert "sft.max_step: unknown key (did you mean `sft.max_steps`?)" in e.value.problems
+    assert "dpo.bta: unknown key (did you mean `dpo.beta`?)" in e.value.problems
+
+
 def test_checks_across_keys_are_listed_with_the_others(tmp_path: Path) -> None:
     data = _base(tmp_path)
     data["sft"] = {"method": "full", "lr": "fast"}  # full fine-tuning of a 4-bit base, and a field error

@@ -122,6 +122,12 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
                 "--work-dir", str(work)).returncode == 0
     assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()
+    # a bare name is its champion; a misspelt one says so and names what is registered
+    assert _cli("export", name, "--adapter", str(tmp_path / "b"), "--work-dir", str(work)).returncode == 0
+    typo = _cli("export", "smoke-asistant", "--merged", str(tmp_path / "c"), "--work-dir", str(work))
+    said = " ".join((typo.stderr + typo.stdout).split())  # rich wraps long lines
+    assert typo.returncode != 0 and "no registered model named 'smoke-asistant'" in said
+    assert "did you mean 'smoke-assistant'?" in said
 
 
 def test_a_champion_on_another_base_is_refused(prefect_server: None, in_root: Path, tmp_path: Path) -> None:

@@ -262,3 +262,16 @@ def test_work_pool_templates_and_retrain_triggers_on_the_server(team: Team) -> N
         triggered = [r for r in runs if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
         time.sleep(2)
     assert triggered, "no retrain flow run was created by the alignflow.data.landed automation"
+
+
+def test_server_up_without_the_team_extra_says_so_and_starts_nothing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from alignflow.server import ServerError, up
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg2" else real(name, *a))
+    with pytest.raises(ServerError, match=r"psycopg2-binary .*pip install -e '\.\[team\]' \(nothing was started\)"):
+        up(home=tmp_path / "home", pg_port=free_port(), prefect_port=free_port(), mlflow_port=free_port())
+    assert not (tmp_path / "home").exists()  # no state, no PostgreSQL cluster
