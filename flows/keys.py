@@ -46,8 +46,8 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
                "quantize": ("quantization.json",)},
     "dpo": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
             "quantize": ("quantization.json",), "sft": ("weights",)},
-    "evaluate": {"tokenize": ("tokenizer",), "curate": ("eval.jsonl",), "sft": ("weights",), "dpo": ("weights",),
-                 "reward": ("weights", "metrics.heldout_accuracy")},
+    "evaluate": {"tokenize": ("tokenizer", "preference_heldout"), "curate": ("eval.jsonl",), "sft": ("weights",),
+                 "dpo": ("weights",), "reward": ("weights",)},
     "register": {"dpo": ("weights",), "evaluate": ("metrics",), "curate": ("metrics.decontaminated",)},
 }
 
@@ -67,11 +67,13 @@ SETTINGS: dict[Stage, tuple[str, ...]] = {
     # model.base: the spec is written into the logged model (served over that base) and its version tags
     "register": ("register", "model.base", "model.dtype"),
 }
-# Settings that change how a stage works, never what it makes: checkpoint cadence (a resumed run continues to the
-# same result), log cadence, and shards (tests/test_scale_out.py: sharded results equal the single pass). Dropped
-# from the sections above, so changing them re-runs nothing.
-NOT_RESULTS: frozenset[str] = frozenset({"curate.shards", "synthesize.shards", "sft.save_steps", "sft.logging_steps",
-                                         "reward.save_steps", "dpo.save_steps"})
+# Settings in a stage's section that change how it works, never what it makes: checkpoint cadence (a resumed run
+# continues to the same result), log cadence, curate's shards (tests/test_scale_out.py: sharded results equal the
+# single pass). Dropped from the sections above.
+# synthesize.shards is not one of them: each shard samples from its own seed. reward.eval_fraction is read by
+# tokenize (the held-out split), not by reward.
+NOT_RESULTS: frozenset[str] = frozenset({"curate.shards", "sft.save_steps", "sft.logging_steps", "reward.save_steps",
+                                         "dpo.save_steps", "reward.eval_fraction"})
 # Stages that load the base model's weights or tokenizer: the resolved base's identity is in their key.
 LOADS_BASE: frozenset[Stage] = frozenset({"synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate",
                                           "register"})
@@ -80,6 +82,8 @@ EXTRA_SOURCES: dict[Stage, tuple[str, ...]] = {
     "evaluate": ("rouge/rouge.py", "bleu/bleu.py", "exact_match/exact_match.py"),
 }
 TRAINING: frozenset[Stage] = frozenset({"sft", "reward", "dpo"})
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
+             "evaluate", "rouge_score", "sacrebleu", "datasketch", "langid", "mlflow")
 
 
 def setting(recipe: BaseModel, path: str) -> Any:
@@ -127,7 +131,23 @@ def code_hash(stage: Stage) -> str:
     assert spec is not None and spec.submodule_search_locations
     metrics = Path(next(iter(spec.submodule_search_locations)))
     files += [metrics / f for f in EXTRA_SOURCES.get(stage, ())]
-    return sha256_json([[f.name, sha256_bytes(f.read_bytes())] for f in files])
+    return sha256_json({"sources": [[f.name, sha256_bytes(f.read_bytes())] for f in files],
+                        "libraries": library_versions()})
+
+
+@cache
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose code the stages run: an upgrade (or another machine's environment on the
+    same work dir) re-runs them instead of reusing what older code made."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 @dataclass(frozen=True)
@@ -154,8 +174,18 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         return {"champion": facts.champion,
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None}
     if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version
-        return {"tracking_uri": facts.tracking_uri}
+        return {"tracking_uri": without_credentials(facts.tracking_uri)}
     return {}
+
+
+def without_credentials(uri: str) -> str:
+    """The URI without `user:password@` (keys and their inputs are written into manifests and MLflow)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
 def weights_hash(folder: Path, name: str) -> str:

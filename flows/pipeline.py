@@ -193,6 +193,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         name=stage,
         cache_key_fn=lambda *_: key,
         result_storage=ctx.work / ".prefect-results",
+        result_serializer="json",  # the manifest is JSON: nothing in the work dir is unpickled
         refresh_cache=not (folder / MANIFEST).exists(),  # the cache record alone is not enough: the folder must exist
     )
     try:
@@ -280,7 +281,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         if _reached(until, "evaluate"):
             candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
-                                                                 work / "champions", base_spec=r.model.base)
+                                                                 work / "champions", base_spec=r.model.base,
+                                                                 base_key=base.key)
             ctx.facts = replace(ctx.facts, champion=champion_id)
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
@@ -291,7 +293,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
                        **{f"alignflow.data_hash.{k}": v for k, v in data.items()}}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
-                base_path=base.path, base_spec=base.spec, dtype=dtype, candidate=ctx.folders["dpo"],
+                base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
+                compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],
                 evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=lineage,
                 out_dir=out))
     except _Stop:

@@ -22,7 +22,6 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 
 from alignflow.flows.pipeline import pipeline
@@ -32,14 +31,14 @@ from alignflow.recipe import DataSection, Recipe
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
+from alignflow.tasks.lib.registry import registry_alias
 from alignflow.tasks.records.checks import new_records
 
 
 def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | None:
     """The champion version and the curate folder of the run that trained it; None without a champion."""
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
+    version = registry_alias(client, model_name, "champion")  # a server error is raised, not read as "none"
+    if version is None:
         return None
     parent = version.tags.get("alignflow.parent_run_id")
     if not parent:
@@ -93,7 +92,8 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                        eval=recipe.data.eval)
     init = None
     if recipe.retrain.start_from == "champion":
-        init = work / "champions" / f"{name}-v{version.version}-weights"  # adapter, or full model
+        sha = version.tags.get("alignflow.adapter_sha256", "")[:12]  # by content: version numbers can be reused
+        init = work / "champions" / f"{name}-v{version.version}-{sha}-weights"  # adapter, or full model
         if not init.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 weights, _config = download_model(f"models:/{name}/{version.version}", Path(tmp))

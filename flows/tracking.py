@@ -27,8 +27,9 @@ from mlflow.exceptions import MlflowException
 
 from alignflow.recipe import Recipe
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.processes import folder_lock, pid_alive
+from alignflow.tasks.lib.registry import registry_alias
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
@@ -67,6 +68,23 @@ def reap_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
             client.set_tag(run.info.run_id, "alignflow.reaped", "process gone; marked KILLED by a later run")
             reaped.append(run.info.run_id)
     return reaped
+
+
+def check_same_base(model_name: str, version: Any, base_spec: str | None, base_key: str | None) -> None:
+    """Refuse a registered version trained over another base than the recipe's.
+
+    Compared by the resolved base's identity (`alignflow.base_key`: an embedded package version, a folder's
+    listing, a hub commit), so two spellings of one folder agree and a rewritten folder does not; versions
+    registered before that tag existed are compared by `model.base` as written. The `tiny:` test model is built
+    from each run's own data, so only its spec is compared."""
+    spec, key = version.tags.get("alignflow.base_model"), version.tags.get("alignflow.base_key")
+    same = (spec == base_spec) if (key is None or base_key is None or (base_spec or "").startswith("tiny:")) \
+        else (key == base_key)
+    if base_spec is not None and spec is not None and not same:
+        raise StageError(f"the champion of '{model_name}' (version {version.version}) was trained on base "
+                         f"'{spec}', which is not this recipe's model.base '{base_spec}'"
+                         f"{' (same name, other weights)' if spec == base_spec else ''}: register under another "
+                         "register.model_name, or move the champion alias first (alignflow rollback/promote)")
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, str]:
@@ -172,41 +190,38 @@ class Tracker:
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path,
-                         base_spec: str | None = None) -> tuple[Path | None, dict]:
+                         base_spec: str | None = None, base_key: str | None = None) -> tuple[Path | None, dict]:
         """The weights (adapter or full model) to compare the candidate with, downloaded once, and their identity.
 
         That is the registry's `champion`; or, when the champion is this very adapter (same content hash: the run
         that promoted it, re-run unchanged), the `previous-champion` it displaced, which is the comparison the
         promoting run made, so the re-run keeps its cache key. None when there is nothing to compare with.
+        A champion trained over another base is refused: its adapter would be applied over the wrong weights.
         """
-        from mlflow.exceptions import MlflowException
-
         version = None
         for alias in ("champion", "previous-champion"):
-            try:
-                version = self.client.get_model_version_by_alias(model_name, alias)
-            except MlflowException:
+            version = registry_alias(self.client, model_name, alias)
+            if version is None:
                 return None, {}
             if version.tags.get("alignflow.adapter_sha256", "") != candidate_sha:
                 break
         else:
             return None, {}
-        champion_base = version.tags.get("alignflow.base_model")
-        if base_spec is not None and champion_base is not None and champion_base != base_spec:
-            # its adapter would be applied over the wrong base, and the comparison would mean nothing
-            raise StageError(f"the champion of '{model_name}' (version {version.version}) was trained on base "
-                             f"'{champion_base}', this recipe's model.base is '{base_spec}': register under another "
-                             "register.model_name, or move the champion alias first (alignflow rollback/promote)")
+        check_same_base(model_name, version, base_spec, base_key)
         sha = version.tags.get("alignflow.adapter_sha256", "")
-        dest = dest_root / f"{model_name}-v{version.version}"
+        # named by content too: another tracking server (or a re-created model) may reuse the version number
+        dest = dest_root / f"{model_name}-v{version.version}-{sha[:12]}"
         kinds = ("adapter", "model")  # a LoRA adapter, or a full fine-tune's complete weights
         if not any((dest / kind).exists() for kind in kinds):
             tmp = dest.with_name(dest.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}",
                                                         dst_path=str(tmp))
-            dest.mkdir(parents=True, exist_ok=True)
             kind = next(k for k in kinds if (Path(local) / "artifacts" / k).exists())
+            if sha and sha256_tree(Path(local) / "artifacts" / kind) != sha:
+                raise StageError(f"the champion of '{model_name}' (version {version.version}) downloaded with other "
+                                 f"weights than its tag alignflow.adapter_sha256={sha[:12]}… says")
+            dest.mkdir(parents=True, exist_ok=True)
             os.replace(Path(local) / "artifacts" / kind, dest / kind)
             shutil.rmtree(tmp, ignore_errors=True)
         weights = next(dest / kind for kind in kinds if (dest / kind).exists())

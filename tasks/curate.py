@@ -85,14 +85,15 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     return _merge(cfg, inputs)
 
 
-def shard_file(inputs: CurateInputs, name: Dataset, index: int) -> Path:
-    return inputs.out_dir / "shards" / f"{name}-{index:03d}.pkl"
+def shard_file(inputs: CurateInputs, name: Dataset, index: int, shards: int) -> Path:
+    # The shard count is in the name: a resumed run with another count must not take these positions as its own.
+    return inputs.out_dir / "shards" / f"{name}-{index:03d}-of-{shards:03d}.pkl"
 
 
 def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int) -> Path:
     """Phase 1 for the records of `name` at positions index, index + shards, ...: parse, normalise, scrub,
     quality, MinHash signature, eval overlap. Written as one pickle (an internal intermediate), atomically."""
-    path = shard_file(inputs, name, index)
+    path = shard_file(inputs, name, index, cfg.shards)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def _shard_items(cfg: CurateConfig, inputs: CurateInputs, name: Dataset) -> Any:
     """Every shard's items, back in input order (each shard file is already in order: merge the streams)."""
     streams = []
     for index in range(cfg.shards):
-        path = shard_file(inputs, name, index)
+        path = shard_file(inputs, name, index, cfg.shards)
         if not path.exists():
             raise StageError(f"curate: shard {path.name} is missing; re-run the stage")
         with open(path, "rb") as f:

@@ -12,8 +12,9 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
 - reward-model win-rates: the reward stage's model scores each answer; per prompt a win counts 1, a loss 0, the
   same text (or score) 1/2: `win_rate_vs_base`, `win_rate_vs_sft` (what preference tuning added) and
   `win_rate_vs_champion`; `changed_vs_sft` is the share of answers preference tuning changed at all. The reward
-  model's accuracy on held-out pairs nobody trained on is copied as `judge_heldout_accuracy`: the gate trusts its
-  win-rates only above `register.gate.min_judge_accuracy`;
+  model, loaded exactly as it judges here, is scored on tokenize's held-out pairs that neither reward nor dpo
+  trained on: `judge_heldout_accuracy` and the lower end of its 95 % Wilson interval (`_ci_low`), which the gate
+  compares with `register.gate.min_judge_accuracy` before it trusts any win-rate;
 - 95 % intervals from a paired bootstrap over the prompts (tasks/lib/stats.py): `<win rate>_ci_low/_ci_high`,
   `rougeL_gain_ci_low/_ci_high`, and for each metric vs the champion `<metric>_delta_ci_low/_ci_high` (delta =
   candidate - champion). The gate decides on these bounds;
@@ -32,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
-from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.stats import bootstrap_ci, delta_ci, mean_ci, perplexity_delta_ci, win_scores
+from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.stats import bootstrap_ci, delta_ci, mean_ci, perplexity_delta_ci, wilson_low, win_scores
 from alignflow.tasks.lib.training import seed_everything
 
 Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
@@ -155,9 +156,19 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         rm_tok = load_tokenizer(inputs.reward / "adapter")
         for name in answers:
             rewards[name] = score_answers(rm, rm_tok, prompts, answers[name])
+        # The judge, exactly as loaded here, on the held-out pairs that neither reward nor dpo trained on: the
+        # gate trusts its win-rates only when the lower bound of this accuracy is high enough.
+        from datasets import load_from_disk
+
+        held = load_from_disk(str(inputs.tokenized / "preference_heldout"))
+        held_prompts = list(held["prompt"])
+        chosen = score_answers(rm, rm_tok, held_prompts, [c[-1]["content"] for c in held["chosen"]])
+        rejected = score_answers(rm, rm_tok, held_prompts, [r[-1]["content"] for r in held["rejected"]])
+        right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+        metrics["judge_heldout_pairs"] = len(held)
+        metrics["judge_heldout_accuracy"] = round(right / max(len(held), 1), 4)
+        metrics["judge_heldout_accuracy_ci_low"] = wilson_low(right, len(held))
         del rm
-        metrics["judge_heldout_accuracy"] = float(
-            read_manifest(inputs.reward)["metrics"].get("heldout_accuracy", float("nan")))
         metrics["reward_mean"] = round(_mean(rewards[tuned]), 4)
         for name in compared:
             metrics[f"reward_mean_{name}"] = round(_mean(rewards[name]), 4)

@@ -25,25 +25,27 @@ LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
-                                  "win_rate_vs_champion", "win_rate_vs_sft", "judge_heldout_accuracy"}
+                                  "win_rate_vs_champion", "win_rate_vs_sft", "judge_heldout_accuracy",
+                                  "judge_heldout_accuracy_ci_low"}
 
 
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_win_rate: float = Field(
-        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must reach this")
+        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must exceed this")
     min_win_rate_vs_champion: float | None = Field(
         0.5, ge=0, le=1, description="the lower 95% bound of the win-rate vs the current champion must exceed this "
         "(checked when one exists): a candidate that is not measurably better never takes champion")
     min_rougeL_gain: float | None = Field(
-        0.0, description="the lower 95% bound of rougeL - rougeL_base must reach this (None: not checked)")
+        0.0, description="the lower 95% bound of rougeL - rougeL_base must exceed this (None: not checked)")
     max_regression: dict[str, float] = Field(
         {}, description="metric -> largest allowed loss vs the champion, checked on the loss's upper 95% bound, "
         "e.g. {rougeL: 0.02, perplexity: 0.1}")
     require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
     min_judge_accuracy: float | None = Field(
-        0.6, ge=0, le=1, description="the reward model's accuracy on held-out pairs (that neither reward nor dpo "
-        "trained on) below which its win-rates are not trusted, and the gate fails (None: not checked)")
+        0.6, ge=0, le=1, description="the lower 95% (Wilson) bound of the reward model's accuracy on held-out pairs "
+        "that neither reward nor dpo trained on, below which its win-rates are not trusted and the gate fails "
+        "(None: not checked)")
 
     @field_validator("max_regression")
     @classmethod
@@ -63,7 +65,9 @@ class RegisterConfig(BaseModel):
 class RegisterInputs(BaseModel):
     base_path: Path
     base_spec: str
+    base_key: str = ""  # the resolved base's identity, tagged so a later run can tell another base apart
     dtype: str
+    compared_champion: str | None = None  # the champion version evaluate measured against (None: there was none)
     candidate: Path  # the dpo stage folder
     evaluation: Path  # the evaluate stage folder
     curated: Path  # the curate stage folder (did it decontaminate?)
@@ -76,8 +80,10 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
     """(reasons the candidate fails, the bound behind every check made). Passes when there are no reasons.
 
     Every comparison is on the evaluate stage's 95 % interval (a paired bootstrap over the eval prompts), never on
-    a point estimate: promotion needs the lower bound to clear the threshold; a regression is declared when the
-    upper bound of the loss exceeds `max_regression`. The champion was re-measured on the same prompts.
+    a point estimate: promotion needs the lower bound to clear (exceed) each threshold, so a candidate that ties
+    the base or the champion never passes; a regression is declared when the upper bound of the loss exceeds
+    `max_regression`. The champion was re-measured on the same prompts. The judge's accuracy is the lower end
+    of its Wilson interval on held-out pairs.
     """
     reasons: list[str] = []
     decided: list[str] = []
@@ -86,16 +92,17 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
         value = metrics.get(name)
         return None if value is None or math.isnan(value) else float(value)
 
-    judge = bound("judge_heldout_accuracy")
+    judge = bound("judge_heldout_accuracy_ci_low")
     if cfg.min_judge_accuracy is not None:
-        decided.append(f"judge_heldout_accuracy={judge} vs min_judge_accuracy={cfg.min_judge_accuracy}")
+        decided.append(f"judge_heldout_accuracy_ci_low={judge} >= min_judge_accuracy={cfg.min_judge_accuracy}")
         if judge is None or judge < cfg.min_judge_accuracy:
-            reasons.append(f"the reward model's held-out accuracy {judge} < min_judge_accuracy="
-                           f"{cfg.min_judge_accuracy}: its win-rates are not trusted")
+            reasons.append(f"the reward model's held-out accuracy ({metrics.get('judge_heldout_accuracy')} on "
+                           f"{metrics.get('judge_heldout_pairs')} pairs, 95% lower bound {judge}) is below "
+                           f"min_judge_accuracy={cfg.min_judge_accuracy}: its win-rates are not trusted")
     low = bound("win_rate_vs_base_ci_low")
-    decided.append(f"win_rate_vs_base_ci_low={low} >= min_win_rate={cfg.min_win_rate}")
-    if low is None or low < cfg.min_win_rate:
-        reasons.append(f"win_rate_vs_base_ci_low={low} < min_win_rate={cfg.min_win_rate} "
+    decided.append(f"win_rate_vs_base_ci_low={low} > min_win_rate={cfg.min_win_rate}")
+    if low is None or low <= cfg.min_win_rate:  # clears: a tie with the base (0.5, no spread) never passes 0.5
+        reasons.append(f"win_rate_vs_base_ci_low={low} does not exceed min_win_rate={cfg.min_win_rate} "
                        f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
     champion = "win_rate_vs_champion" in metrics  # evaluate compared with a champion
     low = bound("win_rate_vs_champion_ci_low")
@@ -109,9 +116,9 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
                            "than the champion")
     if cfg.min_rougeL_gain is not None:
         low = bound("rougeL_gain_ci_low")
-        decided.append(f"rougeL_gain_ci_low={low} >= min_rougeL_gain={cfg.min_rougeL_gain}")
-        if low is None or low < cfg.min_rougeL_gain:
-            reasons.append(f"rougeL_gain_ci_low={low} < min_rougeL_gain={cfg.min_rougeL_gain}")
+        decided.append(f"rougeL_gain_ci_low={low} > min_rougeL_gain={cfg.min_rougeL_gain}")
+        if low is None or low <= cfg.min_rougeL_gain:
+            reasons.append(f"rougeL_gain_ci_low={low} does not exceed min_rougeL_gain={cfg.min_rougeL_gain}")
     for name, allowed in sorted(cfg.max_regression.items()):
         if not champion:
             continue  # nothing to regress from
@@ -132,12 +139,13 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
 
 def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     import importlib.metadata
+    import importlib.util
 
     import mlflow
     from mlflow import MlflowClient
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
-    from alignflow.tasks.lib.served_model import AdapterModel
+    from alignflow.tasks.lib.registry import registry_alias
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -147,12 +155,16 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     evaluation = read_manifest(inputs.evaluation)
     metrics = evaluation["metrics"]
     client = MlflowClient()
-    try:
-        champion_version = client.get_model_version_by_alias(cfg.model_name, "champion")
-    except mlflow.exceptions.MlflowException:  # no registered model, or no champion yet
-        champion_version = None
+    champion_version = registry_alias(client, cfg.model_name, "champion")  # None: no model or no champion yet
     decontaminated = bool(read_manifest(inputs.curated)["metrics"].get("decontaminated", 0))
     reasons, decided = gate(cfg.gate, metrics, decontaminated)
+    current = None if champion_version is None else str(champion_version.version)
+    is_candidate = champion_version is not None and \
+        champion_version.tags.get("alignflow.adapter_sha256") == adapter_hash
+    if current is not None and not is_candidate and current != inputs.compared_champion:
+        # another run promoted a new champion after this candidate was evaluated: it was never compared with it
+        reasons.append(f"the champion is now version {current}, but evaluate compared this candidate with "
+                       f"{inputs.compared_champion or 'no champion'}: re-run to compare with the current one")
 
     existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'")
                 if v.tags.get("alignflow.adapter_sha256") == adapter_hash]
@@ -165,7 +177,9 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         with ctx:
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=AdapterModel(),
+                # "models from code": the wrapper's source file travels with the model and loading it executes
+                # no pickle (a pickled Python object runs arbitrary code when it is deserialized)
+                python_model=importlib.util.find_spec("alignflow.tasks.lib.served_model").origin,
                 artifacts={kind: str(weights)},
                 model_config={"base_path": str(inputs.base_path), "base_spec": inputs.base_spec,
                               "dtype": inputs.dtype},
@@ -174,6 +188,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
             )
         version = str(info.registered_model_version)
         tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
+                "alignflow.base_key": inputs.base_key,
                 "alignflow.weights": "adapter" if kind == "adapter" else "full",
                 "alignflow.eval_config_hash": evaluation.get("eval_config_hash", "unknown"),
                 **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in TAGGED_METRICS}}

@@ -116,8 +116,9 @@ def _plan(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> tuple[list[Message
     return asks, picked
 
 
-def shard_dir(inputs: SynthesizeInputs, index: int) -> Path:
-    return inputs.out_dir / "shards" / f"{index:03d}"
+def shard_dir(inputs: SynthesizeInputs, index: int, shards: int) -> Path:
+    # The shard count is in the name: a resumed run with another count must not take these slices as its own.
+    return inputs.out_dir / "shards" / f"{index:03d}-of-{shards:03d}"
 
 
 def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Path:
@@ -128,7 +129,7 @@ def run_shard(cfg: SynthesizeConfig, inputs: SynthesizeInputs, index: int) -> Pa
     """
     from rouge_score import rouge_scorer
 
-    out = shard_dir(inputs, index)
+    out = shard_dir(inputs, index, cfg.shards)
     if (out / "stats.json").exists():  # finished in an earlier attempt
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,7 @@ def merge(cfg: SynthesizeConfig, inputs: SynthesizeInputs) -> dict[str, Any]:
     from rouge_score import rouge_scorer
 
     out = inputs.out_dir
-    dirs = [shard_dir(inputs, i) for i in range(cfg.shards)]
+    dirs = [shard_dir(inputs, i, cfg.shards) for i in range(cfg.shards)]
     missing = [str(d) for d in dirs if not (d / "stats.json").exists()]
     if missing:
         raise StageError(f"synthesize: shard(s) not finished: {', '.join(missing)}")

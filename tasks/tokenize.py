@@ -103,12 +103,13 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         pair_lengths.append(length)
         pair = {"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                 "rejected": [{"role": "assistant", "content": p["rejected"]}]}
-        # Held out by the pair's own hash, not its position: the same pair stays held out when data is added, and
-        # neither reward nor dpo trains on it, so the reward model's accuracy on it is an honest judge check.
-        digest = sha256_json([p["prompt"], p["chosen"], p["rejected"]])
-        if int(digest[:8], 16) / 0x1_0000_0000 < inputs.heldout_fraction:
+        # Held out by the hash of the pair's *prompt*, not its position: every pair of a prompt lands on the same
+        # side (several pairs per prompt must not straddle the split), the same pairs stay held out when data is
+        # added, and neither reward nor dpo trains on them, so the reward model's accuracy there is an honest check.
+        side = sha256_json(p["prompt"])
+        if int(side[:8], 16) / 0x1_0000_0000 < inputs.heldout_fraction:
             heldout.append(pair)
-            heldout_hashes.append(digest)
+            heldout_hashes.append(sha256_json([p["prompt"], p["chosen"], p["rejected"]]))
         else:
             pairs.append(pair)
     if len(pairs) < 4:

@@ -20,22 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gate_decides_on_interval_bounds() -> None:
     good = {"win_rate_vs_base": 0.8, "win_rate_vs_base_ci_low": 0.66, "win_rate_vs_base_ci_high": 0.9,
-            "rougeL_gain": 0.3, "rougeL_gain_ci_low": 0.2, "rougeL_gain_ci_high": 0.4, "judge_heldout_accuracy": 0.8}
+            "rougeL_gain": 0.3, "rougeL_gain_ci_low": 0.2, "rougeL_gain_ci_high": 0.4,
+            "judge_heldout_accuracy": 0.9, "judge_heldout_accuracy_ci_low": 0.8, "judge_heldout_pairs": 35}
     reasons, decided = gate(GateConfig(), good, True)
-    assert reasons == [] and any("win_rate_vs_base_ci_low=0.66 >= min_win_rate=0.5" in d for d in decided)
+    assert reasons == [] and any("win_rate_vs_base_ci_low=0.66 > min_win_rate=0.5" in d for d in decided)
     # a good point estimate with a wide interval is not enough: the lower bound decides
     wide = {**good, "win_rate_vs_base_ci_low": 0.45}
-    assert "win_rate_vs_base_ci_low=0.45 < min_win_rate=0.5" in " ".join(gate(GateConfig(), wide, True)[0])
-    # a judge that could not tell held-out pairs apart is not trusted
-    assert "not trusted" in " ".join(gate(GateConfig(), {**good, "judge_heldout_accuracy": 0.55}, True)[0])
-    assert gate(GateConfig(min_judge_accuracy=None), {**good, "judge_heldout_accuracy": 0.55}, True)[0] == []
+    said = " ".join(gate(GateConfig(), wide, True)[0])
+    assert "win_rate_vs_base_ci_low=0.45 does not exceed min_win_rate=0.5" in said
+    # a judge whose held-out accuracy may be chance (its lower bound) is not trusted; a missing one neither
+    assert "not trusted" in " ".join(gate(GateConfig(), {**good, "judge_heldout_accuracy_ci_low": 0.55}, True)[0])
+    assert "not trusted" in " ".join(gate(GateConfig(), {**good, "judge_heldout_accuracy_ci_low": float("nan")},
+                                          True)[0])
+    assert gate(GateConfig(min_judge_accuracy=None), {**good, "judge_heldout_accuracy_ci_low": 0.55}, True)[0] == []
 
     champion = {**good, "win_rate_vs_champion": 0.7, "win_rate_vs_champion_ci_low": 0.55,
                 "win_rate_vs_champion_ci_high": 0.8, "rougeL_delta_ci_low": -0.01, "rougeL_delta_ci_high": 0.05,
                 "perplexity_delta_ci_low": -0.2, "perplexity_delta_ci_high": 0.3}
     cfg = GateConfig(min_win_rate=0.9, max_regression={"rougeL": 0.05, "perplexity": 0.1}, require_decontaminated=True)
     text = " | ".join(gate(cfg, champion, False)[0])
-    assert "win_rate_vs_base_ci_low=0.66 < min_win_rate=0.9" in text
+    assert "win_rate_vs_base_ci_low=0.66 does not exceed min_win_rate=0.9" in text
     assert "rougeL" not in text  # its loss is at most 0.01, within 0.05
     assert "perplexity may have regressed by up to 0.3000" in text  # lower is better: the upper bound of a rise
     assert "did not decontaminate" in text
@@ -53,11 +57,20 @@ def test_a_tie_with_the_champion_is_not_promoted() -> None:
     wins = win_scores(answers, [1.0] * 48, answers, [1.0] * 48)
     low, high = mean_ci(wins)
     assert (low, high) == (0.5, 0.5)
-    tie = {"win_rate_vs_base": 0.9, "win_rate_vs_base_ci_low": 0.8, "judge_heldout_accuracy": 0.9,
+    tie = {"win_rate_vs_base": 0.9, "win_rate_vs_base_ci_low": 0.8, "judge_heldout_accuracy_ci_low": 0.9,
            "rougeL_gain_ci_low": 0.1, "win_rate_vs_champion": 0.5, "win_rate_vs_champion_ci_low": low,
            "win_rate_vs_champion_ci_high": high}
     reasons, _ = gate(GateConfig(), tie, True)
     assert reasons and "not measurably better than the champion" in reasons[0]
+
+
+def test_a_candidate_that_ties_the_base_is_not_promoted() -> None:
+    """Answers identical to the base's: win-rate 0.5 with no spread and no ROUGE gain. Nothing was learned."""
+    tie = {"win_rate_vs_base": 0.5, "win_rate_vs_base_ci_low": 0.5, "win_rate_vs_base_ci_high": 0.5,
+           "rougeL_gain_ci_low": 0.0, "judge_heldout_accuracy_ci_low": 0.9}
+    reasons = " ".join(gate(GateConfig(), tie, True)[0])
+    assert "win_rate_vs_base_ci_low=0.5 does not exceed min_win_rate=0.5" in reasons
+    assert "rougeL_gain_ci_low=0.0 does not exceed min_rougeL_gain=0.0" in reasons
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -37,7 +37,8 @@ def test_stage_drops_what_does_not_fit_and_holds_out_pairs(tmp_path: Path) -> No
     long_text = " ".join(["word"] * 200)
     sft = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"}]},
            {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": long_text}]}]
-    pairs = [{"prompt": [{"role": "user", "content": f"p{i}"}], "chosen": "yes", "rejected": "no"} for i in range(20)]
+    pairs = [{"prompt": [{"role": "user", "content": f"p{i % 10}"}], "chosen": f"yes {i}", "rejected": "no"}
+             for i in range(20)]  # two pairs per prompt: a prompt must not land on both sides of the split
     pairs.append({"prompt": [{"role": "user", "content": "p"}], "chosen": long_text, "rejected": "no"})
     pairs.append({"prompt": [{"role": "user", "content": long_text}], "chosen": "yes", "rejected": "no"})  # prompt
     (curated / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))

@@ -50,12 +50,17 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
         assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert sft["quantized"] == (recipe.quantize.bits is not None)
     if until == "evaluate":  # every prompt judged in both orders; each scores 0, 1/2 (orders disagree) or 1
+        from alignflow.tasks.lib.teacher import JUDGE_PROMPT
+
         evaluated = Path(result["stages"]["evaluate"]["folder"])
         metrics = read_manifest(evaluated)["metrics"]
+        rows = [json.loads(line) for line in (evaluated / "samples.jsonl").read_text().splitlines()]
+        asks = {JUDGE_PROMPT.format(question=r["prompt"], a=a, b=b)
+                for r in rows for a, b in ((r["base"], r["tuned"]), (r["tuned"], r["base"]))}
+        assert len((evaluated / "judge.jsonl").read_text().splitlines()) == len(asks)  # both orders, each asked once
         n = int(metrics["eval_examples"])
-        assert len((evaluated / "judge.jsonl").read_text().splitlines()) == 2 * n
         assert (2 * n * metrics["judge_win_rate_vs_base"]) == pytest.approx(round(2 * n * metrics[
-            "judge_win_rate_vs_base"]), abs=1e-6)
+            "judge_win_rate_vs_base"]), abs=1e-3)
     if until == "dpo":
         dpo = read_manifest(Path(result["stages"]["dpo"]["folder"]))
         assert dpo["metrics"]["global_step"] == recipe.dpo.max_steps
@@ -145,10 +150,12 @@ def test_full_fine_tune_goes_through_every_stage(prefect_server: None, in_root: 
     evaluated = Path(second["stages"]["evaluate"]["folder"])
     rows = [json.loads(line) for line in (evaluated / "samples.jsonl").read_text().splitlines()]
     assert rows and all("champion" in r for r in rows)  # the champion's own answers, scored by the judge
-    wins = [0.5 if r["tuned"] == r["champion"] else float(r["reward_tuned"] > r["reward_champion"]) for r in rows]
+    wins = [0.5 if r["tuned"] == r["champion"] or r["reward_tuned"] == r["reward_champion"]
+            else float(r["reward_tuned"] > r["reward_champion"]) for r in rows]
+    # (rewards are rounded to 4 decimals in the table: allow one prompt's worth of difference)
     assert read_manifest(evaluated)["metrics"]["win_rate_vs_champion"] == pytest.approx(sum(wins) / len(wins),
-                                                                                          abs=1e-3)
-    assert (work / "champions" / "smoke-full-v1" / "model" / "config.json").exists()
+                                                                                          abs=1.01 / len(rows))
+    assert [p.name for p in (work / "champions").glob("smoke-full-v1-*/model/config.json")]
 
     client = MlflowClient(first["tracking_uri"])
     assert client.get_model_version("smoke-full", "1").tags["alignflow.weights"] == "full"
@@ -169,7 +176,7 @@ def test_full_fine_tune_goes_through_every_stage(prefect_server: None, in_root: 
     assert proc.returncode != 0 and "full fine-tune" in proc.stderr + proc.stdout
 
     # retraining from the full champion starts where the champion's training ended, not from the base
-    champion = work / "champions" / "smoke-full-v1" / "model"
+    champion = next((work / "champions").glob("smoke-full-v1-*")) / "model"
     again = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", overrides), work_dir=str(work),
                      until="sft", init_adapter=str(champion))
     first_losses = [h["loss"] for h in json.loads((sft_dir / "log_history.json").read_text()) if "loss" in h]

@@ -50,6 +50,14 @@ def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path]) -> Re
     folder = Path(snapshot_download(repo_id=spec))  # served from the local HF cache when offline
     return ResolvedBase(spec, folder, sha256_json([spec, folder.name]))  # folder name = commit sha
 
+def _builder_code() -> str:
+    """This file and the chat template it writes: what builds an embedded or tiny base folder."""
+    from importlib.metadata import version
+
+    return sha256_json([sha256_tree(Path(__file__)), sha256_tree(Path(__file__).with_name("chat.py")),
+                        version("transformers"), version("gguf")])
+
+
 def embedded_available(spec: str) -> bool:
     import importlib.metadata
 
@@ -68,7 +76,7 @@ def _embedded(spec: str, dest_root: Path) -> ResolvedBase:
     name = spec.removeprefix("embedded:")
     dist_name, pkg_dir, gguf = EMBEDDED[name]
     dist = importlib.metadata.distribution(dist_name)
-    key = sha256_json([spec, dist.version])
+    key = sha256_json([spec, dist.version, _builder_code()])  # a changed conversion builds the folder anew
     dest = dest_root / f"{name}-{key[:12]}"
     if (dest / "manifest.json").exists():
         return ResolvedBase(spec, dest, key)
@@ -103,7 +111,7 @@ def _drop_quantization_config(config_json: Path) -> None:
         config_json.write_text(json.dumps(cfg, indent=2))
 
 def _tiny(spec: str, dest_root: Path, corpus: list[Path]) -> ResolvedBase:
-    key = sha256_json([spec, [sha256_tree(p) for p in corpus]])
+    key = sha256_json([spec, [sha256_tree(p) for p in corpus], _builder_code()])
     dest = dest_root / f"tiny-{key[:12]}"
     if (dest / "manifest.json").exists():
         return ResolvedBase(spec, dest, key)

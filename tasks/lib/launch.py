@@ -96,7 +96,8 @@ def distributed(module: str, spec: LaunchSpec, cfg: BaseModel, inputs: BaseModel
     env["ALIGNFLOW_LAUNCHED"] = "1"  # never launch again from inside a launched process
     if spec.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    # No PYTHONPATH entry: alignflow is installed, and its tasks/ folder on the path would shadow the standard
+    # library's `tokenize` (and HF `evaluate`) with the stages of the same names.
     proc = subprocess.run(argv, env=env, cwd=Path.cwd())
     if proc.returncode != 0:
         raise StageError(f"{module}: `accelerate launch` with {spec.num_processes} processes failed (exit "

@@ -4,6 +4,9 @@
 prompt. The adapter and tokenizer travel inside the registered model; the base model is referenced by the
 path (and recipe spec) in the model config, because copying a multi-GB base into every version would waste
 the artifact store. A full fine-tune has no adapter: its complete weights travel as the `model` artifact.
+
+The register stage logs this file itself as the model's code (MLflow's "models from code"): loading the model
+runs this source, never unpickles a Python object. `set_model` below names the model that file defines.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 
 
@@ -30,3 +34,6 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         prompts = [[{"role": "user", "content": p}] for p in model_input]
         answers = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=8)
         return [a[0] for a in answers]
+
+
+mlflow.models.set_model(AdapterModel())

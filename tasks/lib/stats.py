@@ -9,6 +9,7 @@ that is wide, and honest about what 48 prompts can show.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,10 @@ def bootstrap_ci(n: int, statistic: Callable[[Sequence[int]], float], seed: int 
     if n == 0:
         return float("nan"), float("nan")
     rng = random.Random(seed)
-    values = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    values = [statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples)]
+    if any(math.isnan(v) for v in values):  # a missing score: no interval (the gate then fails closed)
+        return float("nan"), float("nan")
+    values.sort()
     tail = (1.0 - level) / 2
     low = values[int(tail * (resamples - 1))]
     high = values[round((1.0 - tail) * (resamples - 1))]
@@ -43,8 +47,6 @@ def delta_ci(candidate: Sequence[float], other: Sequence[float], seed: int = 0) 
 def perplexity_delta_ci(candidate: Sequence[tuple[float, int]], other: Sequence[tuple[float, int]],
                         seed: int = 0) -> tuple[float, float]:
     """Paired interval of perplexity(candidate) - perplexity(other); each item is (answer NLL sum, tokens)."""
-    import math
-
     def ppl(items: Sequence[tuple[float, int]], idx: Sequence[int]) -> float:
         return math.exp(sum(items[i][0] for i in idx) / max(sum(items[i][1] for i in idx), 1))
 
@@ -58,3 +60,14 @@ def win_scores(answers: Sequence[str], rewards: Sequence[float], others: Sequenc
     for a, r, o, ro in zip(answers, rewards, others, other_rewards, strict=True):
         scores.append(0.5 if a == o or r == ro else float(r > ro))
     return scores
+
+
+def wilson_low(successes: int, n: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval (95 % at z=1.96) of a proportion: all 35 of 35 right gives 0.90,
+    2 of 2 gives 0.34, so a judge right on a handful of pairs by luck is not trusted."""
+    if n == 0:
+        return float("nan")
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return round((centre - spread) / (1 + z * z / n), 4)
