@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -65,6 +67,13 @@ def _no_traceback_for_stage_errors(record: logging.LogRecord) -> bool:
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_no_traceback_for_stage_errors)
+
+# Noise a user would have to learn to ignore (transformers 5.23 / bitsandbytes 0.50): TRL and PEFT still call the
+# renamed gradient-checkpointing API (a FutureWarning per trainer), and bitsandbytes' CPU backend says it has no
+# optional `kernels` package on every 4-bit load. Neither changes a result.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
 
 
 @dataclass
@@ -172,6 +181,24 @@ def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConf
     return synthesize.run(cfg, inputs)
 
 
+def _renderable(markdown: str, uri: str, run_id: str, folder: Path) -> str:
+    """A stage's markdown with its relative image links (`![x](lengths.png)`) made to render in the Prefect UI:
+    served by the MLflow tracking server (`uri`) when there is one, else named by their path on disk."""
+
+    def link(match: re.Match[str]) -> str:
+        alt, name = match.group(1), match.group(2)
+        if uri.startswith(("http://", "https://")):
+            return f"![{alt}]({uri.rstrip('/')}/get-artifact?path={name}&run_uuid={run_id})"
+        return f"*{alt}: `{folder / name}` (also an artifact of MLflow run `{run_id}`)*"
+
+    return re.sub(r"!\[([^\]]*)\]\((?!https?:)([^)]+)\)", link, markdown)
+
+
+def _short(row: dict[str, Any], limit: int = 120) -> dict[str, Any]:
+    """A side-by-side row readable at 1600 px: long prompts and answers cut with an ellipsis."""
+    return {k: (v if not isinstance(v, str) or len(v) <= limit else v[: limit - 1] + "…") for k, v in row.items()}
+
+
 def _run_link(ctx: Context, run_id: str) -> str:
     """A clickable link to the stage's MLflow run when tracking goes to a server; the run id otherwise."""
     uri = tracking_uri(ctx.work)
@@ -208,7 +235,8 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
     get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
     metrics = manifest.get("metrics", {})
-    card = (folder / "data_card.md").read_text() if (folder / "data_card.md").exists() else ""
+    card = _renderable((folder / "data_card.md").read_text(), tracking_uri(ctx.work), run_id, folder) \
+        if (folder / "data_card.md").exists() else ""
     create_markdown_artifact(
         key=f"{stage}-summary",
         description=f"alignflow {stage}",
@@ -218,8 +246,10 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                             *[f"| {k} | {v} |" for k, v in metrics.items()], "", card]),
     )
     if stage == "evaluate" and (folder / "samples.jsonl").exists():
-        create_table_artifact(key="evaluate-side-by-side", table=list(read_jsonl(folder / "samples.jsonl")),
-                              description="prompt, reference, base / champion / tuned answers, rewards")
+        create_table_artifact(key="evaluate-side-by-side", table=[_short(row) for row in read_jsonl(folder /
+                                                                                                "samples.jsonl")],
+                              description="prompt, reference, base / SFT / champion / tuned answers, rewards "
+                                          "(long texts shortened; the full table is side_by_side.json in MLflow)")
     return folder
 
 

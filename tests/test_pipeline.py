@@ -178,3 +178,16 @@ def test_until_curate_builds_no_model_and_reports_the_data(prefect_server: None,
     assert not (tmp_path / "w" / "base").exists()  # curate needs no model: nothing converted or built
     m = result["metrics"]
     assert m["sft.records_in"] > m["sft.records_kept"] > 0 and m["sft.dropped.duplicate"] == 4
+
+
+def test_stage_summaries_link_images_that_render(tmp_path: Path) -> None:
+    from alignflow.flows.pipeline import _renderable, _short
+
+    card = "| a | b |\n\n![answer lengths](lengths.png)\n![remote](https://example.org/x.png)\n"
+    served = _renderable(card, "http://127.0.0.1:5000", "r1", tmp_path)
+    assert "![answer lengths](http://127.0.0.1:5000/get-artifact?path=lengths.png&run_uuid=r1)" in served
+    local = _renderable(card, "sqlite:///x.db", "r1", tmp_path)
+    assert "](lengths.png)" not in local and str(tmp_path / "lengths.png") in local
+    assert "![remote](https://example.org/x.png)" in local  # absolute links are left alone
+    row = _short({"prompt": "p" * 500, "tuned": "ok", "reward_tuned": 1.5})
+    assert len(row["prompt"]) == 120 and row["prompt"].endswith("…") and row["tuned"] == "ok"
