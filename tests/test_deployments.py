@@ -18,14 +18,13 @@ DEPLOY = ROOT / "deployments"
 
 
 def test_deployment_file_parses_and_points_at_real_flows(in_root: Path, tmp_path: Path) -> None:
-    import importlib
+    from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     assert spec["deployments"]
     for dep in spec["deployments"]:
-        module_path, func = dep["entrypoint"].split(":")
-        module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, func)
+        # as a worker loads it: the file path in the checkout (the installed package is alignflow.flows)
+        flow = load_flow_from_entrypoint(f"{ROOT}/{dep['entrypoint']}")
         assert hasattr(flow, "deploy"), f"{dep['entrypoint']} is not a Prefect flow"
         if "recipe" in dep.get("parameters", {}):
             # the deployment's default recipe must validate like a recipe file does (data/ relative to the root)
