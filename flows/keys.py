@@ -102,7 +102,8 @@ def setting(recipe: BaseModel, path: str) -> Any:
 
 def data_hashes(recipe: Any) -> dict[str, str]:
     """data.sft / preference / eval -> hash of their files' (or `datasets` folders') contents, in order."""
-    return {name: sha256_json([sha256_tree(Path(f)) for f in getattr(recipe.data, name)])
+    # the suffix too: the same bytes named .json or .csv are read differently
+    return {name: sha256_json([[Path(f).suffix.lower(), sha256_tree(Path(f))] for f in getattr(recipe.data, name)])
             for name in ("sft", "preference", "eval")}
 
 
@@ -159,6 +160,7 @@ class RunFacts:
     tracking_uri: str = ""  # where register registers
     champion: dict[str, str] = field(default_factory=dict)  # the registry version evaluate compares with
     init_adapter: str | None = None  # content hash of the weights sft continues (retraining), if any
+    device: str = ""  # cpu, or cuda with bf16 or not: decides `model.dtype: auto` and the training precision
 
 
 def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
@@ -204,10 +206,13 @@ def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: Run
         for name in names:
             files[f"{upstream}/{name}"] = upstream_value(manifest, name)
     launch = setting(recipe, "launch")
+    if launch["config_file"]:  # an accelerate config file: its contents, not just its path
+        launch["config_file_sha256"] = sha256_tree(Path(launch["config_file"]))
     return {
         "settings": {path: setting(recipe, path) for path in SETTINGS[stage]},
         "files": files,
         "base": facts.base_key if stage in LOADS_BASE else None,
+        "device": facts.device if stage in LOADS_BASE and stage != "tokenize" else None,
         # several training processes change the effective batch; one process is the default, keyed as before
         "launch": launch if stage in TRAINING and launch["num_processes"] > 1 else None,
         "outside": outside(stage, recipe, facts),

@@ -48,6 +48,7 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
+from alignflow.tasks.lib.models import device_kind
 from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import set_progress_reporter
 
@@ -271,7 +272,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     tracker = Tracker.start(recipe, work, data, str(flow_run.id or "local"), tags or {})
     init = Path(init_adapter) if init_adapter else None
     ctx = Context(recipe, work, tracker, str(flow_run.id), RunFacts(
-        data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_tree(init) if init else None))
+        data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_tree(init) if init else None,
+        device=device_kind()))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:
         base: ResolvedBase | None = None

@@ -156,6 +156,8 @@ BASELINE: dict[str, list[str]] = {k: ["launch.num_processes=2"] for k in TABLE i
                                   and k != "launch.num_processes"}
 # Extra rows: what lies outside the recipe.
 OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
+           "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
+                                                                "evaluate", "register"),
            "the registry champion": ("evaluate",),
            "an adapter to continue (alignflow retrain)": ("sft",)}
 
@@ -225,12 +227,14 @@ def _keys(recipe: Recipe, baseline: dict[str, Any]) -> dict[str, str]:
     The tiny test base is built from data.sft; its identity is held fixed so a data row shows what reads data."""
     from alignflow.flows.tracking import tracking_uri
     from alignflow.tasks.lib.base_model import resolve_base
+    from alignflow.tasks.lib.models import device_kind
 
     folders, work = baseline["folders"], baseline["work"]
     base_key = baseline["base_key"] if recipe.model.base == "tiny:llama" else resolve_base(
         recipe.model.base, work / "base", []).key
     champion = read_manifest(folders["evaluate"])["inputs"]["outside"]["champion"]
-    facts = RunFacts(base_key=base_key, data=data_hashes(recipe), tracking_uri=tracking_uri(work), champion=champion)
+    facts = RunFacts(base_key=base_key, data=data_hashes(recipe), tracking_uri=tracking_uri(work), champion=champion,
+                     device=device_kind())
     return {s: stage_key(s, stage_inputs(s, recipe, folders, facts)) for s in STAGES}
 
 
@@ -257,12 +261,23 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> No
     base = RunFacts(base_key="b", data=data_hashes(recipe), tracking_uri="sqlite:///a.db", champion={})
     others = {"tracking_uri": RunFacts(base.base_key, base.data, "http://elsewhere:5000", {}),
               "champion": RunFacts(base.base_key, base.data, base.tracking_uri, {"version": "3"}),
-              "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc")}
-    expected = {"tracking_uri": ("register",), "champion": ("evaluate",), "init_adapter": ("sft",)}
+              "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc"),
+              "device": RunFacts(base.base_key, base.data, base.tracking_uri, {}, device="cuda-bf16")}
+    expected = {"tracking_uri": ("register",), "champion": ("evaluate",), "init_adapter": ("sft",),
+                "device": ("synthesize", "quantize", "sft", "reward", "dpo", "evaluate", "register")}
+    from alignflow.flows.keys import without_credentials
+
+    assert without_credentials("https://bob:s3cret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
     for name, facts in others.items():
         diff = tuple(s for s in STAGES if stage_key(s, stage_inputs(s, recipe, folders, facts))
                      != stage_key(s, stage_inputs(s, recipe, folders, base)))
         assert diff == expected[name], name
+    # credentials in the URI are not part of where the model lands, and never reach a manifest
+    plain = RunFacts(base.base_key, base.data, "https://mlflow.example:5000", {})
+    secret = RunFacts(base.base_key, base.data, "https://bob:s3cret@mlflow.example:5000", {})
+    inputs = stage_inputs("register", recipe, folders, secret)
+    assert "s3cret" not in json.dumps(inputs)
+    assert stage_key("register", inputs) == stage_key("register", stage_inputs("register", recipe, folders, plain))
     assert work.exists()
 
 

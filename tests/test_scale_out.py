@@ -33,7 +33,7 @@ def test_curate_and_synthesize_shards_on_dask_processes_match_a_sequential_run(p
     m = manifest["metrics"]
     assert m["shards"] == 3 and m["shard_processes"] == 2  # three shards over two Dask worker processes
     assert m["instructions.attempted"] == 6 and m["pairs.attempted"] == 6
-    stats = [json.loads((folder / "shards" / f"{i:03d}" / "stats.json").read_text()) for i in range(3)]
+    stats = [json.loads((folder / "shards" / f"{i:03d}-of-003" / "stats.json").read_text()) for i in range(3)]
     assert [s["instructions.attempted"] for s in stats] == [2, 2, 2]
 
     # the same shards, one after another in this process (synthesize.run), give the same records

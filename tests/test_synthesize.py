@@ -95,7 +95,7 @@ def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_
     FakeOpenAI.fail_on = {5}  # no retries allowed: the 5th request kills the stage
     with pytest.raises(StageError, match="failed after 1 attempts"):
         run(cfg, inputs)
-    journaled = len((tmp_path / "out" / "shards" / "000" / "generations.jsonl").read_text().splitlines())
+    journaled = len((tmp_path / "out" / "shards" / "000-of-001" / "generations.jsonl").read_text().splitlines())
     assert 4 <= journaled <= 5  # the four before the failure (+ one already in flight, at most)
 
     FakeOpenAI.calls, FakeOpenAI.fail_on = [], {1}  # one transient 500, now with a retry allowed

@@ -31,6 +31,15 @@ def device() -> str:
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
+def device_kind() -> str:
+    """`cpu`, `cuda-bf16` or `cuda`: what `model.dtype: auto` and the training precision flags depend on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda-bf16" if torch.cuda.is_bf16_supported() else "cuda"
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
