@@ -48,7 +48,8 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
             "quantize": ("quantization.json",), "sft": ("weights",)},
     "evaluate": {"tokenize": ("tokenizer", "preference_heldout"), "curate": ("eval.jsonl",), "sft": ("weights",),
                  "dpo": ("weights",), "reward": ("weights",)},
-    "register": {"dpo": ("weights",), "evaluate": ("metrics",), "curate": ("metrics.decontaminated",)},
+    "register": {"dpo": ("weights",), "evaluate": ("metrics", "eval_config_hash"),
+                 "curate": ("metrics.decontaminated",)},
 }
 
 # Recipe settings each stage reads, as dotted paths into the recipe; a section name means all of it.
@@ -175,8 +176,9 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None}
-    if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version
-        return {"tracking_uri": without_credentials(facts.tracking_uri)}
+    if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version; and on
+        # the champion evaluate compared with (register refuses to promote over another one)
+        return {"tracking_uri": without_credentials(facts.tracking_uri), "champion": facts.champion}
     return {}
 
 

@@ -158,7 +158,7 @@ BASELINE: dict[str, list[str]] = {k: ["launch.num_processes=2"] for k in TABLE i
 OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
                                                                 "evaluate", "register"),
-           "the registry champion": ("evaluate",),
+           "the registry champion": ("evaluate", "register"),
            "an adapter to continue (alignflow retrain)": ("sft",)}
 
 
@@ -263,7 +263,7 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> No
               "champion": RunFacts(base.base_key, base.data, base.tracking_uri, {"version": "3"}),
               "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc"),
               "device": RunFacts(base.base_key, base.data, base.tracking_uri, {}, device="cuda-bf16")}
-    expected = {"tracking_uri": ("register",), "champion": ("evaluate",), "init_adapter": ("sft",),
+    expected = {"tracking_uri": ("register",), "champion": ("evaluate", "register"), "init_adapter": ("sft",),
                 "device": ("synthesize", "quantize", "sft", "reward", "dpo", "evaluate", "register")}
     from alignflow.flows.keys import without_credentials
 
