@@ -15,13 +15,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.registry import registry_alias
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    version = registry_alias(client, name, alias)  # a server error is raised, not read as "no such alias"
+    return None if version is None else str(version.version)
 
 
 def _record(client: MlflowClient, name: str, version: str, action: str) -> str:
@@ -68,12 +67,16 @@ def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
         model_uri = f"models:/{model_uri}@champion"  # a bare name: its champion
     if model_uri.startswith("models:/"):
         name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
-        known = sorted(m.name for m in client.search_registered_models())
-        if name not in known:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            known = sorted(m.name for m in client.search_registered_models(max_results=1000))
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise StageError(f"export: no registered model named '{name}'{hint} Registered: "
-                             f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})")
+                             f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})") from None
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
     except MlflowException as e:

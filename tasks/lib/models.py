@@ -27,9 +27,13 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage(
 
 
 def device() -> str:
+    """This process's device: under `accelerate launch` each rank takes its own GPU (LOCAL_RANK), so a 4/8-bit
+    model placed with device_map lands on that rank's GPU, not on GPU 0 for every rank."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 def device_kind() -> str:
     """`cpu`, `cuda-bf16` or `cuda`: what `model.dtype: auto` and the training precision flags depend on."""
