@@ -36,7 +36,9 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str = Field("embedded:smollm2-135m-instruct",
                       description="embedded:smollm2-135m-instruct | tiny:llama | local folder | Hugging Face id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: bf16 on GPUs that have it
+    # auto: bf16 on GPUs that have it (fp32 master weights stay where training needs them), fp32 on CPUs, where
+    # bf16 matmuls are several times slower. The machine kind is part of every key that reads model.dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 # One path or a list of them. The JSON schema (what Prefect's deployment form and `deployment run --params` check)

@@ -40,6 +40,7 @@ from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
+    save_trained,
     seed_everything,
     trainer_summary,
 )
@@ -167,10 +168,12 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     # Means over the held-out pairs (not the last training batch of a few pairs): margin, accuracy, loss.
     heldout_metrics = trainer.evaluate()
-    if trainer.is_world_process_zero():  # the trained adapter only, not TRL's frozen "ref" copy
-        trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
-    else:  # launched processes: the main one writes everything
+    save_trained(trainer, out / "adapter")  # collective under FSDP / DeepSpeed; the main process writes
+    if not trainer.is_world_process_zero():  # launched processes: the main one writes everything else
         return {}
+    # PEFT saves every adapter it holds: TRL's frozen "ref" copy (when continuing an SFT adapter) lands in
+    # adapter/ref/. The product is the trained "default" adapter only.
+    shutil.rmtree(out / "adapter" / "ref", ignore_errors=True)
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))

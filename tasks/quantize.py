@@ -33,7 +33,8 @@ class QuantizeConfig(BaseModel):
     bits: Literal[4, 8] | None = None  # None: train LoRA on the unquantized base
     quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too (~0.4 bit/param saved)
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # matmul dtype of 4-bit layers
+    # matmul dtype of 4-bit layers; auto: bf16 on GPUs that have it, else fp32 (resolved into quantization.json)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     eval_samples: int = Field(16, ge=0, description="held-out records for the perplexity before/after")
 
 
@@ -50,13 +51,15 @@ def settings(cfg: QuantizeConfig) -> dict[str, Any]:
         return {}
     from transformers import BitsAndBytesConfig
 
+    from alignflow.tasks.lib.models import torch_dtype
+
     if cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True).to_dict()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=cfg.compute_dtype,
+        bnb_4bit_compute_dtype=torch_dtype(cfg.compute_dtype),
     ).to_dict()
 
 

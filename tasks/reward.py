@@ -27,6 +27,7 @@ from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
+    save_trained,
     seed_everything,
     trainer_summary,
 )
@@ -114,20 +115,22 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out / "adapter"))  # the PEFT adapter + score head; collective under FSDP / DeepSpeed
-    if not trainer.is_world_process_zero():  # launched processes: the main one scores and writes the rest
+    save_trained(trainer, out / "adapter")  # the PEFT adapter + score head; collective under FSDP / DeepSpeed
+
+    # Held-out pairwise accuracy and margin, scored by the trained model exactly as evaluate will score. Every
+    # rank scores all held-out pairs (a few dozen to hundreds): under FSDP / ZeRO-3 each forward pass gathers
+    # parameters from all ranks, so a forward on the main process alone would wait for the others forever.
+    prompts = list(held["prompt"])
+    chosen = score_answers(trainer.model, tok, prompts, [c[-1]["content"] for c in held["chosen"]])
+    rejected = score_answers(trainer.model, tok, prompts, [r[-1]["content"] for r in held["rejected"]])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(out / "loss.png", history, ["loss", "accuracy", "margin"], "reward")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-    # Held-out pairwise accuracy and margin, scored by the trained model exactly as evaluate will score.
-    prompts = list(held["prompt"])
-    chosen = score_answers(trainer.model, tok, prompts, [c[-1]["content"] for c in held["chosen"]])
-    rejected = score_answers(trainer.model, tok, prompts, [r[-1]["content"] for r in held["rejected"]])
-    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     last = trainer_summary(history)
     metrics = {
         "global_step": trainer.state.global_step,

@@ -32,6 +32,7 @@ from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
+    save_trained,
     seed_everything,
     trainer_summary,
 )
@@ -135,7 +136,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
 
     product = out / ("model" if cfg.method == "full" else "adapter")
-    trainer.save_model(str(product))  # the adapter or the whole model; collective under FSDP / DeepSpeed
+    save_trained(trainer, product)  # the adapter or the whole model; collective under FSDP / DeepSpeed
     if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
     tok.save_pretrained(product)

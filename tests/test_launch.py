@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from alignflow.flows.pipeline import pipeline
@@ -36,6 +37,18 @@ def test_launch_command_for_each_strategy(tmp_path: Path) -> None:
     assert "--multi_gpu" not in own and "--mixed_precision" not in own
     cpu = command(LaunchSpec(num_processes=2, cpu=True), SFT, cfg, inputs, 29555)
     assert "--multi_gpu" in cpu and "--cpu" not in cpu  # torchrun-style processes over gloo
+
+
+def test_a_strategy_the_cpu_launch_cannot_honour_is_refused(tmp_path: Path) -> None:
+    """accelerate shards parameters only across GPUs: FSDP / DeepSpeed on CPU would silently train DDP."""
+    from alignflow.recipe import RecipeError
+
+    for strategy in ("fsdp", "deepspeed"):
+        with pytest.raises(RecipeError, match=f"launch.strategy '{strategy}' cannot run with launch.cpu"):
+            load_recipe(ROOT / "configs" / "smoke.yaml", ["launch.num_processes=2", "launch.cpu=true",
+                                                          f"launch.strategy={strategy}"])
+    fsdp = command(LaunchSpec(num_processes=2, strategy="fsdp"), SFT, tmp_path / "c", tmp_path / "i", 29555)
+    assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp  # on GPUs the flags are passed, never dropped
 
 
 def test_sft_on_two_processes_through_accelerate(prefect_server: None, in_root: Path, tmp_path: Path) -> None:

@@ -70,24 +70,38 @@ def score_answers(
     return scores
 
 def answer_nlls(model: Any, tok: Any, prompts: list[list[dict[str, str]]], references: list[str],
-                ) -> list[tuple[float, int]]:
+                batch_size: int = 8) -> list[tuple[float, int]]:
     """Per prompt: (summed negative log-likelihood in nats, token count) of the reference answer's tokens given the
-    prompt. A template that cannot mark the answer gives (0.0, 0)."""
-    import torch
+    prompt. A template that cannot mark the answer gives (0.0, 0).
 
-    out: list[tuple[float, int]] = []
+    Batched: rows are right-padded (a causal model's logits at real positions never see the padding after them)
+    and the loss is summed per row over the answer tokens only."""
+    import torch
+    import torch.nn.functional as F
+
+    encoded = [encode_conversation(tok, [*p, {"role": "assistant", "content": r}])
+               for p, r in zip(prompts, references, strict=True)]
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    todo = [i for i, e in enumerate(encoded) if e is not None]
     model.eval()
-    for prompt, ref in zip(prompts, references, strict=True):
-        encoded = encode_conversation(tok, [*prompt, {"role": "assistant", "content": ref}])
-        if encoded is None:
-            out.append((0.0, 0))
-            continue
-        ids, labels = encoded
-        n = sum(1 for label in labels[1:] if label != -100)  # labels are shifted by one inside the model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        width = max(len(encoded[i][0]) for i in rows)  # type: ignore[index]
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            row_ids, row_labels = encoded[i]  # type: ignore[misc]
+            ids[j, : len(row_ids)] = torch.tensor(row_ids)
+            labels[j, : len(row_labels)] = torch.tensor(row_labels)
+            mask[j, : len(row_ids)] = 1
         with torch.no_grad():
-            loss = model(input_ids=torch.tensor([ids], device=model.device),
-                         labels=torch.tensor([labels], device=model.device)).loss
-        out.append((float(loss) * n, n))
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        target = labels[:, 1:].to(logits.device)  # position t predicts token t+1
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
+        for j, i in enumerate(rows):
+            out[i] = (float(nll[j].sum()), int((target[j] != -100).sum()))
     return out
 
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.manifest import read_manifest
@@ -40,7 +40,19 @@ class LaunchSpec(BaseModel):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy: deepspeed)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate's mixed precision")
     config_file: Path | None = Field(None, description="an `accelerate config` file; replaces the flags above")
-    cpu: bool = Field(False, description="run the processes on CPU (gloo): for tests and debugging")
+    cpu: bool = Field(False, description="run the processes on CPU (gloo, DDP only): for tests and debugging")
+
+    @model_validator(mode="after")
+    def _honoured(self) -> LaunchSpec:
+        # Measured with accelerate 1.15: `--use_fsdp` on CPU processes leaves the Trainer unsharded
+        # (AcceleratorState enables FSDP only for GPU-like distributed types; MULTI_CPU falls through, so
+        # `Trainer.is_fsdp_enabled` is False), and DeepSpeed is skipped on CPU the same way. Training would
+        # silently be DDP: refuse instead of substituting.
+        if self.cpu and self.strategy != "ddp" and self.config_file is None:
+            raise ValueError(f"launch.strategy '{self.strategy}' cannot run with launch.cpu: true (accelerate "
+                             "shards parameters only across GPUs; on CPU it would silently train DDP). Use "
+                             "strategy: ddp on CPU, or drop cpu: true on a GPU machine")
+        return self
 
 
 def launched() -> bool:
@@ -62,7 +74,7 @@ def command(spec: LaunchSpec, module: str, cfg_file: Path, inputs_file: Path, po
     else:
         argv += ["--num_processes", str(spec.num_processes), "--num_machines", "1",
                  "--mixed_precision", spec.mixed_precision, "--dynamo_backend", "no"]
-        if spec.strategy == "ddp" or spec.cpu:
+        if spec.strategy == "ddp":
             # --multi_gpu means torchrun-style processes; without GPUs they join over gloo (accelerate's own
             # --cpu would start one process, or need MPI)
             argv += ["--multi_gpu"]

@@ -38,6 +38,20 @@ def train_precision(dtype: str) -> dict[str, Any]:
         "fp16": cuda and resolved == torch.float16,
     }
 
+def save_trained(trainer: Any, folder: Path) -> None:
+    """Write the trained adapter (or model) into `folder` in Hugging Face format. Every rank must call this.
+
+    Under FSDP the launch checkpoints with SHARDED_STATE_DICT (each rank its shard: fast resume), and with that
+    type `Trainer.save_model` writes no weights at all; the product must be a loadable folder, so the full state
+    dict is gathered here (a collective: all ranks take part, the main one writes). Under DeepSpeed ZeRO-3 the
+    Trainer consolidates the 16-bit weights itself; under DDP or one process only the main one writes.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(folder))
+    if trainer.is_world_process_zero():  # the Trainer also pickles its arguments there; they are in MLflow already
+        (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
 def check_optimizer(optim: str) -> None:
     """bitsandbytes' paged / 8-bit optimizers need CUDA; say so before training starts."""
     import torch
