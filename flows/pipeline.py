@@ -47,8 +47,8 @@ from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.jsonl import read_jsonl
-from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
-from alignflow.tasks.lib.models import device_kind
+from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifest
+from alignflow.tasks.lib.models import LOADS, device_kind
 from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import set_progress_reporter
 
@@ -110,6 +110,7 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
         # the Prefect UI shows how far a long stage is (training stages report steps / max_steps)
         progress = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"alignflow {stage}: % done")
         set_progress_reporter(lambda fraction: update_progress_artifact(progress, 100.0 * fraction))
+        loads_before = len(LOADS)
         try:
             with mlflow.start_run(run_id=run_id):  # active: the Trainers' MLflow callback logs live steps into it
                 manifest = fn(cfg, inputs)
@@ -117,7 +118,8 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
             set_progress_reporter(None)
         update_progress_artifact(progress, 100.0)
         manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), inputs=key_inputs,
-                        produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id})
+                        produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id},
+                        model_loads=LOADS[loads_before:])  # model folders loaded in this process (not launched ones)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         if final.exists():  # a stale folder without a manifest (deleted or interrupted): replace it
             shutil.rmtree(final)
@@ -215,6 +217,11 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     key = stage_key(stage, key_inputs)
     folder = ctx.work / "stages" / stage / key[:16]
     partial = folder.with_name(folder.name + ".partial")
+    if (folder / MANIFEST).exists() and (changed := changed_outputs(folder)):
+        # trusted hashes no longer describe the files (edited or half-deleted by hand): make the stage anew
+        get_run_logger().warning("%s: %s changed since the stage wrote them; running it again", stage,
+                                 ", ".join(changed))
+        shutil.rmtree(folder)
     run_id = ctx.tracker.child(stage, key)
     started = time.perf_counter()
     runner = execute_stage.with_options(
@@ -319,7 +326,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
                 candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
-                champion=champion, teacher=r.synthesize.teacher, out_dir=out, seed=seed))
+                champion=champion, champion_sha=champion_id.get("adapter_sha256"), base_key=base.key,
+                answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed))
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),

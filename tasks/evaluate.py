@@ -21,19 +21,28 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
 - optional pairwise LLM judge (`judge: true`): the recipe's teacher compares the base's and the tuned model's
   answers in both orders; a win needs both orders, a disagreement counts one half (`judge_win_rate_vs_base`);
 - `samples.jsonl`: prompt, reference, each model's answer and reward (the side-by-side table).
+
+The base's, the SFT model's and the champion's answers (and reference log-likelihoods) are cached under keys of
+their own in `<work>/cache/answers/` (their weights, the tokenizer, the prompts and references, the generation
+settings, dtype, the machine kind and the inference code): a run that changed only dpo generates the tuned
+model's answers and nothing else. The reward model is built over the loaded base's backbone (one load of the
+base per evaluate, one copy in memory).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
-from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.stats import bootstrap_ci, delta_ci, mean_ci, perplexity_delta_ci, wilson_low, win_scores
 from alignflow.tasks.lib.training import seed_everything
 
@@ -58,6 +67,9 @@ class EvaluateInputs(BaseModel):
     sft: Path | None = None  # the sft stage folder: the SFT-only model, to measure what preference tuning added
     reward: Path  # the reward stage folder (adapter/, and its held-out accuracy)
     champion: Path | None = None  # the registry champion's weights (an adapter or a full model), when there is one
+    champion_sha: str | None = None  # their content hash (the registry tag): the key of the champion's cached answers
+    base_key: str = ""  # the resolved base's identity: part of every cached answer's key
+    answers_cache: Path | None = None  # <work>/cache/answers; None: no cache
     teacher: Any = "base"  # the recipe's synthesize.teacher, for the optional LLM judge
     out_dir: Path
     seed: int
@@ -67,7 +79,14 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     import evaluate as hf_evaluate
 
     from alignflow.tasks.lib.inference import answer_nlls, generate, perplexity, score_answers
-    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_reward_model, load_tokenizer, tuned_weights
+    from alignflow.tasks.lib.models import (
+        device_kind,
+        is_adapter,
+        load_causal_lm,
+        load_tokenizer,
+        reward_model_over,
+        tuned_weights,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -84,15 +103,55 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     answers: dict[str, list[str]] = {}
     nlls: dict[str, list[tuple[float, int]]] = {}
     base_model = load_causal_lm(inputs.base, inputs.dtype)
+    identity = {"base": inputs.base_key,
+                "sft": read_manifest(inputs.sft).get("outputs", {}).get(others["sft"].name) if others["sft"] else None,
+                "champion": inputs.champion_sha}
+    answer_key = {"tokenizer": read_manifest(inputs.tokenized).get("outputs", {}).get("tokenizer"),
+                  "records": records, "gen": gen, "perplexity": "perplexity" in cfg.metrics, "dtype": inputs.dtype,
+                  "device": device_kind(), "base": inputs.base_key,
+                  "code": code_version("alignflow.tasks.lib.inference", "alignflow.tasks.lib.chat"),
+                  "libraries": {n: version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")}}
 
     def measure(name: str, model: Any) -> None:
         answers[name] = [a[0] for a in generate(model, tok, prompts, desc=f"evaluate: {name}", **gen)]
         if "perplexity" in cfg.metrics:
-            nlls[name] = answer_nlls(model, tok, prompts, references)
+            nlls[name] = answer_nlls(model, tok, prompts, references, batch_size=cfg.batch_size)
 
-    measure("base", base_model)
+    def cache_file(name: str) -> Path | None:
+        if inputs.answers_cache is None or not identity.get(name) or not answer_key["tokenizer"]:
+            return None  # the tuned model's answers are this stage's own result; unknown weights are not cached
+        return inputs.answers_cache / f"{name}-{sha256_json({**answer_key, 'weights': identity[name]})[:32]}.json"
+
+    def from_cache(name: str) -> bool:
+        path = cache_file(name)
+        if path is None or not path.exists():
+            return False
+        hit = json.loads(path.read_text())
+        answers[name] = hit["answers"]
+        if hit["nlls"] is not None:
+            nlls[name] = [(float(a), int(b)) for a, b in hit["nlls"]]
+        return True
+
+    def to_cache(name: str) -> None:
+        path = cache_file(name)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+        tmp.write_text(json.dumps({"answers": answers[name], "nlls": nlls.get(name)}))
+        os.replace(tmp, path)
+
+    cached_answers = []
+    if from_cache("base"):
+        cached_answers.append("base")
+    else:
+        measure("base", base_model)
+        to_cache("base")
     for name, weights in others.items():
         if weights is None:
+            continue
+        if from_cache(name):
+            cached_answers.append(name)
             continue
         if is_adapter(weights):
             from peft import PeftModel
@@ -104,7 +163,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             full = load_causal_lm(weights, inputs.dtype)
             measure(name, full)
             del full
-    del base_model
+        to_cache(name)
     compared = [name for name in ("base", "sft", "champion") if name in answers]
 
     # --- reference metrics, per model, with paired intervals where the gate reads them ----------------------
@@ -152,7 +211,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     nan = [float("nan")] * len(records)
     rewards: dict[str, list[float]] = {name: nan for name in answers}
     if "rm_win_rate" in cfg.metrics:
-        rm = load_reward_model(inputs.base, inputs.dtype, adapter=inputs.reward / "adapter")
+        rm = reward_model_over(base_model, inputs.reward / "adapter")  # the loaded base's backbone, no second copy
         rm_tok = load_tokenizer(inputs.reward / "adapter")
         for name in answers:
             rewards[name] = score_answers(rm, rm_tok, prompts, answers[name])
@@ -168,6 +227,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["judge_heldout_pairs"] = len(held)
         metrics["judge_heldout_accuracy"] = round(right / max(len(held), 1), 4)
         metrics["judge_heldout_accuracy_ci_low"] = wilson_low(right, len(held))
+        if hasattr(rm, "unload"):  # take the reward LoRA layers out of the shared backbone again
+            rm.unload()
         del rm
         metrics["reward_mean"] = round(_mean(rewards[tuned]), 4)
         for name in compared:
@@ -203,6 +264,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     # What makes two evaluations comparable: the same prompts and references, sampling budget and base model.
     eval_config_hash = sha256_json([records, cfg.max_samples, cfg.max_new_tokens, inputs.base.name])
     return write_manifest(out, {"stage": "evaluate", "compared": compared, "eval_config_hash": eval_config_hash,
+                                "cached_answers": cached_answers,  # models whose answers came from the cache
                                 "outputs": ["samples.jsonl"],
                                 "artifacts": ["samples.jsonl"], "metrics": metrics})
 

@@ -286,6 +286,32 @@ def _rerun(result: dict[str, Any]) -> set[str]:
     return {s for s, info in result["stages"].items() if not info["cached"]}
 
 
+def test_cold_run_loads_the_base_once_per_stage_and_a_cached_run_hashes_no_weights(
+        baseline: dict[str, Any]) -> None:
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.tasks.lib import hashing, models
+
+    for stage, folder in baseline["folders"].items():
+        loads = read_manifest(folder)["model_loads"]
+        base = [p for p in loads if Path(p).name.startswith("tiny-")]
+        # quantize measures the base twice on purpose: in model.dtype (perplexity_before), then as 4-bit
+        assert len(base) <= (2 if stage == "quantize" else 1), (stage, loads)
+    assert read_manifest(baseline["folders"]["evaluate"])["model_loads"] != []  # the record is real
+
+    hashing.HASHED_FILES.clear()
+    models.LOADS.clear()
+    again = pipeline(recipe=load_recipe(SMOKE), work_dir=str(baseline["work"]))
+    assert _rerun(again) == set()
+    assert models.LOADS == []
+    assert hashing.HASHED_FILES[".safetensors"] == 0 and hashing.HASHED_FILES[".arrow"] == 0
+    assert hashing.HASHED_FILES[".jsonl"] >= 3  # the data files are hashed (they are the run's input)
+
+    # a hand-edited output is noticed by its size / mtime and the stage is made anew
+    rejects = baseline["folders"]["curate"] / "rejects.jsonl"
+    rejects.write_text(rejects.read_text() + "\n")
+    assert _rerun(pipeline(recipe=load_recipe(SMOKE), work_dir=str(baseline["work"]))) == {"curate"}
+
+
 def test_real_runs_rerun_what_changed_and_nothing_else(baseline: dict[str, Any]) -> None:
     from alignflow.flows.pipeline import pipeline
 
@@ -297,6 +323,11 @@ def test_real_runs_rerun_what_changed_and_nothing_else(baseline: dict[str, Any])
     # dtype reaches every stage that loads weights (it was in no key before)
     ran = _rerun(pipeline(recipe=load_recipe(SMOKE, ["model.dtype=bfloat16"]), work_dir=work))
     assert {"quantize", "sft", "reward", "dpo", "evaluate", "register"} <= ran and "curate" not in ran
+    # only dpo changed: evaluate generates the tuned model's answers; the base's and SFT's come from their cache
+    again = pipeline(recipe=load_recipe(SMOKE, ["dpo.beta=0.3"]), work_dir=work)
+    assert _rerun(again) == {"dpo", "evaluate", "register"}
+    cached = read_manifest(Path(again["stages"]["evaluate"]["folder"]))["cached_answers"]
+    assert {"base", "sft"} <= set(cached) and "tuned" not in cached
 
 
 def test_new_preference_data_leaves_sft_cached_and_recomputes_reference_logprobs(

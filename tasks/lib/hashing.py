@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20  # 1 MiB read buffer for hashing
+# Files hashed by this process, by suffix (".safetensors": weights). A fully cached run hashes no weights: the
+# manifests carry every output's hash (tests/test_cache_keys.py counts this).
+HASHED_FILES: Counter[str] = Counter()
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -22,6 +26,7 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(text.encode())
 
 def sha256_file(path: Path) -> str:
+    HASHED_FILES[Path(path).suffix] += 1
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

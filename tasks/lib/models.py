@@ -25,6 +25,10 @@ class _OncePerMessage(logging.Filter):
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
 
+# Every model folder this process loaded weights from, in order: the pipeline records each stage's loads in its
+# manifest (`model_loads`), and a test holds a cold run to one load of the base per stage.
+LOADS: list[str] = []
+
 
 def device() -> str:
     """This process's device: under `accelerate launch` each rank takes its own GPU (LOCAL_RANK), so a 4/8-bit
@@ -69,6 +73,7 @@ def load_causal_lm(path: Path, dtype: str, quantization: dict[str, Any] | None =
         kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(quantization)
         kwargs["device_map"] = {"": device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    LOADS.append(str(path))
     if not quantization:
         model.to(device())
     return model
@@ -104,9 +109,42 @@ def load_reward_model(base: Path, dtype: str, adapter: Path | None,
             {**quantization, "llm_int8_skip_modules": ["score"]})
         kwargs["device_map"] = {"": device()}
     model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+    LOADS.append(str(base))
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
         model.config.pad_token_id = load_tokenizer(adapter).pad_token_id
     return (model if quantization else model.to(device())).eval()
+
+def reward_model_over(causal: Any, adapter: Path) -> Any:
+    """The trained reward model (LoRA + score head in `adapter`) built over an already loaded causal LM's backbone:
+    no second copy of the base in memory and no second load (an 8B base is 16 GB in bf16).
+
+    The sequence-classification model is made on the meta device, given the causal LM's backbone module and a new
+    score head, then the adapter loads over it. Its LoRA layers go into the shared backbone: call `.unload()` on
+    the result when done, which puts the backbone's plain layers back (the causal LM is then as before).
+    Falls back to a separate load when the architecture's classification model has other parts.
+    """
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    with torch.device("meta"):
+        rm = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    backbone = getattr(causal, causal.base_model_prefix, None)
+    head = getattr(rm, "score", None)
+    if backbone is None or not isinstance(head, torch.nn.Linear) or rm.base_model_prefix != causal.base_model_prefix:
+        return load_reward_model(Path(causal.name_or_path), str(causal.dtype).removeprefix("torch."), adapter)
+    setattr(rm, rm.base_model_prefix, backbone)
+    rm.score = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, device=causal.device,
+                               dtype=causal.dtype)  # overwritten by the adapter's trained head
+    if any(p.is_meta for p in rm.parameters()):
+        return load_reward_model(Path(causal.name_or_path), str(causal.dtype).removeprefix("torch."), adapter)
+    model = PeftModel.from_pretrained(rm, adapter)
+    model.config.pad_token_id = load_tokenizer(adapter).pad_token_id  # pooling reads the last non-pad token
+    return model.eval()
