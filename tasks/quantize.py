@@ -13,12 +13,19 @@ Always, from first principles on the base weights (`first_principles.json`): int
 *symmetric* (scale = max|w|/127) vs *affine* (scale and zero point from min/max) error, and per-tensor
 symmetric int8 with *min-max* vs *99.9th-percentile* calibration (clipping outliers trades their error for
 finer steps everywhere else). bitsandbytes 0.50 quantizes and runs forward passes on CPU too.
+
+Memory: the report streams the original weights from the base's safetensors files one layer at a time (at most
+one layer in fp32, a few temporaries of its size: ~1.2 GB for the largest Llama-3-8B layer), never a copy of
+every layer; the unquantized model is loaded only to measure `perplexity_before` (`eval_samples` > 0) and is
+freed before the quantized one loads. Nothing trains from this stage but `quantization.json`, and sft's key
+reads only that file, so a report setting never re-runs training.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +72,7 @@ def settings(cfg: QuantizeConfig) -> dict[str, Any]:
 
 def run(cfg: QuantizeConfig, inputs: QuantizeInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.inference import answer_perplexity
-    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
+    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer, torch_dtype
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -74,16 +81,19 @@ def run(cfg: QuantizeConfig, inputs: QuantizeInputs) -> dict[str, Any]:
     held_out = list(read_jsonl(inputs.curated / "eval.jsonl"))[: cfg.eval_samples]
     prompts, refs = [r["prompt"] for r in held_out], [r["reference"] for r in held_out]
     tok = load_tokenizer(inputs.base)
+    originals = _WeightFiles(inputs.base)  # the base's tensors, read one at a time
 
-    base = load_causal_lm(inputs.base, inputs.dtype)
-    metrics: dict[str, float] = {"memory_before_bytes": int(base.get_memory_footprint())}
-    if held_out:
+    metrics: dict[str, float] = {"memory_before_bytes": originals.bytes_in(torch_dtype(inputs.dtype))}
+    if held_out:  # the unquantized model only for its perplexity; freed before the quantized one loads
+        base = load_causal_lm(inputs.base, inputs.dtype)
+        metrics["memory_before_bytes"] = int(base.get_memory_footprint())
         metrics["perplexity_before"] = round(answer_perplexity(base, tok, prompts, refs), 4)
-    originals = {name: m.weight.detach().float().clone() for name, m in _linears(base)}
-    first = _first_principles(originals)
+        del base
+    linear = [n for n in originals.names() if n.endswith(".weight") and originals.ndim(n) == 2
+              and "lm_head" not in n and "embed" not in n]  # what bitsandbytes replaces (the LM head stays)
+    first = _first_principles(originals.tensor(n) for n in linear)
     (out / "first_principles.json").write_text(json.dumps(first, indent=2))
     metrics.update({f"int8.{k}": v["mean_relative_error"] for k, v in first.items()})
-    del base
 
     outputs = ["quantization.json", "first_principles.json"]
     if quant:
@@ -112,20 +122,48 @@ def run(cfg: QuantizeConfig, inputs: QuantizeInputs) -> dict[str, Any]:
                                 "artifacts": [o for o in outputs if o != "quantization.json"], "metrics": metrics})
 
 
-def _linears(model: Any) -> list[tuple[str, Any]]:
-    """The decoder's Linear-like layers (those bitsandbytes replaces; the LM head stays unquantized)."""
-    return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2 and name and "lm_head" not in name
-            and "embed" not in name and type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")]
+class _WeightFiles:
+    """The tensors of a model folder's safetensors files, by name, loaded one at a time (as fp32)."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[list[int], str]] = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
+                    self._where[name] = file
+                    view = f.get_slice(name)
+                    self._meta[name] = (list(view.get_shape()), str(view.get_dtype()))
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def ndim(self, name: str) -> int:
+        return len(self._meta[name][0])
+
+    def tensor(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    def bytes_in(self, dtype: Any) -> int:
+        """Parameter bytes in `dtype` (what the model takes in memory, buffers aside)."""
+        import math
+
+        return sum(math.prod(shape) for shape, _ in self._meta.values()) * dtype.itemsize
 
 
-def _layer_errors(quantized: Any, originals: dict[str, Any]) -> list[dict[str, Any]]:
+def _layer_errors(quantized: Any, originals: _WeightFiles) -> list[dict[str, Any]]:
     import bitsandbytes.functional as bnbf
     import torch
 
+    known = set(originals.names())
     rows = []
     for name, module in quantized.named_modules():
-        if name not in originals:
+        if f"{name}.weight" not in known:
             continue
         w = module.weight
         if type(module).__name__ == "Linear4bit":
@@ -138,14 +176,16 @@ def _layer_errors(quantized: Any, originals: dict[str, Any]) -> list[dict[str, A
             restored = w.data.float() * scb.float().unsqueeze(1) / 127.0  # row-wise absmax int8
         else:
             continue
-        original = originals[name].to(restored.device)
+        original = originals.tensor(f"{name}.weight").to(restored.device)  # one layer in memory at a time
         error = float(torch.linalg.norm(restored.reshape(original.shape) - original) / torch.linalg.norm(original))
         rows.append({"layer": name, "shape": "x".join(map(str, original.shape)), "relative_error": round(error, 6)})
+        del original, restored
     return rows
 
 
-def _first_principles(weights: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """int8 round-trip error of four textbook schemes, averaged over the layers (relative Frobenius error)."""
+def _first_principles(weights: Iterable[Any]) -> dict[str, dict[str, float]]:
+    """int8 round-trip error of four textbook schemes, averaged over the layers (relative Frobenius error).
+    `weights` yields one layer at a time; only that layer is held."""
     import torch
 
     def rel(w: Any, wq: Any) -> float:
@@ -171,8 +211,9 @@ def _first_principles(weights: dict[str, Any]) -> dict[str, dict[str, float]]:
             w, torch.quantile(w.abs().flatten()[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))
                                                 [:1_000_000]], 0.999)),
     }
-    result = {}
-    for scheme, fn in schemes.items():
-        errors = [rel(w, fn(w)) for w in weights.values()]
-        result[scheme] = {"mean_relative_error": round(sum(errors) / max(len(errors), 1), 6), "layers": len(errors)}
-    return result
+    errors: dict[str, list[float]] = {scheme: [] for scheme in schemes}
+    for w in weights:
+        for scheme, fn in schemes.items():
+            errors[scheme].append(rel(w, fn(w)))
+    return {scheme: {"mean_relative_error": round(sum(e) / max(len(e), 1), 6), "layers": len(e)}
+            for scheme, e in errors.items()}
