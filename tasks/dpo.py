@@ -37,6 +37,7 @@ from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.training import (
+    Attention,
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
@@ -60,6 +61,10 @@ class DpoConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="pairs per step")
     grad_accum: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    attn_implementation: Attention = Field("sdpa", description="attention kernel: sdpa, flash_attention_2 "
+                                           "(CUDA + flash-attn), eager")
+    use_liger_kernel: bool = Field(False, description="TRL's Liger kernels (fused RMSNorm, RoPE, SwiGLU, "
+                                   "cross-entropy): less memory on GPUs; needs liger-kernel (the gpu extra)")
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
     precompute_ref_log_probs: bool = Field(False, description="compute reference log-probs once and cache them")
@@ -95,7 +100,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer, tuned_weights
-    from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
+    from alignflow.tasks.lib.training import check_kernels, check_optimizer, peak_memory_bytes, train_precision
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -103,11 +108,13 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         return distributed("alignflow.tasks.dpo", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
+    check_kernels("dpo", cfg.attn_implementation, cfg.use_liger_kernel)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
     sft_weights = tuned_weights(inputs.sft)
     full = not is_adapter(sft_weights)  # sft.method: full; the recipe check keeps quantization off then
-    base = load_causal_lm(sft_weights if full else inputs.base, inputs.dtype, quant or None)
+    base = load_causal_lm(sft_weights if full else inputs.base, inputs.dtype, quant or None,
+                          attn_implementation=cfg.attn_implementation)
     if quant:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if full:  # a fresh adapter over the SFT model: disabled, it is the reference
@@ -136,6 +143,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         data_seed=inputs.seed,
         max_length=read_manifest(inputs.tokenized)["max_length"],
         report_to=inputs.report_to,
+        use_liger_kernel=cfg.use_liger_kernel,
         **train_precision(inputs.dtype),
     )
     callbacks = [progress_callback()]

@@ -29,6 +29,7 @@ from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.training import (
+    Attention,
     add_step_metrics,
     last_complete_checkpoint,
     plot_curves,
@@ -51,6 +52,10 @@ class SftConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="examples per device per step")
     grad_accum: int = Field(1, gt=0, description="steps accumulated per optimizer step")
     gradient_checkpointing: bool = False  # saves activation memory, costs ~30% more compute; off on CPU
+    attn_implementation: Attention = Field("sdpa", description="attention kernel: sdpa, flash_attention_2 "
+                                           "(CUDA + flash-attn), eager")
+    use_liger_kernel: bool = Field(False, description="TRL's Liger kernels (fused RMSNorm, RoPE, SwiGLU, "
+                                   "cross-entropy): less memory on GPUs; needs liger-kernel (the gpu extra)")
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many optimizer steps (resume point)")
     logging_steps: int = Field(1, gt=0)
@@ -74,7 +79,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer
-    from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
+    from alignflow.tasks.lib.training import check_kernels, check_optimizer, peak_memory_bytes, train_precision
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         return distributed("alignflow.tasks.sft", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
+    check_kernels("sft", cfg.attn_implementation, cfg.use_liger_kernel)
     tok_manifest = read_manifest(inputs.tokenized)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
@@ -94,7 +100,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     # Full fine-tuning keeps fp32 master weights: AdamW's small updates vanish in bf16/fp16 weights. A bf16 or fp16
     # recipe then trains under autocast (the Trainer's bf16/fp16 flags, on GPUs); LoRA keeps the base in model.dtype.
     model = load_causal_lm(init if full_init else inputs.base, "float32" if cfg.method == "full" else inputs.dtype,
-                           quant or None)
+                           quant or None, attn_implementation=cfg.attn_implementation)
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_config = cfg.lora.peft("CAUSAL_LM") if cfg.method == "lora" else None
@@ -124,6 +130,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         data_seed=inputs.seed,
         max_length=tok_manifest["max_length"],
         packing=tok_manifest["packing"],
+        use_liger_kernel=cfg.use_liger_kernel,
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens: packed vs padded is fair
         report_to=inputs.report_to,
         **train_precision(inputs.dtype),

@@ -35,7 +35,9 @@ from alignflow.tasks.lib.manifest import write_manifest
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_length: int = Field(256, gt=8, description="tokens per example; longer ones are truncated (SFT) or dropped")
-    packing: bool = Field(False, description="pack SFT examples into max_length rows (padding-free) in sft")
+    # on by default: every sft.attn_implementation trains packed rows correctly (tasks/lib/training.py), and
+    # packing measured 1.7x the tokens/s of padded rows on CPU
+    packing: bool = Field(True, description="pack SFT examples into max_length rows (padding-free) in sft")
     chat_template: str | None = Field(None, description="Jinja chat template; default: the model's own")
     include_synthetic: bool = Field(True, description="add the synthesize stage's records to the training data")
 

@@ -65,10 +65,13 @@ def load_tokenizer(path: Path, padding_side: str = "right") -> Any:
     tok.padding_side = padding_side
     return tok
 
-def load_causal_lm(path: Path, dtype: str, quantization: dict[str, Any] | None = None) -> Any:
+def load_causal_lm(path: Path, dtype: str, quantization: dict[str, Any] | None = None,
+                   attn_implementation: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization:
         kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(quantization)
         kwargs["device_map"] = {"": device()}

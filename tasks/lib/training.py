@@ -8,10 +8,14 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.models import torch_dtype
+
+# transformers' attention kernels. All three train packed (padding-free) rows: sdpa and eager through the
+# block-diagonal mask transformers 5 builds from position_ids, flash_attention_2 through its varlen kernel.
+Attention = Literal["sdpa", "flash_attention_2", "eager"]
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +55,24 @@ def save_trained(trainer: Any, folder: Path) -> None:
     trainer.save_model(str(folder))
     if trainer.is_world_process_zero():  # the Trainer also pickles its arguments there; they are in MLflow already
         (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+def check_kernels(stage: str, attn_implementation: str, use_liger_kernel: bool) -> None:
+    """flash-attention and Liger's Triton kernels need a CUDA GPU and their packages: say so before loading."""
+    import importlib.util
+
+    import torch
+
+    if attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise StageError(f"{stage}.attn_implementation 'flash_attention_2' needs a CUDA GPU; use sdpa here")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise StageError(f"{stage}.attn_implementation 'flash_attention_2' needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation); sdpa needs nothing")
+    if use_liger_kernel:
+        if not torch.cuda.is_available():
+            raise StageError(f"{stage}.use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton)")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise StageError(f"{stage}.use_liger_kernel needs liger-kernel: pip install 'alignflow[gpu]'")
 
 def check_optimizer(optim: str) -> None:
     """bitsandbytes' paged / 8-bit optimizers need CUDA; say so before training starts."""
