@@ -99,6 +99,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    from alignflow.tasks.lib.memory import check_training_memory
     from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer, tuned_weights
     from alignflow.tasks.lib.training import check_kernels, check_optimizer, peak_memory_bytes, train_precision
 
@@ -113,6 +114,12 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
     sft_weights = tuned_weights(inputs.sft)
     full = not is_adapter(sft_weights)  # sft.method: full; the recipe check keeps quantization off then
+    memory_estimate = check_training_memory(  # refuse what cannot fit before loading anything
+        "dpo", sft_weights if full else inputs.base, quant, dtype=inputs.dtype, method="lora",
+        lora_r=inputs.lora.r if full else json.loads((sft_weights / "adapter_config.json").read_text())["r"],
+        seq_len=read_manifest(inputs.tokenized)["max_length"],
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
+        pairs=True)
     base = load_causal_lm(sft_weights if full else inputs.base, inputs.dtype, quant or None,
                           attn_implementation=cfg.attn_implementation)
     if quant:
@@ -192,6 +199,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     metrics = {
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
+        "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "reward_margin": round(float(heldout_metrics.get("eval_rewards/margins", float("nan"))), 5),

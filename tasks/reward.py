@@ -63,6 +63,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     from peft import prepare_model_for_kbit_training
 
     from alignflow.tasks.lib.inference import score_answers
+    from alignflow.tasks.lib.memory import check_training_memory
     from alignflow.tasks.lib.models import load_reward_model, load_tokenizer
     from alignflow.tasks.lib.training import check_optimizer, peak_memory_bytes, train_precision
 
@@ -79,6 +80,10 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     if len(held) < 2:
         raise StageError(f"reward: only {len(held)} held-out pairs; add data or raise reward.eval_fraction")
     quant = json.loads((inputs.quantized / "quantization.json").read_text()) if inputs.quantized else {}
+    memory_estimate = check_training_memory(  # refuse what cannot fit before loading anything
+        "reward", inputs.base, quant, dtype=inputs.dtype, method="lora", lora_r=cfg.lora.r,
+        seq_len=tok_manifest["max_length"], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        gradient_checkpointing=False, pairs=True, lm_logits=False)
     model = load_reward_model(inputs.base, inputs.dtype, adapter=None, quantization=quant or None)
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -135,6 +140,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     metrics = {
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
+        "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "heldout_pairs": len(held),

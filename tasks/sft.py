@@ -78,6 +78,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     from datasets import load_from_disk
     from peft import PeftModel, prepare_model_for_kbit_training
 
+    from alignflow.tasks.lib.memory import check_training_memory
     from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer
     from alignflow.tasks.lib.training import check_kernels, check_optimizer, peak_memory_bytes, train_precision
 
@@ -99,6 +100,10 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     full_init = init is not None and cfg.method == "full" and not is_adapter(init)
     # Full fine-tuning keeps fp32 master weights: AdamW's small updates vanish in bf16/fp16 weights. A bf16 or fp16
     # recipe then trains under autocast (the Trainer's bf16/fp16 flags, on GPUs); LoRA keeps the base in model.dtype.
+    memory_estimate = check_training_memory(  # refuse what cannot fit before loading anything
+        "sft", init if full_init else inputs.base, quant, dtype=inputs.dtype, method=cfg.method, lora_r=cfg.lora.r,
+        seq_len=tok_manifest["max_length"], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing, pairs=False)
     model = load_causal_lm(init if full_init else inputs.base, "float32" if cfg.method == "full" else inputs.dtype,
                            quant or None, attn_implementation=cfg.attn_implementation)
     if quant:
@@ -158,6 +163,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     metrics = {
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
+        "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
         "train_loss": round(float(result.training_loss), 5),
         "final_loss": last.get("loss", float("nan")),
         "train_runtime_s": round(seconds, 2),
