@@ -239,12 +239,13 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from alignflow.tasks.lib.models import tuned_weights
+    from alignflow.tasks.lib.models import device_kind, tuned_weights
 
     sft_outputs = read_manifest(inputs.sft).get("outputs", {})  # the SFT weights, hashed when sft wrote them
     weights = tuned_weights(inputs.sft)
     key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_tree(weights), "base": inputs.base_key,
-                       "dtype": inputs.dtype, "quant": quant, "max_length": trainer.args.max_length,
+                       "dtype": inputs.dtype, "device": device_kind(),  # `auto` is bf16 on some GPUs, fp32 on CPUs
+                       "quant": quant, "max_length": trainer.args.max_length,
                        # every row's token ids (not `str()` of a lazy Column, which shows the first rows only)
                        "pairs": sha256_dataset(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"])})
     cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.pt"
