@@ -17,6 +17,8 @@ manifest lists those pairs' hashes.
 
 Unpaired feedback (curate's `unpaired.jsonl`: a prompt, one completion, a thumbs-up/down label) stays
 conversational too, for KTO: `unpaired/` and `unpaired_heldout/`, split by the same prompt hash as the pairs.
+Where one prompt got both a thumbs-up and a thumbs-down completion, the two also make a pair
+(`preference.pairs_from_unpaired`), so that feedback alone can train the reward model.
 
 `prompts/` holds the prompts online RL (dpo.loss grpo / rloo) samples from: every SFT prompt (with its answer as
 `reference`, for the `reference` reward), and the training pairs' and unpaired records' prompts (no reference),
@@ -103,7 +105,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     heldout_hashes: list[str] = []
     too_long = 0
     pair_lengths: list[int] = []
-    for p in pref:
+    derived = _pairs_from_feedback(rated)
+    for p in pref + derived:
         # Lengths as the trainers will see them: the rendered conversation, end-of-turn markers included.
         length = max(_n_tokens(tok, p["prompt"], p["chosen"]), _n_tokens(tok, p["prompt"], p["rejected"]))
         if length > cfg.max_length:
@@ -121,7 +124,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         else:
             pairs.append(pair)
     if len(pairs) < 4:
-        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length}")
+        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length} "
+                         "(the reward stage trains on pairs; unpaired feedback makes a pair only where one prompt "
+                         "has both a thumbs-up and a thumbs-down completion)")
     if len(heldout) < 2:
         raise StageError(f"tokenize: only {len(heldout)} held-out preference pairs; add data or raise "
                          "reward.eval_fraction")
@@ -179,6 +184,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "preference.heldout_pairs": len(heldout),
         "preference.dropped.too_long": too_long,
         "preference.length_max": max(pair_lengths),
+        "preference.pairs_from_unpaired": len(derived),
         "preference.unpaired": len(unpaired),
         "preference.unpaired_heldout": len(unpaired_heldout),
         "preference.unpaired_dropped.too_long": unpaired_too_long,
@@ -206,6 +212,19 @@ def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
     """Whether a prompt's pairs and rated completions are held out: by the hash of the prompt, so every record
     of a prompt lands on the same side and the split stays put when data is added."""
     return int(sha256_json(prompt)[:8], 16) / 0x1_0000_0000 < fraction
+
+
+def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs from unpaired feedback: where one prompt has a thumbs-up and a thumbs-down completion, the two make a
+    pair (up chosen), in order, each completion used once. The reward stage learns only from pairs, so feedback
+    alone can still train the judge."""
+    up: dict[str, list[dict[str, Any]]] = {}
+    down: dict[str, list[dict[str, Any]]] = {}
+    for r in rated:
+        (up if r["label"] else down).setdefault(sha256_json(r["prompt"]), []).append(r)
+    return [{"prompt": u["prompt"], "chosen": u["completion"], "rejected": d["completion"]}
+            for key, ups in up.items() for u, d in zip(ups, down.get(key, []), strict=False)
+            if u["completion"].strip() != d["completion"].strip()]
 
 
 def _save(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) -> None:

@@ -90,7 +90,7 @@ def resolve_sources(sources: list[RewardSource], recipe_dir: Path, where: str = 
     resolved: list[RewardSource] = []
     problems: list[str] = []
     for i, s in enumerate(sources):
-        at = f"{where}[{i}]"
+        at = where if len(sources) == 1 and where.endswith("]") else f"{where}[{i}]"
         if s.json_schema is not None:
             path = _find(s.json_schema, recipe_dir)
             if path is None:
