@@ -171,6 +171,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     ref_cached = False
     heldout = None
     recorder = None
+    kto_counts: dict[str, int] = {}
     if cfg.loss in ONLINE:  # sample num_generations completions per prompt, score them with dpo.rewards
         prompts = load_from_disk(str(inputs.tokenized / "prompts"))
         if len(prompts) == 0:
@@ -191,12 +192,14 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         trainer.add_callback(_sample_tables(recorder, out, cfg.sample_every))
         _online_metric_names(trainer, names)
     elif cfg.loss == "kto":  # one rated completion at a time: the unpaired feedback, and each pair's two sides
-        rated = _kto_rows(load_from_disk(str(inputs.tokenized / "unpaired")),
-                          load_from_disk(str(inputs.tokenized / "preference")), inputs.seed)
+        unpaired = load_from_disk(str(inputs.tokenized / "unpaired"))
+        rated = _kto_rows(unpaired, load_from_disk(str(inputs.tokenized / "preference")), inputs.seed)
         heldout = _kto_rows(load_from_disk(str(inputs.tokenized / "unpaired_heldout")),
                             load_from_disk(str(inputs.tokenized / "preference_heldout")), inputs.seed)
         if len(rated) < 2:
             raise StageError(f"dpo: kto needs rated completions to learn from; found {len(rated)}")
+        kto_counts = {"kto_rows": len(rated), "kto_unpaired_rows": len(unpaired),
+                      "kto_desirable_rows": sum(rated["label"])}
         args = trl.KTOConfig(loss_type="kto", max_length=max_length, **common)
         trainer = trl.KTOTrainer(model=model, args=args, train_dataset=rated, eval_dataset=heldout,
                                  processing_class=tok, callbacks=callbacks)
@@ -260,16 +263,19 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
             # the mean reward of what the policy sampled, over the first and the last quarter of the steps
             "reward_mean_first_quarter": round(sum(rewards[:quarter]) / quarter, 5) if rewards else float("nan"),
             "reward_mean_last_quarter": round(sum(rewards[-quarter:]) / quarter, 5) if rewards else float("nan"),
-            "kl": last.get("kl", float("nan")),
-            "completion_length_mean": last.get("completion_length_mean", float("nan")),
+            # the last step's (named apart from the per-step metrics, which the child run holds as histories)
+            "final_kl": last.get("kl", float("nan")),
+            "final_completion_length_mean": last.get("completion_length_mean", float("nan")),
         })
     else:
         metrics.update({
             "reward_margin": round(float(heldout_metrics.get("eval_rewards/margins", float("nan"))), 5),
             "reward_accuracy": round(float(heldout_metrics.get("eval_rewards/accuracies", float("nan"))), 5),
             "heldout_loss": round(float(heldout_metrics.get("eval_loss", float("nan"))), 5),
-            "heldout_pairs": len(heldout) if heldout is not None else 0,
+            # held-out pairs; for kto, held-out rated completions (each pair's two sides and the held-out feedback)
+            "heldout_rated" if cfg.loss == "kto" else "heldout_pairs": len(heldout) if heldout is not None else 0,
             "train_reward_margin": last.get("rewards/margins", float("nan")),  # the last training batch's
+            **kto_counts,
         })
     if full:  # fold the adapter into the SFT weights: the product is a complete model again
         del trainer, model, base  # free the training copy first
