@@ -133,6 +133,10 @@ def dpo_settings(recipe: Any) -> dict[str, Any]:
     if recipe.dpo.loss not in ONLINE:
         for name in ONLINE_SETTINGS:
             value.pop(name, None)
+    for source in value.get("rewards", []):  # files by name here (by content in `outside`), not by where they lie
+        for kind in ("json_schema", "python"):
+            if source.get(kind):
+                source[kind] = Path(source[kind]).name
     return value
 
 
