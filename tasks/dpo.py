@@ -81,9 +81,11 @@ class DpoConfig(BaseModel):
 
     @model_validator(mode="after")
     def _reference_free(self) -> DpoConfig:
+        if self.precompute_ref_log_probs and self.loss in REFERENCE_FREE:
+            raise ValueError(f"precompute_ref_log_probs is for losses with a reference model; {self.loss!r} has none")
         if self.precompute_ref_log_probs and self.loss not in PAIRED_WITH_REFERENCE:
-            kind = "has no reference" if self.loss in REFERENCE_FREE else "is not a DPOTrainer loss"
-            raise ValueError(f"precompute_ref_log_probs is for DPOTrainer's losses; {self.loss!r} {kind}")
+            raise ValueError(f"precompute_ref_log_probs is for DPOTrainer's pair losses; {self.loss!r} is not one "
+                             "(kto, grpo and rloo compute their reference log-probs as they go)")
         if self.loss in ONLINE:
             if not self.rewards:
                 raise ValueError(f"loss {self.loss!r} needs at least one reward source in dpo.rewards")
