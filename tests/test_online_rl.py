@@ -216,3 +216,42 @@ def test_curate_reads_unpaired_feedback_and_tokenize_pairs_it(tmp_path: Path) ->
     evals = {json.dumps(r["prompt"]) for r in read_jsonl(tmp_path / "curated" / "eval.jsonl")}
     assert not evals & {json.dumps(p) for p in prompts["prompt"]}
     assert sum(r is not None for r in prompts["reference"]) >= tok["sft.examples"] * 0.9  # SFT answers kept
+
+
+def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, in_root: Path,
+                                                         shared_work: Path) -> None:
+    """The `reward_model` source scores through the policy's own base (the reward adapter loaded beside the SFT
+    adapter), and gives the scores the reward stage's model gives on its own (4-bit base, as in the smoke recipe)."""
+    import json as _json
+
+    from peft import PeftModel
+
+    from alignflow.tasks import dpo
+    from alignflow.tasks.lib.inference import score_answers
+    from alignflow.tasks.lib.models import load_causal_lm, load_reward_model, load_tokenizer
+
+    result = pipeline(recipe=load_recipe(SMOKE), work_dir=str(shared_work), until="reward")
+    folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
+    base = next((shared_work / "base").glob("tiny-*"))
+    quant = _json.loads((folders["quantize"] / "quantization.json").read_text())
+    policy = PeftModel.from_pretrained(load_causal_lm(base, "float32", quant), folders["sft"] / "adapter",
+                                       is_trainable=True)
+    policy.train()  # as the trainer holds it while it samples and scores
+    cfg = dpo.DpoConfig(loss="grpo", rewards=["reward_model"])
+    inputs = dpo.DpoInputs(base=base, dtype="float32", tokenized=folders["tokenize"], quantized=folders["quantize"],
+                           sft=folders["sft"], reward=folders["reward"], out_dir=shared_work / "unused", seed=0)
+    params = sum(p.numel() for p in policy.parameters())
+    score = dpo._reward_model_scorer(cfg, inputs, quant, policy, full=False)
+    assert policy.active_adapters == ["default"] and policy.training  # the policy is left as it was
+    from safetensors.torch import load_file
+
+    lora = sum(v.numel() for k, v in load_file(folders["reward"] / "adapter" / "adapter_model.safetensors").items()
+               if "lora_" in k)
+    assert sum(p.numel() for p in policy.parameters()) - params == lora  # the reward LoRA only: no second base
+    prompts = [[{"role": "user", "content": "List the fruits in: 'pears and figs'"}]] * 3
+    texts = ["fruits: pear, fig", "I like fruit.", "pears"]
+    rm = load_reward_model(base, "float32", folders["reward"] / "adapter", quant)
+    alone = score_answers(rm, load_tokenizer(folders["reward"] / "adapter"), prompts, texts)
+    assert score(prompts, texts) == pytest.approx(alone, abs=1e-4)
+    assert policy.active_adapters == ["default"] and policy.training  # scoring switched nothing for good
+    assert len(set(alone)) == 3  # three different scores: the comparison can tell a wrong token or head apart
