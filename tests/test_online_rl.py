@@ -255,3 +255,27 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
     assert score(prompts, texts) == pytest.approx(alone, abs=1e-4)
     assert policy.active_adapters == ["default"] and policy.training  # scoring switched nothing for good
     assert len(set(alone)) == 3  # three different scores: the comparison can tell a wrong token or head apart
+
+
+def test_the_demo_format_reward_accepts_every_reference_answer_and_refuses_chat(in_root: Path) -> None:
+    """configs/demo_rewards.py, loaded as the stage loads it: every SFT answer of the four demo tasks is in its
+    format (1.0), prompts of no task are not scored (None), and the seed pairs' rejected answers mostly are not."""
+    from alignflow.tasks.lib.rewards import python_function
+
+    fn = python_function(f"{ROOT / 'configs' / 'demo_rewards.py'}:format_matches_task")
+    rows = []
+    for line in (ROOT / "data" / "sft.jsonl").read_text().splitlines():
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the seed file's planted defects
+        if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
+            rows.append((messages[:-1], [{"role": "assistant", "content": messages[-1]["content"]}]))
+    scores = fn(prompts=[p for p, _ in rows], completions=[c for _, c in rows])
+    assert len(rows) > 250 and all(s == 1.0 for s in scores if s is not None)
+    assert sum(s is not None for s in scores) > 250
+    assert fn(prompts=[[{"role": "user", "content": "Write a poem."}]], completions=["roses"]) == [None]
+    pairs = [json.loads(line) for line in (ROOT / "data" / "pairs.jsonl").read_text().splitlines()]
+    chosen = fn(prompts=[p["prompt"] for p in pairs], completions=[p["chosen"] for p in pairs])
+    rejected = fn(prompts=[p["prompt"] for p in pairs], completions=[p["rejected"] for p in pairs])
+    assert sum(r == 1.0 for r in rejected) < 0.5 * sum(c == 1.0 for c in chosen)
