@@ -230,7 +230,9 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
     from alignflow.tasks.lib.inference import score_answers
     from alignflow.tasks.lib.models import load_causal_lm, load_reward_model, load_tokenizer
 
-    result = pipeline(recipe=load_recipe(SMOKE), work_dir=str(shared_work), until="reward")
+    feedback = _feedback(shared_work / "feedback.jsonl")  # the data of the runs above: their stages are cached
+    result = pipeline(recipe=load_recipe(SMOKE, [f"data.preference=[data/pairs.jsonl, {feedback}]"]),
+                      work_dir=str(shared_work), until="reward")
     folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
     base = next((shared_work / "base").glob("tiny-*"))
     quant = _json.loads((folders["quantize"] / "quantization.json").read_text())
