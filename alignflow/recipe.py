@@ -22,6 +22,7 @@ from alignflow.tasks.curate import CurateConfig
 from alignflow.tasks.dpo import DpoConfig
 from alignflow.tasks.evaluate import EvaluateConfig
 from alignflow.tasks.lib.launch import LaunchSpec
+from alignflow.tasks.lib.rewards import RewardSource
 from alignflow.tasks.quantize import QuantizeConfig
 from alignflow.tasks.register import RegisterConfig
 from alignflow.tasks.reward import RewardConfig
@@ -145,6 +146,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     # with the schema's (a recipe with a typo and a missing file shows both at once).
     resolved, found_problems = _resolve_files(raw, path.parent)
     problems.extend(found_problems)
+    rewards, dpo_problems = _check_dpo(raw, path.parent, resolved.get("preference", []))
+    problems.extend(dpo_problems)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -156,17 +159,85 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(source, errors + problems) from None
     if problems:
         raise RecipeError(source, problems)
-    return recipe.model_copy(update={"data": DataSection(**resolved)})
+    return _with_rewards(recipe.model_copy(update={"data": DataSection(**resolved)}), rewards)
+
+
+def _with_rewards(recipe: Recipe, rewards: list[RewardSource] | None) -> Recipe:
+    """The recipe with dpo.rewards' files resolved (absolute schema and module paths)."""
+    if rewards is None:
+        return recipe
+    return recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"rewards": rewards})})
 
 
 def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None) -> Recipe:
     """The checks `load_recipe` makes beyond the schema (data globs and folders expanded to files, the base model
     found), for a recipe that arrived validated by pydantic alone: a Prefect deployment's form or `--params`.
     Idempotent: resolved paths resolve to themselves. Raises RecipeError listing every problem."""
-    resolved, problems = _resolve_files(recipe.model_dump(mode="json"), recipe_dir or Path.cwd())
+    raw = recipe.model_dump(mode="json")
+    resolved, problems = _resolve_files(raw, recipe_dir or Path.cwd())
+    rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []))
+    problems.extend(dpo_problems)
     if problems:
         raise RecipeError(f"recipe {recipe.name}", problems)
-    return recipe.model_copy(update={"data": DataSection(**resolved)})
+    return _with_rewards(recipe.model_copy(update={"data": DataSection(**resolved)}), rewards)
+
+
+def _check_dpo(raw: dict[str, Any], recipe_dir: Path, preference: list[str],
+               ) -> tuple[list[RewardSource] | None, list[str]]:
+    """What the preference stage needs beyond the schema: every reward source's file (a JSON schema that parses, a
+    python function that imports with TRL's signature), resolved against the recipe's folder; and, for the losses
+    that learn from pairs, data.preference holding pairs, not only unpaired feedback."""
+    from pydantic import ValidationError as _Invalid
+
+    from alignflow.tasks.dpo import ONLINE, UNPAIRED
+    from alignflow.tasks.lib.rewards import resolve_sources
+
+    dpo = raw.get("dpo") if isinstance(raw.get("dpo"), dict) else {}
+    problems: list[str] = []
+    resolved = None
+    items = dpo.get("rewards")
+    if isinstance(items, list):
+        resolved = []
+        for i, item in enumerate(items):
+            try:
+                source = RewardSource.model_validate(item)
+            except _Invalid:  # the schema lists what is wrong with it; the other sources are still checked
+                resolved = None
+                continue
+            done, found = resolve_sources([source], recipe_dir, where=f"dpo.rewards[{i}]")
+            problems += found
+            if resolved is not None:
+                resolved += done
+    loss = dpo.get("loss", DpoConfig.model_fields["loss"].default)
+    if isinstance(loss, str) and loss not in (*ONLINE, *UNPAIRED) and preference:
+        problem = _unpaired_only(preference, loss)
+        if problem:
+            problems.append(problem)
+    return resolved, problems
+
+
+def _unpaired_only(files: list[str], loss: str) -> str | None:
+    """A problem when the preference files hold rated completions (unpaired feedback) but no pair at all.
+    Reads records until the first pair, so a file of pairs costs one record."""
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.records.readers import is_unpaired, normalise, read_all
+
+    unpaired = 0
+    try:
+        for _where, raw, error in read_all([Path(f) for f in files]):
+            record, _reason = (None, error) if error else normalise("preference", raw)
+            if record is None:
+                continue
+            if not is_unpaired(record):
+                return None
+            unpaired += 1
+    except StageError:
+        return None  # an unreadable file: curate reports it with its reason
+    if not unpaired:
+        return None
+    return (f"data.preference: holds {unpaired} unpaired feedback record(s) (prompt, completion, label) and no "
+            f"preference pairs, but dpo.loss '{loss}' learns from pairs (chosen vs rejected); use dpo.loss: kto, "
+            "which learns from unpaired feedback")
 
 
 def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, list[str]], list[str]]:

@@ -9,8 +9,9 @@ A stage's key is the hash of
 - the source of the stage's module and of every `alignflow.tasks` module it imports (`package_modules`);
 - the seed, for the stages that draw random numbers;
 - what lies outside the recipe and the upstream files (`outside`): the data files' content (curate), a judge
-  reward model's weights (synthesize), an adapter to continue (sft), the registry champion and the LLM judge
-  (evaluate), the tracking server (register registers there).
+  reward model's weights (synthesize), an adapter to continue (sft), the reward sources' schema files and python
+  modules (dpo with grpo / rloo), the registry champion and the LLM judge (evaluate), the tracking server
+  (register registers there).
 
 Keying on what a stage reads, not on upstream keys, gives early cutoff (as in Bazel or Nix): an upstream stage
 that re-ran but wrote byte-identical files leaves the stages after it cached. So `quantize.eval_samples` (its
@@ -39,13 +40,17 @@ STAGES: tuple[Stage, ...] = get_args(Stage)  # the nine stages, in order: the on
 READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
     "curate": {},
     "synthesize": {"curate": ("sft.jsonl", "preference.jsonl", "eval.jsonl")},
-    "tokenize": {"curate": ("sft.jsonl", "preference.jsonl"), "synthesize": ("sft.jsonl", "preference.jsonl")},
+    "tokenize": {"curate": ("sft.jsonl", "preference.jsonl", "unpaired.jsonl"),
+                 "synthesize": ("sft.jsonl", "preference.jsonl")},
     "quantize": {"curate": ("eval.jsonl",)},
     "sft": {"tokenize": ("sft", "tokenizer", "max_length", "packing"), "quantize": ("quantization.json",)},
     "reward": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
                "quantize": ("quantization.json",)},
-    "dpo": {"tokenize": ("preference", "preference_heldout", "tokenizer", "max_length"),
-            "quantize": ("quantization.json",), "sft": ("weights",)},
+    # dpo reads what its loss trains on (`dpo_reads` narrows this): pairs; kto also the unpaired feedback;
+    # grpo / rloo the prompts, and the reward model when `reward_model` is one of dpo.rewards
+    "dpo": {"tokenize": ("preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
+                         "max_length"),
+            "quantize": ("quantization.json",), "sft": ("weights",), "reward": ("weights",)},
     "evaluate": {"tokenize": ("tokenizer", "preference_heldout"), "curate": ("eval.jsonl",), "sft": ("weights",),
                  "dpo": ("weights",), "reward": ("weights",)},
     "register": {"dpo": ("weights",), "evaluate": ("metrics", "eval_config_hash"),
@@ -73,8 +78,9 @@ SETTINGS: dict[Stage, tuple[str, ...]] = {
 # single pass). Dropped from the sections above.
 # synthesize.shards is not one of them: each shard samples from its own seed. reward.eval_fraction is read by
 # tokenize (the held-out split), not by reward.
+# dpo.sample_every: how often the sampled-completion tables are logged (TRL samples them anyway).
 NOT_RESULTS: frozenset[str] = frozenset({"curate.shards", "sft.save_steps", "sft.logging_steps", "reward.save_steps",
-                                         "dpo.save_steps", "reward.eval_fraction"})
+                                         "dpo.save_steps", "dpo.sample_every", "reward.eval_fraction"})
 # Stages that load the base model's weights or tokenizer: the resolved base's identity is in their key.
 LOADS_BASE: frozenset[Stage] = frozenset({"synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate",
                                           "register"})
@@ -98,6 +104,39 @@ def setting(recipe: BaseModel, path: str) -> Any:
     for dropped in NOT_RESULTS:
         if dropped.startswith(path + "."):
             value.pop(dropped.removeprefix(path + "."), None)  # one level below a section: all NOT_RESULTS are
+    return value
+
+
+def dpo_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
+    """The part of READS["dpo"] the recipe's loss reads: a pair loss does not re-run when prompts or unpaired
+    feedback change, nor an online loss when pairs do."""
+    from alignflow.tasks.dpo import ONLINE, UNPAIRED
+
+    loss = recipe.dpo.loss
+    common = ("tokenizer", "max_length")
+    if loss in ONLINE:
+        reads: dict[Stage, tuple[str, ...]] = {"tokenize": ("prompts", *common)}
+        if any(s.reward_model for s in recipe.dpo.rewards):
+            reads["reward"] = ("weights",)
+    elif loss in UNPAIRED:
+        reads = {"tokenize": ("preference", "preference_heldout", "unpaired", "unpaired_heldout", *common)}
+    else:
+        reads = {"tokenize": ("preference", "preference_heldout", *common)}
+    return {**reads, "quantize": ("quantization.json",), "sft": ("weights",)}
+
+
+def dpo_settings(recipe: Any) -> dict[str, Any]:
+    """The dpo section as its key sees it: the online-RL settings only for grpo / rloo (they do nothing else)."""
+    from alignflow.tasks.dpo import ONLINE, ONLINE_SETTINGS
+
+    value = setting(recipe, "dpo")
+    if recipe.dpo.loss not in ONLINE:
+        for name in ONLINE_SETTINGS:
+            value.pop(name, None)
+    for source in value.get("rewards", []):  # files by name here (by content in `outside`), not by where they lie
+        for kind in ("json_schema", "python"):
+            if source.get(kind):
+                source[kind] = Path(source[kind]).name
     return value
 
 
@@ -173,6 +212,14 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None}
     if stage == "sft":
         return {"init_adapter": facts.init_adapter}
+    if stage == "dpo":  # grpo / rloo: the reward sources' files (a JSON schema, a python module), by content
+        from alignflow.tasks.dpo import ONLINE
+        from alignflow.tasks.lib.rewards import source_file
+
+        if recipe.dpo.loss not in ONLINE:
+            return {}
+        files = [source_file(s) for s in recipe.dpo.rewards]
+        return {"reward_files": [sha256_tree(f) if f is not None and f.exists() else None for f in files]}
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None}
@@ -203,7 +250,7 @@ def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: Run
     """Everything the stage's key covers, as a JSON-able dict (also written into its manifest as `inputs`).
     `folders`: the finished upstream stage folders."""
     files: dict[str, Any] = {}
-    for upstream, names in READS[stage].items():
+    for upstream, names in (dpo_reads(recipe) if stage == "dpo" else READS[stage]).items():
         manifest = read_manifest(folders[upstream])
         for name in names:
             files[f"{upstream}/{name}"] = upstream_value(manifest, name)
@@ -211,7 +258,8 @@ def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: Run
     if launch["config_file"]:  # an accelerate config file: its contents, not just its path
         launch["config_file_sha256"] = sha256_tree(Path(launch["config_file"]))
     return {
-        "settings": {path: setting(recipe, path) for path in SETTINGS[stage]},
+        "settings": {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path)
+                     for path in SETTINGS[stage]},
         "files": files,
         "base": facts.base_key if stage in LOADS_BASE else None,
         "device": facts.device if stage in LOADS_BASE and stage != "tokenize" else None,

@@ -83,11 +83,13 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
         return {"new_data": False, "champion_version": str(version.version), "counts": summary}
 
     # New SFT records only (the champion already learned the old ones); with none, the champion's own data.
-    # Preference pairs: old and new together, since reward and DPO start again from the SFT result.
+    # Preference pairs (and rated completions): old and new together, since reward and DPO start again from the
+    # SFT result.
     folder = work / "retrain" / sha256_json([fresh, str(used)])[:16]
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "sft.jsonl", fresh["sft"] or list(read_jsonl(used / "sft.jsonl")))
-    write_jsonl(folder / "preference.jsonl", list(read_jsonl(used / "preference.jsonl")) + fresh["preference"])
+    rated = list(read_jsonl(used / "unpaired.jsonl")) if (used / "unpaired.jsonl").exists() else []
+    write_jsonl(folder / "preference.jsonl", list(read_jsonl(used / "preference.jsonl")) + rated + fresh["preference"])
     data = DataSection(sft=[str(folder / "sft.jsonl")], preference=[str(folder / "preference.jsonl")],
                        eval=recipe.data.eval)
     init = None

@@ -7,7 +7,9 @@ stage fails: that much loss means the data or the format guess is wrong, not tha
 
 The checks themselves live in tasks/records/, one file per decision:
   readers.py        files (JSONL, JSON array, CSV, Parquet, `datasets` folders) and the record shapes accepted
-                    (chat, ShareGPT, alpaca, pair, preference, hh-rlhf), normalised to one internal schema
+                    (chat, ShareGPT, alpaca, pair, preference, hh-rlhf, unpaired feedback), normalised to one
+                    internal schema; unpaired feedback (a rated completion) is written to `unpaired.jsonl`, pairs to
+                    `preference.jsonl`, and counted as `preference.unpaired`
   quality.py        answer too short, repetitive text, non-printable junk, optional language allow-list (langid);
                     on the training sets only, not on eval, whose items are the benchmark
   dedup.py          exact (normalised text), near (MinHash LSH, Jaccard `near.threshold`), optional semantic
@@ -44,7 +46,7 @@ from alignflow.tasks.records.checks import RecordChecks, check_dataset, decide_r
 from alignflow.tasks.records.decontaminate import DecontaminateConfig, EvalIndex
 from alignflow.tasks.records.dedup import DedupConfig
 from alignflow.tasks.records.quality import QualityConfig
-from alignflow.tasks.records.readers import Dataset, read_all
+from alignflow.tasks.records.readers import Dataset, is_unpaired, read_all
 from alignflow.tasks.records.text import answer_texts
 
 
@@ -145,7 +147,12 @@ def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
                      else inspect_records(name, read_all(files), checks, index))  # type: ignore[arg-type]
             kept, dropped, samples, pii = decide_records(name, items, checks)  # type: ignore[arg-type]
         n_in = len(kept) + sum(dropped.values())
-        write_jsonl(out / f"{name}.jsonl", kept)
+        if name == "preference":  # pairs and unpaired feedback (one rated completion) go to their own files
+            write_jsonl(out / "unpaired.jsonl", [r for r in kept if is_unpaired(r)])
+            write_jsonl(out / "preference.jsonl", [r for r in kept if not is_unpaired(r)])
+            metrics["preference.unpaired"] = sum(1 for r in kept if is_unpaired(r))
+        else:
+            write_jsonl(out / f"{name}.jsonl", kept)
         metrics[f"{name}.records_in"] = n_in
         metrics[f"{name}.records_kept"] = len(kept)
         for reason, count in sorted(dropped.items()):
@@ -180,7 +187,8 @@ def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
         {
             "stage": "curate",
             "inputs": {n: {str(p): sha256_tree(p) for p in getattr(inputs, n)} for n in ("sft", "preference", "eval")},
-            "outputs": ["sft.jsonl", "preference.jsonl", "eval.jsonl", "rejects.jsonl", "data_card.md", "lengths.png"],
+            "outputs": ["sft.jsonl", "preference.jsonl", "unpaired.jsonl", "eval.jsonl", "rejects.jsonl",
+                        "data_card.md", "lengths.png"],
             "artifacts": ["data_card.md", "lengths.png", "rejects.jsonl"],
             "metrics": metrics,
         },

@@ -15,6 +15,15 @@ dropped (`preference.dropped.too_long`). A share of the pairs (`reward.eval_frac
 hash) goes to `preference_heldout/`: neither reward nor dpo trains on it; both are measured on it, and the
 manifest lists those pairs' hashes.
 
+Unpaired feedback (curate's `unpaired.jsonl`: a prompt, one completion, a thumbs-up/down label) stays
+conversational too, for KTO: `unpaired/` and `unpaired_heldout/`, split by the same prompt hash as the pairs.
+Where one prompt got both a thumbs-up and a thumbs-down completion, the two also make a pair
+(`preference.pairs_from_unpaired`), so that feedback alone can train the reward model.
+
+`prompts/` holds the prompts online RL (dpo.loss grpo / rloo) samples from: every SFT prompt (with its answer as
+`reference`, for the `reference` reward), and the training pairs' and unpaired records' prompts (no reference),
+each once; never an eval prompt (curate keeps those apart) nor a held-out preference prompt.
+
 The tokenizer itself (with the template actually used) is saved in `tokenizer/`: later stages load it from here.
 """
 
@@ -67,6 +76,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
 
     sft = list(read_jsonl(inputs.curated / "sft.jsonl"))
     pref = list(read_jsonl(inputs.curated / "preference.jsonl"))
+    unpaired_file = inputs.curated / "unpaired.jsonl"  # absent in curate folders made before unpaired feedback
+    rated = list(read_jsonl(unpaired_file)) if unpaired_file.exists() else []
     if cfg.include_synthetic:
         sft += list(read_jsonl(inputs.synthesized / "sft.jsonl"))
         pref += list(read_jsonl(inputs.synthesized / "preference.jsonl"))
@@ -96,7 +107,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     heldout_hashes: list[str] = []
     too_long = 0
     pair_lengths: list[int] = []
-    for p in pref:
+    derived = _pairs_from_feedback(rated)
+    for p in pref + derived:
         # Lengths as the trainers will see them: the rendered conversation, end-of-turn markers included.
         length = max(_n_tokens(tok, p["prompt"], p["chosen"]), _n_tokens(tok, p["prompt"], p["rejected"]))
         if length > cfg.max_length:
@@ -108,19 +120,55 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         # Held out by the hash of the pair's *prompt*, not its position: every pair of a prompt lands on the same
         # side (several pairs per prompt must not straddle the split), the same pairs stay held out when data is
         # added, and neither reward nor dpo trains on them, so the reward model's accuracy there is an honest check.
-        side = sha256_json(p["prompt"])
-        if int(side[:8], 16) / 0x1_0000_0000 < inputs.heldout_fraction:
+        if _held_out(p["prompt"], inputs.heldout_fraction):
             heldout.append(pair)
             heldout_hashes.append(sha256_json([p["prompt"], p["chosen"], p["rejected"]]))
         else:
             pairs.append(pair)
     if len(pairs) < 4:
-        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length}")
+        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length} "
+                         "(the reward stage trains on pairs; unpaired feedback makes a pair only where one prompt "
+                         "has both a thumbs-up and a thumbs-down completion)")
     if len(heldout) < 2:
         raise StageError(f"tokenize: only {len(heldout)} held-out preference pairs; add data or raise "
                          "reward.eval_fraction")
     Dataset.from_list(pairs).save_to_disk(out / "preference")
     Dataset.from_list(heldout).save_to_disk(out / "preference_heldout")
+
+    # --- unpaired feedback (KTO): conversational, dropped when too long, split by the same prompt hash ------
+    unpaired: list[dict[str, Any]] = []
+    unpaired_heldout: list[dict[str, Any]] = []
+    unpaired_too_long = 0
+    for r in rated:
+        if _n_tokens(tok, r["prompt"], r["completion"]) > cfg.max_length:
+            unpaired_too_long += 1
+            continue
+        row = {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}],
+               "label": bool(r["label"])}
+        (unpaired_heldout if _held_out(r["prompt"], inputs.heldout_fraction) else unpaired).append(row)
+    _save(unpaired, out / "unpaired", UNPAIRED_COLUMNS)
+    _save(unpaired_heldout, out / "unpaired_heldout", UNPAIRED_COLUMNS)
+
+    # --- prompts for online RL: SFT prompts (with their answer as reference), then preference prompts -------
+    held_prompts = {sha256_json(r["prompt"]) for r in [*heldout, *unpaired_heldout]}
+    prompts: dict[str, dict[str, Any]] = {}
+    prompts_too_long = 0
+    candidates = [(m["messages"][:-1], m["messages"][-1]["content"]) for m in sft
+                  if m["messages"][-1]["role"] == "assistant"]
+    candidates += [(p["prompt"], None) for p in [*pairs, *unpaired]]
+    for prompt, reference in candidates:
+        key = sha256_json(prompt)
+        if key in held_prompts:
+            continue
+        if key in prompts:  # each prompt once; an SFT answer is its reference
+            prompts[key]["reference"] = prompts[key]["reference"] or reference
+            continue
+        rendered = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if len(tok(rendered, add_special_tokens=False)["input_ids"]) > cfg.max_length:
+            prompts_too_long += 1
+            continue
+        prompts[key] = {"prompt": prompt, "reference": reference}
+    _save(list(prompts.values()), out / "prompts", PROMPT_COLUMNS)
 
     lengths = [len(r["input_ids"]) for r in rows]
     trainable = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
@@ -138,6 +186,12 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "preference.heldout_pairs": len(heldout),
         "preference.dropped.too_long": too_long,
         "preference.length_max": max(pair_lengths),
+        "preference.pairs_from_unpaired": len(derived),
+        "preference.unpaired": len(unpaired),
+        "preference.unpaired_heldout": len(unpaired_heldout),
+        "preference.unpaired_dropped.too_long": unpaired_too_long,
+        "prompts": len(prompts),
+        "prompts.dropped.too_long": prompts_too_long,
     }
     return write_manifest(out, {
         "stage": "tokenize",
@@ -145,10 +199,41 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "packing": cfg.packing,
         "max_length": cfg.max_length,
         "heldout_pair_hashes": sorted(heldout_hashes),  # sha256 of [prompt, chosen, rejected]: never trained on
-        "outputs": ["sft", "preference", "preference_heldout", "tokenizer", "lengths.png"],
+        "outputs": ["sft", "preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
+                    "lengths.png"],
         "artifacts": ["lengths.png"],
         "metrics": metrics,
     })
+
+
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+PROMPT_COLUMNS = ("prompt", "reference")
+
+
+def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
+    """Whether a prompt's pairs and rated completions are held out: by the hash of the prompt, so every record
+    of a prompt lands on the same side and the split stays put when data is added."""
+    return int(sha256_json(prompt)[:8], 16) / 0x1_0000_0000 < fraction
+
+
+def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs from unpaired feedback: where one prompt has a thumbs-up and a thumbs-down completion, the two make a
+    pair (up chosen), in order, each completion used once. The reward stage learns only from pairs, so feedback
+    alone can still train the judge."""
+    up: dict[str, list[dict[str, Any]]] = {}
+    down: dict[str, list[dict[str, Any]]] = {}
+    for r in rated:
+        (up if r["label"] else down).setdefault(sha256_json(r["prompt"]), []).append(r)
+    return [{"prompt": u["prompt"], "chosen": u["completion"], "rejected": d["completion"]}
+            for key, ups in up.items() for u, d in zip(ups, down.get(key, []), strict=False)
+            if u["completion"].strip() != d["completion"].strip()]
+
+
+def _save(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) -> None:
+    """Save rows as a `datasets` folder; an empty one keeps its columns (a plain from_list([]) would have none)."""
+    from datasets import Dataset
+
+    Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(path)
 
 
 def _n_tokens(tok: Any, prompt: list[dict[str, str]], answer: str) -> int:

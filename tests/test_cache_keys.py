@@ -131,6 +131,12 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "dpo.optim": (["dpo.optim=sgd"], ("dpo",)),
     "dpo.save_steps": (["dpo.save_steps=3"], NONE),
     "dpo.precompute_ref_log_probs": (["dpo.precompute_ref_log_probs=true"], ("dpo",)),
+    # online RL settings; these rows compare grpo runs (see BASELINE): a pair loss does not read them
+    "dpo.num_generations": (["dpo.num_generations=2"], ("dpo",)),
+    "dpo.max_completion_length": (["dpo.max_completion_length=32"], ("dpo",)),
+    "dpo.temperature": (["dpo.temperature=0.7"], ("dpo",)),
+    "dpo.rewards": (["dpo.rewards=[reference]"], ("dpo",)),
+    "dpo.sample_every": (["dpo.sample_every=3"], NONE),  # how often the sample tables are logged
     "evaluate.max_new_tokens": (["evaluate.max_new_tokens=12"], ("evaluate",)),
     "evaluate.batch_size": (["evaluate.batch_size=4"], ("evaluate",)),
     "evaluate.max_samples": (["evaluate.max_samples=6"], ("evaluate",)),
@@ -156,8 +162,10 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "launch.cpu": (["launch.cpu=true"], ("sft", "reward", "dpo")),
 }
 # Overrides applied to both sides of a row (the baseline of the comparison).
-BASELINE: dict[str, list[str]] = {k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.")
-                                  and k != "launch.num_processes"}
+BASELINE: dict[str, list[str]] = {
+    **{k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.") and k != "launch.num_processes"},
+    **{f"dpo.{k}": ["dpo.loss=grpo"] for k in ("num_generations", "max_completion_length", "temperature", "rewards",
+                                                "sample_every")}}
 # Extra rows: what lies outside the recipe.
 OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
@@ -282,6 +290,31 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> No
     inputs = stage_inputs("register", recipe, folders, secret)
     assert "s3cret" not in json.dumps(inputs)
     assert stage_key("register", inputs) == stage_key("register", stage_inputs("register", recipe, folders, plain))
+
+
+def test_what_the_preference_stage_reads_follows_its_loss(baseline: dict[str, Any], tmp_path: Path) -> None:
+    """A pair loss ignores the online settings and the prompts; grpo keys on its reward files' contents and on the
+    reward model only when a reward_model source asks for it; kto reads the unpaired feedback."""
+    from alignflow.flows.keys import dpo_reads
+
+    def dpo_key(overrides: list[str]) -> str:
+        return _keys(load_recipe(SMOKE, overrides), baseline)["dpo"]
+
+    assert dpo_key([]) == dpo_key(["dpo.temperature=0.5", "dpo.rewards=[reference]"])  # sigmoid: not read
+    assert "prompts" not in dpo_reads(load_recipe(SMOKE))["tokenize"]
+    assert "unpaired" in dpo_reads(load_recipe(SMOKE, ["dpo.loss=kto"]))["tokenize"]
+    assert "reward" in dpo_reads(load_recipe(SMOKE, ["dpo.loss=grpo"]))  # default rewards: [reward_model]
+    assert "reward" not in dpo_reads(load_recipe(SMOKE, ["dpo.loss=grpo", "dpo.rewards=[reference]"]))
+    module = tmp_path / "my_reward.py"
+    module.write_text("def f(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    grpo = ["dpo.loss=grpo", f"dpo.rewards=[{{python: '{module}:f'}}]"]
+    before = dpo_key(grpo)
+    module.write_text("def f(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    assert dpo_key(grpo) != before  # the function's source is an input
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "my_reward.py").write_text(module.read_text())
+    assert dpo_key(["dpo.loss=grpo", f"dpo.rewards=[{{python: '{moved / 'my_reward.py'}:f'}}]"]) == dpo_key(grpo)
 
 
 # --- real runs: early cutoff and the defects users met ---------------------------------------------------------

@@ -56,6 +56,8 @@ def filter_synthetic(
     eval_records = list(read_jsonl(curated / "eval.jsonl"))
     index = EvalIndex(eval_records, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
     prior = list(read_jsonl(curated / f"{name}.jsonl"))
+    if name == "preference" and (curated / "unpaired.jsonl").exists():  # rated completions are preference data too
+        prior += list(read_jsonl(curated / "unpaired.jsonl"))
     source = ((f"synthetic[{i}]", r, None) for i, r in enumerate(records))
     kept, dropped, _samples, _pii = check_dataset(name, source, cfg, index, prior)
     return kept, dropped

@@ -11,7 +11,11 @@ Accepted record shapes (detected per record), all normalised to one internal sch
   pair        {"prompt": "...", "response"|"completion"|"reference": "..."}
   preference  {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": ... }
   hh-rlhf     {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}  (split into prompt + answers)
-Internal schema:  sft -> {"messages": [...]};  preference -> {"prompt": [...], "chosen": str, "rejected": str};
+  unpaired    {"prompt": "..." | [messages], "completion": "..." | [messages], "label": true | false}, or
+              "thumbs_up" instead of "label", or {"messages": [..., assistant turn], "label": ...}: one rated
+              completion (thumbs up / down feedback), in data.preference; KTO learns from these
+Internal schema:  sft -> {"messages": [...]};  preference -> {"prompt": [...], "chosen": str, "rejected": str}
+                  or, unpaired, {"prompt": [...], "completion": str, "label": bool};
                   eval -> {"prompt": [...], "reference": str}
 A record that fits none of them is rejected under a named reason (`wrong_schema`, `bad_role`, ...).
 """
@@ -173,7 +177,67 @@ def _split_hh(transcript: str) -> tuple[list[dict[str, str]], str] | None:
     return turns[:-1], turns[-1]["content"]
 
 
+LABELS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "up": True, "down": False}
+
+
+def is_unpaired(record: dict[str, Any]) -> bool:
+    """An internal preference record holding one rated completion (not a pair)."""
+    return "label" in record and "completion" in record
+
+
+def _label(value: Any) -> bool | None:
+    """true/false, 1/0, or their spellings in a CSV cell ("true", "yes", "up", ...); None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return LABELS.get(value.strip().lower())
+    return None
+
+
+def _unpaired(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """{"prompt", "completion", "label" | "thumbs_up"} or {"messages", "label" | "thumbs_up"} -> internal form."""
+    label = _label(raw["label"] if "label" in raw else raw["thumbs_up"])
+    if label is None:
+        return None, "bad_label"
+    if "messages" in raw and "completion" not in raw:
+        messages, reason = _messages({"messages": raw["messages"]})
+        if reason:
+            return None, reason
+        assert messages is not None
+        if messages[-1]["role"] != "assistant":
+            return None, "no_assistant_turn"
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    elif "prompt" in raw and "completion" in raw:
+        prompt, completion = raw["prompt"], raw["completion"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(completion, list):  # message list: the answer is its last assistant turn
+            completion = next((m.get("content") for m in reversed(completion) if isinstance(m, dict)
+                               and m.get("role") == "assistant"), None)
+            if completion is None:
+                return None, "missing_side"
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                   for m in prompt):
+            return None, "wrong_schema"
+    else:
+        return None, "wrong_schema"
+    if any(m["role"] not in ROLES for m in prompt):
+        return None, "bad_role"
+    if not isinstance(completion, str) or not all(isinstance(m["content"], str) for m in prompt):
+        return None, "non_string_content"
+    if not completion.strip() or not any(m["content"].strip() for m in prompt):
+        return None, "empty_content"
+    if not any(m["role"] == "user" for m in prompt):
+        return None, "no_user_turn"
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt], "completion": completion,
+            "label": label}, None
+
+
 def _preference(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    if ("label" in raw or "thumbs_up" in raw) and "chosen" not in raw and "rejected" not in raw:
+        return _unpaired(raw)
     if "prompt" not in raw and isinstance(raw.get("chosen"), str) and isinstance(raw.get("rejected"), str) \
             and "\n\nAssistant:" in raw["chosen"]:
         chosen, rejected = _split_hh(raw["chosen"]), _split_hh(raw["rejected"])
