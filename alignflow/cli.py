@@ -194,27 +194,35 @@ def export(
     model_uri: Annotated[str, typer.Argument(help="e.g. models:/demo-assistant@champion or models:/demo-assistant/3")],
     merged: Annotated[Path | None, typer.Option(help="write merged safetensors weights + tokenizer here")] = None,
     adapter: Annotated[Path | None, typer.Option(help="write the LoRA adapter + tokenizer here")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="write one GGUF file here (llama.cpp, Ollama): merged weights, "
+                                                   "tokenizer and chat template; Llama-family models")] = None,
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weight type: f16, q8_0 or f32")] = "f16",
     work_dir: WorkOpt = Path("runs"),
 ) -> None:
-    """Export a registered model as plain transformers files (merged) or as its PEFT adapter."""
+    """Export a registered model as plain transformers files (merged), its PEFT adapter, or a GGUF file."""
     import tempfile
 
     from alignflow.flows.registry import download_model
     from alignflow.tasks.export import ExportInputs
     from alignflow.tasks.export import run as do_export
 
-    if (merged is None) == (adapter is None):
-        err.print("[red]give exactly one of --merged OUT or --adapter OUT[/]")
+    if sum(x is not None for x in (merged, adapter, gguf)) != 1:
+        err.print("[red]give exactly one of --merged OUT, --adapter OUT or --gguf OUT.gguf[/]")
         raise typer.Exit(2)
+    if gguf_type not in ("f16", "q8_0", "f32"):
+        err.print(f"[red]--gguf-type {gguf_type}: expected f16, q8_0 or f32[/]")
+        raise typer.Exit(2)
+    out = merged or adapter or gguf
+    assert out is not None
+    kind = "merged" if merged else "adapter" if adapter else "gguf"
     _client(work_dir)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, config = _user_error(download_model, model_uri, Path(tmp))
-        out = merged or adapter
-        assert out is not None
-        result = do_export(ExportInputs(adapter=adapter_dir, base_path=Path(config["base_path"]),
-                                        base_spec=config.get("base_spec", ""), dtype=config.get("dtype", "float32"),
-                                        out_dir=out, kind="merged" if merged else "adapter"))
-    console.print(f"exported {model_uri} ({result['kind']}) to {out}")
+        result = _user_error(do_export, ExportInputs(
+            adapter=adapter_dir, base_path=Path(config["base_path"]), base_spec=config.get("base_spec", ""),
+            dtype=config.get("dtype", "float32"), out_dir=out, kind=kind, gguf_type=gguf_type))
+    extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
+    console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}")
 
 
 @app.command()

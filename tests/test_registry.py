@@ -132,6 +132,23 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     with torch.no_grad():
         assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-4)
         assert exported.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    # export GGUF (f16): transformers' GGUF loader reads it back, with the tokenizer and chat template from its
+    # metadata, and greedy continuations equal the merged export's
+    gguf_out = tmp_path / "gguf" / "smoke.gguf"
+    proc = _cli("export", f"models:/{name}@champion", "--gguf", str(gguf_out), "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert "f16" in proc.stdout
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_out.parent, gguf_file=gguf_out.name).eval()
+    gguf_tok = AutoTokenizer.from_pretrained(gguf_out.parent, gguf_file=gguf_out.name)
+    for prompt in ("List the fruits in: 'pears and figs'", "Rewrite the date 'May 2, 2024' in ISO 8601 format."):
+        chat = [{"role": "user", "content": prompt}]
+        ids = gguf_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+        assert ids.tolist() == tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                                       return_dict=True)["input_ids"].tolist()
+        with torch.no_grad():
+            assert torch.equal(from_gguf.generate(ids, max_new_tokens=16, do_sample=False),
+                               exported.generate(ids, max_new_tokens=16, do_sample=False))
     assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
                 "--work-dir", str(work)).returncode == 0
     assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()
