@@ -132,6 +132,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "evaluate.max_samples": (["evaluate.max_samples=6"], ("evaluate",)),
     "evaluate.metrics": (["evaluate.metrics=[rouge]"], ("evaluate",)),
     "evaluate.judge": (["evaluate.judge=true"], ("evaluate",)),
+    "evaluate.lm_eval": (["evaluate.lm_eval={tasks: [alignflow_sentiment], limit: 4}"], ("evaluate",)),
     "register.model_name": (["register.model_name=other"], ("register",)),
     "register.gate.min_win_rate": (["register.gate.min_win_rate=0.5"], ("register",)),
     "register.gate.min_win_rate_vs_champion": (["register.gate.min_win_rate_vs_champion=0.6"], ("register",)),
@@ -159,7 +160,8 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
                                                                 "evaluate", "register"),
            "the registry champion": ("evaluate", "register"),
-           "an adapter to continue (alignflow retrain)": ("sft",)}
+           "an adapter to continue (alignflow retrain)": ("sft",),
+           "the lm-eval version and the files under `evaluate.lm_eval.include_path`": ("evaluate",)}
 
 
 def recipe_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
