@@ -161,7 +161,7 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
                                                                 "evaluate", "register"),
            "the registry champion": ("evaluate", "register"),
            "an adapter to continue (alignflow retrain)": ("sft",),
-           "the lm-eval version and the files under `evaluate.lm_eval.include_path`": ("evaluate",)}
+           "the lm-eval version and the task files under its include_path": ("evaluate",)}
 
 
 def recipe_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -257,7 +257,7 @@ def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(base
     assert tuple(s for s in STAGES if changed[s] != unchanged[s]) == expected
 
 
-def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> None:
+def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_path: Path) -> None:
     folders = baseline["folders"]
     recipe = load_recipe(SMOKE)
     base = RunFacts(base_key="b", data=data_hashes(recipe), tracking_uri="sqlite:///a.db", champion={})
@@ -280,6 +280,19 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> No
     inputs = stage_inputs("register", recipe, folders, secret)
     assert "s3cret" not in json.dumps(inputs)
     assert stage_key("register", inputs) == stage_key("register", stage_inputs("register", recipe, folders, plain))
+    # the files of evaluate.lm_eval.include_path (a task's YAML or documents edited): evaluate only, and not the
+    # bytecode lm-eval leaves beside a task's `!function` module
+    from alignflow.tasks.evaluate import LmEvalConfig
+
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    harness = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={
+        "lm_eval": LmEvalConfig(tasks=["t"], include_path=str(tmp_path))})})
+    keys = {s: stage_key(s, stage_inputs(s, harness, folders, base)) for s in STAGES}
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "t.cpython-311.pyc").write_bytes(b"x")
+    assert keys == {s: stage_key(s, stage_inputs(s, harness, folders, base)) for s in STAGES}
+    (tmp_path / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
+    assert [s for s in STAGES if stage_key(s, stage_inputs(s, harness, folders, base)) != keys[s]] == ["evaluate"]
 
 
 # --- real runs: early cutoff and the defects users met ---------------------------------------------------------
