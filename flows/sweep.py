@@ -303,9 +303,11 @@ def _sweep_run(recipe: Recipe, work: Path, ident: str, params: list[ParamSpec], 
             client.set_tag(run_id, "alignflow.pid", str(os.getpid()))
             client.set_tag(run_id, "alignflow.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
             return Tracker(client, exp.experiment_id, run_id), True
+    from prefect.runtime import flow_run
+
     from alignflow.flows.keys import data_hashes
 
-    tracker = Tracker.start(recipe, work, data_hashes(recipe), "sweep", {
+    tracker = Tracker.start(recipe, work, data_hashes(recipe), str(flow_run.id or "local"), {
         "alignflow.sweep": ident, "alignflow.sweep_role": "parent", "alignflow.sweep_metric": metric,
         "alignflow.sweep_direction": direction})
     tracker.client.set_tag(tracker.parent_run_id, "mlflow.runName", f"sweep-{ident}")
