@@ -32,6 +32,30 @@ def test_params_parse_as_lists_or_ranges() -> None:
             parse_param(bad)
 
 
+def test_suggested_values_stay_in_range_and_make_valid_recipes() -> None:
+    import optuna
+
+    from alignflow.flows.sweep import _suggest, with_overrides
+    from alignflow.recipe import load_recipe
+    from alignflow.tasks.lib.errors import StageError
+
+    specs = [parse_param("sft.lora.r=4:32"), parse_param("sft.lr=1e-5:1e-3:log"), parse_param("dpo.loss=sigmoid,ipo")]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    smoke = load_recipe(ROOT / "configs" / "smoke.yaml")
+    for _ in range(5):
+        trial = study.ask()
+        values = {p.key: _suggest(trial, p) for p in specs}
+        assert isinstance(values["sft.lora.r"], int) and 4 <= values["sft.lora.r"] <= 32
+        assert 1e-5 <= values["sft.lr"] <= 1e-3 and values["dpo.loss"] in ("sigmoid", "ipo")
+        recipe = with_overrides(smoke, values)
+        assert (recipe.sft.lora.r, recipe.sft.lr, recipe.dpo.loss) == tuple(values.values())
+        study.tell(trial, 0.0)
+    with pytest.raises(StageError, match=r"sft\.lora\.r"):
+        with_overrides(smoke, {"sft.lora.r": -1})
+    with pytest.raises(StageError, match="not a recipe section"):
+        with_overrides(smoke, {"name.x": 1})
+
+
 def _sweep(work: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "alignflow.cli", "sweep", "configs/smoke.yaml", "--param",
                              "dpo.beta=0.05,0.2", "--work-dir", str(work)], cwd=ROOT, env=env,
