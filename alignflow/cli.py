@@ -101,6 +101,98 @@ def run(
 
 
 @app.command()
+def sweep(
+    recipe: RecipeArg,
+    param: Annotated[list[str], typer.Option("--param", help="KEY=v1,v2,... (values to try) or KEY=low:high[:log] "
+                                                             "(a range Optuna samples); repeatable")],
+    trials: Annotated[int | None, typer.Option(help="finished trials to reach (default: the grid's size when "
+                                                    "every --param is a list)")] = None,
+    metric: Annotated[str, typer.Option(help="evaluate metric to optimise, e.g. rougeL, exact_match, "
+                                             "win_rate_vs_base, lm_eval.<task>.acc")] = "rougeL",
+    direction: Annotated[str, typer.Option(help="maximize or minimize")] = "maximize",
+    parallel: Annotated[int, typer.Option(help="trials run at once (threads in this process)")] = 1,
+    set_: SetOpt = None,
+    work_dir: WorkOpt = Path("runs"),
+) -> None:
+    """Hyperparameter search: each trial a pipeline run up to evaluate; the best one is registered through the gate.
+    Re-running the same command resumes the study."""
+    r = _load(recipe, set_)
+    _quiet_environment()
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        err.print("[red]alignflow sweep needs Optuna:[/] pip install 'alignflow[sweep]'")
+        raise typer.Exit(2) from None
+    from alignflow.flows.sweep import grid_size, parse_param, with_overrides
+    from alignflow.tasks.lib.errors import StageError
+
+    problems: list[str] = []
+    specs = []
+    for text in param:
+        try:
+            specs.append(parse_param(text))
+        except ValueError as e:
+            problems.append(str(e))
+    if direction not in ("maximize", "minimize"):
+        problems.append(f"--direction {direction}: expected maximize or minimize")
+    if parallel < 1:
+        problems.append("--parallel must be at least 1")
+    grid = grid_size(specs) if not problems else None
+    if not problems and trials is None and grid is None:
+        problems.append("--trials N is needed when a --param is a range (a pure grid defaults to its size)")
+    for spec in specs:  # every value (or both ends of a range) must make a valid recipe, before any work
+        for value in spec.choices if spec.choices is not None else [spec.low, spec.high]:
+            if spec.integer and value is not None:
+                value = int(value)
+            try:
+                with_overrides(r, {spec.key: value})
+            except StageError as e:
+                problems.append(str(e))
+    if problems:
+        err.print(f"[bold red]sweep is not valid[/] ({len(problems)} problem(s)):")
+        for p in problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        raise typer.Exit(2)
+    n = trials if trials is not None else grid
+    assert n is not None
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from alignflow.flows.sweep import sweep as sweep_flow
+
+    console.print(f"[bold]alignflow sweep[/] '{r.name}': {n} trial(s) over {', '.join(s.key for s in specs)}, "
+                  f"{direction} {metric}, {parallel} at a time, in {work_dir.resolve()}")
+    try:
+        result = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))(
+            recipe=r, params=specs, trials=n, metric=metric, direction=direction, parallel=parallel,
+            work_dir=str(work_dir))
+    except StageError as e:
+        err.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: re-run the same command to resume the sweep")
+        raise typer.Exit(130) from None
+    table = Table(title=f"sweep {result['sweep_id']} ({result['metric']})")
+    for col in result["trials"][0]:
+        if col != "run_id":
+            table.add_column(col)
+    for row in result["trials"]:
+        table.add_row(*[f"{v:g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "run_id"])
+    console.print(table)
+    cache = result["cache"]
+    console.print(f"the cache served {cache['cache_saved_stage_runs']:g} of {cache['stage_runs']:g} stage runs "
+                  f"(~{cache['cache_saved_seconds']:g} s of work saved)")
+    best = result["best"]
+    console.print(f"best: trial {best['trial']} {best['params']} -> {result['metric']}={best['value']:g}")
+    if result.get("registered"):
+        reg = result["registered"]
+        why = "; ".join(reg["gate_reasons"]) or "gate passed"
+        console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as [bold]{reg['alias']}[/] "
+                      f"({why})")
+    console.print(f"MLflow sweep run {result['sweep_run_id']} (tag alignflow.sweep={result['sweep_id']}); "
+                  f"study {result['storage']}", highlight=False)
+
+
+@app.command()
 def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("runs")) -> None:
     """Retrain on data that arrived since the current champion; the gate decides. No new data: ends at once."""
     r = _load(recipe, set_)
@@ -194,27 +286,35 @@ def export(
     model_uri: Annotated[str, typer.Argument(help="e.g. models:/demo-assistant@champion or models:/demo-assistant/3")],
     merged: Annotated[Path | None, typer.Option(help="write merged safetensors weights + tokenizer here")] = None,
     adapter: Annotated[Path | None, typer.Option(help="write the LoRA adapter + tokenizer here")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="write one GGUF file here (llama.cpp, Ollama): merged weights, "
+                                                   "tokenizer and chat template; Llama-family models")] = None,
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weight type: f16, q8_0 or f32")] = "f16",
     work_dir: WorkOpt = Path("runs"),
 ) -> None:
-    """Export a registered model as plain transformers files (merged) or as its PEFT adapter."""
+    """Export a registered model as plain transformers files (merged), its PEFT adapter, or a GGUF file."""
     import tempfile
 
     from alignflow.flows.registry import download_model
     from alignflow.tasks.export import ExportInputs
     from alignflow.tasks.export import run as do_export
 
-    if (merged is None) == (adapter is None):
-        err.print("[red]give exactly one of --merged OUT or --adapter OUT[/]")
+    if sum(x is not None for x in (merged, adapter, gguf)) != 1:
+        err.print("[red]give exactly one of --merged OUT, --adapter OUT or --gguf OUT.gguf[/]")
         raise typer.Exit(2)
+    if gguf_type not in ("f16", "q8_0", "f32"):
+        err.print(f"[red]--gguf-type {gguf_type}: expected f16, q8_0 or f32[/]")
+        raise typer.Exit(2)
+    out = merged or adapter or gguf
+    assert out is not None
+    kind = "merged" if merged else "adapter" if adapter else "gguf"
     _client(work_dir)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, config = _user_error(download_model, model_uri, Path(tmp))
-        out = merged or adapter
-        assert out is not None
-        result = do_export(ExportInputs(adapter=adapter_dir, base_path=Path(config["base_path"]),
-                                        base_spec=config.get("base_spec", ""), dtype=config.get("dtype", "float32"),
-                                        out_dir=out, kind="merged" if merged else "adapter"))
-    console.print(f"exported {model_uri} ({result['kind']}) to {out}")
+        result = _user_error(do_export, ExportInputs(
+            adapter=adapter_dir, base_path=Path(config["base_path"]), base_spec=config.get("base_spec", ""),
+            dtype=config.get("dtype", "float32"), out_dir=out, kind=kind, gguf_type=gguf_type))
+    extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
+    console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}")
 
 
 @app.command()

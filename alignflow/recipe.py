@@ -104,10 +104,20 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
-        problem = _full_but_quantized(self.sft.method, self.quantize.bits)
+        problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
+            self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else [])
         if problem:
             raise ValueError(problem)
         return self
+
+
+def _gate_on_unmeasured_harness_task(rules: dict[str, float], tasks: list[str]) -> str | None:
+    """A regression rule on `lm_eval.<task>.<metric>` needs that task in evaluate.lm_eval.tasks."""
+    unmeasured = sorted(k for k in rules if k.startswith("lm_eval.") and k.split(".")[1] not in tasks)
+    if unmeasured:
+        return (f"register.gate.max_regression: {', '.join(unmeasured)} names a task evaluate.lm_eval.tasks does "
+                f"not run (tasks: {tasks or 'none'})")
+    return None
 
 
 def _full_but_quantized(method: Any, bits: Any) -> str | None:
@@ -260,7 +270,30 @@ def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, lis
         resolved[name] = files
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     problems.extend(_check_base(str(model.get("base", ModelSection().base))))
+    evaluate = raw.get("evaluate") if isinstance(raw.get("evaluate"), dict) else {}
+    problems.extend(_check_lm_eval(evaluate.get("lm_eval"), recipe_dir))
     return resolved, problems
+
+
+def _check_lm_eval(section: Any, recipe_dir: Path) -> list[str]:
+    """evaluate.lm_eval: the extra installed, include_path a folder, every task found (lm-eval's own index is
+    built only for names no local YAML declares). A malformed section is the schema's to report."""
+    if not isinstance(section, dict) or not isinstance(section.get("tasks"), list) or not section["tasks"]:
+        return []
+    include = section.get("include_path")
+    if include is not None:
+        folder = next((f for f in (Path(str(include)).expanduser(), recipe_dir / str(include)) if f.is_dir()), None)
+        if folder is None:
+            return [f"evaluate.lm_eval.include_path: folder not found: {include}"]
+        section["include_path"] = str(folder.resolve())  # absolute from here on: stages run from any folder
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.lib.harness import task_manager
+
+    try:
+        task_manager([str(t) for t in section["tasks"]], section.get("include_path"))
+    except StageError as e:
+        return [str(e)]
+    return []
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str | None:

@@ -86,7 +86,8 @@ LOADS_BASE: frozenset[Stage] = frozenset({"synthesize", "tokenize", "quantize", 
                                           "register"})
 # Files a stage loads by path rather than by import: evaluate's metric modules (relative to metrics/).
 EXTRA_SOURCES: dict[Stage, tuple[str, ...]] = {
-    "evaluate": ("rouge/rouge.py", "bleu/bleu.py", "exact_match/exact_match.py"),
+    "evaluate": ("rouge/rouge.py", "bleu/bleu.py", "exact_match/exact_match.py", "lm_eval_tasks/loader.py",
+                 "lm_eval_tasks/alignflow_sentiment.yaml", "lm_eval_tasks/alignflow_sentiment.jsonl"),
 }
 TRAINING: frozenset[Stage] = frozenset({"sft", "reward", "dpo"})
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
@@ -222,11 +223,30 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         return {"reward_files": [sha256_tree(f) if f is not None and f.exists() else None for f in files]}
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
-                "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None}
+                "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None,
+                **({"lm_eval": harness_identity(recipe.evaluate.lm_eval.include_path)} if recipe.evaluate.lm_eval
+                   else {})}
     if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version; and on
         # the champion evaluate compared with (register refuses to promote over another one)
         return {"tracking_uri": without_credentials(facts.tracking_uri), "champion": facts.champion}
     return {}
+
+
+def harness_identity(include_path: str | None) -> dict[str, str | None]:
+    """What the lm-eval tasks' definitions come from beyond the recipe: the harness's version (its built-in tasks
+    and metrics) and the contents of the recipe's task folder. (The shipped tasks are in evaluate's code hash.)"""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        harness = version("lm_eval")
+    except PackageNotFoundError:
+        harness = "absent"
+    if not include_path:
+        return {"lm_eval": harness, "include_path": None}
+    root = Path(include_path).expanduser()
+    files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)  # lm-eval imports
+    return {"lm_eval": harness,  # a task's `!function` module, which writes bytecode beside it
+            "include_path": sha256_json([[f.relative_to(root).as_posix(), sha256_tree(f)] for f in files])}
 
 
 def without_credentials(uri: str) -> str:

@@ -348,7 +348,9 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     for stage in ctx.folders:
         for k, v in read_manifest(ctx.folders[stage]).get("metrics", {}).items():
             # with `--until curate` the data is the result: records in / kept / dropped by reason
-            if k in HEADLINE or (until == "curate" and (".records_" in k or ".dropped." in k)):
+            # the harness's scores of the tuned model and the base (lm_eval.<task>.<metric>[_base]) too
+            harness = k.startswith("lm_eval.") and not k.endswith(("_ci_low", "_ci_high", "_higher_is_better"))
+            if k in HEADLINE or harness or (until == "curate" and (".records_" in k or ".dropped." in k)):
                 summary[k] = float(v)
     ctx.tracker.finish("FINISHED", summary)
     result: dict[str, Any] = {

@@ -20,7 +20,16 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
   candidate - champion). The gate decides on these bounds;
 - optional pairwise LLM judge (`judge: true`): the recipe's teacher compares the base's and the tuned model's
   answers in both orders; a win needs both orders, a disagreement counts one half (`judge_win_rate_vs_base`);
-- `samples.jsonl`: prompt, reference, each model's answer and reward (the side-by-side table).
+- `samples.jsonl`: prompt, reference, each model's answer and reward (the side-by-side table);
+- optional standard benchmarks (`lm_eval: {tasks: [...]}`): EleutherAI's lm-evaluation-harness on the same model
+  objects (tasks/lib/harness.py): the tuned model, the base (the one base model this stage loaded, before any
+  adapter goes on: no second copy) and the champion. Metrics `lm_eval.<task>.<metric>` (tuned),
+  `..._base`, `..._champion`, and for metrics the harness gives per document (a mean over documents), a paired
+  bootstrap of tuned - champion over the same documents, `lm_eval.<task>.<metric>_delta_ci_low/_ci_high`, which
+  `register.gate.max_regression` reads like any other metric's; `lm_eval.<task>.<metric>_higher_is_better` (1/0)
+  tells the gate which way a loss goes. `lm_eval_results.json` holds each model's harness results per task,
+  `lm_eval_samples.jsonl` the per-document values.
+
 
 The base's, the SFT model's and the champion's answers (and reference log-likelihoods) are cached under keys of
 their own in `<work>/cache/answers/` (their weights, the tokenizer, the prompts and references, the generation
@@ -40,6 +49,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignflow.tasks.lib.harness import HarnessResult, run_harness, task_manager
 from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
@@ -49,6 +59,17 @@ from alignflow.tasks.lib.training import seed_everything
 Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
 
 
+class LmEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(..., min_length=1, description="lm-eval task, group or tag names, e.g. "
+                             "[alignflow_sentiment] (shipped) or [arc_easy] (needs the hub or its cache)")
+    include_path: str | None = Field(None, description="a folder of lm-eval task YAMLs, searched besides the "
+                                     "shipped alignflow/metrics/lm_eval_tasks")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (None: each task's default)")
+    limit: int | None = Field(None, gt=0, description="first N documents per task (None: all)")
+    batch_size: int = Field(8, gt=0, description="requests per forward pass")
+
+
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(48, gt=0, description="tokens generated per answer (greedy)")
@@ -56,6 +77,8 @@ class EvaluateConfig(BaseModel):
     max_samples: int | None = Field(None, gt=0, description="evaluate on the first N eval records (None: all)")
     metrics: list[Metric] = ["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
     judge: bool = Field(False, description="also let the teacher judge tuned vs base answers (both orders)")
+    lm_eval: LmEvalConfig | None = Field(None, description="also run lm-evaluation-harness tasks on the tuned "
+                                         "model, the base and the champion (the optional lm-eval extra)")
 
 
 class EvaluateInputs(BaseModel):
@@ -96,6 +119,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     references = [r["reference"] for r in records]
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    harness: dict[str, HarnessResult] = {}
+    manager = task_manager(cfg.lm_eval.tasks, cfg.lm_eval.include_path) if cfg.lm_eval else None
 
     # --- every model answers every prompt (an adapter goes over the one base model, then comes off again) -------
     others = {"sft": tuned_weights(inputs.sft) if inputs.sft else None, "champion": inputs.champion,
@@ -141,29 +166,39 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         tmp.write_text(json.dumps({"answers": answers[name], "nlls": nlls.get(name)}))
         os.replace(tmp, path)
 
-    cached_answers = []
-    if from_cache("base"):
-        cached_answers.append("base")
-    else:
-        measure("base", base_model)
-        to_cache("base")
-    for name, weights in others.items():
-        if weights is None:
-            continue
+    cached_answers: list[str] = []
+
+    def wanted(name: str) -> bool:
+        """Whether this model must be loaded: its answers are not cached, or the harness runs on it."""
         if from_cache(name):
             cached_answers.append(name)
+            return bool(cfg.lm_eval) and name != "sft"
+        return True
+
+    def answer(name: str, model: Any) -> None:
+        if name not in answers:  # not from the cache
+            measure(name, model)
+            to_cache(name)
+        if cfg.lm_eval and name != "sft":  # the same object: the base, or the base with this adapter on
+            harness[name] = run_harness(model, load_tokenizer(inputs.tokenized / "tokenizer"), cfg.lm_eval.tasks,
+                                        manager, num_fewshot=cfg.lm_eval.num_fewshot, limit=cfg.lm_eval.limit,
+                                        batch_size=cfg.lm_eval.batch_size, seed=inputs.seed)
+
+    if wanted("base"):
+        answer("base", base_model)
+    for name, weights in others.items():
+        if weights is None or not wanted(name):
             continue
         if is_adapter(weights):
             from peft import PeftModel
 
             adapted = PeftModel.from_pretrained(base_model, weights, adapter_name=name)
-            measure(name, adapted)
+            answer(name, adapted)
             base_model = adapted.unload()  # back to the plain base, without this adapter's layers
         else:  # a full fine-tune: its own complete weights
             full = load_causal_lm(weights, inputs.dtype)
-            measure(name, full)
+            answer(name, full)
             del full
-        to_cache(name)
     compared = [name for name in ("base", "sft", "champion") if name in answers]
 
     # --- reference metrics, per model, with paired intervals where the gate reads them ----------------------
@@ -254,6 +289,15 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["judge_win_rate_vs_base"] = round(
             sum(1.0 if t > b else 0.0 if b > t else 0.5 for b, t in verdicts) / max(len(verdicts), 1), 4)
 
+    outputs = ["samples.jsonl"]
+    if harness:
+        metrics.update(_harness_metrics(harness, inputs.seed))
+        (out / "lm_eval_results.json").write_text(json.dumps({n: r.raw for n, r in harness.items()}, indent=2,
+                                                             default=str))
+        write_jsonl(out / "lm_eval_samples.jsonl", ({"model": n, "metric": m, "doc_id": d, "value": v}
+                                                    for n, r in harness.items() for m, docs in r.per_doc.items()
+                                                    for d, v in sorted(docs.items())))
+        outputs += ["lm_eval_results.json", "lm_eval_samples.jsonl"]
     write_jsonl(out / "samples.jsonl", (
         {"prompt": p[-1]["content"], "reference": ref,
          **{name: answers[name][i] for name in compared}, "tuned": answers[tuned][i],
@@ -265,8 +309,30 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     eval_config_hash = sha256_json([records, cfg.max_samples, cfg.max_new_tokens, inputs.base.name])
     return write_manifest(out, {"stage": "evaluate", "compared": compared, "eval_config_hash": eval_config_hash,
                                 "cached_answers": cached_answers,  # models whose answers came from the cache
-                                "outputs": ["samples.jsonl"],
-                                "artifacts": ["samples.jsonl"], "metrics": metrics})
+                                "outputs": outputs, "artifacts": outputs, "metrics": metrics})
+
+
+def _harness_metrics(harness: dict[str, HarnessResult], seed: int) -> dict[str, float]:
+    """`lm_eval.<task>.<metric>` for the tuned model, `_base` / `_champion` for the others, the direction, and the
+    paired interval of tuned - champion where both have per-document values over the same documents."""
+    tuned = harness["tuned"]
+    metrics: dict[str, float] = {}
+    for name, value in tuned.metrics.items():
+        key = f"lm_eval.{name}"
+        metrics[key] = round(value, 4)
+        metrics[f"{key}_higher_is_better"] = float(tuned.higher_is_better[name])
+        for other in ("base", "champion"):
+            if other in harness and name in harness[other].metrics:
+                metrics[f"{key}_{other}"] = round(harness[other].metrics[name], 4)
+        champion = harness.get("champion")
+        if champion is not None and name in tuned.per_doc and name in champion.per_doc:
+            docs = sorted(set(tuned.per_doc[name]) & set(champion.per_doc[name]))
+            _put(metrics, f"{key}_delta", delta_ci([tuned.per_doc[name][d] for d in docs],
+                                                    [champion.per_doc[name][d] for d in docs], seed))
+        elif champion is not None and name in champion.metrics:  # an aggregate with no per-document values
+            delta = round(value - champion.metrics[name], 4)
+            metrics[f"{key}_delta_ci_low"] = metrics[f"{key}_delta_ci_high"] = delta
+    return metrics
 
 
 def _mean(values: list[float]) -> float:

@@ -4,6 +4,8 @@
   config, generation config and tokenizer (chat template included): `AutoModelForCausalLM.from_pretrained(OUT)`
   loads it anywhere transformers runs.
 - adapter: the PEFT adapter folder + tokenizer, and `base_model.json` naming the base it applies to.
+- gguf: the merged weights as one GGUF file for llama.cpp / Ollama (`tasks/lib/gguf_file.py`: Llama-family
+  architectures, byte-level BPE tokenizers, tokenizer and chat template in the metadata), in f32, f16 or q8_0.
 
 A full fine-tune was registered as complete weights: `merged` copies them; it has no adapter to export.
 """
@@ -26,13 +28,16 @@ class ExportInputs(BaseModel):
     base_spec: str
     dtype: str = "float32"
     out_dir: Path
-    kind: Literal["merged", "adapter"] = "merged"
+    kind: Literal["merged", "adapter", "gguf"] = "merged"
+    gguf_type: Literal["f32", "f16", "q8_0"] = "f16"  # kind gguf: how the 2-D weights are stored
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.models import is_adapter
 
     out = inputs.out_dir
+    if inputs.kind == "gguf":
+        return _gguf(inputs)
     if not is_adapter(inputs.adapter):
         if inputs.kind == "adapter":
             raise StageError("export: this model is a full fine-tune (complete weights, no adapter); use --merged")
@@ -54,3 +59,23 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(inputs.adapter).save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}
+
+
+def _gguf(inputs: ExportInputs) -> dict[str, Any]:
+    """Merge in memory (the adapter over the base, or the full weights as they are), then write one GGUF file.
+    Merging happens in float32 whatever the recipe's dtype, so the file's f16 / q8_0 rounding happens once."""
+    from alignflow.tasks.lib.gguf_file import write_gguf
+    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer
+
+    if is_adapter(inputs.adapter):
+        from peft import PeftModel
+
+        base = load_causal_lm(inputs.base_path, "float32")
+        model = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()
+    else:
+        model = load_causal_lm(inputs.adapter, "float32")
+    tok = load_tokenizer(inputs.adapter)
+    name = inputs.base_spec.removeprefix("embedded:").replace("/", "-") or model.config.model_type
+    written = write_gguf(model.eval(), tok, inputs.out_dir, inputs.gguf_type, name=name)
+    return {"kind": "gguf", "out_dir": str(inputs.out_dir), **written}
+

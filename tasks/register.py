@@ -40,7 +40,8 @@ class GateConfig(BaseModel):
         0.0, description="the lower 95% bound of rougeL - rougeL_base must exceed this (None: not checked)")
     max_regression: dict[str, float] = Field(
         {}, description="metric -> largest allowed loss vs the champion, checked on the loss's upper 95% bound, "
-        "e.g. {rougeL: 0.02, perplexity: 0.1}")
+        "e.g. {rougeL: 0.02, perplexity: 0.1, lm_eval.arc_easy.acc: 0.01} (lm_eval.<task>.<metric>: a metric of "
+        "evaluate.lm_eval)")
     require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
     min_judge_accuracy: float | None = Field(
         0.6, ge=0, le=1, description="the lower 95% (Wilson) bound of the reward model's accuracy on held-out pairs "
@@ -50,10 +51,17 @@ class GateConfig(BaseModel):
     @field_validator("max_regression")
     @classmethod
     def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - GATED_METRICS
+        unknown = {k for k in v if k not in GATED_METRICS and not _harness_metric(k)}
         if unknown:
-            raise ValueError(f"unknown metric(s) {sorted(unknown)}; gateable: {sorted(GATED_METRICS)}")
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; gateable: {sorted(GATED_METRICS)} and "
+                             "lm_eval.<task>.<metric> for a task of evaluate.lm_eval")
         return v
+
+
+def _harness_metric(name: str) -> bool:
+    """`lm_eval.<task>.<metric>[.<filter>]`: a metric of the lm-evaluation-harness tasks evaluate runs."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[0] == "lm_eval" and all(parts[1:])
 
 
 class RegisterConfig(BaseModel):
@@ -127,7 +135,8 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
             reasons.append(f"{name} was not measured against the champion, so its regression cannot be checked")
             continue
         # delta = candidate - champion; the loss is its negative, or itself where lower is better
-        worst = high if name in LOWER_IS_BETTER else -low
+        lower_is_better = name in LOWER_IS_BETTER or metrics.get(f"{name}_higher_is_better") == 0
+        worst = high if lower_is_better else -low
         decided.append(f"{name} loss upper bound={worst:.4f} <= max_regression={allowed}")
         if worst > allowed:
             reasons.append(f"{name} may have regressed by up to {worst:.4f} vs the champion (95% upper bound; "

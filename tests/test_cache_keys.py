@@ -142,6 +142,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "evaluate.max_samples": (["evaluate.max_samples=6"], ("evaluate",)),
     "evaluate.metrics": (["evaluate.metrics=[rouge]"], ("evaluate",)),
     "evaluate.judge": (["evaluate.judge=true"], ("evaluate",)),
+    "evaluate.lm_eval": (["evaluate.lm_eval={tasks: [alignflow_sentiment], limit: 4}"], ("evaluate",)),
     "register.model_name": (["register.model_name=other"], ("register",)),
     "register.gate.min_win_rate": (["register.gate.min_win_rate=0.5"], ("register",)),
     "register.gate.min_win_rate_vs_champion": (["register.gate.min_win_rate_vs_champion=0.6"], ("register",)),
@@ -171,7 +172,8 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
                                                                 "evaluate", "register"),
            "the registry champion": ("evaluate", "register"),
-           "an adapter to continue (alignflow retrain)": ("sft",)}
+           "an adapter to continue (alignflow retrain)": ("sft",),
+           "the lm-eval version and the task files under its include_path": ("evaluate",)}
 
 
 def recipe_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -267,7 +269,7 @@ def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(base
     assert tuple(s for s in STAGES if changed[s] != unchanged[s]) == expected
 
 
-def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> None:
+def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_path: Path) -> None:
     folders = baseline["folders"]
     recipe = load_recipe(SMOKE)
     base = RunFacts(base_key="b", data=data_hashes(recipe), tracking_uri="sqlite:///a.db", champion={})
@@ -290,6 +292,19 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any]) -> No
     inputs = stage_inputs("register", recipe, folders, secret)
     assert "s3cret" not in json.dumps(inputs)
     assert stage_key("register", inputs) == stage_key("register", stage_inputs("register", recipe, folders, plain))
+    # the files of evaluate.lm_eval.include_path (a task's YAML or documents edited): evaluate only, and not the
+    # bytecode lm-eval leaves beside a task's `!function` module
+    from alignflow.tasks.evaluate import LmEvalConfig
+
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    harness = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={
+        "lm_eval": LmEvalConfig(tasks=["t"], include_path=str(tmp_path))})})
+    keys = {s: stage_key(s, stage_inputs(s, harness, folders, base)) for s in STAGES}
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "t.cpython-311.pyc").write_bytes(b"x")
+    assert keys == {s: stage_key(s, stage_inputs(s, harness, folders, base)) for s in STAGES}
+    (tmp_path / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
+    assert [s for s in STAGES if stage_key(s, stage_inputs(s, harness, folders, base)) != keys[s]] == ["evaluate"]
 
 
 def test_what_the_preference_stage_reads_follows_its_loss(baseline: dict[str, Any], tmp_path: Path) -> None:

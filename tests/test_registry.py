@@ -47,6 +47,16 @@ def test_gate_decides_on_interval_bounds() -> None:
     assert gate(GateConfig(max_regression={"rougeL": 0.0}), champion, True)[0]  # the loss may reach 0.01 > 0
     with pytest.raises(ValueError, match="unknown metric"):
         GateConfig(max_regression={"vibes": 0.1})
+    # harness metrics gate like the others; their direction comes from the harness (higher_is_better)
+    harness = {**champion, "lm_eval.arc_easy.acc_delta_ci_low": -0.03, "lm_eval.arc_easy.acc_delta_ci_high": 0.02,
+               "lm_eval.arc_easy.acc_higher_is_better": 1.0, "lm_eval.wiki.word_perplexity_delta_ci_low": -0.5,
+               "lm_eval.wiki.word_perplexity_delta_ci_high": 0.4, "lm_eval.wiki.word_perplexity_higher_is_better": 0.0}
+    rules = GateConfig(max_regression={"lm_eval.arc_easy.acc": 0.01, "lm_eval.wiki.word_perplexity": 0.5})
+    said = " | ".join(gate(rules, harness, True)[0])
+    assert "lm_eval.arc_easy.acc may have regressed by up to 0.0300" in said and "word_perplexity" not in said
+    said = " | ".join(gate(GateConfig(max_regression={"lm_eval.wiki.word_perplexity": 0.3}), harness, True)[0])
+    assert "lm_eval.wiki.word_perplexity may have regressed by up to 0.4000" in said  # lower is better: the rise
+    assert "not measured against the champion" in " ".join(gate(rules, champion, True)[0])  # absent: fails closed
 
 
 def test_a_tie_with_the_champion_is_not_promoted() -> None:
@@ -80,20 +90,42 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_challenger_promote_rollback_compare_export(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
-    smoke: Recipe = load_recipe(ROOT / "configs" / "smoke.yaml")
+    # the shipped lm-eval task runs on the tuned model, the base and (second run) the champion
+    smoke: Recipe = load_recipe(ROOT / "configs" / "smoke.yaml",
+                                ["evaluate.lm_eval={tasks: [alignflow_sentiment], batch_size: 8}"])
     work = tmp_path / "work"
     first = pipeline(recipe=smoke, work_dir=str(work))
     assert first["registered"]["alias"] == "champion"
 
     # A different candidate (other dpo.beta) facing an impossible gate stays challenger; champion is unchanged.
+    # The harness metric's rule (it must gain at least 0.01 over the champion: an allowed loss of -0.01) refuses
+    # it on its own bound, computed from the 24 documents' paired values.
     strict = smoke.model_copy(update={
         "dpo": smoke.dpo.model_copy(update={"beta": 0.5}),
-        "register": smoke.register.model_copy(update={"gate": GateConfig(min_win_rate=0.0, min_rougeL_gain=5.0)})})
+        "register": smoke.register.model_copy(update={"gate": GateConfig(
+            min_win_rate=0.0, min_rougeL_gain=5.0, max_regression={"lm_eval.alignflow_sentiment.acc": -0.01})})})
     second = pipeline(recipe=strict, work_dir=str(work))
     assert second["registered"]["alias"] == "challenger" and second["registered"]["version"] == "2"
     assert any("rougeL_gain_ci_low" in r for r in second["registered"]["gate_reasons"])
+    assert any(r.startswith("lm_eval.alignflow_sentiment.acc may have regressed by up to")
+               for r in second["registered"]["gate_reasons"])
     assert "win_rate_vs_champion" in second["metrics"]  # evaluated against the registered champion
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    evaluated = {}
+    for result, others in ((first, ("base",)), (second, ("base", "champion"))):
+        run = client.search_runs([result["experiment_id"]], filter_string=(
+            f"tags.mlflow.parentRunId = '{result['parent_run_id']}' and tags.alignflow.stage = 'evaluate'"))[0]
+        evaluated[result["parent_run_id"]] = run.data.metrics
+        for suffix in ("", *[f"_{o}" for o in others]):
+            assert 0.0 <= run.data.metrics[f"lm_eval.alignflow_sentiment.acc{suffix}"] <= 1.0
+        assert "lm_eval_results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    measured = evaluated[second["parent_run_id"]]
+    low, high = (measured[f"lm_eval.alignflow_sentiment.acc_delta_ci_{e}"] for e in ("low", "high"))
+    point = measured["lm_eval.alignflow_sentiment.acc"] - measured["lm_eval.alignflow_sentiment.acc_champion"]
+    assert low <= point + 1e-9 and point - 1e-9 <= high
+    # the champion re-measured in the second run is the first run's tuned model
+    assert measured["lm_eval.alignflow_sentiment.acc_champion"] == \
+        evaluated[first["parent_run_id"]]["lm_eval.alignflow_sentiment.acc"]
     name = "smoke-assistant"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
@@ -132,6 +164,23 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     with torch.no_grad():
         assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-4)
         assert exported.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    # export GGUF (f16): transformers' GGUF loader reads it back, with the tokenizer and chat template from its
+    # metadata, and greedy continuations equal the merged export's
+    gguf_out = tmp_path / "gguf" / "smoke.gguf"
+    proc = _cli("export", f"models:/{name}@champion", "--gguf", str(gguf_out), "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert "f16" in proc.stdout
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_out.parent, gguf_file=gguf_out.name).eval()
+    gguf_tok = AutoTokenizer.from_pretrained(gguf_out.parent, gguf_file=gguf_out.name)
+    for prompt in ("List the fruits in: 'pears and figs'", "Rewrite the date 'May 2, 2024' in ISO 8601 format."):
+        chat = [{"role": "user", "content": prompt}]
+        ids = gguf_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+        assert ids.tolist() == tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                                       return_dict=True)["input_ids"].tolist()
+        with torch.no_grad():
+            assert torch.equal(from_gguf.generate(ids, max_new_tokens=16, do_sample=False),
+                               exported.generate(ids, max_new_tokens=16, do_sample=False))
     assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
                 "--work-dir", str(work)).returncode == 0
     assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()

@@ -1,0 +1,120 @@
+"""`alignflow sweep`: Optuna trials as pipeline runs under one MLflow sweep run, sharing stages through the cache;
+Ctrl-C in the second trial, then the same command, resumes the study; the best trial is registered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from alignflow.flows.sweep import grid_size, parse_param
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_parse_as_lists_or_ranges() -> None:
+    beta = parse_param("dpo.beta=0.05,0.2")
+    assert beta.key == "dpo.beta" and beta.choices == [0.05, 0.2]
+    lr = parse_param("sft.lr=1e-5:1e-3:log")
+    assert (lr.low, lr.high, lr.log, lr.integer, lr.choices) == (1e-5, 1e-3, True, False, None)
+    assert parse_param("sft.lora.r=4:32").integer
+    assert parse_param("dpo.loss=sigmoid,ipo").choices == ["sigmoid", "ipo"]
+    assert grid_size([beta, parse_param("dpo.loss=sigmoid,ipo,hinge")]) == 6
+    assert grid_size([beta, lr]) is None
+    for bad in ("dpo.beta", "sft.lr=1e-3:1e-5", "sft.lr=0:1:log", "dpo.beta=0.1,"):
+        with pytest.raises(ValueError):
+            parse_param(bad)
+
+
+def test_suggested_values_stay_in_range_and_make_valid_recipes() -> None:
+    import optuna
+
+    from alignflow.flows.sweep import _suggest, with_overrides
+    from alignflow.recipe import load_recipe
+    from alignflow.tasks.lib.errors import StageError
+
+    specs = [parse_param("sft.lora.r=4:32"), parse_param("sft.lr=1e-5:1e-3:log"), parse_param("dpo.loss=sigmoid,ipo")]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    smoke = load_recipe(ROOT / "configs" / "smoke.yaml")
+    for _ in range(5):
+        trial = study.ask()
+        values = {p.key: _suggest(trial, p) for p in specs}
+        assert isinstance(values["sft.lora.r"], int) and 4 <= values["sft.lora.r"] <= 32
+        assert 1e-5 <= values["sft.lr"] <= 1e-3 and values["dpo.loss"] in ("sigmoid", "ipo")
+        recipe = with_overrides(smoke, values)
+        assert (recipe.sft.lora.r, recipe.sft.lr, recipe.dpo.loss) == tuple(values.values())
+        study.tell(trial, 0.0)
+    with pytest.raises(StageError, match=r"sft\.lora\.r"):
+        with_overrides(smoke, {"sft.lora.r": -1})
+    with pytest.raises(StageError, match="not a recipe section"):
+        with_overrides(smoke, {"name.x": 1})
+
+
+def _sweep(work: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "alignflow.cli", "sweep", "configs/smoke.yaml", "--param",
+                             "dpo.beta=0.05,0.2", "--work-dir", str(work)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect_server: None, tmp_path: Path) -> None:
+    import optuna
+    from prefect.settings import PREFECT_API_URL
+
+    work = tmp_path / "w"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())  # the session's server: no temporary one per command
+    proc = _sweep(work, env)
+    # Ctrl-C once the second trial is running (its dpo stage has a folder being written)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        dpo = work / "stages" / "dpo"
+        keys = {p.name.removesuffix(".partial") for p in dpo.glob("*") if not p.name.endswith(".lock")} \
+            if dpo.exists() else set()
+        if len(keys) >= 2:  # the second trial's dpo folder (another beta: another key) is being written
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    storage = f"sqlite:///{work / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    interrupted = optuna.load_study(study_name=name, storage=storage)
+    assert [t.state.name for t in interrupted.trials] == ["COMPLETE", "RUNNING"]
+
+    proc = _sweep(work, env)  # the same command: the study continues
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["dpo.beta"] for t in complete) == [0.05, 0.2]
+    assert study.trials[-1].user_attrs["retry_of"] == 1 and study.trials[-1].params == study.trials[1].params
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`alignflow.sweep_role` = 'parent'")
+    sweep = parent.data.tags["alignflow.sweep"]
+    assert name == f"alignflow-sweep-{sweep}" and parent.info.status == "FINISHED"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and "alignflow.sweep_trial" in r.data.tags]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) == 2 and {r.data.params["dpo.beta"] for r in finished} == {"0.05", "0.2"}
+    # sft trained once across both trials, the interrupted attempt and the best trial's registering run
+    sft = [r for r in runs if r.data.tags.get("alignflow.stage") == "sft"]
+    assert len(sft) >= 4 and sum(r.data.tags["alignflow.cached"] == "false" for r in sft) == 1
+    assert parent.data.metrics["cache_saved_stage_runs"] >= 6  # trial 2: curate ... reward came from the cache
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.json",
+                                                                           "parallel_coordinates.png"}
+    # the best trial went through register and the gate
+    best = study.best_trial
+    (registering,) = [r for r in runs if r.data.tags.get("alignflow.sweep_best") == str(best.number)]
+    version = client.get_model_version_by_alias("smoke-assistant", "champion")
+    assert version.tags["alignflow.parent_run_id"] == registering.info.run_id
+    assert f"best: trial {best.number}" in out
