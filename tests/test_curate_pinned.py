@@ -142,3 +142,21 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(curate(Path(tmp), 1), indent=2))
+
+
+def test_byte_range_shards_read_every_record_once_in_order(tmp_path: Path) -> None:
+    """Shards cut JSON Lines files at line starts: together they yield exactly the single pass's records, with its
+    line numbers, whatever the line ends (LF, CRLF, a lone CR), blank lines and a last line without an end."""
+    from alignflow.tasks.records.readers import read_all, read_shard
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b'{"i": 1}\r\n\r\n{"i": 2}\n{"i": 3}\r{"i": 4}\n\n\n{"i": 5}\r\n{bad\n'
+                      + b'{"i": 6}\n' * 7 + b'{"i": 7}')
+    csv = tmp_path / "b.csv"
+    csv.write_text("prompt,response\n" + "".join(f"q{i},a{i}\n" for i in range(5)))
+    files = [jsonl, csv, jsonl]
+    single = [((-1, -1), *row) for row in read_all(files)]
+    for shards in (1, 2, 3, 5, 40):
+        rows = sorted((row for shard in range(shards) for row in read_shard(files, shard, shards)),
+                      key=lambda row: row[0])
+        assert [row[1:] for row in rows] == [row[1:] for row in single], shards
