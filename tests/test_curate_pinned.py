@@ -160,3 +160,21 @@ def test_byte_range_shards_read_every_record_once_in_order(tmp_path: Path) -> No
         rows = sorted((row for shard in range(shards) for row in read_shard(files, shard, shards)),
                       key=lambda row: row[0])
         assert [row[1:] for row in rows] == [row[1:] for row in single], shards
+
+
+def test_long_curation_reports_records_per_second_and_an_eta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the pipeline shows in the curate progress artifact and logs to the terminal (flows/pipeline.py)."""
+    from alignflow.tasks.lib import progress
+
+    reports: list[tuple[float, str | None]] = []
+    monkeypatch.setattr(progress, "REPORT_EVERY", 0.0)  # every record; the default is every 5 s
+    progress.set_progress_reporter(lambda fraction, detail: reports.append((fraction, detail)))
+    try:
+        files = make_corpus(tmp_path, n=300)
+        run(CurateConfig(max_drop_fraction=1.0), CurateInputs(**files, out_dir=tmp_path / "out"))
+    finally:
+        progress.set_progress_reporter(None)
+    middle = [(f, d) for f, d in reports[:-1] if d]
+    assert len(middle) > 300 and all("records/s" in d and "ETA" in d for _, d in middle)
+    assert [f for f, _ in middle] == sorted(f for f, _ in middle) and 0 < middle[0][0] < middle[-1][0] <= 1
+    assert reports[-1][0] == 1.0 and "records/s" in str(reports[-1][1])

@@ -24,12 +24,15 @@ def report_progress(fraction: float, detail: str | None = None) -> None:
         _progress_reporter(min(max(fraction, 0.0), 1.0), detail)
 
 
-class RecordMeter:
-    """Counts records through a long loop and reports, at most every `every` seconds, the fraction done with
-    records/s and an ETA (`what`: e.g. "curate"); `total` is an estimate (0: unknown, no ETA)."""
+REPORT_EVERY = 5.0  # seconds between two reports of a RecordMeter (each is an API call and a log line)
 
-    def __init__(self, what: str, total: int, every: float = 5.0) -> None:
-        self.what, self.total, self.every = what, total, every
+
+class RecordMeter:
+    """Counts records through a long loop and reports, at most every REPORT_EVERY seconds, the fraction done
+    with records/s and an ETA (`what`: e.g. "curate"); `total` is an estimate (0: unknown, no ETA)."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.every = what, total, REPORT_EVERY
         self.done = 0
         self.started = self.last = time.monotonic()
 

@@ -88,11 +88,13 @@ class NearDuplicates:
         """MinHash values (uint32, one row of `num_perm` per text) of word lists, as `words()` gives them."""
         digests: list[bytes] = []
         counts = np.empty(len(texts), dtype=np.int64)
+        sha1 = hashlib.sha1
         for i, w in enumerate(texts):
-            # 5-word shingles; a text under 5 words is one shingle (an empty text: the empty shingle)
-            shingles = {" ".join(w[j : j + 5]).encode() for j in range(max(len(w) - 4, 1))}
-            digests += [hashlib.sha1(s).digest()[:4] for s in shingles]  # datasketch's sha1_hash32
-            counts[i] = len(shingles)
+            # 5-word shingles; a text under 5 words is one shingle (an empty text: the empty shingle). A shingle
+            # that repeats is hashed twice rather than deduplicated first: the minimum is the same.
+            n = max(len(w) - 4, 1)
+            digests += [sha1(" ".join(w[j : j + 5]).encode()).digest()[:4] for j in range(n)]  # sha1_hash32
+            counts[i] = n
         h = np.frombuffer(b"".join(digests), dtype="<u4").astype(np.uint32)
         s1, m1, s2, m2, s3 = _FMIX32
         h ^= h >> s1
