@@ -159,7 +159,7 @@ def print_progress(fraction: float, detail: str | None) -> None:
 
 def scale(args: argparse.Namespace) -> None:
     os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                       "PREFECT_LOGGING_LEVEL": "WARNING"})
+                       "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})
     from alignflow.flows.pipeline import curate_shards, task_runner
     from alignflow.recipe import ScaleOutSection
     from alignflow.tasks.lib.progress import set_progress_reporter
