@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,38 @@ def _quiet_environment() -> None:
         "GIT_PYTHON_REFRESH": "quiet",
     }.items():
         os.environ.setdefault(key, value)
+
+
+class _EarlyServer(threading.Thread):
+    """Prefect's temporary server, booted in its own process while this one imports the flow (MLflow, Prefect:
+    seconds) instead of after: the flow's client finds the same server (Prefect keeps one per process) already
+    answering. Only without PREFECT_API_URL, when Prefect would start one anyway; `join` re-raises its error."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="prefect-temporary-server")
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value():
+                from prefect.server.api.server import SubprocessASGIServer
+
+                SubprocessASGIServer().start()  # returns once the server answers /health
+        except BaseException as e:  # handed to the main thread by join()
+            self.error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def _start_prefect_server_early() -> _EarlyServer:
+    server = _EarlyServer()
+    server.start()
+    return server
 
 
 def _load(recipe: Path, overrides: list[str] | None) -> Any:
@@ -82,8 +115,10 @@ def run(
 
     console.print(f"[bold]alignflow[/] running '{r.name}' (base {r.model.base}) in {work_dir.resolve()}")
     try:
+        server = _start_prefect_server_early()
         from alignflow.flows.pipeline import pipeline
 
+        server.join()
         result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", markup=True, highlight=False)
@@ -200,8 +235,10 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
     from alignflow.tasks.lib.errors import StageError
 
     try:
+        server = _start_prefect_server_early()
         from alignflow.flows.retrain import retrain as retrain_flow
 
+        server.join()
         result = retrain_flow(recipe=r, work_dir=str(work_dir))
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", highlight=False)

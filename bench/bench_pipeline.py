@@ -1,16 +1,22 @@
-"""P1 orchestration overhead and P2 cached re-run, measured side by side in one process.
+"""P1 orchestration overhead and P2 cached re-run, each over several samples (median and range).
 
-  P1 = (pipeline wall time - plain script wall time) / plain script wall time
-       the pipeline: Prefect flow + tasks + cache records + MLflow parent/child runs + artifacts;
-       the plain script: the very same `tasks.<stage>.run` functions called in sequence, nothing else.
-  P2 = unchanged re-run of the pipeline / its cold run (every stage served from cache).
+  P1 = (pipeline wall time - plain script wall time) / plain script wall time, over `--pairs` alternating pairs
+       (pipeline, plain, pipeline, plain, ...), each run in a fresh work dir sharing one base model resolved
+       beforehand (warm for both: neither converts it), `--until evaluate` (register has no plain equivalent).
+       The pipeline: Prefect flow + tasks + cache records + MLflow parent/child runs + artifacts; the plain
+       script: the very same `tasks.<stage>.run` functions called in sequence, nothing else.
+  P2 in-process = the pipeline called again on an unchanged recipe (every stage served from cache, in this
+       process, Prefect's server already up) / the median cold pipeline run of P1.
+  P2 whole command = `alignflow run RECIPE` as users type it (a new process: imports, Prefect's temporary
+       server, MLflow store, hashing, register), `--cached` times on an unchanged recipe / the same command's
+       cold run in a fresh work dir (base model conversion included, as a user's first run).
   Also: `alignflow --help` wall time (median of 5).
 
-Both cold runs start from an empty work dir (each converts/builds its own base model). Machines here are
-shared and noisy: compare only figures printed by one invocation.
+Machines here are shared and noisy: compare only figures printed by one invocation.
 
-  python bench/bench_pipeline.py --recipe configs/smoke.yaml        # ~1.5 min
-  python bench/bench_pipeline.py --recipe configs/demo.yaml         # ~25 min on 2 cores
+  python bench/bench_pipeline.py --recipe configs/smoke.yaml                  # ~3 min
+  python bench/bench_pipeline.py --recipe configs/demo.yaml --pairs 3        # ~45 min on 2 quiet cores
+  python bench/bench_pipeline.py --recipe configs/demo.yaml --only-command   # P2 whole command only (~8 min)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "WARNING"})
+                   "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})  # as the CLI: slow first start
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from alignflow.recipe import Recipe, load_recipe  # noqa: E402
@@ -75,6 +83,22 @@ def timed(fn: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - started
 
 
+CPU: list[float] = []  # CPU seconds (user + system) of each `command`, children it waited for included
+
+
+def command(recipe: str, work: Path) -> float:
+    """`alignflow run RECIPE --work-dir WORK` in a new process, timed from launch to exit. Its CPU time goes
+    to CPU: on a loaded machine it says what the command costs when wall time mostly says what others cost."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "alignflow.cli", "run", recipe, "--work-dir", str(work)], check=True,
+                   stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return seconds
+
+
 def help_seconds() -> float:
     runs = []
     for _ in range(5):
@@ -84,31 +108,50 @@ def help_seconds() -> float:
     return statistics.median(runs)
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/smoke.yaml")
+    parser.add_argument("--pairs", type=int, default=3, help="P1: alternating pipeline / plain pairs")
+    parser.add_argument("--cached", type=int, default=3, help="P2: cached re-runs (in-process and whole command)")
+    parser.add_argument("--only-command", action="store_true", help="P2 whole command only (no P1 pairs)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     os.chdir(ROOT)
     recipe = load_recipe(Path(args.recipe))
     tmp = Path(tempfile.mkdtemp(prefix="alignflow-bench-"))
+    figures: dict[str, object] = {"recipe": args.recipe}
     try:
-        plain = timed(plain_script, recipe, tmp / "plain")
-        cold = timed(orchestrated, recipe, tmp / "flow")
-        warm = timed(orchestrated, recipe, tmp / "flow")
+        if not args.only_command:
+            resolve_base(recipe.model.base, tmp / "base", [Path(p) for p in recipe.data.sft])  # warm, untimed
+            pipe, plain, overhead = [], [], []
+            for i in range(args.pairs):
+                for kind in ("flow", "plain"):
+                    (tmp / f"{kind}-{i}").mkdir()
+                    (tmp / f"{kind}-{i}" / "base").symlink_to(tmp / "base", target_is_directory=True)
+                pipe.append(timed(orchestrated, recipe, tmp / f"flow-{i}"))
+                plain.append(timed(plain_script, recipe, tmp / f"plain-{i}"))
+                overhead.append((pipe[-1] - plain[-1]) / plain[-1])
+                print(f"pair {i + 1}: pipeline {pipe[-1]:.2f} s, plain {plain[-1]:.2f} s, "
+                      f"overhead {100 * overhead[-1]:+.1f} %", flush=True)
+            warm = [timed(orchestrated, recipe, tmp / "flow-0") for _ in range(args.cached)]
+            figures |= {"pipeline_s": spread(pipe), "plain_script_s": spread(plain),
+                        "P1_orchestration_overhead": spread(overhead), "pipeline_cached_s": spread(warm),
+                        "P2_in_process_cached_over_cold": round(statistics.median(warm) / statistics.median(pipe), 4)}
+        cold = command(args.recipe, tmp / "command")
+        cached = [command(args.recipe, tmp / "command") for _ in range(args.cached)]
+        figures |= {"command_cold_s": round(cold, 2), "command_cached_s": spread(cached),
+                    "P2_command_cached_over_cold": round(statistics.median(cached) / cold, 4),
+                    "command_cold_cpu_s": round(CPU[0], 2), "command_cached_cpu_s": spread(CPU[1:])}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    figures = {
-        "recipe": args.recipe,
-        "plain_script_s": round(plain, 2),
-        "pipeline_cold_s": round(cold, 2),
-        "pipeline_cached_s": round(warm, 2),
-        "P1_orchestration_overhead": round((cold - plain) / plain, 4),
-        "P2_cached_over_cold": round(warm / cold, 4),
-        "help_s": round(help_seconds(), 3),
-    }
+    figures["help_s"] = round(help_seconds(), 3)
     for k, v in figures.items():
-        print(f"{k:28s} {v}")
+        print(f"{k:32s} {v}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
 

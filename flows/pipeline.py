@@ -36,6 +36,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -50,7 +51,7 @@ from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifest
 from alignflow.tasks.lib.models import LOADS, device_kind
 from alignflow.tasks.lib.processes import folder_lock
-from alignflow.tasks.lib.progress import set_progress_reporter
+from alignflow.tasks.lib.progress import report_progress, set_progress_reporter
 
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
             "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_sft", "win_rate_vs_sft_ci_low",
@@ -109,7 +110,15 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
             return json.loads((final / MANIFEST).read_text())
         # the Prefect UI shows how far a long stage is (training stages report steps / max_steps)
         progress = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"alignflow {stage}: % done")
-        set_progress_reporter(lambda fraction: update_progress_artifact(progress, 100.0 * fraction))
+        logger = get_run_logger()
+
+        def reporter(fraction: float, detail: str | None) -> None:
+            # a detail (curate: records/s and ETA) goes into the artifact's description and the terminal's log
+            update_progress_artifact(progress, 100.0 * fraction, description=f"alignflow {detail}" if detail else None)
+            if detail:
+                logger.info(detail)
+
+        set_progress_reporter(reporter)
         loads_before = len(LOADS)
         try:
             with mlflow.start_run(run_id=run_id):  # active: the Trainers' MLflow callback logs live steps into it
@@ -149,6 +158,10 @@ def curate_shards(cfg: curate.CurateConfig, inputs: curate.CurateInputs) -> list
     """The per-record work of curate (parse, scrub, quality, MinHash, eval overlap) as mapped tasks."""
     jobs = [(name, i) for name in curate.SHARDED for i in range(cfg.shards)]
     futures = curate_shard.map(unmapped(cfg), unmapped(inputs), [j[0] for j in jobs], [j[1] for j in jobs])
+    started = time.monotonic()
+    for done, _ in enumerate(as_completed(futures), start=1):  # the shards' progress, then curate.run's merge
+        seconds = time.monotonic() - started
+        report_progress(done / len(jobs), f"curate: {done} of {len(jobs)} shards done in {seconds:.0f} s")
     return [f.result() for f in futures]
 
 

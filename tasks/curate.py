@@ -29,10 +29,12 @@ input order (phase 2, `_merge`), so the result equals a single pass.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,22 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_tree
 from alignflow.tasks.lib.jsonl import write_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
-from alignflow.tasks.records.checks import RecordChecks, check_dataset, decide_records, inspect_records
+from alignflow.tasks.lib.progress import RecordMeter, report_progress
+from alignflow.tasks.records.checks import (
+    BATCH,
+    RecordChecks,
+    check_dataset,
+    decide_records,
+    inspect_batches,
+    inspect_records,
+)
 from alignflow.tasks.records.decontaminate import DecontaminateConfig, EvalIndex
 from alignflow.tasks.records.dedup import DedupConfig
 from alignflow.tasks.records.quality import QualityConfig
-from alignflow.tasks.records.readers import Dataset, is_unpaired, read_all
+from alignflow.tasks.records.readers import Dataset, count_lines, is_unpaired, read_all, read_shard
 from alignflow.tasks.records.text import answer_texts
+
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), as write_jsonl writes
 
 
 # The recipe's `curate` section. Its record-level fields repeat `RecordChecks` (tasks/records/checks.py) with the
@@ -93,8 +105,9 @@ def shard_file(inputs: CurateInputs, name: Dataset, index: int, shards: int) -> 
 
 
 def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int) -> Path:
-    """Phase 1 for the records of `name` at positions index, index + shards, ...: parse, normalise, scrub,
-    quality, MinHash signature, eval overlap. Written as one pickle (an internal intermediate), atomically."""
+    """Phase 1 for shard `index` of `name` (its byte range of each JSON Lines file, see `read_shard`): parse,
+    normalise, scrub, quality, MinHash signature, eval overlap. Written as a stream of pickled batches (an
+    internal intermediate, never the whole shard in memory), atomically."""
     path = shard_file(inputs, name, index, cfg.shards)
     if path.exists():
         return path
@@ -104,25 +117,63 @@ def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int
     if cfg.decontaminate.enabled:
         eval_kept, *_ = check_dataset("eval", read_all(inputs.eval), checks, None)
         index_ = EvalIndex(eval_kept, cfg.decontaminate.ngram)
-    items = list(inspect_records(name, read_all(getattr(inputs, name)), checks, index_, index, cfg.shards,
-                                 portable=True))
+    items = inspect_batches(name, read_shard(getattr(inputs, name), index, cfg.shards), checks, index_,
+                            portable=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+        while batch := list(itertools.islice(items, BATCH)):
+            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)
     return path
 
 
+def _shard_stream(path: Path) -> Any:
+    with open(path, "rb") as f:
+        while True:
+            try:
+                batch = pickle.load(f)
+            except EOFError:
+                return
+            yield from batch
+
+
 def _shard_items(cfg: CurateConfig, inputs: CurateInputs, name: Dataset) -> Any:
-    """Every shard's items, back in input order (each shard file is already in order: merge the streams)."""
-    streams = []
-    for index in range(cfg.shards):
-        path = shard_file(inputs, name, index, cfg.shards)
+    """Every shard's items, back in input order (each shard's stream is in order: merge the streams)."""
+    paths = [shard_file(inputs, name, index, cfg.shards) for index in range(cfg.shards)]
+    for path in paths:
         if not path.exists():
             raise StageError(f"curate: shard {path.name} is missing; re-run the stage")
-        with open(path, "rb") as f:
-            streams.append(pickle.load(f))
-    return heapq.merge(*streams, key=lambda item: item["pos"])
+    return heapq.merge(*map(_shard_stream, paths), key=lambda item: item["pos"])
+
+
+class _KeptFile:
+    """Kept records, written as they are decided (a million records never sit in memory together), plus what
+    the data card needs: their count, answer lengths and the first two. With `unpaired_path` (the preference
+    data), unpaired feedback (one rated completion) goes to that file and pairs to `path`."""
+
+    def __init__(self, path: Path, unpaired_path: Path | None = None) -> None:
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.unpaired_file = open(unpaired_path, "w", encoding="utf-8") if unpaired_path else None  # noqa: SIM115
+        self.count = 0
+        self.unpaired = 0
+        self.lengths: list[int] = []
+        self.first: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.unpaired_file is not None and is_unpaired(record):
+            self.unpaired_file.write(_JSON(record) + "\n")
+            self.unpaired += 1
+        else:
+            self.file.write(_JSON(record) + "\n")
+        self.count += 1
+        self.lengths += [len(a) for a in answer_texts(record)]
+        if len(self.first) < 2:
+            self.first.append(record)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.unpaired_file is not None:
+            self.unpaired_file.close()
 
 
 def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
@@ -134,44 +185,60 @@ def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     samples_md: list[str] = []
     lengths: dict[str, list[int]] = {}
     checks = RecordChecks.model_validate(cfg)
+    # records/s and ETA for the Prefect progress artifact and the terminal (an estimate: JSON Lines lines)
+    meter = RecordMeter("curate", sum(count_lines(p) for n in SHARDED for p in getattr(inputs, n)))
+
+    def metered(items: Any) -> Any:
+        for item in items:
+            meter.add()
+            yield item
 
     # The eval set first: its n-grams decide what training data is contaminated.
     eval_kept, eval_dropped, eval_samples, eval_pii = check_dataset("eval", read_all(inputs.eval), checks, None)
     index = EvalIndex(eval_kept, cfg.decontaminate.ngram) if cfg.decontaminate.enabled else None
     for name in ("sft", "preference", "eval"):
         files: list[Path] = getattr(inputs, name)
-        if name == "eval":
-            kept, dropped, samples, pii = eval_kept, eval_dropped, eval_samples, eval_pii
-        else:
-            items = (_shard_items(cfg, inputs, name) if cfg.shards > 1  # type: ignore[arg-type]
-                     else inspect_records(name, read_all(files), checks, index))  # type: ignore[arg-type]
-            kept, dropped, samples, pii = decide_records(name, items, checks)  # type: ignore[arg-type]
-        n_in = len(kept) + sum(dropped.values())
-        if name == "preference":  # pairs and unpaired feedback (one rated completion) go to their own files
-            write_jsonl(out / "unpaired.jsonl", [r for r in kept if is_unpaired(r)])
-            write_jsonl(out / "preference.jsonl", [r for r in kept if not is_unpaired(r)])
-            metrics["preference.unpaired"] = sum(1 for r in kept if is_unpaired(r))
-        else:
-            write_jsonl(out / f"{name}.jsonl", kept)
+        # pairs and unpaired feedback (one rated completion) go to their own files
+        kept = _KeptFile(out / f"{name}.jsonl", out / "unpaired.jsonl" if name == "preference" else None)
+        try:
+            if name == "eval":
+                for record in eval_kept:
+                    kept.add(record)
+                dropped, samples, pii = eval_dropped, eval_samples, eval_pii
+            else:
+                items = (_shard_items(cfg, inputs, name) if cfg.shards > 1  # type: ignore[arg-type]
+                         else inspect_records(name, read_all(files), checks, index))  # type: ignore[arg-type]
+                streamed = not cfg.dedup.semantic.enabled  # semantic dedup needs every kept record first
+                records, dropped, samples, pii = decide_records(
+                    name, metered(items), checks, keep=kept.add if streamed else None)  # type: ignore[arg-type]
+                for record in records:
+                    kept.add(record)
+        finally:
+            kept.close()
+        n_in = kept.count + sum(dropped.values())
+        if name == "preference":
+            metrics["preference.unpaired"] = kept.unpaired
         metrics[f"{name}.records_in"] = n_in
-        metrics[f"{name}.records_kept"] = len(kept)
+        metrics[f"{name}.records_kept"] = kept.count
         for reason, count in sorted(dropped.items()):
             metrics[f"{name}.dropped.{reason}"] = count
         for kind, count in sorted(pii.items()):
             metrics[f"{name}.pii.{kind}"] = count
         rejects.extend(samples)
         reasons = ", ".join(f"{r}: {c}" for r, c in sorted(dropped.items())) or "-"
-        card.append(f"| {name} | {n_in} | {len(kept)} | {reasons} |")
-        lengths[name] = [len(a) for r in kept for a in answer_texts(r)]
-        shown = [json.dumps(r, ensure_ascii=False)[:400] for r in kept[:2]]
+        card.append(f"| {name} | {n_in} | {kept.count} | {reasons} |")
+        lengths[name] = kept.lengths
+        shown = [json.dumps(r, ensure_ascii=False)[:400] for r in kept.first]
         samples_md += [f"### {name}", "", *[f"```json\n{text}\n```" for text in shown]]
-        if n_in and (n_in - len(kept)) / n_in > cfg.max_drop_fraction:
+        if n_in and (n_in - kept.count) / n_in > cfg.max_drop_fraction:
             raise StageError(
-                f"curate: {name} lost {n_in - len(kept)} of {n_in} records ({reasons}), more than "
+                f"curate: {name} lost {n_in - kept.count} of {n_in} records ({reasons}), more than "
                 f"curate.max_drop_fraction={cfg.max_drop_fraction}. See {out / 'rejects.jsonl'}."
             )
-        if not kept:
+        if not kept.count:
             raise StageError(f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons})")
+    seconds = time.monotonic() - meter.started
+    report_progress(1.0, f"curate: {meter.done:,} records in {seconds:.1f} s, {meter.done / seconds:,.0f} records/s")
 
     metrics["decontaminated"] = float(cfg.decontaminate.enabled)
     metrics["shards"] = cfg.shards
@@ -196,12 +263,10 @@ def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
 
 
 def _plot_lengths(path: Path, lengths: dict[str, list[int]]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend or GUI machinery to import (about 1 s)
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for name, values in lengths.items():
         if values:
             ax.hist(values, bins=30, alpha=0.6, label=f"{name} ({len(values)} answers)")
@@ -210,4 +275,3 @@ def _plot_lengths(path: Path, lengths: dict[str, list[int]]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

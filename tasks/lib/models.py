@@ -40,7 +40,11 @@ def device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 def device_kind() -> str:
-    """`cpu`, `cuda-bf16` or `cuda`: what `model.dtype: auto` and the training precision flags depend on."""
+    """`cpu`, `cuda-bf16` or `cuda`: what `model.dtype: auto` and the training precision flags depend on.
+    Without a GPU device node (NVIDIA, ROCm, WSL) torch could only answer `cpu`: every run asks, a fully cached one
+    too, and importing torch to hear it costs seconds."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and not any(Path(p).exists() for p in ("/dev/kfd", "/dev/dxg")):
+        return "cpu"
     import torch
 
     if not torch.cuda.is_available():

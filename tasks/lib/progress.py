@@ -18,9 +18,43 @@ def set_progress_reporter(reporter: Any) -> None:
     global _progress_reporter
     _progress_reporter = reporter
 
-def report_progress(fraction: float) -> None:
+def report_progress(fraction: float, detail: str | None = None) -> None:
+    """`detail`: a line for people (rate, ETA); the pipeline shows it in the artifact's description and logs it."""
     if _progress_reporter is not None:
-        _progress_reporter(min(max(fraction, 0.0), 1.0))
+        _progress_reporter(min(max(fraction, 0.0), 1.0), detail)
+
+
+REPORT_EVERY = 5.0  # seconds between two reports of a RecordMeter (each is an API call and a log line)
+
+
+class RecordMeter:
+    """Counts records through a long loop and reports, at most every REPORT_EVERY seconds, the fraction done
+    with records/s and an ETA (`what`: e.g. "curate"); `total` is an estimate (0: unknown, no ETA)."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.every = what, total, REPORT_EVERY
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def add(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            report_progress(*self.status(now))
+
+    def status(self, now: float) -> tuple[float, str]:
+        rate = self.done / max(now - self.started, 1e-9)
+        total = max(self.total, self.done)
+        text = f"{self.what}: {self.done:,} of ~{total:,} records, {rate:,.0f} records/s"
+        if rate > 0 and self.total:
+            text += f", ETA {_clock((total - self.done) / rate)}"
+        return (self.done / total if total else 0.0), text
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 def progress_callback() -> Any:
     """A Trainer callback that reports global_step / max_steps, at most every 2 s (each report is an API call)."""

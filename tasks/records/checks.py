@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignflow.tasks.lib.jsonl import read_jsonl
-from alignflow.tasks.lib.pii import scrub, scrub_record
+from alignflow.tasks.lib.pii import may_hold_pii, record_strings, scrub, scrub_record
 from alignflow.tasks.records.decontaminate import DecontaminateConfig, EvalIndex
-from alignflow.tasks.records.dedup import DedupConfig, NearDuplicates, exact_key, semantic_duplicates
+from alignflow.tasks.records.dedup import DedupConfig, NearDuplicates, exact_key, semantic_duplicates, words
 from alignflow.tasks.records.quality import QualityConfig, quality_problem
 from alignflow.tasks.records.readers import Dataset, normalise, read_all
 from alignflow.tasks.records.text import record_text
@@ -80,57 +81,96 @@ def check_dataset(
     return decide_records(name, inspect_records(name, source, cfg, index), cfg, prior)
 
 
-def inspect_records(name: Dataset, source: Any, cfg: RecordChecks, index: EvalIndex | None, shard: int = 0,
-                    shards: int = 1, portable: bool = False) -> Any:
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(.., ensure_ascii=False), one encoder for all
+BATCH = 512  # records inspected together: one regex scan per PII pattern and one numpy MinHash pass per batch
+
+
+def inspect_records(name: Dataset, source: Any, cfg: RecordChecks, index: EvalIndex | None,
+                    portable: bool = False) -> Any:
+    """Phase 1 over (where, record, error) triples: see `inspect_batches`; positions count from 0."""
+    return inspect_batches(name, ((pos, *row) for pos, row in enumerate(source)), cfg, index, portable)
+
+
+def inspect_batches(name: Dataset, source: Any, cfg: RecordChecks, index: EvalIndex | None,
+                    portable: bool = False) -> Any:
     """Phase 1, record by record (what a shard does): parse, normalise, scrub PII, and compute everything the
     decisions need: the exact-dedup key, the quality problem, the MinHash signature, the eval overlap.
-    Yields one dict per input record whose position % shards == shard. `portable`: picklable values only."""
+    `source` yields (position, where, record, error); yields one dict per record, in order, `BATCH` at a time.
+    `portable`: picklable values only (raw rejects as text)."""
     lsh = NearDuplicates(cfg.dedup.near) if cfg.dedup.near.enabled and name != "eval" else None
-    for pos, (where, raw, error) in enumerate(source):
-        if pos % shards != shard:
-            continue
+    batch: list[tuple[Any, str, Any, str | None]] = []
+    for row in source:
+        batch.append(row)
+        if len(batch) == BATCH:
+            yield from _inspect_batch(name, batch, cfg, index, lsh, portable)
+            batch = []
+    if batch:
+        yield from _inspect_batch(name, batch, cfg, index, lsh, portable)
+
+
+def _inspect_batch(name: Dataset, batch: list[tuple[Any, str, Any, str | None]], cfg: RecordChecks,
+                   index: EvalIndex | None, lsh: NearDuplicates | None, portable: bool) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for pos, where, raw, error in batch:
         item: dict[str, Any] = {"pos": pos, "where": where, "reason": error, "raw": raw, "pii": {}}
-        record = None
         if not error:
-            extra = {k: raw[k] for k in ("source", "margin", "judge") if isinstance(raw, dict) and k in raw}
             record, item["reason"] = normalise(name, raw)
-        if record is not None:
-            if cfg.pii:
-                pii: Counter[str] = Counter()
-                record = scrub_record(record, pii)
-                item["pii"] = dict(pii)
-            if len(json.dumps(record, ensure_ascii=False)) > cfg.max_chars:  # characters of the whole record
-                item["reason"] = "too_long"
-            else:
-                item["record"] = {**record, **extra}
-                item["key"] = exact_key(record)
-                item["quality"] = quality_problem(record, cfg.quality) if name != "eval" else None
-                text = record_text(record) if lsh is not None or index is not None else ""
-                if lsh is not None:
-                    m = lsh.signature(text)
-                    item["minhash"] = m.hashvalues if portable else m  # a uint64 array travels lighter
-                item["contaminated"] = index is not None and index.contaminated(text, cfg.decontaminate.threshold)
+            if record is not None:
+                extra = {k: raw[k] for k in ("source", "margin", "judge") if k in raw}
+                item["record"], item["extra"] = record, extra
+        items.append(item)
+    live = [item for item in items if "record" in item]
+    if cfg.pii:  # one scan per pattern over the batch; only strings a pattern matched go through `scrub`
+        flags = iter(may_hold_pii([text for item in live for text in record_strings(item["record"])]))
+        for item in live:
+            pii: Counter[str] = Counter()
+            item["record"] = scrub_record(item["record"], pii, flags)
+            item["pii"] = dict(pii)
+    tokens: list[list[str]] = []
+    for item in live:
+        record = item["record"]
+        if len(_JSON(record)) > cfg.max_chars:  # characters of the whole record
+            item["reason"] = "too_long"
+            del item["record"]
+            continue
+        item["record"] = {**record, **item["extra"]}
+        item["key"] = exact_key(record)
+        item["quality"] = quality_problem(record, cfg.quality) if name != "eval" else None
+        w = words(record_text(record)) if lsh is not None or index is not None else []
+        if lsh is not None:
+            tokens.append(w)
+        item["contaminated"] = index is not None and index.contaminated(w, cfg.decontaminate.threshold)
+    if lsh is not None and tokens:
+        signatures = lsh.signatures(tokens)
+        for item, signature in zip((it for it in live if "record" in it), signatures, strict=True):
+            item["minhash"] = signature  # uint32 values: a row of the batch's array
+    for item in items:
+        item.pop("extra", None)
         if item["reason"] is None:
             item.pop("raw")  # kept for reject samples only
         elif portable:
             item["raw"] = str(item["raw"])[:2000]  # enough for a reject sample (500 characters)
-        yield item
+    return items
 
 
 def decide_records(name: Dataset, items: Any, cfg: RecordChecks, prior: list[dict[str, Any]] | None = None,
-                   ) -> Checked:
+                   keep: Callable[[dict[str, Any]], None] | None = None) -> Checked:
     """Phase 2, in input order (the merge): rejects from phase 1, then exact dedup, quality, near dedup and
-    decontamination; then optional semantic dedup. Every drop is counted under its reason."""
+    decontamination; then optional semantic dedup. Every drop is counted under its reason. `keep`: called with
+    each kept record as soon as it is decided (curate streams them to its file) instead of returning them all;
+    not with semantic dedup, which needs every kept record first."""
+    if keep is not None and cfg.dedup.semantic.enabled:
+        raise ValueError("decide_records: `keep` streams records, semantic dedup needs them all")
     kept: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     pii: Counter[str] = Counter()
     lsh = NearDuplicates(cfg.dedup.near) if cfg.dedup.near.enabled else None
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     for record in prior or []:  # already-curated records: a new record that repeats one is a duplicate
         seen.add(exact_key(record))
         if lsh is not None:
-            lsh.seen_before(record_text(record))
+            lsh.seen_text_before(record_text(record))
 
     def reject(reason: str, raw: Any, where: str) -> None:
         dropped[reason] += 1
@@ -159,7 +199,10 @@ def decide_records(name: Dataset, items: Any, cfg: RecordChecks, prior: list[dic
         if item["contaminated"]:
             reject("contaminated", record, where)
             continue
-        kept.append(record)
+        if keep is None:
+            kept.append(record)
+        else:
+            keep(record)
     if cfg.dedup.semantic.enabled and name != "eval" and kept:
         duplicate = semantic_duplicates([record_text(r) for r in kept],
                                         [record_text(r) for r in prior or []], cfg.dedup.semantic)

@@ -7,11 +7,12 @@ manifest records `decontaminated` = 1 when this ran, which `register.gate.requir
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from alignflow.tasks.records.dedup import words
 
 
 class DecontaminateConfig(BaseModel):
@@ -29,20 +30,24 @@ class EvalIndex:
         self.grams_per_item: list[int] = []
         self.items_of: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for i, r in enumerate(records):
-            grams = self.grams(" ".join(m["content"] for m in r["prompt"]) + " " + r["reference"])
+            grams = self.grams(words(" ".join(m["content"] for m in r["prompt"]) + " " + r["reference"]))
             self.grams_per_item.append(len(grams))
             for g in grams:
                 self.items_of[g].append(i)
 
-    def grams(self, text: str) -> set[tuple[str, ...]]:
-        words = re.findall(r"\w+", text.lower())
-        if len(words) < self.n:
-            return {tuple(words)} if words else set()
-        return {tuple(words[i : i + self.n]) for i in range(len(words) - self.n + 1)}
+    def grams(self, tokens: list[str]) -> set[tuple[str, ...]]:
+        """The word n-grams of a text's `words()` (a text shorter than n words is one gram)."""
+        if len(tokens) < self.n:
+            return {tuple(tokens)} if tokens else set()
+        return {tuple(tokens[i : i + self.n]) for i in range(len(tokens) - self.n + 1)}
 
-    def contaminated(self, text: str, threshold: float) -> bool:
+    def contaminated(self, tokens: list[str], threshold: float) -> bool:
+        """Whether a training text (its `words()`) holds `threshold` of some eval item's n-grams."""
         hits: Counter[int] = Counter()
-        for g in self.grams(text):
+        n, items_of = self.n, self.items_of
+        grams = ({tuple(tokens)} if tokens else set()) if len(tokens) < n else \
+            {g for g in (tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)) if g in items_of}
+        for g in grams:  # the text's distinct n-grams that some eval item has
             for i in self.items_of.get(g, ()):
                 hits[i] += 1
         return any(count >= threshold * self.grams_per_item[i] for i, count in hits.items())

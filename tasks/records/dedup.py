@@ -1,7 +1,8 @@
 """Dedup: which records repeat one seen before, by three measures (recipe section `curate.dedup`).
 
 - exact: the same text once case and white space are normalised (`exact_key`);
-- near: MinHash LSH over word 5-gram shingles (datasketch), estimated Jaccard similarity >= `near.threshold`;
+- near: MinHash LSH over word 5-gram shingles (datasketch's values, computed in batches), estimated Jaccard
+  similarity >= `near.threshold`;
 - semantic (off by default): cosine similarity of mean-pooled MiniLM sentence embeddings >= `semantic.threshold`,
   which catches paraphrases that share few words.
 Earlier records win: a record is compared with those kept before it (and with any prior, already-curated data).
@@ -9,15 +10,16 @@ Earlier records win: a record is compared with those kept before it (and with an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_bytes
 
 
 class NearDedupConfig(BaseModel):
@@ -43,44 +45,78 @@ class DedupConfig(BaseModel):
     semantic: SemanticDedupConfig = SemanticDedupConfig()
 
 
-def exact_key(record: dict[str, Any]) -> str:
-    """Hash of the record's JSON, lower-cased with white space runs folded: equal keys are exact duplicates."""
-    text = re.sub(r"\s+", " ", json.dumps(record, ensure_ascii=False, sort_keys=True).lower()).strip()
-    return sha256_bytes(text.encode())
+def exact_key(record: dict[str, Any]) -> bytes:
+    """sha256 digest of the record's JSON, lower-cased with white space runs folded: equal keys are exact
+    duplicates. The 32-byte digest, not its hex text: a million of them in a set cost half the memory."""
+    # " ".join(split()) is re.sub(r"\s+", " ", ...).strip(): both take str.isspace() as white space
+    return hashlib.sha256(" ".join(_SORTED_JSON(record).lower().split()).encode()).digest()
+
+
+_SORTED_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode  # json.dumps builds one per call
+_WORDS = re.compile(r"\w+")
+_FMIX32 = (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16)  # MurmurHash3's 32-bit finaliser, as datasketch's affine32 scheme
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of `text`: what MinHash shingles and decontamination n-grams are made of."""
+    return _WORDS.findall(text.lower())
 
 
 class NearDuplicates:
-    """MinHash LSH over word 5-gram shingles: `seen_before(text)` is True when a similar text was added."""
+    """MinHash LSH over word 5-gram shingles: `seen_before(signature)` is True when a similar text was added.
+
+    The signatures are datasketch's MinHash values, bit for bit (scheme `affine32`, seed 1, `sha1_hash32` of
+    each shingle, MurmurHash3 pre-mix, `a * h + b` mod 2^32), and the decision is datasketch's MinHashLSH's
+    (`b` bands of `r` rows, its optimum for `threshold` and `num_perm`; a query hits when any band matches).
+    They are computed for a whole batch of texts at once with numpy instead of one MinHash object per text,
+    which rebuilt its permutations every time (tests/test_curate.py compares both with datasketch itself).
+    A band is kept as the bytes of its `r` values: a set per band, exact, about 100 bytes a record and band.
+    """
 
     def __init__(self, cfg: NearDedupConfig) -> None:
         from datasketch import MinHash, MinHashLSH
 
-        self._minhash = MinHash
+        reference = MinHash(num_perm=cfg.num_perm, seed=1)
+        assert reference.scheme == "affine32", reference.scheme  # what the arithmetic below reproduces
+        self.a, self.b = (np.asarray(p, dtype=np.uint32) for p in reference.permutations)
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)  # only for its band layout
+        self.ranges = lsh.hashranges
+        self.bands: list[set[bytes]] = [set() for _ in self.ranges]
         self.num_perm = cfg.num_perm
-        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-        self.n = 0
-        self.scheme = MinHash(num_perm=cfg.num_perm, seed=1).scheme
 
-    def signature(self, text: str) -> Any:
-        words = re.findall(r"\w+", text.lower())
-        shingles = {" ".join(words[i : i + 5]).encode() for i in range(max(len(words) - 4, 1))}
-        m = self._minhash(num_perm=self.num_perm, seed=1)
-        m.update_batch(list(shingles))
-        self.scheme = m.scheme  # datasketch's hashing scheme: needed to rebuild a MinHash from its values
-        return m
+    def signatures(self, texts: list[list[str]]) -> np.ndarray:
+        """MinHash values (uint32, one row of `num_perm` per text) of word lists, as `words()` gives them."""
+        digests: list[bytes] = []
+        counts = np.empty(len(texts), dtype=np.int64)
+        sha1 = hashlib.sha1
+        for i, w in enumerate(texts):
+            # 5-word shingles; a text under 5 words is one shingle (an empty text: the empty shingle). A shingle
+            # that repeats is hashed twice rather than deduplicated first: the minimum is the same.
+            n = max(len(w) - 4, 1)
+            digests += [sha1(" ".join(w[j : j + 5]).encode()).digest()[:4] for j in range(n)]  # sha1_hash32
+            counts[i] = n
+        h = np.frombuffer(b"".join(digests), dtype="<u4").astype(np.uint32)
+        s1, m1, s2, m2, s3 = _FMIX32
+        h ^= h >> s1
+        h *= np.uint32(m1)
+        h ^= h >> s2
+        h *= np.uint32(m2)
+        h ^= h >> s3
+        values = h[:, None] * self.a[None, :] + self.b[None, :]  # wraps mod 2^32, as intended
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        return np.minimum.reduceat(values, starts, axis=0)
 
-    def seen_before(self, text_or_signature: Any) -> bool:
-        """Query, then insert when new. Takes a text, a MinHash, or a MinHash's hash values (from a shard)."""
-        m = text_or_signature
-        if isinstance(m, str):
-            m = self.signature(m)
-        elif not isinstance(m, self._minhash):  # hash values computed by a shard
-            m = self._minhash(num_perm=self.num_perm, seed=1, hashvalues=m, scheme=self.scheme)
-        if self.lsh.query(m):
+    def seen_before(self, signature: np.ndarray) -> bool:
+        """Query, then insert when new (earlier records win). Takes one row of `signatures()`."""
+        keys = [signature[start:end].tobytes() for start, end in self.ranges]
+        if any(key in band for key, band in zip(keys, self.bands, strict=True)):
             return True
-        self.lsh.insert(str(self.n), m)
-        self.n += 1
+        for key, band in zip(keys, self.bands, strict=True):
+            band.add(key)
         return False
+
+    def seen_text_before(self, text: str) -> bool:
+        return self.seen_before(self.signatures([words(text)])[0])
 
 
 def embedding_model_path(spec: str) -> Path:
