@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -87,12 +86,13 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
 
 def shard_file(inputs: CurateInputs, name: Dataset, index: int, shards: int) -> Path:
     # The shard count is in the name: a resumed run with another count must not take these positions as its own.
-    return inputs.out_dir / "shards" / f"{name}-{index:03d}-of-{shards:03d}.pkl"
+    return inputs.out_dir / "shards" / f"{name}-{index:03d}-of-{shards:03d}.jsonl"
 
 
 def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int) -> Path:
     """Phase 1 for the records of `name` at positions index, index + shards, ...: parse, normalise, scrub,
-    quality, MinHash signature, eval overlap. Written as one pickle (an internal intermediate), atomically."""
+    quality, MinHash signature, eval overlap. Written as JSON lines, atomically: a shard folder may be shared
+    (Dask workers on other hosts, a team's work dir), and reading JSON runs no code, unlike unpickling."""
     path = shard_file(inputs, name, index, cfg.shards)
     if path.exists():
         return path
@@ -105,8 +105,11 @@ def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int
     items = list(inspect_records(name, read_all(getattr(inputs, name)), checks, index_, index, cfg.shards,
                                  portable=True))
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item in items:
+            if "minhash" in item:  # a uint64 array: as exact Python ints (JSON has no 64-bit limit)
+                item["minhash"] = [int(v) for v in item["minhash"]]
+            f.write(json.dumps(item, ensure_ascii=False, default=_plain) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -118,9 +121,26 @@ def _shard_items(cfg: CurateConfig, inputs: CurateInputs, name: Dataset) -> Any:
         path = shard_file(inputs, name, index, cfg.shards)
         if not path.exists():
             raise StageError(f"curate: shard {path.name} is missing; re-run the stage")
-        with open(path, "rb") as f:
-            streams.append(pickle.load(f))
+        streams.append(_read_shard(path))
     return heapq.merge(*streams, key=lambda item: item["pos"])
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (a bool from the eval index, say) as the Python values JSON knows."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _read_shard(path: Path) -> Any:
+    import numpy as np
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            if "minhash" in item:
+                item["minhash"] = np.array(item["minhash"], dtype=np.uint64)
+            yield item
 
 
 def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """export: a registered model as plain files that need neither alignflow nor MLflow.
 
+Reads only what the registry holds (the version's artifacts and model config): the base model is resolved from
+the spec recorded there, exactly as loading the registered model does (tasks/lib/served_model.py), so no path of
+the machine that trained it is needed.
+
 - merged: the LoRA update folded into the base weights (PEFT `merge_and_unload`), saved as safetensors with
   config, generation config and tokenizer (chat template included): `AutoModelForCausalLM.from_pretrained(OUT)`
   loads it anywhere transformers runs.
@@ -21,36 +25,39 @@ from alignflow.tasks.lib.errors import StageError
 
 
 class ExportInputs(BaseModel):
-    adapter: Path  # the registered weights: a PEFT adapter, or a complete model (full fine-tune)
-    base_path: Path
-    base_spec: str
-    dtype: str = "float32"
+    artifacts: Path  # the version's downloaded `artifacts/` folder: adapter/ or model/, and base/ when logged
+    config: dict[str, Any]  # the version's model config (base record, base spec, dtype)
     out_dir: Path
     kind: Literal["merged", "adapter"] = "merged"
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
-    from alignflow.tasks.lib.models import is_adapter
-
     out = inputs.out_dir
-    if not is_adapter(inputs.adapter):
+    if not (inputs.artifacts / "adapter").exists():
         if inputs.kind == "adapter":
             raise StageError("export: this model is a full fine-tune (complete weights, no adapter); use --merged")
-        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)  # already plain transformers files
+        shutil.copytree(inputs.artifacts / "model", out, dirs_exist_ok=True)  # already plain transformers files
         return {"kind": "merged", "out_dir": str(out)}
+    adapter = inputs.artifacts / "adapter"
+    config = dict(inputs.config)
+    if "base" not in config:  # registered before bases were recorded by spec: only the trainer's path is known
+        config["base"] = {"kind": "artifact", "spec": config.get("base_spec", "")}
     out.mkdir(parents=True, exist_ok=True)
     if inputs.kind == "adapter":
-        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)
-        (out / "base_model.json").write_text(json.dumps({"base_spec": inputs.base_spec,
-                                                         "base_path": str(inputs.base_path)}, indent=2))
+        shutil.copytree(adapter, out, dirs_exist_ok=True)
+        (out / "base_model.json").write_text(json.dumps({"base_spec": config.get("base_spec", ""),
+                                                         "base": config["base"]}, indent=2))
         return {"kind": "adapter", "out_dir": str(out)}
 
-    from peft import PeftModel
+    from alignflow.tasks.lib.served_model import load_model
 
-    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
-
-    base = load_causal_lm(inputs.base_path, inputs.dtype)
-    merged = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()
+    artifacts = {"adapter": str(adapter)}
+    if (inputs.artifacts / "base").exists():
+        artifacts["base"] = str(inputs.artifacts / "base")
+    elif config["base"]["kind"] == "artifact" and config.get("base_path"):
+        artifacts["base"] = str(config["base_path"])  # an older version: its base folder on this machine
+    model, tok = load_model(config, artifacts)
+    merged = model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(inputs.adapter).save_pretrained(out)
+    tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}
