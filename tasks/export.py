@@ -52,8 +52,9 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.served_model import load_model
 
     artifacts = {"adapter": str(adapter)}
-    if (inputs.artifacts / "base").exists():
-        artifacts["base"] = str(inputs.artifacts / "base")
+    logged = _logged_artifacts(inputs.artifacts.parent)
+    if "base" in logged:
+        artifacts["base"] = logged["base"]
     elif config["base"]["kind"] == "artifact" and config.get("base_path"):
         artifacts["base"] = str(config["base_path"])  # an older version: its base folder on this machine
     model, tok = load_model(config, artifacts)
@@ -61,3 +62,12 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}
+
+
+def _logged_artifacts(model_dir: Path) -> dict[str, str]:
+    """The version's artifacts by name (MLmodel maps each name to the folder it was logged as)."""
+    import yaml
+
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    logged = mlmodel["flavors"]["python_function"].get("artifacts", {})
+    return {name: str(model_dir / entry["path"]) for name, entry in logged.items()}

@@ -95,7 +95,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.name = str(cfg.get("model_name", "alignflow"))
         self.model, self.tok = load_model(cfg, dict(context.artifacts))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # `model_input` has no type hint on purpose: MLflow would turn one into a signature and enforce it, and this
+    # model takes two shapes (a list of prompts, or a chat request dict)
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # type: ignore[no-untyped-def]
         params = params or {}
         if isinstance(model_input, dict) and "messages" in model_input:  # OpenAI-style chat request
             limit = int(model_input.get("max_tokens") or params.get("max_tokens") or self.max_new_tokens)
