@@ -200,6 +200,7 @@ class Tracker:
         and as MLflow dataset inputs with their digests, on the curate run and on the pipeline run (the UI's
         "Datasets used" column)."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
@@ -213,7 +214,11 @@ class Tracker:
             digest = outputs.get(name) if isinstance(outputs, dict) else None
             digest = digest or sha256_tree(path)
             uri = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/data/{name}"
-            dataset = MetaDataset(resolve_dataset_source(uri), name=f"{Path(name).stem}", digest=digest[:32])
+            try:
+                source = resolve_dataset_source(uri)
+            except MlflowException:  # `mlflow-artifacts:` (a server's proxied store) has no resolver in MLflow 3.17
+                source = HTTPDatasetSource(uri)  # only records the URI, which is what the UI shows
+            dataset = MetaDataset(source, name=f"{Path(name).stem}", digest=digest[:32])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                        [InputTag("mlflow.data.context", context)]))
         for target in (run_id, self.parent_run_id):
