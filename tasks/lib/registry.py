@@ -21,7 +21,23 @@ def registry_alias(client: MlflowClient, model_name: str, alias: str) -> Any:
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model / no such alias
             return None
+        if e.error_code == "PERMISSION_DENIED" and not _model_exists(client, model_name):
+            # MLflow's basic-auth app answers 403, not 404, to a non-admin asking for an alias of a model that
+            # does not exist (so that the answer tells nothing about which names exist): the first run of a
+            # team's worker meets this before it registers anything. GetRegisteredModel does answer 404 there.
+            return None
         raise
+
+
+def _model_exists(client: MlflowClient, model_name: str) -> bool:
+    """False only when the registry says the model does not exist; any other error is raised."""
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 LOCK_SUFFIX = ".alias-lock"
