@@ -183,12 +183,18 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
         assert all(a["data"] == 100.0 for a in progress)
     # the artifacts went through the server's proxy into the team's artifact store
     assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))
-    # the worker logged as its own MLflow user, not the admin: it created the experiment and the model (MANAGE)
+    # the worker logged as its own MLflow user, not the admin: it created the experiment and the model (MANAGE),
+    # and the first run, which asked for a champion before the model existed, was answered "none" (MLflow's auth
+    # app answers a non-admin 403 there, not 404)
     worker = _mlflow_admin(team, f"/users/get?username={team.state.worker_user}")["user"]
     assert worker["is_admin"] is False and team.state.worker_user == "alignflow-worker"
-    permission = _mlflow_admin(team, f"/experiments/permissions/get?experiment_id={experiment.experiment_id}"
-                                     f"&username={team.state.worker_user}")
-    assert permission["experiment_permission"]["permission"] == "MANAGE"
+    for kind, resource in (("experiment", experiment.experiment_id), ("registered_model", "smoke-assistant")):
+        permission = _mlflow_admin(team, f"/users/permissions/get?username={team.state.worker_user}"
+                                         f"&resource_type={kind}&resource_id={resource}", api="3.0")
+        assert permission["permission"] == "MANAGE", (kind, permission)
+    elsewhere = _mlflow_admin(team, f"/users/permissions/get?username={team.state.worker_user}"
+                                    "&resource_type=registered_model&resource_id=someone-elses", api="3.0")
+    assert elsewhere["permission"] == "READ"  # default_permission: it may read what others made, not change it
 
 
 def test_credentials_never_land_in_a_store(team: Team) -> None:
@@ -274,8 +280,8 @@ def _api(team: Team, path: str, body: dict[str, Any] | None = None) -> Any:
         return json.loads(r.read())
 
 
-def _mlflow_admin(team: Team, path: str) -> Any:
-    req = urllib.request.Request(f"{team.state.mlflow_url}/api/2.0/mlflow{path}",
+def _mlflow_admin(team: Team, path: str, api: str = "2.0") -> Any:
+    req = urllib.request.Request(f"{team.state.mlflow_url}/api/{api}/mlflow{path}",
                                  headers={"Authorization": _basic(f"admin:{team.password}")})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
