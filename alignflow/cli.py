@@ -77,12 +77,12 @@ def _start_prefect_server_early() -> _EarlyServer:
     return server
 
 
-def _load(recipe: Path, overrides: list[str] | None) -> Any:
+def _load(recipe: Path, overrides: list[str] | None, deployment: bool = False) -> Any:
     _quiet_environment()  # before validation: it reads HF_HUB_OFFLINE
-    from alignflow.recipe import RecipeError, load_recipe
+    from alignflow.recipe import RecipeError, allowed_roots, load_recipe
 
     try:
-        return load_recipe(recipe, overrides or [])
+        return load_recipe(recipe, overrides or [], confine=allowed_roots() if deployment else None)
     except RecipeError as e:
         err.print(f"[bold red]recipe {e.source} is not valid[/] ({len(e.problems)} problem(s)):")
         for p in e.problems:
@@ -91,9 +91,15 @@ def _load(recipe: Path, overrides: list[str] | None) -> Any:
 
 
 @app.command()
-def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    deployment: Annotated[bool, typer.Option(
+        "--deployment", help="check as the worker checks a recipe submitted through a deployment: every path must "
+        "lie in the project dir (ALIGNFLOW_HOME, else here) or ALIGNFLOW_DATA_ROOTS")] = False,
+) -> None:
     """Check a recipe (keys, values, data files, base model) without running anything."""
-    r = _load(recipe, set_)
+    r = _load(recipe, set_, deployment)
     console.print(f"[green]ok[/] {recipe}: recipe '{r.name}', base {r.model.base}, "
                   f"{sum(len(getattr(r.data, n)) for n in ('sft', 'preference', 'eval'))} data file(s)")
 
@@ -346,10 +352,9 @@ def export(
     kind = "merged" if merged else "adapter" if adapter else "gguf"
     _client(work_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir, config = _user_error(download_model, model_uri, Path(tmp))
-        result = _user_error(do_export, ExportInputs(
-            adapter=adapter_dir, base_path=Path(config["base_path"]), base_spec=config.get("base_spec", ""),
-            dtype=config.get("dtype", "float32"), out_dir=out, kind=kind, gguf_type=gguf_type))
+        weights, config = _user_error(download_model, model_uri, Path(tmp))  # the registry, nothing else
+        result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
+                                                     gguf_type=gguf_type))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
     console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}")
 

@@ -134,8 +134,10 @@ class RecipeError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, validate and resolve a recipe; raise RecipeError with every problem found."""
+def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Path] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError with every problem found.
+
+    `confine`: check as the worker checks a recipe submitted through a deployment (`resolve_recipe`)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -154,10 +156,15 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
             problems.append(problem)
     # Files and the base model are checked from the raw mapping, so that their problems are listed together
     # with the schema's (a recipe with a typo and a missing file shows both at once).
-    resolved, found_problems = _resolve_files(raw, path.parent)
+    confined = confinement_problems(raw, None, confine) if confine is not None else []
+    problems.extend(confined)
+    resolved, found_problems = _resolve_files(raw, path.parent) if not confined else ({}, [])
     problems.extend(found_problems)
     rewards, dpo_problems = _check_dpo(raw, path.parent, resolved.get("preference", []))
     problems.extend(dpo_problems)
+    if confine is not None:
+        problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
+                     if not _inside(Path(f), confine)]
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -179,12 +186,22 @@ def _with_rewards(recipe: Recipe, rewards: list[RewardSource] | None) -> Recipe:
     return recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"rewards": rewards})})
 
 
-def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None) -> Recipe:
+def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None, confine: list[Path] | None = None,
+                   work_dir: str | None = None) -> Recipe:
     """The checks `load_recipe` makes beyond the schema (data globs and folders expanded to files, the base model
     found), for a recipe that arrived validated by pydantic alone: a Prefect deployment's form or `--params`.
-    Idempotent: resolved paths resolve to themselves. Raises RecipeError listing every problem."""
+    Idempotent: resolved paths resolve to themselves. Raises RecipeError listing every problem.
+
+    `confine`: the folders every path the recipe names (and `work_dir`) must resolve inside (`allowed_roots()`),
+    for a recipe submitted through a deployment; None: not confined (a person at a shell, with their own rights)."""
     raw = recipe.model_dump(mode="json")
+    problems = confinement_problems(raw, work_dir, confine) if confine is not None else []
+    if problems:  # nothing outside the roots is even looked at (globbed, stat'ed)
+        raise RecipeError(f"recipe {recipe.name}", problems)
     resolved, problems = _resolve_files(raw, recipe_dir or Path.cwd())
+    if confine is not None:  # a symlink inside a root may still lead outside: check what the paths resolved to
+        problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
+                     if not _inside(Path(f), confine)]
     rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []))
     problems.extend(dpo_problems)
     if problems:
@@ -248,6 +265,56 @@ def _unpaired_only(files: list[str], loss: str) -> str | None:
     return (f"data.preference: holds {unpaired} unpaired feedback record(s) (prompt, completion, label) and no "
             f"preference pairs, but dpo.loss '{loss}' learns from pairs (chosen vs rejected); use dpo.loss: kto, "
             "which learns from unpaired feedback")
+
+
+def allowed_roots() -> list[Path]:
+    """Where a recipe submitted through a deployment may read and write: the worker's project directory
+    (ALIGNFLOW_HOME, which `alignflow server up` sets to --project-dir; else the current folder) and the folders the
+    operator lists in ALIGNFLOW_DATA_ROOTS (separated by os.pathsep, ':' on Linux)."""
+    project = os.environ.get("ALIGNFLOW_HOME") or str(Path.cwd())
+    extra = [p for p in os.environ.get("ALIGNFLOW_DATA_ROOTS", "").split(os.pathsep) if p.strip()]
+    return [Path(p).expanduser().resolve() for p in [project, *extra]]
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.expanduser().resolve()  # `..` and symlinks resolved first
+    return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def _outside(roots: list[Path]) -> str:
+    return (f"is outside the allowed folders ({', '.join(map(str, roots))}; the operator lists more in "
+            "ALIGNFLOW_DATA_ROOTS)")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+
+
+def confinement_problems(raw: dict[str, Any], work_dir: str | None, roots: list[Path]) -> list[str]:
+    """Every path a recipe names (data files, a local `model.base`, other local folders) and the work dir, that
+    does not resolve inside `roots`. Relative paths are taken from the current folder, as the stages take them."""
+    problems: list[str] = []
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for name in ("sft", "preference", "eval"):
+        entries = data.get(name)
+        for i, entry in enumerate([entries] if isinstance(entries, str) else entries or []):
+            prefix = str(entry).split("*")[0].split("?")[0].split("[")[0]  # the part of a glob that is a path
+            if not _inside(Path(prefix or "."), roots):
+                problems.append(f"data.{name}[{i}]: '{entry}' {_outside(roots)}")
+
+    def get(dotted: str) -> Any:
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    for key in ("model.base", "synthesize.reward_model", "launch.config_file", "curate.dedup.semantic.model"):
+        value = get(key)
+        if isinstance(value, str) and _looks_like_path(value) and not _inside(Path(value), roots):
+            problems.append(f"{key}: '{value}' {_outside(roots)}")
+    if work_dir is not None and not _inside(Path(work_dir), roots):
+        problems.append(f"work_dir: '{work_dir}' {_outside(roots)}")
+    return problems
 
 
 def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, list[str]], list[str]]:

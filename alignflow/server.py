@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 from alignflow.tasks.lib.processes import pid_alive
 
@@ -65,6 +66,11 @@ class State:
     db_password: str = field(default="", repr=False)
     flask_secret: str = field(default="", repr=False)  # MLflow auth app's CSRF key: stable across restarts
     pids: dict[str, int] = field(default_factory=dict)
+    # what identifies each process `up` started, beyond its pid (pids are reused): its start time (seconds since
+    # the epoch, as the kernel reports it) and its command line. `down` signals a pid only when both still match.
+    procs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worker_user: str = ""  # the MLflow user the worker runs pipelines as (--auth); its password is below
+    worker_password: str = field(default="", repr=False)
 
     @property
     def prefect_api_url(self) -> str:
@@ -140,8 +146,35 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], state: State, cwd: P
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     state.pids[name] = proc.pid
+    state.procs[name] = {"pid": proc.pid, "started": _start_time(proc.pid), "cmdline": argv}
     _save_state(state)
     return proc.pid
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()  # fixed at fork: the same before and after exec
+    except psutil.Error:
+        return None
+
+
+def _ours(state: State, name: str) -> int | None:
+    """The pid of service `name` if the process running under it is the one `up` started: same start time and
+    same command line as recorded. None when it is gone, or when the pid now belongs to another process."""
+    import psutil
+
+    rec = state.procs.get(name)
+    pid = state.pids.get(name)
+    if not rec or not pid or rec.get("pid") != pid or not pid_alive(pid):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        same = proc.create_time() == rec.get("started") and proc.cmdline() == rec.get("cmdline")
+    except psutil.Error:
+        return None
+    return pid if same else None
 
 
 def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
@@ -240,6 +273,19 @@ def _base_env(state: State) -> dict[str, str]:
     return env
 
 
+def _prefect_auth(auth: bool) -> str | None:
+    """PREFECT_API_AUTH_STRING (`user:password`), the variable every Prefect client reads: the server requires it.
+    With --auth it is required, so that a team server never runs an open API beside a locked MLflow."""
+    value = os.environ.get("PREFECT_API_AUTH_STRING") or None
+    if auth and not value:
+        raise ServerError("--auth needs PREFECT_API_AUTH_STRING (user:password) in the environment: the Prefect "
+                          "server then asks every client for it (and every Prefect client reads the same variable); "
+                          "without it anyone who reaches the API could read deployments and run flows on the worker")
+    if value is not None and ":" not in value:
+        raise ServerError("PREFECT_API_AUTH_STRING must look like user:password")
+    return value
+
+
 def _auth_credentials() -> tuple[str, str]:
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if not user or not password:
@@ -284,6 +330,7 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     else:
         state.pg_os_user, state.pg_data = "", str(home / "postgres")
     credentials = _auth_credentials() if auth else None
+    prefect_auth = _prefect_auth(auth)
     _save_state(state)
     log = say
 
@@ -293,7 +340,9 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     env = _base_env(state)
     prefect_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": state.db_url("prefect", "postgresql+asyncpg"),
                    "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(state.prefect_port)}
-    if pid_alive(state.pids.get("prefect-server")) and _http_ok(f"{state.prefect_api_url}/health"):
+    if prefect_auth:  # basic auth on every API route (and the UI asks for it); through the environment only
+        prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = prefect_auth
+    if _ours(state, "prefect-server") and _http_ok(f"{state.prefect_api_url}/health"):
         status = "already running"
     else:
         if _port_taken(state.prefect_port):
@@ -303,7 +352,8 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
         _wait("the Prefect server", lambda: _http_ok(f"{state.prefect_api_url}/health"), pid, 180,
               home / "logs" / "prefect-server.log")
         status = "started"
-    log(f"prefect   {state.prefect_api_url.removesuffix('/api')}  {status}  (UI and API, on Postgres)")
+    log(f"prefect   {state.prefect_api_url.removesuffix('/api')}  {status}  (UI and API, on Postgres"
+        f"{', basic auth' if prefect_auth else ', NO AUTH: set PREFECT_API_AUTH_STRING to require credentials'})")
 
     mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": state.db_url("mlflow", "postgresql+psycopg2"),
                   "MLFLOW_ARTIFACTS_DESTINATION": str(home / "mlflow-artifacts")}
@@ -320,7 +370,7 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
                           MLFLOW_AUTH_ADMIN_USERNAME=credentials[0],
                           MLFLOW_AUTH_ADMIN_PASSWORD=credentials[1])
         argv += ["--app-name", "basic-auth"]
-    if pid_alive(state.pids.get("mlflow-server")) and _http_ok(f"{state.mlflow_url}/health"):
+    if _ours(state, "mlflow-server") and _http_ok(f"{state.mlflow_url}/health"):
         status = "already running"
     else:
         if _port_taken(state.mlflow_port):
@@ -333,12 +383,16 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
         f"artifacts in {home / 'mlflow-artifacts'}{', basic auth' if credentials else ''})")
 
     # The worker runs flow runs as subprocesses, with this environment: it points them at both servers.
-    # MLflow credentials are inherited from the caller's environment (never written anywhere).
+    # With --auth it logs to MLflow as its own user, which may write experiments and models but is not the admin
+    # (a pipeline's code cannot create users or change permissions); the admin's credentials stay with the caller.
     worker_env = {**env, **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
                   "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
+    if prefect_auth:
+        worker_env["PREFECT_API_AUTH_STRING"] = prefect_auth
     if credentials:
-        worker_env.update(MLFLOW_TRACKING_USERNAME=credentials[0], MLFLOW_TRACKING_PASSWORD=credentials[1])
-    if pid_alive(state.pids.get("prefect-worker")):
+        _ensure_worker_user(state, credentials)
+        worker_env.update(MLFLOW_TRACKING_USERNAME=state.worker_user, MLFLOW_TRACKING_PASSWORD=state.worker_password)
+    if _ours(state, "prefect-worker"):
         status = "already running"
     else:
         create = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", state.pool, "--type",
@@ -352,6 +406,41 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     return state
 
 
+WORKER_USER = "alignflow-worker"
+
+
+def _mlflow_call(state: State, credentials: tuple[str, str], method: str, path: str,
+                 body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """One request to the MLflow server's REST API as the admin; (HTTP status, JSON body)."""
+    import base64
+
+    token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    req = urllib.request.Request(f"{state.mlflow_url}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _ensure_worker_user(state: State, credentials: tuple[str, str]) -> None:
+    """The MLflow user the worker runs pipelines as: not an admin. MLflow's basic-auth app lets any user create
+    experiments and registered models and gives their creator MANAGE on them; default_permission (READ) covers the
+    rest. Its generated password is kept in state.json (mode 0600) beside the database password."""
+    state.worker_user = state.worker_user or WORKER_USER
+    state.worker_password = state.worker_password or secrets.token_urlsafe(24)
+    _save_state(state)
+    body = {"username": state.worker_user, "password": state.worker_password}
+    status, answer = _mlflow_call(state, credentials, "POST", "/api/2.0/mlflow/users/create", body)
+    if status == 400 and answer.get("error_code") == "RESOURCE_ALREADY_EXISTS":
+        status, answer = _mlflow_call(state, credentials, "PATCH", "/api/2.0/mlflow/users/update-password", body)
+    if status != 200:
+        raise ServerError(f"could not create the MLflow user {state.worker_user} for the worker: HTTP {status} "
+                          f"{answer.get('message', answer)}")
+
+
 def down(home: Path = DEFAULT_HOME, purge: bool = False, say: Callable[[str], None] = print) -> bool:
     """Stop the worker, the servers and PostgreSQL that `up` started from this home. False if none was.
 
@@ -363,11 +452,15 @@ def down(home: Path = DEFAULT_HOME, purge: bool = False, say: Callable[[str], No
         say(f"nothing to stop: no team servers were started from {home}")
         return False
     for name in ("prefect-worker", "mlflow-server", "prefect-server"):
-        pid = state.pids.pop(name, None)
-        if pid_alive(pid):
-            assert pid is not None
+        pid = _ours(state, name)  # a pid alone is not enough: it may have been reused by another program
+        recorded = state.pids.pop(name, None)
+        state.procs.pop(name, None)
+        if pid is not None:
             _stop_pid(pid)
             say(f"{name:<15} stopped (pid {pid})")
+        elif pid_alive(recorded):
+            say(f"{name:<15} not stopped: pid {recorded} is now another process (its start time or command line "
+                "differs from what `up` recorded), left alone")
     if state.pg_data and (Path(state.pg_data) / "postmaster.pid").exists():
         _pg_run(state, [str(Path(state.pg_bin) / "pg_ctl"), "-D", state.pg_data, "-m", "fast", "-w", "stop"])
         say("postgres        stopped")

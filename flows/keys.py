@@ -89,6 +89,8 @@ EXTRA_SOURCES: dict[Stage, tuple[str, ...]] = {
     "evaluate": ("rouge/rouge.py", "bleu/bleu.py", "exact_match/exact_match.py", "lm_eval_tasks/loader.py",
                  "lm_eval_tasks/alignflow_sentiment.yaml", "lm_eval_tasks/alignflow_sentiment.jsonl"),
 }
+# Modules a stage hands on by file rather than importing them: register logs served_model.py as the model's code.
+EXTRA_MODULES: dict[Stage, tuple[str, ...]] = {"register": ("alignflow.tasks.lib.served_model",)}
 TRAINING: frozenset[Stage] = frozenset({"sft", "reward", "dpo"})
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
              "evaluate", "rouge_score", "sacrebleu", "datasketch", "langid", "mlflow")
@@ -173,6 +175,10 @@ def code_hash(stage: Stage) -> str:
     assert spec is not None and spec.submodule_search_locations
     metrics = Path(next(iter(spec.submodule_search_locations)))
     files += [metrics / f for f in EXTRA_SOURCES.get(stage, ())]
+    for module in EXTRA_MODULES.get(stage, ()):
+        found = importlib.util.find_spec(module)
+        assert found is not None and found.origin
+        files.append(Path(found.origin))
     return sha256_json({"sources": [[f.name, sha256_bytes(f.read_bytes())] for f in files],
                         "libraries": library_versions()})
 

@@ -42,7 +42,7 @@ from pydantic import BaseModel
 
 from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
 from alignflow.flows.tracking import Tracker, tracking_uri
-from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, resolve_recipe
+from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, allowed_roots, resolve_recipe
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
@@ -280,10 +280,11 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking.
 
     `init_adapter` makes sft continue that adapter (retraining); `tags` go onto the parent run."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
     try:  # a deployment's form skips load_recipe: expand and check files the same way
-        recipe = resolve_recipe(recipe)
+        # submitted through a deployment: every path must lie in the worker's project dir or ALIGNFLOW_DATA_ROOTS
+        recipe = resolve_recipe(recipe, confine=allowed_roots() if deployment.id else None, work_dir=work_dir)
     except RecipeError as e:
         raise StageError(str(e)) from None
     work = Path(work_dir).expanduser().resolve()

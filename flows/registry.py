@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.registry import registry_alias
+from alignflow.tasks.lib.registry import move_champion, registry_alias
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -40,9 +40,8 @@ def promote(client: MlflowClient, name: str, version: str) -> str:
     current = _alias_version(client, name, "champion")
     if current == version:
         return f"{name} version {version} is already champion"
-    if current is not None:
-        client.set_registered_model_alias(name, "previous-champion", current)
-    client.set_registered_model_alias(name, "champion", version)
+    if not move_champion(client, name, expected=current, new=version):  # compare-and-set
+        raise StageError(f"promote: the champion of {name} moved while promoting (it was v{current}); try again")
     return _record(client, name, version, f"promote: champion v{current} -> v{version}")
 
 
@@ -52,9 +51,8 @@ def rollback(client: MlflowClient, name: str) -> str:
     previous = _alias_version(client, name, "previous-champion")
     if previous is None:
         raise StageError(f"rollback: {name} has no previous-champion to roll back to")
-    client.set_registered_model_alias(name, "champion", previous)
-    if current is not None:
-        client.set_registered_model_alias(name, "previous-champion", current)
+    if not move_champion(client, name, expected=current, new=previous):  # compare-and-set
+        raise StageError(f"rollback: the champion of {name} moved while rolling back (it was v{current}); try again")
     return _record(client, name, previous, f"rollback: champion v{current} -> v{previous}")
 
 

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from alignflow.flows.pipeline import pipeline
 from alignflow.flows.registry import download_model
 from alignflow.flows.tracking import tracking_uri
-from alignflow.recipe import DataSection, Recipe
+from alignflow.recipe import DataSection, Recipe, RecipeError, allowed_roots, resolve_recipe
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
@@ -35,8 +35,12 @@ from alignflow.tasks.lib.registry import registry_alias
 from alignflow.tasks.records.checks import new_records
 
 
-def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | None:
-    """The champion version and the curate folder of the run that trained it; None without a champion."""
+def champion_data(client: MlflowClient, model_name: str, dest_root: Path) -> tuple[Any, Path] | None:
+    """The champion version and a folder with the curated data it was trained on; None without a champion.
+
+    The data comes from MLflow: the `data/` artifacts of the curate run under the champion's pipeline run, so any
+    worker that reaches the tracking server finds it (downloaded once into `dest_root`). Runs logged before the
+    curated data became artifacts fall back to the stage folder recorded in `alignflow.stage_dir`."""
     version = registry_alias(client, model_name, "champion")  # a server error is raised, not read as "none"
     if version is None:
         return None
@@ -46,6 +50,19 @@ def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | N
     run = client.get_run(parent)
     children = client.search_runs([run.info.experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent}' and tags.`alignflow.stage` = 'curate'"))
+    for child in children:
+        if not any(a.path == "data" for a in client.list_artifacts(child.info.run_id)):
+            continue
+        dest = dest_root / f"{model_name}-v{version.version}-{child.info.run_id}-data"
+        if not (dest / "sft.jsonl").exists():
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="data",
+                                                        dst_path=str(tmp))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(local, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return version, dest
     folders = [Path(c.data.tags["alignflow.stage_dir"]) for c in children if "alignflow.stage_dir" in c.data.tags]
     found = next((f for f in folders if (f / "sft.jsonl").exists()), None)
     if found is None:
@@ -57,14 +74,20 @@ def champion_data(client: MlflowClient, model_name: str) -> tuple[Any, Path] | N
 @flow(name="alignflow-retrain", log_prints=False)
 def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
     """Retrain on new data since the champion; with none, end in seconds and register nothing."""
+    from prefect.runtime import deployment
+
     logger = get_run_logger()
+    try:  # as the pipeline does: a deployment's recipe reads and writes only inside the allowed folders
+        recipe = resolve_recipe(recipe, confine=allowed_roots() if deployment.id else None, work_dir=work_dir)
+    except RecipeError as e:
+        raise StageError(str(e)) from None
     work = Path(work_dir).expanduser().resolve()
     uri = tracking_uri(work)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = recipe.register.model_name
 
-    found = champion_data(client, name)
+    found = champion_data(client, name, work / "champions")
     if found is None:
         logger.info("%s has no champion yet: running the full pipeline", name)
         return {"new_data": None, **pipeline(recipe=recipe, work_dir=work_dir)}

@@ -37,6 +37,10 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+# The curate stage's datasets logged as MLflow inputs, with the context the UI shows beside each.
+CURATED = {"sft.jsonl": "training", "preference.jsonl": "training", "eval.jsonl": "evaluation"}
+
+
 def tracking_uri(work: Path) -> str:
     return USER_TRACKING_URI or f"sqlite:///{work / 'mlflow.db'}"
 
@@ -183,11 +187,42 @@ class Tracker:
         for name in manifest.get("artifacts", []):
             if (folder / name).exists():
                 c.log_artifact(run_id, str(folder / name))
+        if stage == "curate":
+            self.log_curated(run_id, folder, manifest)
         if stage == "evaluate" and (folder / "samples.jsonl").exists():
             rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line]
             if rows:
                 c.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "side_by_side.json")
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def log_curated(self, run_id: str, folder: Path, manifest: dict[str, Any]) -> None:
+        """The curated datasets as artifacts of the curate run (`data/`: what `retrain` reads back, on any worker)
+        and as MLflow dataset inputs with their digests, on the curate run and on the pipeline run (the UI's
+        "Datasets used" column)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        outputs = manifest.get("outputs")
+        inputs = []
+        for name, context in CURATED.items():
+            path = folder / name
+            if not path.exists():
+                continue
+            self.client.log_artifact(run_id, str(path), "data")
+            digest = outputs.get(name) if isinstance(outputs, dict) else None
+            digest = digest or sha256_tree(path)
+            uri = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/data/{name}"
+            try:
+                source = resolve_dataset_source(uri)
+            except MlflowException:  # `mlflow-artifacts:` (a server's proxied store) has no resolver in MLflow 3.17
+                source = HTTPDatasetSource(uri)  # only records the URI, which is what the UI shows
+            dataset = MetaDataset(source, name=f"{Path(name).stem}", digest=digest[:32])
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                       [InputTag("mlflow.data.context", context)]))
+        for target in (run_id, self.parent_run_id):
+            self.client.log_inputs(target, datasets=inputs)
 
     def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path,
                          base_spec: str | None = None, base_key: str | None = None) -> tuple[Path | None, dict]:

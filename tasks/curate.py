@@ -29,10 +29,8 @@ input order (phase 2, `_merge`), so the result equals a single pass.
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import os
-import pickle
 import shutil
 import time
 from pathlib import Path
@@ -46,7 +44,6 @@ from alignflow.tasks.lib.jsonl import write_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
 from alignflow.tasks.lib.progress import RecordMeter, report_progress
 from alignflow.tasks.records.checks import (
-    BATCH,
     RecordChecks,
     check_dataset,
     decide_records,
@@ -101,13 +98,14 @@ def run(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
 
 def shard_file(inputs: CurateInputs, name: Dataset, index: int, shards: int) -> Path:
     # The shard count is in the name: a resumed run with another count must not take these positions as its own.
-    return inputs.out_dir / "shards" / f"{name}-{index:03d}-of-{shards:03d}.pkl"
+    return inputs.out_dir / "shards" / f"{name}-{index:03d}-of-{shards:03d}.jsonl"
 
 
 def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int) -> Path:
     """Phase 1 for shard `index` of `name` (its byte range of each JSON Lines file, see `read_shard`): parse,
-    normalise, scrub, quality, MinHash signature, eval overlap. Written as a stream of pickled batches (an
-    internal intermediate, never the whole shard in memory), atomically."""
+    normalise, scrub, quality, MinHash signature, eval overlap. Streamed to JSON lines (never the whole shard in
+    memory), atomically: a shard folder may be shared (Dask workers on other hosts, a team's work dir), and
+    reading JSON runs no code, unlike unpickling."""
     path = shard_file(inputs, name, index, cfg.shards)
     if path.exists():
         return path
@@ -120,21 +118,36 @@ def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int
     items = inspect_batches(name, read_shard(getattr(inputs, name), index, cfg.shards), checks, index_,
                             portable=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        while batch := list(itertools.islice(items, BATCH)):
-            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item in items:
+            if "minhash" in item:  # a numpy row: its values as exact Python ints, and its dtype (LSH hashes bytes)
+                item["minhash_dtype"] = str(item["minhash"].dtype)
+                item["minhash"] = [int(v) for v in item["minhash"]]
+            if "key" in item:  # the exact-dedup key: a 32-byte digest, as hex
+                item["key"] = item["key"].hex()
+            f.write(json.dumps(item, ensure_ascii=False, default=_plain) + "\n")
     os.replace(tmp, path)
     return path
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (a bool from the eval index, say) as the Python values JSON knows."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
 def _shard_stream(path: Path) -> Any:
-    with open(path, "rb") as f:
-        while True:
-            try:
-                batch = pickle.load(f)
-            except EOFError:
-                return
-            yield from batch
+    import numpy as np
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            if "minhash" in item:
+                item["minhash"] = np.array(item["minhash"], dtype=item.pop("minhash_dtype"))
+            if "key" in item:
+                item["key"] = bytes.fromhex(item["key"])
+            yield item
 
 
 def _shard_items(cfg: CurateConfig, inputs: CurateInputs, name: Dataset) -> Any:
@@ -174,6 +187,24 @@ class _KeptFile:
         self.file.close()
         if self.unpaired_file is not None:
             self.unpaired_file.close()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (a bool from the eval index, say) as the Python values JSON knows."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _read_shard(path: Path) -> Any:
+    import numpy as np
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            if "minhash" in item:
+                item["minhash"] = np.array(item["minhash"], dtype=np.uint64)
+            yield item
 
 
 def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:

@@ -443,6 +443,7 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
     (`precompute_ref_logps`) instead of running the reference.
     """
     import torch
+    from safetensors.torch import load_file, save_file
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -455,10 +456,12 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
                        "quant": quant, "max_length": trainer.args.max_length,
                        # every row's token ids (not `str()` of a lazy Column, which shows the first rows only)
                        "pairs": sha256_dataset(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"])})
-    cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.pt"
+    # safetensors: plain tensors, nothing executed on load (a torch.save file is a pickle, and this cache lives
+    # in a work dir that runs and people share)
+    cache = (inputs.ref_cache or inputs.out_dir) / f"ref-logps-{key[:32]}.safetensors"
     cached = cache.exists()
     if cached:
-        logps = torch.load(cache)
+        logps = load_file(cache)
     else:
         loader = DataLoader(dataset, batch_size=trainer.args.per_device_train_batch_size,
                             collate_fn=trainer.data_collator, shuffle=False)
@@ -471,7 +474,7 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
         logps = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
-        torch.save(logps, tmp)
+        save_file(logps, tmp)
         os.replace(tmp, cache)
     dataset = dataset.add_column("ref_chosen_logps", logps["chosen"].tolist()).add_column(
         "ref_rejected_logps", logps["rejected"].tolist())

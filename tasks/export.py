@@ -1,5 +1,9 @@
 """export: a registered model as plain files that need neither alignflow nor MLflow.
 
+Reads only what the registry holds (the version's artifacts and model config): the base model is resolved from
+the spec recorded there, exactly as loading the registered model does (tasks/lib/served_model.py), so no path of
+the machine that trained it is needed.
+
 - merged: the LoRA update folded into the base weights (PEFT `merge_and_unload`), saved as safetensors with
   config, generation config and tokenizer (chat template included): `AutoModelForCausalLM.from_pretrained(OUT)`
   loads it anywhere transformers runs.
@@ -23,59 +27,75 @@ from alignflow.tasks.lib.errors import StageError
 
 
 class ExportInputs(BaseModel):
-    adapter: Path  # the registered weights: a PEFT adapter, or a complete model (full fine-tune)
-    base_path: Path
-    base_spec: str
-    dtype: str = "float32"
+    artifacts: Path  # the version's downloaded `artifacts/` folder: adapter/ or model/, and base/ when logged
+    config: dict[str, Any]  # the version's model config (base record, base spec, dtype)
     out_dir: Path
     kind: Literal["merged", "adapter", "gguf"] = "merged"
     gguf_type: Literal["f32", "f16", "q8_0"] = "f16"  # kind gguf: how the 2-D weights are stored
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
-    from alignflow.tasks.lib.models import is_adapter
-
     out = inputs.out_dir
     if inputs.kind == "gguf":
         return _gguf(inputs)
-    if not is_adapter(inputs.adapter):
+    if not (inputs.artifacts / "adapter").exists():
         if inputs.kind == "adapter":
             raise StageError("export: this model is a full fine-tune (complete weights, no adapter); use --merged")
-        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)  # already plain transformers files
+        shutil.copytree(inputs.artifacts / "model", out, dirs_exist_ok=True)  # already plain transformers files
         return {"kind": "merged", "out_dir": str(out)}
+    adapter = inputs.artifacts / "adapter"
+    config = dict(inputs.config)
+    if "base" not in config:  # registered before bases were recorded by spec: only the trainer's path is known
+        config["base"] = {"kind": "artifact", "spec": config.get("base_spec", "")}
     out.mkdir(parents=True, exist_ok=True)
     if inputs.kind == "adapter":
-        shutil.copytree(inputs.adapter, out, dirs_exist_ok=True)
-        (out / "base_model.json").write_text(json.dumps({"base_spec": inputs.base_spec,
-                                                         "base_path": str(inputs.base_path)}, indent=2))
+        shutil.copytree(adapter, out, dirs_exist_ok=True)
+        (out / "base_model.json").write_text(json.dumps({"base_spec": config.get("base_spec", ""),
+                                                         "base": config["base"]}, indent=2))
         return {"kind": "adapter", "out_dir": str(out)}
 
-    from peft import PeftModel
-
-    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
-
-    base = load_causal_lm(inputs.base_path, inputs.dtype)
-    merged = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()
+    merged, tok = _merged(inputs, config["dtype"] if "dtype" in config else "float32")
     merged.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(inputs.adapter).save_pretrained(out)
+    tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}
 
 
+def _merged(inputs: ExportInputs, dtype: str) -> tuple[Any, Any]:
+    """The registered model with its adapter folded in (or its full weights), and its tokenizer, in `dtype`; the
+    base resolved from the spec the registry recorded (tasks/lib/served_model.py)."""
+    from alignflow.tasks.lib.served_model import load_model
+
+    config = {**inputs.config, "dtype": dtype}
+    if "base" not in config:
+        config["base"] = {"kind": "artifact", "spec": config.get("base_spec", "")}
+    if not (inputs.artifacts / "adapter").exists():  # a full fine-tune: complete weights
+        return load_model(config, {"model": str(inputs.artifacts / "model")})
+    artifacts = {"adapter": str(inputs.artifacts / "adapter")}
+    logged = _logged_artifacts(inputs.artifacts.parent)
+    if "base" in logged:
+        artifacts["base"] = logged["base"]
+    elif config["base"]["kind"] == "artifact" and config.get("base_path"):
+        artifacts["base"] = str(config["base_path"])  # an older version: its base folder on this machine
+    model, tok = load_model(config, artifacts)
+    return model.merge_and_unload(), tok
+
+
 def _gguf(inputs: ExportInputs) -> dict[str, Any]:
-    """Merge in memory (the adapter over the base, or the full weights as they are), then write one GGUF file.
-    Merging happens in float32 whatever the recipe's dtype, so the file's f16 / q8_0 rounding happens once."""
+    """Merge in memory, then write one GGUF file. Merging happens in float32 whatever the recipe's dtype, so the
+    file's f16 / q8_0 rounding happens once."""
     from alignflow.tasks.lib.gguf_file import write_gguf
-    from alignflow.tasks.lib.models import is_adapter, load_causal_lm, load_tokenizer
 
-    if is_adapter(inputs.adapter):
-        from peft import PeftModel
-
-        base = load_causal_lm(inputs.base_path, "float32")
-        model = PeftModel.from_pretrained(base, inputs.adapter).merge_and_unload()
-    else:
-        model = load_causal_lm(inputs.adapter, "float32")
-    tok = load_tokenizer(inputs.adapter)
-    name = inputs.base_spec.removeprefix("embedded:").replace("/", "-") or model.config.model_type
-    written = write_gguf(model.eval(), tok, inputs.out_dir, inputs.gguf_type, name=name)
+    model, tok = _merged(inputs, "float32")
+    spec = str(inputs.config.get("base_spec", ""))
+    name = spec.removeprefix("embedded:").replace("/", "-") or model.config.model_type
+    written = write_gguf(model.cpu().eval(), tok, inputs.out_dir, inputs.gguf_type, name=name)
     return {"kind": "gguf", "out_dir": str(inputs.out_dir), **written}
 
+
+def _logged_artifacts(model_dir: Path) -> dict[str, str]:
+    """The version's artifacts by name (MLmodel maps each name to the folder it was logged as)."""
+    import yaml
+
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    logged = mlmodel["flavors"]["python_function"].get("artifacts", {})
+    return {name: str(model_dir / entry["path"]) for name, entry in logged.items()}

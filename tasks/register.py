@@ -146,6 +146,24 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
     return reasons, decided
 
 
+def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
+    """How a loader finds the base again (tasks/lib/served_model.py resolves it), and the folder to log with the
+    version when that is the way: an embedded model by its package, a hub model by id and commit, anything else
+    (a local folder, the tiny test model) as an artifact of the version."""
+    from alignflow.tasks.lib.base_model import EMBEDDED
+
+    if spec.startswith("embedded:"):
+        import importlib.metadata
+
+        package, module_dir, file = EMBEDDED[spec.removeprefix("embedded:")]
+        return {"kind": "embedded", "spec": spec, "package": package, "module_dir": module_dir, "file": file,
+                "package_version": importlib.metadata.version(package)}, None
+    if not spec.startswith(("tiny:", ".", "/", "~")) and not Path(spec).expanduser().exists() \
+            and "/snapshots/" in str(path):  # a hub id, resolved by snapshot_download: its folder is the commit
+        return {"kind": "hub", "spec": spec, "revision": path.name}, None
+    return {"kind": "artifact", "spec": spec}, path
+
+
 def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     import importlib.metadata
     import importlib.util
@@ -154,7 +172,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
-    from alignflow.tasks.lib.registry import registry_alias
+    from alignflow.tasks.lib.registry import move_champion, registry_alias
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -183,15 +201,21 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         active = mlflow.active_run()
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
         pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "mlflow")]
+        base, base_artifact = base_record(inputs.base_spec, inputs.base_path)
+        artifacts = {kind: str(weights)}
+        if kind == "adapter" and base_artifact is not None:  # full weights need no base
+            artifacts["base"] = str(base_artifact)
         with ctx:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 # "models from code": the wrapper's source file travels with the model and loading it executes
-                # no pickle (a pickled Python object runs arbitrary code when it is deserialized)
+                # no pickle (a pickled Python object runs arbitrary code when it is deserialized); it imports no
+                # alignflow module, so the version loads where alignflow is not installed
                 python_model=importlib.util.find_spec("alignflow.tasks.lib.served_model").origin,
-                artifacts={kind: str(weights)},
-                model_config={"base_path": str(inputs.base_path), "base_spec": inputs.base_spec,
-                              "dtype": inputs.dtype},
+                artifacts=artifacts,
+                # the base by its spec, resolved where the model is loaded: no path of this machine in the model
+                model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
+                              "model_name": cfg.model_name},
                 pip_requirements=pins,
                 registered_model_name=cfg.model_name,
             )
@@ -207,13 +231,14 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     previous = None if champion_version is None else str(champion_version.version)
     if previous == version:
         alias = "champion"  # re-submitted champion: nothing moves
-    elif reasons:
-        alias = "challenger"
-        client.set_registered_model_alias(cfg.model_name, alias, version)
+    elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
+        alias = "champion"  # compare-and-set: the champion was still `previous` when it moved
     else:
-        alias = "champion"
-        if previous is not None:
-            client.set_registered_model_alias(cfg.model_name, "previous-champion", previous)
+        if not reasons:  # another run moved the champion between our read and our move: we did not win
+            now = registry_alias(client, cfg.model_name, "champion")
+            reasons.append(f"the champion moved to version {getattr(now, 'version', None)} while this run was "
+                           f"registering (it had compared with {previous or 'no champion'}): re-run to compare")
+        alias = "challenger"
         client.set_registered_model_alias(cfg.model_name, alias, version)
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")

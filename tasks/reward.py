@@ -132,6 +132,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
     tok.save_pretrained(out / "adapter")
+    (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle (torch.save); the manifest has the args
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(out / "loss.png", history, ["loss", "accuracy", "margin"], "reward")

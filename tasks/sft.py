@@ -152,6 +152,9 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
     tok.save_pretrained(product)
+    # save_model also writes training_args.bin, a pickle (torch.save) that this folder and the registry would carry
+    # to anyone who loads it; the arguments are in the manifest's config already
+    (product / "training_args.bin").unlink(missing_ok=True)
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(out / "loss.png", history, ["loss", "learning_rate", "grad_norm"], "sft")

