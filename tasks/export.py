@@ -54,7 +54,7 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
                                                          "base": config["base"]}, indent=2))
         return {"kind": "adapter", "out_dir": str(out)}
 
-    merged, tok = _merged(inputs, config["dtype"] if "dtype" in config else "float32")
+    merged, tok = _merged(inputs, config.get("dtype", "float32"))
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}
