@@ -70,15 +70,15 @@ def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())  # the session's server: no temporary one per command
     proc = _sweep(work, env)
-    # Ctrl-C once the second trial is running (its dpo stage has a folder being written)
+    # Ctrl-C while the second trial trains: its dpo folder (another beta: another key) has a checkpoint, the first
+    # trial's dpo folder is finished
     deadline = time.time() + 600
+    dpo = work / "stages" / "dpo"
     while time.time() < deadline and proc.poll() is None:
-        dpo = work / "stages" / "dpo"
-        keys = {p.name.removesuffix(".partial") for p in dpo.glob("*") if not p.name.endswith(".lock")} \
-            if dpo.exists() else set()
-        if len(keys) >= 2:  # the second trial's dpo folder (another beta: another key) is being written
+        finished = [p for p in dpo.glob("*") if p.is_dir() and not p.name.endswith(".partial")] if dpo.exists() else []
+        if finished and any(dpo.glob("*.partial/checkpoints/checkpoint-*")):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=300)[0]
