@@ -160,7 +160,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Pa
     problems.extend(confined)
     resolved, found_problems = _resolve_files(raw, path.parent) if not confined else ({}, [])
     problems.extend(found_problems)
-    rewards, dpo_problems = _check_dpo(raw, path.parent, resolved.get("preference", []))
+    rewards, dpo_problems = (None, []) if confined else _check_dpo(raw, path.parent, resolved.get("preference", []),
+                                                                   confine)
     problems.extend(dpo_problems)
     if confine is not None:
         problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
@@ -202,14 +203,14 @@ def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None, confine: list
     if confine is not None:  # a symlink inside a root may still lead outside: check what the paths resolved to
         problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
                      if not _inside(Path(f), confine)]
-    rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []))
+    rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []), confine)
     problems.extend(dpo_problems)
     if problems:
         raise RecipeError(f"recipe {recipe.name}", problems)
     return _with_rewards(recipe.model_copy(update={"data": DataSection(**resolved)}), rewards)
 
 
-def _check_dpo(raw: dict[str, Any], recipe_dir: Path, preference: list[str],
+def _check_dpo(raw: dict[str, Any], recipe_dir: Path, preference: list[str], confine: list[Path] | None = None,
                ) -> tuple[list[RewardSource] | None, list[str]]:
     """What the preference stage needs beyond the schema: every reward source's file (a JSON schema that parses, a
     python function that imports with TRL's signature), resolved against the recipe's folder; and, for the losses
@@ -231,7 +232,7 @@ def _check_dpo(raw: dict[str, Any], recipe_dir: Path, preference: list[str],
             except _Invalid:  # the schema lists what is wrong with it; the other sources are still checked
                 resolved = None
                 continue
-            done, found = resolve_sources([source], recipe_dir, where=f"dpo.rewards[{i}]")
+            done, found = resolve_sources([source], recipe_dir, where=f"dpo.rewards[{i}]", roots=confine)
             problems += found
             if resolved is not None:
                 resolved += done
@@ -308,7 +309,8 @@ def confinement_problems(raw: dict[str, Any], work_dir: str | None, roots: list[
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
-    for key in ("model.base", "synthesize.reward_model", "launch.config_file", "curate.dedup.semantic.model"):
+    for key in ("model.base", "synthesize.reward_model", "launch.config_file", "curate.dedup.semantic.model",
+                "evaluate.lm_eval.include_path"):  # a task folder's YAML can name Python (`!function`)
         value = get(key)
         if isinstance(value, str) and _looks_like_path(value) and not _inside(Path(value), roots):
             problems.append(f"{key}: '{value}' {_outside(roots)}")

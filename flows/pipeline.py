@@ -98,7 +98,7 @@ def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
 @task(persist_result=True)
 def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
                   folder: str, run_id: str, flow_run_id: str, cache_key: str,
-                  key_inputs: dict[str, Any]) -> dict[str, Any]:
+                  key_inputs: dict[str, Any], stale: bool = False) -> dict[str, Any]:
     """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder.
 
     An exclusive lock per stage folder keeps two runs sharing a work dir from writing the same `.partial`
@@ -106,8 +106,10 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     """
     partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
     with folder_lock(final):
-        if (final / MANIFEST).exists():  # another run finished it while we waited
-            return json.loads((final / MANIFEST).read_text())
+        if (final / MANIFEST).exists():
+            if not (stale and changed_outputs(final)):  # another run finished (or re-made) it while we waited
+                return json.loads((final / MANIFEST).read_text())
+            shutil.rmtree(final)  # under the lock: no other run is writing it; its outputs no longer match
         # the Prefect UI shows how far a long stage is (training stages report steps / max_steps)
         progress = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"alignflow {stage}: % done")
         logger = get_run_logger()
@@ -230,11 +232,10 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     key = stage_key(stage, key_inputs)
     folder = ctx.work / "stages" / stage / key[:16]
     partial = folder.with_name(folder.name + ".partial")
-    if (folder / MANIFEST).exists() and (changed := changed_outputs(folder)):
-        # trusted hashes no longer describe the files (edited or half-deleted by hand): make the stage anew
+    stale = (folder / MANIFEST).exists() and bool(changed := changed_outputs(folder))
+    if stale:  # trusted hashes no longer describe the files (edited or half-deleted by hand): make the stage anew
         get_run_logger().warning("%s: %s changed since the stage wrote them; running it again", stage,
                                  ", ".join(changed))
-        shutil.rmtree(folder)
     run_id = ctx.tracker.child(stage, key)
     started = time.perf_counter()
     runner = execute_stage.with_options(
@@ -242,11 +243,12 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         cache_key_fn=lambda *_: key,
         result_storage=ctx.work / ".prefect-results",
         result_serializer="json",  # the manifest is JSON: nothing in the work dir is unpickled
-        refresh_cache=not (folder / MANIFEST).exists(),  # the cache record alone is not enough: the folder must exist
+        # the cache record alone is not enough: the folder must exist, its outputs as they were written
+        refresh_cache=stale or not (folder / MANIFEST).exists(),
     )
     try:
         manifest = runner(stage, fn, cfg, make_inputs(partial, run_id), str(folder), run_id, ctx.flow_run_id, key,
-                          key_inputs)
+                          key_inputs, stale)
     except BaseException as e:
         ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))
         raise

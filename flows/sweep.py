@@ -30,6 +30,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ValidationError
 
+from alignflow.flows.keys import data_hashes
 from alignflow.flows.pipeline import pipeline
 from alignflow.flows.tracking import Tracker, tracking_uri
 from alignflow.recipe import Recipe
@@ -93,8 +94,9 @@ def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
 
 def sweep_id(recipe: Recipe, params: list[ParamSpec], metric: str, direction: str) -> str:
     """What makes two sweep commands the same study (not --trials or --parallel: more trials continue it)."""
-    return sha256_json({"recipe": recipe.model_dump(mode="json"), "params": [p.model_dump() for p in params],
-                        "metric": metric, "direction": direction})[:12]
+    # the data's contents too: a resumed study must not compare trials scored on other data
+    return sha256_json({"recipe": recipe.model_dump(mode="json"), "data": data_hashes(recipe),
+                        "params": [p.model_dump() for p in params], "metric": metric, "direction": direction})[:12]
 
 
 def grid_size(params: list[ParamSpec]) -> int | None:

@@ -259,6 +259,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     # PEFT saves every adapter it holds: TRL's frozen "ref" copy (when continuing an SFT adapter) lands in
     # adapter/ref/. The product is the trained "default" adapter only.
     shutil.rmtree(out / "adapter" / "ref", ignore_errors=True)
+    shutil.rmtree(out / "adapter" / "reward", ignore_errors=True)  # grpo/rloo's reward-model adapter: not the product
     tok.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
@@ -453,6 +454,8 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
     weights = tuned_weights(inputs.sft)
     key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_tree(weights), "base": inputs.base_key,
                        "dtype": inputs.dtype, "device": device_kind(),  # `auto` is bf16 on some GPUs, fp32 on CPUs
+                       # TRL computes them under the accelerator's autocast
+                       "autocast": [trainer.args.bf16, trainer.args.fp16, str(trainer.accelerator.mixed_precision)],
                        "quant": quant, "max_length": trainer.args.max_length,
                        # every row's token ids (not `str()` of a lazy Column, which shows the first rows only)
                        "pairs": sha256_dataset(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"])})

@@ -359,8 +359,13 @@ def test_cold_run_loads_the_base_once_per_stage_and_a_cached_run_hashes_no_weigh
     assert hashing.HASHED_FILES[".jsonl"] >= 3  # the data files are hashed (they are the run's input)
 
     # a hand-edited output is noticed by its size / mtime and the stage is made anew
+    # a file added beside the outputs (datasets' map caches and their temporary files) is not a change
+    (baseline["folders"]["tokenize"] / "sft" / "tmpabc123").write_text("x")
+    assert _rerun(pipeline(recipe=load_recipe(SMOKE), work_dir=str(baseline["work"]))) == set()
+    # a hand-edited output of the same size is noticed by its modification time and the stage is made anew
     rejects = baseline["folders"]["curate"] / "rejects.jsonl"
-    rejects.write_text(rejects.read_text() + "\n")
+    text = rejects.read_text()
+    rejects.write_text(text[:-2] + ("x" if text[-2] != "x" else "y") + text[-1])
     assert _rerun(pipeline(recipe=load_recipe(SMOKE), work_dir=str(baseline["work"]))) == {"curate"}
 
 

@@ -160,3 +160,29 @@ def test_the_pickle_check_finds_pickles(tmp_path: Path) -> None:
     (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({"a": 1}))
     assert sorted(Path(p).name for p in pickles_under(tmp_path)) == ["named.pkl", "t.pt", "x.bin"]
+
+
+def test_deployment_reward_code_and_schemas_outside_the_roots_are_never_run_or_read(tmp_path: Path) -> None:
+    """dpo.rewards names Python the worker would import and JSON it would read: through a deployment, only files
+    inside the allowed folders, checked before anything is imported or read."""
+    from alignflow.recipe import resolve_recipe
+
+    planted = tmp_path / "PWNED"
+    (tmp_path / "evil.py").write_text(f"open({str(planted)!r}, 'w').write('ran')\n"
+                                      "def f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "cred.json").write_text('{"type": "secret-value-here"}')
+    smoke = load_recipe(ROOT / "configs" / "smoke.yaml")
+    rewards = [{"python": f"{tmp_path / 'evil.py'}:f"}, {"json_schema": str(tmp_path / "cred.json")},
+               {"python": "json:dumps"}]  # an installed module: importing it is running code too
+    raw = smoke.model_dump(mode="json")
+    raw["dpo"].update(loss="grpo", rewards=rewards)
+    from alignflow.recipe import Recipe
+
+    recipe = Recipe.model_validate(raw)
+    with pytest.raises(RecipeError) as err:
+        resolve_recipe(recipe, confine=[ROOT], work_dir=str(ROOT / "runs"))
+    said = str(err.value)
+    assert not planted.exists()  # the module was never imported
+    assert "secret-value-here" not in said
+    for i in range(3):
+        assert f"dpo.rewards[{i}]" in said and "allowed folders" in said.split(f"dpo.rewards[{i}]")[1].split("\n")[0]

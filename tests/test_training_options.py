@@ -106,7 +106,7 @@ def test_reference_logprobs_are_computed_once_and_reused_by_a_run_with_another_b
                                   "attributes.run_name = 'dpo'")
         assert runs[0].data.tags["alignflow.ref_logprobs_cached"] == str(reused).lower()
     # one file for the training pairs and one for the held-out pairs (the metrics), both reused by the second run
-    assert len(list((work / "cache" / "ref_logps").glob("ref-logps-*.pt"))) == 2
+    assert len(list((work / "cache" / "ref_logps").glob("ref-logps-*.safetensors"))) == 2
 
 
 def test_full_fine_tune_goes_through_every_stage(prefect_server: None, in_root: Path, tmp_path: Path) -> None:

@@ -38,20 +38,35 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MANIFEST).read_text())
 
-def file_stats(path: Path) -> list[int]:
-    """[files, total bytes, newest modification time in ns] of a file or a folder's files: a cheap guard that the
-    content a manifest hashed is still what lies there (no re-hashing of weights on every run)."""
+def file_stats(path: Path) -> dict[str, list[int]]:
+    """{relative file name: [bytes, modification time in ns]} of a file or of a folder's files: a cheap guard that
+    the content a manifest hashed is still what lies there (no re-hashing of weights on every run)."""
     path = Path(path)
-    # `datasets` writes its map() caches (cache-<fingerprint>.arrow) beside a saved dataset that a Trainer reads:
-    # they are the reader's, not the stage's content
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
-                                           and not (p.name.startswith("cache-") and p.suffix == ".arrow")]
-    stats = [f.stat() for f in files]
-    return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+    if path.is_file():
+        st = path.stat()
+        return {"": [st.st_size, st.st_mtime_ns]}
+    return {f.relative_to(path).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(path.rglob("*")) if f.is_file()}
 
 def changed_outputs(folder: Path) -> list[str]:
-    """The outputs of a finished stage folder whose files changed (or vanished) since its manifest hashed them.
-    Manifests written before the guard existed have no stats and are trusted."""
+    """The outputs of a finished stage folder whose recorded files changed size or modification time, or vanished,
+    since its manifest hashed them. Files added later are not the stage's content and are ignored (`datasets`
+    writes its map caches, and their temporary files, beside a saved dataset a Trainer reads). Manifests written
+    before the guard existed have no stats and are trusted."""
     manifest = read_manifest(folder)
-    recorded = manifest.get("output_stats", {})
-    return [name for name, stats in recorded.items() if file_stats(Path(folder) / name) != stats]
+    changed = []
+    for name, recorded in manifest.get("output_stats", {}).items():
+        if not isinstance(recorded, dict):
+            continue
+        root = Path(folder) / name
+        for rel, stats in recorded.items():
+            f = root / rel if rel else root
+            try:
+                st = f.stat()
+            except OSError:
+                changed.append(name)
+                break
+            if [st.st_size, st.st_mtime_ns] != stats:
+                changed.append(name)
+                break
+    return changed

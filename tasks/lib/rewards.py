@@ -83,10 +83,19 @@ def source_names(sources: list[RewardSource]) -> list[str]:
 # --- checks before training (recipe validation) -------------------------------------------------------------
 
 def resolve_sources(sources: list[RewardSource], recipe_dir: Path, where: str = "dpo.rewards",
-                    ) -> tuple[list[RewardSource], list[str]]:
+                    roots: list[Path] | None = None) -> tuple[list[RewardSource], list[str]]:
     """The sources with their files made absolute (a schema file; a python module found in the recipe's folder
     becomes `/abs/path/module.py:function`), and every problem found: a schema that does not parse or is not a
-    valid JSON Schema, a function that does not import or lacks the signature TRL calls it with."""
+    valid JSON Schema, a function that does not import or lacks the signature TRL calls it with.
+
+    `roots` (a recipe submitted through a deployment): every file must lie inside these folders, and is checked
+    before it is read or imported; a `python` source must then be such a file, never an installed module (an
+    import runs its code on the worker)."""
+
+    def outside(path: Path) -> bool:
+        real = path.resolve()
+        return roots is not None and not any(real == r or real.is_relative_to(r) for r in roots)
+
     resolved: list[RewardSource] = []
     problems: list[str] = []
     for i, s in enumerate(sources):
@@ -96,6 +105,9 @@ def resolve_sources(sources: list[RewardSource], recipe_dir: Path, where: str = 
             if path is None:
                 problems.append(f"{at}.json_schema: no file at '{s.json_schema}' (looked relative to the current "
                                 f"folder and to {recipe_dir})")
+            elif outside(path):
+                problems.append(f"{at}.json_schema: '{s.json_schema}' is outside the allowed folders")
+                continue
             else:
                 problem = _schema_problem(path)
                 if problem:
@@ -111,6 +123,11 @@ def resolve_sources(sources: list[RewardSource], recipe_dir: Path, where: str = 
             else:
                 found = _find(module, recipe_dir)
                 spec = f"{found}:{name}" if found else spec
+            file = spec.rpartition(":")[0]
+            if roots is not None and (not file.endswith(".py") or outside(Path(file))):
+                problems.append(f"{at}.python: '{s.python}' is not a file inside the allowed folders (a recipe "
+                                "submitted through a deployment may run only code the operator placed there)")
+                continue
             try:
                 python_function(spec)
             except (ImportError, AttributeError, TypeError, SyntaxError, OSError) as e:
@@ -136,11 +153,12 @@ def _schema_problem(path: Path) -> str | None:
     try:
         schema = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"{path} is not valid JSON: {e}"
+        # the position, never the text: the message reaches whoever submitted the recipe
+        return f"{path} is not valid JSON (line {getattr(e, 'lineno', '?')}, column {getattr(e, 'colno', '?')})"
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
-        return f"{path} is not a valid JSON Schema: {e.message}"
+        return f"{path} is not a valid JSON Schema (at {'/'.join(map(str, e.path)) or 'the top level'})"
     return None
 
 
