@@ -74,7 +74,7 @@ def with_alignflow(texts: list[str], cfg: NearDedupConfig) -> list[bool]:
     nd, out = NearDuplicates(cfg), []
     for start in range(0, len(texts), 512):  # curate's batch size
         for signature in nd.signatures([words(t) for t in texts[start : start + 512]]):
-            out.append(nd.seen_before(signature))
+            out.append(nd.seen_before(signature.tobytes()))
     return out
 
 

@@ -77,8 +77,11 @@ def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--base", default=None, help="model.base to use (default: SmolLM2 when installed, else "
+                        "tiny:llama; tiny:llama checks the script in a minute, its ratios say little)")
     args = parser.parse_args()
-    spec = "embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct") else "tiny:llama"
+    spec = args.base or ("embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct")
+                         else "tiny:llama")
     tmp = Path(tempfile.mkdtemp(prefix="alignflow-bench-train-"))
     base = resolve_base(spec, tmp / "base", [ROOT / "data" / "sft.jsonl"]).path
     cfg = sft.SftConfig(max_steps=STEPS, batch_size=BATCH, lr=1e-3, save_steps=1000,

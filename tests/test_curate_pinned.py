@@ -178,3 +178,43 @@ def test_long_curation_reports_records_per_second_and_an_eta(tmp_path: Path, mon
     assert len(middle) > 300 and all("records/s" in d and "ETA" in d for _, d in middle)
     assert [f for f, _ in middle] == sorted(f for f, _ in middle) and 0 < middle[0][0] < middle[-1][0] <= 1
     assert reports[-1][0] == 1.0 and "records/s" in str(reports[-1][1])
+
+
+def test_batched_minhash_values_are_datasketchs() -> None:
+    """NearDuplicates.signatures reproduces datasketch's MinHash values bit for bit, so the LSH decisions are
+    datasketch's (an off-by-one shingle, another hash or permutation would change them)."""
+    import numpy as np
+    from datasketch import MinHash
+
+    from alignflow.tasks.records.dedup import NearDedupConfig, NearDuplicates, words
+
+    rng = random.Random(3)
+    texts = ["", "one", "a b c d", "a b c d e", "Zürich café, naïve!"] + \
+        [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    for num_perm in (16, 64):
+        rows = NearDuplicates(NearDedupConfig(num_perm=num_perm)).signatures([words(t) for t in texts])
+        for text, row in zip(texts, rows, strict=True):
+            w = words(text)
+            m = MinHash(num_perm=num_perm, seed=1)
+            m.update_batch(list({" ".join(w[i : i + 5]).encode() for i in range(max(len(w) - 4, 1))}))
+            assert np.array_equal(m.hashvalues, row), text
+
+
+def test_the_pii_prefilter_never_skips_a_text_scrub_would_change() -> None:
+    """may_hold_pii flags exactly the texts some pattern matches; a text it does not flag, scrub leaves alone."""
+    from collections import Counter
+
+    from alignflow.tasks.lib import pii
+
+    rng = random.Random(5)
+    parts = ["a@b.com", "4111 1111 1111 1111", "4111-1111-1111-1111", "10.0.0.1", "fe80::1", "::", "12:30",
+             "+1 415-555-0100", "+12 34 567", "(415) 555 0100", "415.555.0100", "sk-" + "a" * 22, "ghp_" + "b" * 31,
+             "api_key=abcdefg", "password: 'hunter22'", "AKIA" + "A" * 16, "eyJabcdefghi.eyJabcdefghi.abcdefghij",
+             "a:b:c:d:e:f:0:1", "xoxb-1234567890", "hf_" + "c" * 30, "123456", "1", "x", "\n", "=", "@", "(", "+"]
+    for _ in range(1500):
+        batch = ["".join(rng.choice(parts) + rng.choice(["", " ", "-", ".", ":"]) for _ in range(rng.randint(0, 5)))
+                 for _ in range(rng.randint(1, 6))]
+        for text, flagged in zip(batch, pii.may_hold_pii(batch), strict=True):
+            assert flagged == any(p.search(text) for p, _ in pii._NEEDLES), text
+            counts: Counter[str] = Counter()
+            assert flagged or (pii.scrub(text, counts) == text and not counts), text

@@ -49,7 +49,7 @@ class RecordMeter:
         text = f"{self.what}: {self.done:,} of ~{total:,} records, {rate:,.0f} records/s"
         if rate > 0 and self.total:
             text += f", ETA {_clock((total - self.done) / rate)}"
-        return (self.done / total if total else 0.0), text
+        return (self.done / total if self.total else 0.0), text  # no estimate (not JSON Lines): no fraction
 
 
 def _clock(seconds: float) -> str:

@@ -143,7 +143,7 @@ def _inspect_batch(name: Dataset, batch: list[tuple[Any, str, Any, str | None]],
     if lsh is not None and tokens:
         signatures = lsh.signatures(tokens)
         for item, signature in zip((it for it in live if "record" in it), signatures, strict=True):
-            item["minhash"] = signature  # uint32 values: a row of the batch's array
+            item["minhash"] = signature.tobytes()  # its uint32 values, as NearDuplicates.seen_before takes them
     for item in items:
         item.pop("extra", None)
         if item["reason"] is None:

@@ -106,9 +106,10 @@ class NearDuplicates:
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         return np.minimum.reduceat(values, starts, axis=0)
 
-    def seen_before(self, signature: np.ndarray) -> bool:
-        """Query, then insert when new (earlier records win). Takes one row of `signatures()`."""
-        keys = [signature[start:end].tobytes() for start, end in self.ranges]
+    def seen_before(self, signature: bytes) -> bool:
+        """Query, then insert when new (earlier records win). Takes the bytes of one row of `signatures()`
+        (`row.tobytes()`: a shard pickles bytes much faster than a numpy array, and a band is a slice of them)."""
+        keys = [signature[4 * start : 4 * end] for start, end in self.ranges]  # 4 bytes a uint32 value
         if any(key in band for key, band in zip(keys, self.bands, strict=True)):
             return True
         for key, band in zip(keys, self.bands, strict=True):
@@ -116,7 +117,7 @@ class NearDuplicates:
         return False
 
     def seen_text_before(self, text: str) -> bool:
-        return self.seen_before(self.signatures([words(text)])[0])
+        return self.seen_before(self.signatures([words(text)])[0].tobytes())
 
 
 def embedding_model_path(spec: str) -> Path:
