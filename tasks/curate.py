@@ -120,11 +120,9 @@ def run_shard(cfg: CurateConfig, inputs: CurateInputs, name: Dataset, index: int
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for item in items:
-            if "minhash" in item:  # a numpy row: its values as exact Python ints, and its dtype (LSH hashes bytes)
-                item["minhash_dtype"] = str(item["minhash"].dtype)
-                item["minhash"] = [int(v) for v in item["minhash"]]
-            if "key" in item:  # the exact-dedup key: a 32-byte digest, as hex
-                item["key"] = item["key"].hex()
+            for field in ("minhash", "key"):  # bytes (the signature's uint32 values; a sha256 digest), as hex
+                if field in item:
+                    item[field] = item[field].hex()
             f.write(json.dumps(item, ensure_ascii=False, default=_plain) + "\n")
     os.replace(tmp, path)
     return path
@@ -138,15 +136,12 @@ def _plain(value: Any) -> Any:
 
 
 def _shard_stream(path: Path) -> Any:
-    import numpy as np
-
     with open(path, encoding="utf-8") as f:
         for line in f:
             item = json.loads(line)
-            if "minhash" in item:
-                item["minhash"] = np.array(item["minhash"], dtype=item.pop("minhash_dtype"))
-            if "key" in item:
-                item["key"] = bytes.fromhex(item["key"])
+            for field in ("minhash", "key"):
+                if field in item:
+                    item[field] = bytes.fromhex(item[field])
             yield item
 
 
