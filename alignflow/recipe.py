@@ -105,10 +105,21 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
         problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
-            self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else [])
+            self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []) or \
+            _sharded_reward_model(self)
         if problem:
             raise ValueError(problem)
         return self
+
+
+def _sharded_reward_model(recipe: Recipe) -> str | None:
+    """grpo/rloo score with the reward model through the policy's own (unwrapped) weights: under FSDP or ZeRO
+    those are shards, and the scores would be wrong. Refused until that path gathers them."""
+    uses = recipe.dpo.loss in ("grpo", "rloo") and any(s.reward_model for s in recipe.dpo.rewards)
+    if uses and recipe.launch.num_processes > 1 and recipe.launch.strategy != "ddp":
+        return (f"dpo.rewards: reward_model cannot score under launch.strategy '{recipe.launch.strategy}' (the "
+                "policy's weights are sharded); use strategy ddp, or verifiable rewards only")
+    return None
 
 
 def _gate_on_unmeasured_harness_task(rules: dict[str, float], tasks: list[str]) -> str | None:

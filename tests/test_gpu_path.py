@@ -80,3 +80,12 @@ def test_gpu_check_dry_run_prints_the_table(tmp_path: Path) -> None:
     for row in ("P5 QLoRA NF4 / LoRA bf16 peak memory", "P8 LoRA tokens/s: alignflow sft",
                 "P8 LoRA tokens/s: plain TRL SFTTrainer", "P8 alignflow / plain TRL"):
         assert re.search(rf"\| {re.escape(row)} \| [0-9][0-9,.]* \|", table), (row, table)
+
+
+def test_reward_model_rewards_are_refused_where_the_policy_is_sharded() -> None:
+    from alignflow.recipe import RecipeError, load_recipe
+
+    online = ["dpo.loss=grpo", "dpo.rewards=[reward_model]", "launch.num_processes=2"]
+    with pytest.raises(RecipeError, match=r"reward_model cannot score under launch\.strategy 'fsdp'"):
+        load_recipe(ROOT / "configs" / "smoke.yaml", [*online, "launch.strategy=fsdp"])
+    assert load_recipe(ROOT / "configs" / "smoke.yaml", online).launch.strategy == "ddp"  # DDP: a full copy each
