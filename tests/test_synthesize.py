@@ -85,8 +85,8 @@ def _curated(tmp_path: Path) -> Path:
 
 def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEACHER_KEY", SECRET)
-    cfg = SynthesizeConfig(teacher=TeacherEndpoint(url=server, model="m", api_key_env="TEACHER_KEY", concurrency=1,
+    monkeypatch.setenv("TEACHER_API_KEY", SECRET)
+    cfg = SynthesizeConfig(teacher=TeacherEndpoint(url=server, model="m", api_key_env="TEACHER_API_KEY", concurrency=1,
                                                    timeout_s=5, max_retries=0),
                            instructions=3, preference_prompts=4, samples_per_prompt=2)
     inputs = SynthesizeInputs(base=tmp_path, dtype="float32", curated=_curated(tmp_path), out_dir=tmp_path / "out",
@@ -110,7 +110,7 @@ def test_http_teacher_retries_keeps_the_key_secret_and_resumes(server: str, tmp_
     assert FakeOpenAI.calls[-1]["n"] == 2 and FakeOpenAI.calls[-1]["model"] == "m"
     for f in (tmp_path / "out").rglob("*"):
         assert not f.is_file() or SECRET not in f.read_text(errors="ignore"), f.name
-    assert read_manifest(tmp_path / "out")["teacher"]["api_key_env"] == "TEACHER_KEY"
+    assert read_manifest(tmp_path / "out")["teacher"]["api_key_env"] == "TEACHER_API_KEY"
     assert m["sft.kept"] == 3 and m["preference.kept"] >= 1
 
 
