@@ -184,24 +184,6 @@ class _KeptFile:
             self.unpaired_file.close()
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars (a bool from the eval index, say) as the Python values JSON knows."""
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _read_shard(path: Path) -> Any:
-    import numpy as np
-
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            item = json.loads(line)
-            if "minhash" in item:
-                item["minhash"] = np.array(item["minhash"], dtype=np.uint64)
-            yield item
-
-
 def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
