@@ -31,11 +31,11 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
   `lm_eval_samples.jsonl` the per-document values.
 
 
-The base's, the SFT model's and the champion's answers (and reference log-likelihoods) are cached under keys of
-their own in `<work>/cache/answers/` (their weights, the tokenizer, the prompts and references, the generation
-settings, dtype, the machine kind and the inference code): a run that changed only dpo generates the tuned
-model's answers and nothing else. The reward model is built over the loaded base's backbone (one load of the
-base per evaluate, one copy in memory).
+Every model's answers (and reference log-likelihoods) are cached in `<work>/cache/answers/` under a key of the
+weights' content hash, the tokenizer, the prompts and references, the generation settings, dtype, the machine
+kind and the inference code: a run that changed only dpo generates the new candidate's answers and nothing else
+(the champion's were cached when it was the candidate). The reward model is built over the loaded base's
+backbone (one load of the base per evaluate, one copy in memory).
 """
 
 from __future__ import annotations
@@ -128,9 +128,12 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     answers: dict[str, list[str]] = {}
     nlls: dict[str, list[tuple[float, int]]] = {}
     base_model = load_causal_lm(inputs.base, inputs.dtype)
+    # the weights' content hash names the answers, not the role: the candidate's answers are the champion's next
+    # time, once it is promoted (the registry tag alignflow.adapter_sha256 is dpo's recorded hash of them)
     identity = {"base": inputs.base_key,
                 "sft": read_manifest(inputs.sft).get("outputs", {}).get(others["sft"].name) if others["sft"] else None,
-                "champion": inputs.champion_sha}
+                "champion": inputs.champion_sha,
+                "tuned": read_manifest(inputs.candidate).get("outputs", {}).get(others["tuned"].name)}
     answer_key = {"tokenizer": read_manifest(inputs.tokenized).get("outputs", {}).get("tokenizer"),
                   "records": records, "gen": gen, "perplexity": "perplexity" in cfg.metrics, "dtype": inputs.dtype,
                   "device": device_kind(), "base": inputs.base_key,
@@ -144,8 +147,9 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
 
     def cache_file(name: str) -> Path | None:
         if inputs.answers_cache is None or not identity.get(name) or not answer_key["tokenizer"]:
-            return None  # the tuned model's answers are this stage's own result; unknown weights are not cached
-        return inputs.answers_cache / f"{name}-{sha256_json({**answer_key, 'weights': identity[name]})[:32]}.json"
+            return None  # weights of unknown content are not cached
+        weights = identity[name] if name != "base" else f"base:{identity[name]}"
+        return inputs.answers_cache / f"answers-{sha256_json({**answer_key, 'weights': weights})[:32]}.json"
 
     def from_cache(name: str) -> bool:
         path = cache_file(name)

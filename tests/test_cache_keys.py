@@ -383,8 +383,11 @@ def test_real_runs_rerun_what_changed_and_nothing_else(baseline: dict[str, Any])
     # only dpo changed: evaluate generates the tuned model's answers; the base's and SFT's come from their cache
     again = pipeline(recipe=load_recipe(SMOKE, ["dpo.beta=0.3"]), work_dir=work)
     assert _rerun(again) == {"dpo", "evaluate", "register"}
-    cached = read_manifest(Path(again["stages"]["evaluate"]["folder"]))["cached_answers"]
+    evaluated = read_manifest(Path(again["stages"]["evaluate"]["folder"]))
+    cached = evaluated["cached_answers"]
     assert {"base", "sft"} <= set(cached) and "tuned" not in cached
+    # the champion is an earlier candidate of this work dir: its answers were cached when it was evaluated
+    assert "champion" in evaluated["compared"] and "champion" in cached
 
 
 def test_new_preference_data_leaves_sft_cached_and_recomputes_reference_logprobs(
