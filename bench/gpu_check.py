@@ -194,6 +194,8 @@ def main() -> int:
 
     import torch
 
+    from alignflow.tasks.lib.memory import model_shape
+
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run with --dry-run on a CPU machine", file=sys.stderr)
@@ -204,7 +206,7 @@ def main() -> int:
     env = environment()
     base = build_base(args.work, dry)
     config = json.loads((base / "config.json").read_text())
-    params = sum(p for p in _param_counts(base))
+    params = model_shape(base).params  # from the safetensors headers, as the memory preflight counts
     rows: list[tuple[str, str, str]] = []
 
     b5, s5, ck5, n5 = P5_SHAPE[mode]
@@ -260,18 +262,6 @@ def main() -> int:
     (args.out / name.replace(".md", ".json")).write_text(json.dumps(
         {"environment": env, "p5": p5, "p8": p8, "rows": rows}, indent=2, default=str))
     return 0
-
-
-def _param_counts(folder: Path) -> list[int]:
-    import math
-
-    from safetensors import safe_open
-
-    counts = []
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            counts += [math.prod(f.get_slice(n).get_shape()) for n in f.keys()]  # noqa: SIM118
-    return counts
 
 
 def _gib(value: Any) -> str:
