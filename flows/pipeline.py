@@ -23,12 +23,15 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -52,6 +55,7 @@ from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifes
 from alignflow.tasks.lib.models import LOADS, device_kind
 from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import report_progress, set_progress_reporter
+from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded
 
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
             "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_sft", "win_rate_vs_sft_ci_low",
@@ -122,11 +126,12 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
 
         set_progress_reporter(reporter)
         loads_before = len(LOADS)
+        mlflow.start_run(run_id=run_id)  # active: the stage's step metrics go into it as they are made
         try:
-            with mlflow.start_run(run_id=run_id):  # active: the Trainers' MLflow callback logs live steps into it
-                manifest = fn(cfg, inputs)
+            manifest = fn(cfg, inputs)
         finally:
             set_progress_reporter(None)
+            _leave_run()
         update_progress_artifact(progress, 100.0)
         manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), inputs=key_inputs,
                         produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id},
@@ -136,6 +141,16 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
             shutil.rmtree(final)
         os.replace(partial, final)
     return manifest
+
+
+def _leave_run() -> None:
+    """Leave the stage's active MLflow run without depending on the tracking server: the tracker marks the run
+    finished (record_stage) or failed itself, and a server that is away now must not cost the stage's work."""
+    try:
+        mlflow.end_run()  # pops the active run first, then tells the server
+    except Exception as e:  # the server is away: the run is popped all the same
+        get_run_logger().warning("could not mark the stage's MLflow run ended now (%s); it is marked when the "
+                                 "stage is recorded", type(e).__name__)
 
 
 @task(name="synthesize-shard", persist_result=False)
@@ -254,7 +269,16 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         raise
     seconds = time.perf_counter() - started
     cached = manifest["produced_by"]["flow_run_id"] != ctx.flow_run_id
-    ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds)
+    try:
+        ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds)
+    except (MlflowException, requests.exceptions.RequestException) as e:  # the tracking server is away
+        kept = read_unrecorded(folder)
+        raise StageError(
+            f"{stage} finished and its outputs are kept in {folder}, but the tracking server "
+            f"{tracking_uri(ctx.work)} did not answer when the stage was recorded ({type(e).__name__})"
+            + (f"; {len(kept)} step metric values it could not send are in {folder / UNRECORDED}" if kept else "")
+            + ". Run the same command again when the server is back: finished stages are reused, and the kept "
+              "metrics are logged into the stage's run then.") from None
     ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
     get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
     metrics = manifest.get("metrics", {})
@@ -357,7 +381,9 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     except _Stop:
         pass
     except BaseException as e:
-        ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
+        # a tracking server that is away must not hide the error (the run stays RUNNING; a later run reaps it)
+        with suppress(MlflowException, requests.exceptions.RequestException):
+            ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
 
     summary: dict[str, float] = {"total_seconds": round(sum(ctx.seconds.values()), 2)}

@@ -9,6 +9,7 @@ streams step metrics into it live.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -30,7 +31,9 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.processes import folder_lock, pid_alive
 from alignflow.tasks.lib.registry import registry_alias
+from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded
 
+log = logging.getLogger("alignflow")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Read once, before alignflow sets anything: mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into
 # os.environ, so reading it later would send a second run (other work dir) into the first run's store.
@@ -183,6 +186,7 @@ class Tracker:
             c.set_tag(run_id, "alignflow.ref_logprobs_cached", str(manifest["ref_logprobs_cached"]).lower())
         if manifest.get("resumed_from") is not None:
             c.set_tag(run_id, "alignflow.resumed_from", str(manifest["resumed_from"]))
+        self.log_unrecorded(run_id, folder, manifest)
         c.log_artifact(run_id, str(folder / "manifest.json"))
         for name in manifest.get("artifacts", []):
             if (folder / name).exists():
@@ -194,6 +198,25 @@ class Tracker:
             if rows:
                 c.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "side_by_side.json")
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def log_unrecorded(self, run_id: str, folder: Path, manifest: dict[str, Any]) -> None:
+        """Step metrics the stage could not send while the tracking server was away (tasks/lib/step_metrics.py):
+        logged now, with their own steps and times, into the run that trained (where the curves have the holes),
+        or into this run when that one is not on this server; then the file is renamed so they go in once."""
+        points = read_unrecorded(folder)
+        if not points:
+            return
+        producer = manifest.get("produced_by", {}).get("mlflow_run_id") or run_id
+        batches = [[Metric(k, v, t, s) for k, v, t, s in points[i : i + 1000]] for i in range(0, len(points), 1000)]
+        try:
+            self.client.get_run(producer)
+        except MlflowException:
+            producer = run_id
+        for batch in batches:
+            self.client.log_batch(producer, metrics=batch)
+        os.replace(folder / UNRECORDED, folder / (UNRECORDED + ".sent"))
+        log.warning("logged %d step metric values kept while the tracking server was away into run %s",
+                    len(points), producer)
 
     def log_curated(self, run_id: str, folder: Path, manifest: dict[str, Any]) -> None:
         """The curated datasets as artifacts of the curate run (`data/`: what `retrain` reads back, on any worker)
@@ -263,8 +286,13 @@ class Tracker:
         return weights, {"version": str(version.version), "adapter_sha256": sha}
 
     def fail(self, run_id: str, killed: bool) -> None:
+        """Mark a run failed (or killed) on the way out of an error: never raises, so that a tracking server that
+        is away does not hide the error being reported (a later run on this host reaps the run instead)."""
         status = RunStatus.KILLED if killed else RunStatus.FAILED
-        self.client.set_terminated(run_id, RunStatus.to_string(status))
+        try:
+            self.client.set_terminated(run_id, RunStatus.to_string(status))
+        except Exception as e:  # requests' ConnectionError, MlflowException after MLflow's retries
+            log.warning("could not mark MLflow run %s %s (%s)", run_id, RunStatus.to_string(status), type(e).__name__)
 
     def finish(self, status: str, summary: dict[str, float]) -> None:
         now = int(time.time() * 1000)

@@ -38,6 +38,7 @@ from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.rewards import Recorder, RewardSource, reward_functions, source_names
+from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
     add_step_metrics,
@@ -180,12 +181,12 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
-        report_to=inputs.report_to,
+        report_to=["none"],  # step metrics: tracking_callback, which never blocks training
         use_liger_kernel=cfg.use_liger_kernel,
         **train_precision(inputs.dtype),
     )
     max_length = read_manifest(inputs.tokenized)["max_length"]
-    callbacks = [progress_callback()]
+    callbacks = [progress_callback(), *tracking_callback(inputs.report_to, out)]
     ref_cached = False
     heldout = None
     recorder = None

@@ -23,6 +23,7 @@ from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
+from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     add_step_metrics,
     last_complete_checkpoint,
@@ -105,12 +106,12 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         seed=inputs.seed,
         data_seed=inputs.seed,
         max_length=tok_manifest["max_length"],  # TRL's default is 1024; pairs were sized for this in tokenize
-        report_to=inputs.report_to,
+        report_to=["none"],  # step metrics: tracking_callback, which never blocks training
         **train_precision(inputs.dtype),
     )
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                                 peft_config=cfg.lora.peft("SEQ_CLS"),
-                                callbacks=[progress_callback()])
+                                callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out)])
     if quant and not (args.bf16 or args.fp16):
         # TRL casts a quantized model's trainable weights (LoRA and the score head) to bf16, which only works
         # under bf16 autocast; without it the fp32 hidden states meet a bf16 head. Keep them in fp32 then.

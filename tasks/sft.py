@@ -28,6 +28,7 @@ from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
+from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
     add_step_metrics,
@@ -137,12 +138,12 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         packing=tok_manifest["packing"],
         use_liger_kernel=cfg.use_liger_kernel,
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens: packed vs padded is fair
-        report_to=inputs.report_to,
+        report_to=["none"],  # step metrics: tracking_callback, which never blocks training
         **train_precision(inputs.dtype),
     )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                              peft_config=peft_config,
-                             callbacks=[progress_callback()])
+                             callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out)])
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
     result = trainer.train(resume_from_checkpoint=resume)

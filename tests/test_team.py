@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from alignflow.recipe import load_recipe
 from alignflow.server import State, find_pg_bin, load_state
@@ -128,6 +130,14 @@ def _run_deployment(team: Team, params: dict[str, Any]) -> subprocess.Popen[str]
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _run_deployment_cli(team: Team, params: dict[str, Any]) -> subprocess.Popen[str]:
+    """`prefect deployment run ... --params JSON --watch`, the way a script submits a run (issue 19)."""
+    argv = [sys.executable, "-m", "prefect", "deployment", "run", "alignflow-pipeline/pipeline", "--params",
+            json.dumps(params), "--watch", "--watch-timeout", "900"]
+    return subprocess.Popen(argv, cwd=ROOT, env={**team.env, "COLUMNS": "400"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
     deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
                              "deployments/prefect.yaml", "--all"], cwd=ROOT, env=team.env, capture_output=True,
@@ -137,16 +147,25 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
 
     smoke = load_recipe(ROOT / "configs" / "smoke.yaml", [])
     beta = load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.beta=0.3"])
-    procs = [_run_deployment(team, {"recipe": r.model_dump(mode="json"), "work_dir": str(team.work)})
-             for r in (smoke, beta)]
+    # the smoke recipe exactly as written (plain strings for data.*, defaults left out), as `yq -o json` gives it
+    # to `prefect deployment run --params`; and a second one through the Python client, normalized
+    as_written = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    assert isinstance(as_written["data"]["sft"], str)
+    procs = [_run_deployment_cli(team, {"recipe": as_written, "work_dir": str(team.work)}),
+             _run_deployment(team, {"recipe": beta.model_dump(mode="json"), "work_dir": str(team.work)})]
     # a recipe from the form that names a file outside the project and ALIGNFLOW_DATA_ROOTS: refused at validation
     escape = smoke.model_dump(mode="json")
     escape["data"]["sft"] = ["/etc/hostname"]
     refused = _run_deployment(team, {"recipe": escape, "work_dir": str(team.work)})
     for p in procs:
         out, errs = p.communicate(timeout=900)
-        assert p.returncode == 0, errs[-3000:]
-        team.flow_runs.append(json.loads(out.strip().splitlines()[-1]))
+        assert p.returncode == 0, out[-3000:] + errs[-3000:]
+        if p is procs[0]:  # the CLI prints the flow run's name and UUID, and exits 0 only when it COMPLETED
+            found = re.search(r"Created flow run '([^']+)'.*?UUID: ([0-9a-f-]{36})", out, re.S)
+            assert found and "finished successfully in 'Completed'" in out, out[-3000:]
+            team.flow_runs.append({"id": found.group(2), "name": found.group(1), "state": "COMPLETED"})
+        else:
+            team.flow_runs.append(json.loads(out.strip().splitlines()[-1]))
     log = (team.home / "logs" / "prefect-worker.log").read_text(errors="replace")
     assert [fr["state"] for fr in team.flow_runs] == ["COMPLETED", "COMPLETED"], log[-8000:]
     out, errs = refused.communicate(timeout=300)

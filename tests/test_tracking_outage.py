@@ -1,0 +1,154 @@
+"""Training survives the tracking server: a real `mlflow server` stopped for 20 s during sft and started again,
+a server that never comes back, and the bounded buffer in between (tasks/lib/step_metrics.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from alignflow.tasks.lib.step_metrics import UNRECORDED, MetricBuffer
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_STEPS = 40  # long enough that the server goes away while sft still has steps to log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`mlflow server` on SQLite in a folder; stop() and start() keep its data, as a restart does."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port, self.proc = home, _free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}", "--artifacts-destination",
+                str(self.home / "artifacts"), "--workers", "1"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start in 120 s")
+
+    def stop(self) -> None:
+        """Gone at once, as in a crash (a graceful stop can take seconds, while sft may be nearly done)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self.proc = None
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path / "mlflow")
+    s.home.mkdir()
+    s.start()
+    yield s
+    if s.proc is not None:
+        s.stop()
+
+
+def test_sft_trains_through_a_20_s_server_outage_and_every_step_metric_arrives(server: Server,
+                                                                             tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"))
+    cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(tmp_path / "w"),
+           "--set", f"sft.max_steps={SFT_STEPS}", "--set", "sft.save_steps=20"]
+    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(server.url)
+    try:
+        sft_run_id = None
+        deadline = time.monotonic() + 400
+        while sft_run_id is None and time.monotonic() < deadline and run.poll() is None:  # sft's first step lands
+            time.sleep(0.3)
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            for r in client.search_runs(experiments, filter_string="attributes.run_name = 'sft'"):
+                if client.get_metric_history(r.info.run_id, "loss"):
+                    sft_run_id = r.info.run_id
+        assert sft_run_id is not None, "sft never logged a step"
+        stopped = time.time() * 1000
+        server.stop()
+        time.sleep(20)
+        restarted = time.time() * 1000
+        server.start()
+        out, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 10  # the pipeline's run and its nine stages
+    assert {r.info.run_name.split("-")[0]: r.info.status for r in runs if r.info.status != "FINISHED"} == {}
+    history = client.get_metric_history(sft_run_id, "loss")
+    assert sorted(h.step for h in history) == list(range(1, SFT_STEPS + 1))  # complete: no hole, no duplicate
+    for name in ("learning_rate", "grad_norm", "tokens_per_s"):  # (step 0: the stage's summary, if it has one)
+        steps = sorted(h.step for h in client.get_metric_history(sft_run_id, name) if h.step > 0)
+        assert steps == list(range(1, SFT_STEPS + 1)), name
+    # training did not wait for the server: steps were taken (their times stamped) while it was away
+    during = [h.step for h in history if stopped < h.timestamp < restarted]
+    assert during, (stopped, restarted, [(h.step, h.timestamp) for h in history])
+    folder = Path(client.get_run(sft_run_id).data.tags["alignflow.stage_dir"])
+    assert not (folder / UNRECORDED).exists()
+
+
+def test_a_server_that_never_returns_leaves_the_metrics_on_disk_then_a_rerun_logs_them(tmp_path: Path) -> None:
+    """The buffer to a dead address: add() returns at once, close() keeps every point in the file, bounded memory
+    spills the oldest to the same file; then the flow's tracker logs the file into the run that trained."""
+    from mlflow.entities import RunStatus
+
+    from alignflow.flows.tracking import Tracker
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        spill = tmp_path / "stage" / UNRECORDED
+        spill.parent.mkdir()
+        buffer = MetricBuffer(f"http://127.0.0.1:{_free_port()}", "0" * 32, spill, capacity=10)
+        for step in range(1, 16):
+            buffer.add({"loss": 1.0 / step, "learning_rate": 0.001}, step)  # 30 points: 20 spill to disk
+            assert len(buffer.points) <= 12
+        result = buffer.close(wait_s=1.0)
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert result["unrecorded"] == 30 and result["sent"] == 0
+    assert result["keys"] == ["learning_rate", "loss"] and result["steps"] == [1, 15]
+    rows = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert sorted((r["key"], r["step"]) for r in rows) == sorted((k, s) for s in range(1, 16)
+                                                                 for k in ("loss", "learning_rate"))
+
+    # the server is back (here: a local store): recording the stage logs the kept points into the run that trained
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("outage")
+    producer = client.create_run(experiment).info.run_id
+    cached = client.create_run(experiment).info.run_id
+    tracker = Tracker(client, experiment, producer)
+    manifest = {"produced_by": {"mlflow_run_id": producer}, "metrics": {}}
+    (spill.parent / "manifest.json").write_text(json.dumps(manifest))
+    tracker.record_stage(cached, "sft", {}, manifest, spill.parent, cached=True, seconds=0.0)
+    assert sorted(h.step for h in client.get_metric_history(producer, "loss")) == list(range(1, 16))
+    assert client.get_metric_history(cached, "loss") == []
+    assert not spill.exists() and spill.with_name(UNRECORDED + ".sent").exists()  # logged once, not per re-run
+    assert client.get_run(cached).info.status == RunStatus.to_string(RunStatus.FINISHED)
