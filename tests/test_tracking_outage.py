@@ -152,3 +152,47 @@ def test_a_server_that_never_returns_leaves_the_metrics_on_disk_then_a_rerun_log
     assert client.get_metric_history(cached, "loss") == []
     assert not spill.exists() and spill.with_name(UNRECORDED + ".sent").exists()  # logged once, not per re-run
     assert client.get_run(cached).info.status == RunStatus.to_string(RunStatus.FINISHED)
+
+
+def test_a_server_gone_for_good_ends_the_run_with_the_stage_kept_then_a_rerun_records_it(server: Server,
+                                                                                         tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"),
+               ALIGNFLOW_TRACKING_WAIT_S="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(tmp_path / "w"),
+           "--until", "sft", "--set", f"sft.max_steps={SFT_STEPS}", "--set", "sft.save_steps=20"]
+    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(server.url)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and run.poll() is None:
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, filter_string="attributes.run_name = 'sft'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                sft_run_id = runs[0].info.run_id
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("sft never logged a step")
+        server.stop()
+        out, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = " ".join(out.split())
+    assert run.returncode == 1, out[-4000:]
+    assert "sft finished and its outputs are kept in" in text and "Traceback" not in out, out[-4000:]
+    assert "step metric values it could not send are in" in text and UNRECORDED in text, out[-4000:]
+    folder = next((tmp_path / "w" / "stages" / "sft").glob("*/manifest.json")).parent  # published, not .partial
+    kept = [json.loads(line) for line in (folder / UNRECORDED).read_text().splitlines()]
+    assert kept and {r["key"] for r in kept} >= {"loss", "learning_rate"}
+
+    server.start()  # back: the same command reuses the finished stages and records what was kept
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    loss = client.get_metric_history(sft_run_id, "loss")
+    assert sorted(h.step for h in loss) == list(range(1, SFT_STEPS + 1))
+    assert not (folder / UNRECORDED).exists()
+    sft_runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                  filter_string="attributes.run_name = 'sft'")
+    assert {r.data.tags["alignflow.cached"] for r in sft_runs if r.info.run_id != sft_run_id} == {"true"}
