@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -55,7 +55,7 @@ from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifes
 from alignflow.tasks.lib.models import LOADS, device_kind
 from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import report_progress, set_progress_reporter
-from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded
+from alignflow.tasks.lib.step_metrics import UNRECORDED, describe, read_unrecorded, server_answers, without_retries
 
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
             "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_sft", "win_rate_vs_sft_ci_low",
@@ -126,12 +126,14 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
 
         set_progress_reporter(reporter)
         loads_before = len(LOADS)
-        mlflow.start_run(run_id=run_id)  # active: the stage's step metrics go into it as they are made
+        failed = True
         try:
+            mlflow.start_run(run_id=run_id)  # active: the stage's step metrics go into it as they are made
             manifest = fn(cfg, inputs)
+            failed = False
         finally:
             set_progress_reporter(None)
-            _leave_run()
+            _leave_run(failed)
         update_progress_artifact(progress, 100.0)
         manifest.update(cache_key=cache_key, config=cfg.model_dump(mode="json"), inputs=key_inputs,
                         produced_by={"flow_run_id": flow_run_id, "mlflow_run_id": run_id},
@@ -143,14 +145,20 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     return manifest
 
 
-def _leave_run() -> None:
-    """Leave the stage's active MLflow run without depending on the tracking server: the tracker marks the run
-    finished (record_stage) or failed itself, and a server that is away now must not cost the stage's work."""
+def _leave_run(failed: bool) -> None:
+    """Leave the stage's active MLflow run without depending on the tracking server: a server that is away now
+    must not cost the stage's work, nor minutes of MLflow's retries (the tracker marks the run again when it
+    records the stage, or reaps it later)."""
+    if mlflow.active_run() is None:  # start_run itself failed
+        return
+    status = "FAILED" if failed else "FINISHED"
+    answers = server_answers(mlflow.get_tracking_uri())
     try:
-        mlflow.end_run()  # pops the active run first, then tells the server
+        with nullcontext() if answers else without_retries():
+            mlflow.end_run(status)  # pops the active run first, then tells the server
     except Exception as e:  # the server is away: the run is popped all the same
-        get_run_logger().warning("could not mark the stage's MLflow run ended now (%s); it is marked when the "
-                                 "stage is recorded", type(e).__name__)
+        get_run_logger().warning("could not mark the stage's MLflow run %s now (%s); it is marked when the stage "
+                                 "is recorded", status, type(e).__name__)
 
 
 @task(name="synthesize-shard", persist_result=False)
@@ -269,16 +277,21 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         raise
     seconds = time.perf_counter() - started
     cached = manifest["produced_by"]["flow_run_id"] != ctx.flow_run_id
+    uri = tracking_uri(ctx.work)
     try:
+        if not server_answers(uri):  # fail now, not after MLflow's retries
+            raise requests.exceptions.ConnectionError(f"{uri}/health did not answer")
         ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds)
-    except (MlflowException, requests.exceptions.RequestException) as e:  # the tracking server is away
+    except (MlflowException, requests.exceptions.RequestException) as e:
+        if server_answers(uri):  # the server is there: this is another error, say it as it is
+            raise
         kept = read_unrecorded(folder)
         raise StageError(
-            f"{stage} finished and its outputs are kept in {folder}, but the tracking server "
-            f"{tracking_uri(ctx.work)} did not answer when the stage was recorded ({type(e).__name__})"
-            + (f"; {len(kept)} step metric values it could not send are in {folder / UNRECORDED}" if kept else "")
+            f"{stage} finished and its outputs are kept in {folder}, but the tracking server {uri} did not answer "
+            f"when the stage was recorded ({type(e).__name__})"
+            + (f"; {describe(kept)} could not be sent and are kept in {folder / UNRECORDED}" if kept else "")
             + ". Run the same command again when the server is back: finished stages are reused, and the kept "
-              "metrics are logged into the stage's run then.") from None
+              "metrics are logged into the run that trained then.") from None
     ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
     get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
     metrics = manifest.get("metrics", {})
@@ -383,7 +396,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     except BaseException as e:
         # a tracking server that is away must not hide the error (the run stays RUNNING; a later run reaps it)
         with suppress(MlflowException, requests.exceptions.RequestException):
-            ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
+            if server_answers(tracking_uri(ctx.work)):
+                ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
 
     summary: dict[str, float] = {"total_seconds": round(sum(ctx.seconds.values()), 2)}

@@ -2,8 +2,8 @@
 
 `MLFLOW_TRACKING_URI` is honoured; without it the store is SQLite under the work dir (no server needed),
 with artifacts beside it. Runs are created with the client API and passed by id (MLflow's active run is
-per thread); a stage's Prefect task activates its own child run so that the Trainers' MLflow callback
-streams step metrics into it live.
+per thread); a stage's Prefect task activates its own child run so that the stage's step metrics
+(tasks/lib/step_metrics.py) stream into it live.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import platform
 import shutil
 import subprocess
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.processes import folder_lock, pid_alive
 from alignflow.tasks.lib.registry import registry_alias
-from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded
+from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded, server_answers
 
 log = logging.getLogger("alignflow")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -193,6 +193,12 @@ class Tracker:
                 c.log_artifact(run_id, str(folder / name))
         if stage == "curate":
             self.log_curated(run_id, folder, manifest)
+        for table in sorted((folder / "samples").glob("step_*.json")) if (folder / "samples").is_dir() else []:
+            # online RL's sampled completions (tasks/dpo.py writes them while it trains; logged here, after
+            # training, so that a tracking server that is away never holds a training step up)
+            rows = json.loads(table.read_text())
+            if rows:
+                c.log_table(run_id, {k: [r.get(k) for r in rows] for k in rows[0]}, f"samples/{table.name}")
         if stage == "evaluate" and (folder / "samples.jsonl").exists():
             rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line]
             if rows:
@@ -201,22 +207,30 @@ class Tracker:
 
     def log_unrecorded(self, run_id: str, folder: Path, manifest: dict[str, Any]) -> None:
         """Step metrics the stage could not send while the tracking server was away (tasks/lib/step_metrics.py):
-        logged now, with their own steps and times, into the run that trained (where the curves have the holes),
-        or into this run when that one is not on this server; then the file is renamed so they go in once."""
-        points = read_unrecorded(folder)
-        if not points:
+        logged now, with their own steps and times, into the run that made them (where the curves have the
+        holes), or into this run when that one is gone (deleted, or on another server); then the file is renamed,
+        so they go in once."""
+        kept = read_unrecorded(folder)
+        if not kept:
             return
-        producer = manifest.get("produced_by", {}).get("mlflow_run_id") or run_id
-        batches = [[Metric(k, v, t, s) for k, v, t, s in points[i : i + 1000]] for i in range(0, len(points), 1000)]
-        try:
-            self.client.get_run(producer)
-        except MlflowException:
-            producer = run_id
-        for batch in batches:
-            self.client.log_batch(producer, metrics=batch)
-        os.replace(folder / UNRECORDED, folder / (UNRECORDED + ".sent"))
-        log.warning("logged %d step metric values kept while the tracking server was away into run %s",
-                    len(points), producer)
+        by_run: dict[str, list[Metric]] = {}
+        for producer, (k, v, t, s) in kept:
+            by_run.setdefault(producer or run_id, []).append(Metric(k, v, t, s))
+        for producer, metrics in by_run.items():
+            target = producer
+            try:
+                if self.client.get_run(producer).info.lifecycle_stage != "active":
+                    target = run_id
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                target = run_id
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(target, metrics=metrics[i : i + 1000])
+            log.warning("logged %d step metric values kept while the tracking server was away into run %s",
+                        len(metrics), target)
+        with suppress(FileNotFoundError):  # another run sharing the work dir recorded them at the same time
+            os.replace(folder / UNRECORDED, folder / (UNRECORDED + ".sent"))
 
     def log_curated(self, run_id: str, folder: Path, manifest: dict[str, Any]) -> None:
         """The curated datasets as artifacts of the curate run (`data/`: what `retrain` reads back, on any worker)
@@ -288,11 +302,13 @@ class Tracker:
     def fail(self, run_id: str, killed: bool) -> None:
         """Mark a run failed (or killed) on the way out of an error: never raises, so that a tracking server that
         is away does not hide the error being reported (a later run on this host reaps the run instead)."""
-        status = RunStatus.KILLED if killed else RunStatus.FAILED
+        status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
         try:
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
+            if not server_answers(self.client.tracking_uri):
+                raise ConnectionError("the tracking server does not answer")  # not after minutes of retries
+            self.client.set_terminated(run_id, status)
         except Exception as e:  # requests' ConnectionError, MlflowException after MLflow's retries
-            log.warning("could not mark MLflow run %s %s (%s)", run_id, RunStatus.to_string(status), type(e).__name__)
+            log.warning("could not mark MLflow run %s %s (%s)", run_id, status, type(e).__name__)
 
     def finish(self, status: str, summary: dict[str, float]) -> None:
         now = int(time.time() * 1000)

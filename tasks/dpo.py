@@ -393,7 +393,7 @@ def _reward_model_scorer(cfg: DpoConfig, inputs: DpoInputs, quant: dict[str, Any
 def _online_metric_names(trainer: Any, names: list[str]) -> None:
     """The dpo child run's per-step names for online RL, beside TRL's own (`reward`, `rewards/<name>/mean`,
     `completions/mean_length`): `reward_mean`, `reward.<source>_mean`, `completion_length_mean`; `reward_std`
-    and `kl` keep TRL's names. Inserted first, so the MLflow callback logs the extended dict."""
+    and `kl` keep TRL's names. Inserted first, so the step-metrics callback sends the extended dict."""
     from transformers import TrainerCallback
 
     aliases = {"reward": "reward_mean", "completions/mean_length": "completion_length_mean",
@@ -414,7 +414,8 @@ def _online_metric_names(trainer: Any, names: list[str]) -> None:
 
 def _sample_tables(recorder: Recorder, out: Path, every: int) -> Any:
     """Every `every` steps: a table of a few prompts with their sampled completions and rewards (per source and
-    summed), written to `samples/step_N.json` in the stage folder and logged to the stage's MLflow run: what RL
+    summed), written to `samples/step_N.json` in the stage folder (the flow logs them as tables to the stage's MLflow
+    run when it records the stage, so that no training step waits for the tracking server): what RL
     practitioners read to catch reward hacking."""
     from transformers import TrainerCallback
 
@@ -425,11 +426,7 @@ def _sample_tables(recorder: Recorder, out: Path, every: int) -> Any:
             rows = recorder.rows(limit_prompts=4)
             name = f"samples/step_{state.global_step:05d}.json"
             (out / "samples").mkdir(exist_ok=True)
-            (out / name).write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-            import mlflow
-
-            if mlflow.active_run() is not None:
-                mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=name)
+            (out / name).write_text(json.dumps(rows, indent=2, ensure_ascii=False))  # MLflow: when recorded
 
     return SampleTables()
 

@@ -3,6 +3,7 @@ a server that never comes back, and the bounded buffer in between (tasks/lib/ste
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -72,7 +73,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def test_sft_trains_through_a_20_s_server_outage_and_every_step_metric_arrives(server: Server,
                                                                              tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"))
+    # MLflow's own retries would ride out 20 s by waiting (and a blocking logger with them): one retry here, so
+    # that the run survives only if the buffer keeps the points and sends them later
+    env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"),
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(tmp_path / "w"),
            "--set", f"sft.max_steps={SFT_STEPS}", "--set", "sft.save_steps=20"]
     run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,50 +112,86 @@ def test_sft_trains_through_a_20_s_server_outage_and_every_step_metric_arrives(s
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):  # (step 0: the stage's summary, if it has one)
         steps = sorted(h.step for h in client.get_metric_history(sft_run_id, name) if h.step > 0)
         assert steps == list(range(1, SFT_STEPS + 1)), name
-    # training did not wait for the server: steps were taken (their times stamped) while it was away
-    during = [h.step for h in history if stopped < h.timestamp < restarted]
-    assert during, (stopped, restarted, [(h.step, h.timestamp) for h in history])
+    # training did not wait for the server: steps were taken (their times stamped) while it was away, and no two
+    # steps lie as far apart as the outage (a logger that blocked until the server came back would show that gap)
+    stamps = [h.timestamp for h in sorted(history, key=lambda h: h.step)]
+    during = [t for t in stamps if stopped < t < restarted]
+    assert during, (stopped, restarted, stamps)
+    assert max(b - a for a, b in itertools.pairwise(stamps)) < 10_000, stamps  # ms
+    assert "did not take step metrics" in out and "answers again" in out, out[-4000:]  # the buffer's work
     folder = Path(client.get_run(sft_run_id).data.tags["alignflow.stage_dir"])
     assert not (folder / UNRECORDED).exists()
 
 
-def test_a_server_that_never_returns_leaves_the_metrics_on_disk_then_a_rerun_logs_them(tmp_path: Path) -> None:
-    """The buffer to a dead address: add() returns at once, close() keeps every point in the file, bounded memory
-    spills the oldest to the same file; then the flow's tracker logs the file into the run that trained."""
+def _dead() -> str:
+    return f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+
+
+def test_a_server_that_never_returns_leaves_the_metrics_on_disk_then_a_rerun_logs_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buffer to a dead address: add() returns at once, memory stays bounded (the oldest half goes to a
+    segment file), close() keeps every point in the stage folder; then the flow's tracker logs the file into the
+    run that trained."""
     from mlflow.entities import RunStatus
 
     from alignflow.flows.tracking import Tracker
 
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        spill = tmp_path / "stage" / UNRECORDED
-        spill.parent.mkdir()
-        buffer = MetricBuffer(f"http://127.0.0.1:{_free_port()}", "0" * 32, spill, capacity=10)
-        for step in range(1, 16):
-            buffer.add({"loss": 1.0 / step, "learning_rate": 0.001}, step)  # 30 points: 20 spill to disk
-            assert len(buffer.points) <= 12
-        result = buffer.close(wait_s=1.0)
-    finally:
-        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    buffer = MetricBuffer(_dead(), "a" * 32, stage, capacity=10)
+    for step in range(1, 16):
+        buffer.add({"loss": 1.0 / step, "learning_rate": 0.001}, step)  # 30 points: 20 go to disk
+        assert len(buffer.points) <= 12
+    result = buffer.close(wait_s=1.0)
     assert result["unrecorded"] == 30 and result["sent"] == 0
     assert result["keys"] == ["learning_rate", "loss"] and result["steps"] == [1, 15]
-    rows = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert not list(stage.glob(".metrics-spill-*"))  # the segments went into the one file
+    rows = [json.loads(line) for line in (stage / UNRECORDED).read_text().splitlines()]
     assert sorted((r["key"], r["step"]) for r in rows) == sorted((k, s) for s in range(1, 16)
                                                                  for k in ("loss", "learning_rate"))
+    assert {r["run_id"] for r in rows} == {"a" * 32}
 
     # the server is back (here: a local store): recording the stage logs the kept points into the run that trained
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("outage")
     producer = client.create_run(experiment).info.run_id
     cached = client.create_run(experiment).info.run_id
+    rows = [{**r, "run_id": producer} for r in rows]
+    (stage / UNRECORDED).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "loss", "val')  # torn
     tracker = Tracker(client, experiment, producer)
     manifest = {"produced_by": {"mlflow_run_id": producer}, "metrics": {}}
-    (spill.parent / "manifest.json").write_text(json.dumps(manifest))
-    tracker.record_stage(cached, "sft", {}, manifest, spill.parent, cached=True, seconds=0.0)
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    tracker.record_stage(cached, "sft", {}, manifest, stage, cached=True, seconds=0.0)
     assert sorted(h.step for h in client.get_metric_history(producer, "loss")) == list(range(1, 16))
     assert client.get_metric_history(cached, "loss") == []
-    assert not spill.exists() and spill.with_name(UNRECORDED + ".sent").exists()  # logged once, not per re-run
+    assert not (stage / UNRECORDED).exists() and (stage / (UNRECORDED + ".sent")).exists()  # logged once
     assert client.get_run(cached).info.status == RunStatus.to_string(RunStatus.FINISHED)
+
+
+def test_a_long_backlog_drains_once_the_server_answers_while_training_goes_on(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points kept on disk and in memory during an outage all arrive, exactly once, when the server is back, while
+    add() keeps being called."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the first failure at once, not after MLflow's
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("drain")).info.run_id
+    buffer = MetricBuffer(_dead(), run_id, stage, capacity=500)
+    for step in range(1, 1201):  # 2,400 points: several segments on disk, the rest in memory
+        buffer.add({"loss": float(step), "grad_norm": 1.0}, step)
+    time.sleep(1.5)  # the thread has failed at least once by now
+    assert buffer.failures >= 1 and len(list(buffer.spill.glob("*.jsonl"))) >= 2
+    buffer.client, buffer.tracking_uri = client, f"sqlite:///{tmp_path / 'mlflow.db'}"  # the server is back
+    for step in range(1201, 1501):  # training goes on while the backlog drains
+        buffer.add({"loss": float(step), "grad_norm": 1.0}, step)
+    result = buffer.close(wait_s=120.0)
+    assert result["unrecorded"] == 0 and result["sent"] == 3000 and not (stage / UNRECORDED).exists()
+    for key in ("loss", "grad_norm"):
+        steps = sorted(h.step for h in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, 1501)), key  # each once: no hole, no duplicate
+    assert not buffer.spill.exists()
 
 
 def test_a_server_gone_for_good_ends_the_run_with_the_stage_kept_then_a_rerun_records_it(server: Server,
@@ -182,7 +222,8 @@ def test_a_server_gone_for_good_ends_the_run_with_the_stage_kept_then_a_rerun_re
     text = " ".join(out.split())
     assert run.returncode == 1, out[-4000:]
     assert "sft finished and its outputs are kept in" in text and "Traceback" not in out, out[-4000:]
-    assert "step metric values it could not send are in" in text and UNRECORDED in text, out[-4000:]
+    assert "step metric values (" in text and "loss" in text and "could not be sent and are kept in" in text, \
+        out[-4000:]
     folder = next((tmp_path / "w" / "stages" / "sft").glob("*/manifest.json")).parent  # published, not .partial
     kept = [json.loads(line) for line in (folder / UNRECORDED).read_text().splitlines()]
     assert kept and {r["key"] for r in kept} >= {"loss", "learning_rate"}

@@ -8,9 +8,9 @@ it writes its config and inputs as JSON beside its outputs and starts
 
 Every process then runs the same `run()`; the Trainer shards the batches (DDP), or the parameters (FSDP /
 DeepSpeed ZeRO), and only the main process writes the adapter, the plots and the manifest, which the caller
-reads back. The MLflow child run is passed on in MLFLOW_RUN_ID, so the Trainer's callback (main process only)
-logs step metrics into it as in a single process. `cpu: true` runs the processes on CPU with the gloo backend
-(how the tests exercise this path without GPUs).
+reads back. The MLflow child run is passed on in MLFLOW_RUN_ID, so the step-metrics callback (main process
+only, tasks/lib/step_metrics.py) logs into it as in a single process. `cpu: true` runs the processes on CPU
+with the gloo backend (how the tests exercise this path without GPUs).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def distributed(module: str, spec: LaunchSpec, cfg: BaseModel, inputs: BaseModel
     (launch_dir / "command.txt").write_text(" ".join(argv) + "\n")
     env = dict(os.environ)
     active = mlflow.active_run()
-    if active is not None:  # the Trainers' MLflow callback (rank 0) logs into the stage's child run
+    if active is not None:  # the step-metrics callback (rank 0) logs into the stage's child run
         env["MLFLOW_RUN_ID"] = active.info.run_id
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     env["ALIGNFLOW_LAUNCHED"] = "1"  # never launch again from inside a launched process

@@ -105,8 +105,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def add_step_metrics(trainer: Any) -> None:
     """Add `tokens_per_s` (non-padding tokens since the previous log) and `peak_memory_bytes` to every step log.
 
-    The callback goes first in the Trainer's list: the logs dict it extends is then the one the MLflow callback
-    logs to the stage's child run; the copy already kept in `state.log_history` gets the same values.
+    The callback goes first in the Trainer's list: the logs dict it extends is then the one the step-metrics callback
+    sends to the stage's child run; the copy already kept in `state.log_history` gets the same values.
     """
     from transformers import TrainerCallback
 
