@@ -102,6 +102,30 @@ def last_complete_checkpoint(folder: Path) -> str | None:
         return str(ckpt)
     return None
 
+def train_resuming(trainer: Any, checkpoints: Path) -> tuple[Any, str | None]:
+    """`trainer.train()`, resumed from the newest complete checkpoint in `checkpoints` when a killed run left one
+    (same data order, optimizer, LR schedule and RNG); returns the train result and the checkpoint resumed from.
+
+    Resuming keeps the adapter's dtype. Over a quantized base TRL trains the LoRA weights in bf16 (QLoRA), and
+    the Trainer reloads a checkpoint's adapter through PEFT's `load_adapter`, which by default upcasts bf16 adapter
+    weights to fp32: the resumed steps would run in another precision than the uninterrupted run and the product
+    would be an fp32 adapter (measured with transformers 5.23 / PEFT 0.21: a killed and resumed QLoRA dpo run
+    ended with float32 weights, the uninterrupted one with bfloat16). Loading without the upcast puts the saved
+    values into the parameters as they are.
+    """
+    import functools
+
+    resume = last_complete_checkpoint(checkpoints)
+    model = trainer.model
+    patched = resume is not None and hasattr(model, "load_adapter")
+    if patched:  # the Trainer calls model.load_adapter(checkpoint, name, is_trainable=...) on resume
+        model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
+    try:
+        return trainer.train(resume_from_checkpoint=resume), resume
+    finally:
+        if patched:
+            del model.load_adapter  # the instance attribute: PEFT's method again
+
 def add_step_metrics(trainer: Any) -> None:
     """Add `tokens_per_s` (non-padding tokens since the previous log) and `peak_memory_bytes` to every step log.
 
@@ -168,6 +192,18 @@ def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], titl
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return found
+
+def run_loss(history: list[dict[str, Any]], result: Any) -> float:
+    """The mean training loss over the whole run, resumed or not: the logged losses, each weighted by the steps it
+    covers. The Trainer's own `training_loss` covers the steps of its `train()` call only, so after a resume it
+    would be the mean since the checkpoint (the history, restored from the checkpoint, holds every step)."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and "step" in entry and entry["step"] > previous:
+            total += float(entry["loss"]) * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return round(total / steps if steps else float(result.training_loss), 5)
 
 def trainer_summary(history: list[dict[str, Any]]) -> dict[str, float]:
     """Headline numbers from a Trainer's `log_history`: the last value of each logged scalar."""
