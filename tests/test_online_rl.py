@@ -303,12 +303,27 @@ def test_the_demo_format_reward_accepts_every_reference_answer_and_refuses_chat(
     assert sum(r == 1.0 for r in rejected) < 0.5 * sum(c == 1.0 for c in chosen)
 
 
-@pytest.mark.parametrize("loss", ["grpo", "kto"])
-def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, prefect_server: None, in_root: Path,
-                                                           shared_work: Path, tmp_path: Path) -> None:
-    """The dpo stage's process killed (-9) after a checkpoint; the stage run again continues from that checkpoint
-    (its steps, data order, optimizer, RNG) to the same step count, and its adapter keeps the dtype it trained in
-    (bf16 LoRA over the smoke recipe's 4-bit base: the Trainer's reload used to upcast it to fp32)."""
+def _processes_under(folder: Path) -> list[int]:
+    """Pids of the processes whose command line names a file in `folder` (a stage's launch files)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder) in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+# grpo in one process, kto on two (the launch path: every training process must end with the killed stage)
+@pytest.mark.parametrize(("loss", "processes"), [("grpo", 1), ("kto", 2)])
+def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, processes: int, prefect_server: None,
+                                                           in_root: Path, shared_work: Path, tmp_path: Path) -> None:
+    """The dpo stage's process group killed (-9) after a checkpoint; the stage run again continues from that
+    checkpoint (its steps, data order, optimizer, RNG) to the same step count, and its adapter keeps the dtype it
+    trained in (bf16 LoRA over the smoke recipe's 4-bit base: the Trainer's reload used to upcast it to fp32).
+    On two processes, the killed stage's training processes (torchrun starts them in sessions of their own) end
+    with it instead of training on beside the re-run."""
     import os
     import signal
     import subprocess
@@ -323,10 +338,11 @@ def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, prefect_se
     from alignflow.tasks.lib.training import last_complete_checkpoint
 
     out = tmp_path / "dpo"
-    cfg, inputs = _dpo_alone(loss, shared_work, out)
+    cfg, inputs = _dpo_alone(loss, shared_work, out, **({"num_processes": 2, "cpu": True} if processes > 1 else {}))
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     (tmp_path / "inputs.json").write_text(inputs.model_dump_json())
-    # the entry point of a launched training process: the stage's run() in a process of its own
+    # the stage's run() in a process of its own (the entry point of launched processes; with launch.num_processes
+    # 2 it launches them, as the pipeline's process does)
     proc = subprocess.Popen([sys.executable, "-m", "alignflow.tasks.lib.launch", "alignflow.tasks.dpo",
                              str(tmp_path / "cfg.json"), str(tmp_path / "inputs.json")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -336,9 +352,16 @@ def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, prefect_se
     assert proc.poll() is None, "the stage ended before it was killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    checkpoint = Path(last_complete_checkpoint(out / "checkpoints") or "")
+    gone = time.time() + 3
+    while _processes_under(out) and time.time() < gone:
+        time.sleep(0.1)
+    assert not _processes_under(out), "training processes outlived the killed stage"
+    assert not (out / "manifest.json").exists(), "the killed stage's training processes went on and finished it"
+    resume_point = last_complete_checkpoint(out / "checkpoints")
+    assert resume_point is not None, "the killed stage left no checkpoint to resume from"
+    checkpoint = Path(resume_point)
     step = int(checkpoint.name.rsplit("-", 1)[-1])
-    assert step in (2, 4) and not (out / "manifest.json").exists()
+    assert step in (2, 4)
     trained_dtypes = {v.dtype for v in load_file(checkpoint / "adapter_model.safetensors").values()}
     logged_before = [h for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
                      if "loss" in h]
@@ -350,7 +373,8 @@ def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, prefect_se
     finally:
         set_progress_reporter(None)
     assert manifest["resumed_from"] == step and manifest["metrics"]["global_step"] == 6
-    assert reported[0] == pytest.approx((step + 1) / 6) and reported[-1] == 1.0  # trained step+1 .. 6 only
+    if processes == 1:  # launched processes report no progress (no Prefect task in them)
+        assert reported[0] == pytest.approx((step + 1) / 6) and reported[-1] == 1.0  # trained step+1 .. 6 only
     history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # each step once: none trained twice
     assert history[:step] == logged_before  # the steps before the kill come from the checkpoint
@@ -360,27 +384,22 @@ def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, prefect_se
     assert manifest["metrics"]["train_loss"] == pytest.approx(sum(h["loss"] for h in history) / 6, abs=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["grpo", "kto"])
-def test_two_processes_share_the_data_and_rank_0_writes(loss: str, prefect_server: None, in_root: Path,
-                                                        shared_work: Path, tmp_path: Path) -> None:
-    """The stage under `accelerate launch` with two CPU processes (gloo, DDP): GRPO samples and scores in each
-    process, KTO pairs its rows with their KL neighbours in each; every step takes a batch per process (the epoch
-    advances twice as fast as in one process) and the main process alone writes the adapter and the manifest."""
+def test_grpo_on_two_processes_samples_in_each_and_rank_0_writes(prefect_server: None, in_root: Path,
+                                                                  shared_work: Path, tmp_path: Path) -> None:
+    """GRPO under `accelerate launch` with two CPU processes (gloo, DDP): each process samples and scores its own
+    prompts' completions, every step takes a batch per process (the epoch advances twice as fast as in one
+    process), and the main process alone writes the adapter, the sample tables and the manifest."""
     from alignflow.tasks import dpo
 
     out = tmp_path / "dpo"
-    cfg, inputs = _dpo_alone(loss, shared_work, out, num_processes=2, cpu=True)
+    cfg, inputs = _dpo_alone("grpo", shared_work, out, num_processes=2, cpu=True)
     cfg = cfg.model_copy(update={"max_steps": 2, "sample_every": 1})
     manifest = dpo.run(cfg, inputs)
     assert manifest["launch"] == {"num_processes": 2, "strategy": "ddp", "cpu": True}
     assert manifest["metrics"]["global_step"] == 2 and manifest["resumed_from"] is None
     assert "--num_processes 2" in (out / "launch" / "command.txt").read_text()
     assert (out / "adapter" / "adapter_config.json").exists() and not (out / "checkpoints").exists()
-    # items per step in one process, over the items of an epoch: GRPO's prompts (batch_size completions are
-    # batch_size / num_generations prompts), KTO's rated completions
-    items = manifest["metrics"]["prompts"] if loss == "grpo" else manifest["metrics"]["kto_rows"]
-    per_process = cfg.batch_size // cfg.num_generations if loss == "grpo" else cfg.batch_size
+    # one process would take batch_size / num_generations = 2 of the prompts per step
     first = next(h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h)
-    assert first["epoch"] == pytest.approx(2 * per_process / items, rel=0.05)
-    if loss == "grpo":  # rank 0's sample tables, from its own completions
-        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00001.json", "step_00002.json"]
+    assert first["epoch"] == pytest.approx(2 * 2 / manifest["metrics"]["prompts"], rel=0.05)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00001.json", "step_00002.json"]

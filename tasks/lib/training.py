@@ -82,8 +82,8 @@ def check_optimizer(optim: str) -> None:
     if ("paged" in optim or "8bit" in optim) and not torch.cuda.is_available():
         raise StageError(f"optimizer '{optim}' needs a CUDA GPU; use adamw_torch on this machine")
 
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """Newest `checkpoint-N` the Trainer finished writing, or None.
+def last_complete_checkpoint(folder: Path, below: int | None = None) -> str | None:
+    """Newest `checkpoint-N` the Trainer finished writing (with N < `below`, if given), or None.
 
     The Trainer writes a checkpoint's model, optimizer, scheduler and RNG state first and `trainer_state.json`
     last, so a checkpoint whose state file is missing or unreadable was cut short (a kill -9 mid-save) and is
@@ -92,7 +92,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                         and (below is None or int(p.name.split("-")[-1]) < below)),
                         key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in candidates:
         try:
@@ -112,10 +113,15 @@ def train_resuming(trainer: Any, checkpoints: Path) -> tuple[Any, str | None]:
     would be an fp32 adapter (measured with transformers 5.23 / PEFT 0.21: a killed and resumed QLoRA dpo run
     ended with float32 weights, the uninterrupted one with bfloat16). Loading without the upcast puts the saved
     values into the parameters as they are.
+
+    A checkpoint at the last step (`max_steps`; the run was killed after it, before the stage's outputs were
+    written) is not resumed from: the Trainer (transformers 5.23) resumed there trains one step beyond max_steps
+    (it checks the step count only after a step). The checkpoint before it is used, and the last steps are
+    trained again.
     """
     import functools
 
-    resume = last_complete_checkpoint(checkpoints)
+    resume = last_complete_checkpoint(checkpoints, trainer.args.max_steps if trainer.args.max_steps > 0 else None)
     model = trainer.model
     patched = resume is not None and hasattr(model, "load_adapter")
     if patched:  # the Trainer calls model.load_adapter(checkpoint, name, is_trainable=...) on resume
