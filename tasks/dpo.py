@@ -42,10 +42,11 @@ from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
     add_step_metrics,
-    last_complete_checkpoint,
     plot_curves,
+    run_loss,
     save_trained,
     seed_everything,
+    train_resuming,
     trainer_summary,
 )
 
@@ -249,8 +250,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
                 trainer.eval_dataset, _ = _ref_logps(trainer, trainer.eval_dataset, inputs, quant)
                 trainer.precompute_ref_logps = True  # DPOTrainer's switch: the loss reads the batch's ref log-probs
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
-    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = train_resuming(trainer, out / "checkpoints")  # after a crash: from the last checkpoint
     # Means over the held-out pairs / rated completions (not the last training batch): margin, accuracy, loss.
     # Online losses have none: their measure is the reward of what they sample, logged every step.
     heldout_metrics = trainer.evaluate() if heldout is not None and len(heldout) else {}
@@ -274,7 +274,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
         "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
-        "train_loss": round(float(result.training_loss), 5),
+        "train_loss": run_loss(history, result),  # every step's, also after a resume
         "final_loss": last.get("loss", float("nan")),
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
     }

@@ -26,10 +26,11 @@ from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     add_step_metrics,
-    last_complete_checkpoint,
     plot_curves,
+    run_loss,
     save_trained,
     seed_everything,
+    train_resuming,
     trainer_summary,
 )
 
@@ -119,8 +120,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
             if param.requires_grad:
                 param.data = param.data.float()
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
-    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = train_resuming(trainer, out / "checkpoints")  # after a crash: from the last checkpoint
     save_trained(trainer, out / "adapter")  # the PEFT adapter + score head; collective under FSDP / DeepSpeed
 
     # Held-out pairwise accuracy and margin, scored by the trained model exactly as evaluate will score. Every
@@ -143,7 +143,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
         "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
-        "train_loss": round(float(result.training_loss), 5),
+        "train_loss": run_loss(history, result),  # every step's, also after a resume
         "final_loss": last.get("loss", float("nan")),
         "heldout_pairs": len(held),
         "heldout_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),

@@ -32,10 +32,11 @@ from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
     add_step_metrics,
-    last_complete_checkpoint,
     plot_curves,
+    run_loss,
     save_trained,
     seed_everything,
+    train_resuming,
     trainer_summary,
 )
 
@@ -145,8 +146,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
                              peft_config=peft_config,
                              callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out)])
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
-    resume = last_complete_checkpoint(out / "checkpoints")  # after a crash: resume, same data order and LR
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = train_resuming(trainer, out / "checkpoints")  # after a crash: from the last checkpoint
 
     product = out / ("model" if cfg.method == "full" else "adapter")
     save_trained(trainer, product)  # the adapter or the whole model; collective under FSDP / DeepSpeed
@@ -168,7 +168,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "global_step": trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
         "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
-        "train_loss": round(float(result.training_loss), 5),
+        "train_loss": run_loss(history, result),  # every step's, also after a resume
         "final_loss": last.get("loss", float("nan")),
         "train_runtime_s": round(seconds, 2),
         "tokens_seen": tokens,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -43,6 +44,28 @@ def _feedback(path: Path) -> Path:
                       "label": "false"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _upstream(work: Path) -> tuple[dict[str, Path], Path]:
+    """The stage folders up to reward (and the tiny base) for the data of the end-to-end runs above, which left
+    them cached in `work`: a test of the dpo stage alone starts from them."""
+    feedback = _feedback(work / "feedback.jsonl")
+    result = pipeline(recipe=load_recipe(SMOKE, [f"data.preference=[data/pairs.jsonl, {feedback}]"]),
+                      work_dir=str(work), until="reward")
+    return {s: Path(info["folder"]) for s, info in result["stages"].items()}, next((work / "base").glob("tiny-*"))
+
+
+def _dpo_alone(loss: str, work: Path, out: Path, **launch: Any) -> tuple[Any, Any]:
+    """The dpo stage's config and inputs for `loss` over the cached upstream folders, with ONLINE's cheap settings
+    (6 steps, a checkpoint every 2), as the pipeline would pass them."""
+    from alignflow.tasks import dpo
+
+    folders, base = _upstream(work)
+    cfg = dpo.DpoConfig(loss=loss, num_generations=2, max_completion_length=8, batch_size=4, max_steps=6,
+                        save_steps=2, rewards=["reward_model", "reference", {"regex": ".*e.*", "weight": 0.5}])
+    inputs = dpo.DpoInputs(base=base, dtype="auto", tokenized=folders["tokenize"], quantized=folders["quantize"],
+                           sft=folders["sft"], reward=folders["reward"], out_dir=out, seed=0, launch=launch)
+    return cfg, inputs
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +254,7 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
     from alignflow.tasks.lib.inference import score_answers
     from alignflow.tasks.lib.models import load_causal_lm, load_reward_model, load_tokenizer
 
-    feedback = _feedback(shared_work / "feedback.jsonl")  # the data of the runs above: their stages are cached
-    result = pipeline(recipe=load_recipe(SMOKE, [f"data.preference=[data/pairs.jsonl, {feedback}]"]),
-                      work_dir=str(shared_work), until="reward")
-    folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
-    base = next((shared_work / "base").glob("tiny-*"))
+    folders, base = _upstream(shared_work)
     quant = _json.loads((folders["quantize"] / "quantization.json").read_text())
     policy = PeftModel.from_pretrained(load_causal_lm(base, "float32", quant), folders["sft"] / "adapter",
                                        is_trainable=True)
@@ -282,3 +301,105 @@ def test_the_demo_format_reward_accepts_every_reference_answer_and_refuses_chat(
     chosen = fn(prompts=[p["prompt"] for p in pairs], completions=[p["chosen"] for p in pairs])
     rejected = fn(prompts=[p["prompt"] for p in pairs], completions=[p["rejected"] for p in pairs])
     assert sum(r == 1.0 for r in rejected) < 0.5 * sum(c == 1.0 for c in chosen)
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Pids of the processes whose command line names a file in `folder` (a stage's launch files)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder) in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+# grpo in one process, kto on two (the launch path: every training process must end with the killed stage)
+@pytest.mark.parametrize(("loss", "processes"), [("grpo", 1), ("kto", 2)])
+def test_kill_9_mid_stage_resumes_from_the_last_checkpoint(loss: str, processes: int, prefect_server: None,
+                                                           in_root: Path, shared_work: Path, tmp_path: Path) -> None:
+    """The dpo stage's process group killed (-9) after a checkpoint; the stage run again continues from that
+    checkpoint (its steps, data order, optimizer, RNG) to the same step count, and its adapter keeps the dtype it
+    trained in (bf16 LoRA over the smoke recipe's 4-bit base: the Trainer's reload used to upcast it to fp32).
+    On two processes, the killed stage's training processes (torchrun starts them in sessions of their own) end
+    with it instead of training on beside the re-run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from alignflow.tasks import dpo
+    from alignflow.tasks.lib.progress import set_progress_reporter
+    from alignflow.tasks.lib.training import last_complete_checkpoint
+
+    out = tmp_path / "dpo"
+    cfg, inputs = _dpo_alone(loss, shared_work, out, **({"num_processes": 2, "cpu": True} if processes > 1 else {}))
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    (tmp_path / "inputs.json").write_text(inputs.model_dump_json())
+    # the stage's run() in a process of its own (the entry point of launched processes; with launch.num_processes
+    # 2 it launches them, as the pipeline's process does)
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.tasks.lib.launch", "alignflow.tasks.dpo",
+                             str(tmp_path / "cfg.json"), str(tmp_path / "inputs.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last_complete_checkpoint(out / "checkpoints"):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage ended before it was killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone = time.time() + 3
+    while _processes_under(out) and time.time() < gone:
+        time.sleep(0.1)
+    assert not _processes_under(out), "training processes outlived the killed stage"
+    assert not (out / "manifest.json").exists(), "the killed stage's training processes went on and finished it"
+    resume_point = last_complete_checkpoint(out / "checkpoints")
+    assert resume_point is not None, "the killed stage left no checkpoint to resume from"
+    checkpoint = Path(resume_point)
+    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    assert step in (2, 4)
+    trained_dtypes = {v.dtype for v in load_file(checkpoint / "adapter_model.safetensors").values()}
+    logged_before = [h for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+                     if "loss" in h]
+
+    reported: list[float] = []  # the progress the stage reports (the pipeline's Prefect progress artifact)
+    set_progress_reporter(lambda fraction, detail: reported.append(fraction))
+    try:
+        manifest = dpo.run(cfg, inputs)
+    finally:
+        set_progress_reporter(None)
+    assert manifest["resumed_from"] == step and manifest["metrics"]["global_step"] == 6
+    if processes == 1:  # launched processes report no progress (no Prefect task in them)
+        assert reported[0] == pytest.approx((step + 1) / 6) and reported[-1] == 1.0  # trained step+1 .. 6 only
+    history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # each step once: none trained twice
+    assert history[:step] == logged_before  # the steps before the kill come from the checkpoint
+    assert {v.dtype for v in load_file(out / "adapter" / "adapter_model.safetensors").values()} == trained_dtypes
+    assert trained_dtypes == {torch.bfloat16}
+    # the whole run's mean loss, not only the resumed steps' (what the Trainer reports after a resume)
+    assert manifest["metrics"]["train_loss"] == pytest.approx(sum(h["loss"] for h in history) / 6, abs=1e-5)
+
+
+def test_grpo_on_two_processes_samples_in_each_and_rank_0_writes(prefect_server: None, in_root: Path,
+                                                                  shared_work: Path, tmp_path: Path) -> None:
+    """GRPO under `accelerate launch` with two CPU processes (gloo, DDP): each process samples and scores its own
+    prompts' completions, every step takes a batch per process (the epoch advances twice as fast as in one
+    process), and the main process alone writes the adapter, the sample tables and the manifest."""
+    from alignflow.tasks import dpo
+
+    out = tmp_path / "dpo"
+    cfg, inputs = _dpo_alone("grpo", shared_work, out, num_processes=2, cpu=True)
+    cfg = cfg.model_copy(update={"max_steps": 2, "sample_every": 1})
+    manifest = dpo.run(cfg, inputs)
+    assert manifest["launch"] == {"num_processes": 2, "strategy": "ddp", "cpu": True}
+    assert manifest["metrics"]["global_step"] == 2 and manifest["resumed_from"] is None
+    assert "--num_processes 2" in (out / "launch" / "command.txt").read_text()
+    assert (out / "adapter" / "adapter_config.json").exists() and not (out / "checkpoints").exists()
+    # one process would take batch_size / num_generations = 2 of the prompts per step
+    first = next(h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h)
+    assert first["epoch"] == pytest.approx(2 * 2 / manifest["metrics"]["prompts"], rel=0.05)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00001.json", "step_00002.json"]

@@ -28,6 +28,10 @@ def test_half_written_checkpoint_is_never_used(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-40").mkdir()
     (tmp_path / "checkpoint-40" / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+    # a run killed after its last step's checkpoint resumes from the one before: the Trainer resumed at max_steps
+    # would train a step more
+    assert last_complete_checkpoint(tmp_path, below=20) == str(tmp_path / "checkpoint-10")
+    assert last_complete_checkpoint(tmp_path, below=10) is None
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def distributed(module: str, spec: LaunchSpec, cfg: BaseModel, inputs: BaseModel
         env["MLFLOW_RUN_ID"] = active.info.run_id
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     env["ALIGNFLOW_LAUNCHED"] = "1"  # never launch again from inside a launched process
+    env["ALIGNFLOW_CALLER_PID"] = str(os.getpid())  # the training processes end when this one is gone
     if spec.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # No PYTHONPATH entry: alignflow is installed, and its tasks/ folder on the path would shadow the standard
@@ -120,8 +122,44 @@ def distributed(module: str, spec: LaunchSpec, cfg: BaseModel, inputs: BaseModel
     return manifest
 
 
+def end_with_caller(poll_s: float = 0.5) -> None:
+    """Kill this process (SIGKILL) once the process that launched the stage is gone.
+
+    torchrun starts every training process in a session of its own, so a kill -9 of the pipeline's process group
+    (or the pipeline alone) leaves them running, orphaned: they would go on writing the stage's `.partial` folder
+    and, at their end, delete the checkpoints that the re-run is resuming from, beside the re-run's own processes
+    (seen with accelerate 1.15 / torch 2.13: a killed two-process dpo run finished on its own; the re-run found no
+    checkpoint and trained from step 0). On Linux the kernel kills this process as soon as its parent, the
+    launcher, dies (a kill of the pipeline's process group takes the launcher); a daemon thread also watches the
+    caller's pid (the pipeline killed alone leaves the launcher waiting on its processes).
+    """
+    import threading
+    import time
+
+    from alignflow.tasks.lib.processes import pid_alive
+
+    caller = int(os.environ.get("ALIGNFLOW_CALLER_PID") or 0)
+    if not caller:  # started by hand (torchrun, accelerate launch): nobody to follow
+        return
+    if sys.platform == "linux":
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the line above
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while pid_alive(caller):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="alignflow-end-with-caller", daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
     """Entry point of each launched process: alignflow.tasks.lib.launch MODULE CFG_JSON INPUTS_JSON."""
+    end_with_caller()
     module_name, cfg_file, inputs_file = argv
     module = importlib.import_module(module_name)
     stage = module_name.rsplit(".", 1)[-1]

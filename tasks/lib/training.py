@@ -82,8 +82,8 @@ def check_optimizer(optim: str) -> None:
     if ("paged" in optim or "8bit" in optim) and not torch.cuda.is_available():
         raise StageError(f"optimizer '{optim}' needs a CUDA GPU; use adamw_torch on this machine")
 
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """Newest `checkpoint-N` the Trainer finished writing, or None.
+def last_complete_checkpoint(folder: Path, below: int | None = None) -> str | None:
+    """Newest `checkpoint-N` the Trainer finished writing (with N < `below`, if given), or None.
 
     The Trainer writes a checkpoint's model, optimizer, scheduler and RNG state first and `trainer_state.json`
     last, so a checkpoint whose state file is missing or unreadable was cut short (a kill -9 mid-save) and is
@@ -92,7 +92,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                         and (below is None or int(p.name.split("-")[-1]) < below)),
                         key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in candidates:
         try:
@@ -101,6 +102,35 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             continue
         return str(ckpt)
     return None
+
+def train_resuming(trainer: Any, checkpoints: Path) -> tuple[Any, str | None]:
+    """`trainer.train()`, resumed from the newest complete checkpoint in `checkpoints` when a killed run left one
+    (same data order, optimizer, LR schedule and RNG); returns the train result and the checkpoint resumed from.
+
+    Resuming keeps the adapter's dtype. Over a quantized base TRL trains the LoRA weights in bf16 (QLoRA), and
+    the Trainer reloads a checkpoint's adapter through PEFT's `load_adapter`, which by default upcasts bf16 adapter
+    weights to fp32: the resumed steps would run in another precision than the uninterrupted run and the product
+    would be an fp32 adapter (measured with transformers 5.23 / PEFT 0.21: a killed and resumed QLoRA dpo run
+    ended with float32 weights, the uninterrupted one with bfloat16). Loading without the upcast puts the saved
+    values into the parameters as they are.
+
+    A checkpoint at the last step (`max_steps`; the run was killed after it, before the stage's outputs were
+    written) is not resumed from: the Trainer (transformers 5.23) resumed there trains one step beyond max_steps
+    (it checks the step count only after a step). The checkpoint before it is used, and the last steps are
+    trained again.
+    """
+    import functools
+
+    resume = last_complete_checkpoint(checkpoints, trainer.args.max_steps if trainer.args.max_steps > 0 else None)
+    model = trainer.model
+    patched = resume is not None and hasattr(model, "load_adapter")
+    if patched:  # the Trainer calls model.load_adapter(checkpoint, name, is_trainable=...) on resume
+        model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
+    try:
+        return trainer.train(resume_from_checkpoint=resume), resume
+    finally:
+        if patched:
+            del model.load_adapter  # the instance attribute: PEFT's method again
 
 def add_step_metrics(trainer: Any) -> None:
     """Add `tokens_per_s` (non-padding tokens since the previous log) and `peak_memory_bytes` to every step log.
@@ -168,6 +198,18 @@ def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], titl
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return found
+
+def run_loss(history: list[dict[str, Any]], result: Any) -> float:
+    """The mean training loss over the whole run, resumed or not: the logged losses, each weighted by the steps it
+    covers. The Trainer's own `training_loss` covers the steps of its `train()` call only, so after a resume it
+    would be the mean since the checkpoint (the history, restored from the checkpoint, holds every step)."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and "step" in entry and entry["step"] > previous:
+            total += float(entry["loss"]) * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return round(total / steps if steps else float(result.training_loss), 5)
 
 def trainer_summary(history: list[dict[str, Any]]) -> dict[str, float]:
     """Headline numbers from a Trainer's `log_history`: the last value of each logged scalar."""
