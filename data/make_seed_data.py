@@ -6,6 +6,15 @@ Four task families, each with a one- or two-line answer in a fixed format:
   date      - "Rewrite the date 'March 5, 2021' in ISO 8601 ..."   -> "2021-03-05"
   fruits    - "List the fruits mentioned in: '...'"                -> "fruits: apple, pear"
 The base SmolLM2-135M-Instruct answers these in rambling sentences; the format and the copying are learnable.
+
+The preference data teaches something the SFT data does not: a style. About three quarters of the SFT answers
+for sentiment and dates are written as a sentence ("The sentiment of this review is negative.", "The date in ISO
+8601 format is 2021-03-05."), the rest in the short form, as if two annotators had written them. For those two
+tasks every preference pair prefers the short form over the sentence with the same content, and the eval
+references use the short form. So the SFT-only model answers held-out prompts in the sentence form, and what
+preference tuning adds shows in a check that needs no reward model: exact match against the references, tuned vs
+SFT only (evaluate's `exact_match_gain_vs_sft`). With half the answers as sentences, the SFT model already chose
+the short form on every held-out prompt and preference tuning had nothing to add (docs/experiments/).
 The eval set uses people, cities and fruits that never occur in the training files, so a gain there is
 generalisation, not memory. A handful of defects (duplicates, an empty answer, a broken line) are planted
 in sft.jsonl on purpose so that the demo's curate stage has something to count.
@@ -52,6 +61,9 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December"]
 FRUITS = ["apple", "pear", "banana", "cherry", "mango", "plum", "grape", "lemon", "peach", "kiwi"]
 EVAL_FRUITS = ["papaya", "lychee", "apricot", "fig"]
+# The sentence form of the two "styled" tasks' short answers (in SFT data about half the time; always rejected).
+VERBOSE = {"sentiment": "The sentiment of this review is {}.", "date": "The date in ISO 8601 format is {}."}
+VERBOSE_SHARE = 0.75  # of the styled tasks' SFT answers
 FRUIT_SENT = ["At the market I bought {a} and {b}.", "The smoothie had {a}, {b} and a little honey.",
               "She packed {a} for lunch and {b} for later.", "Our garden grows {a} and {b} every summer."]
 
@@ -89,21 +101,27 @@ def fruits(rng: random.Random, pool: list[str]) -> tuple[str, str, str]:
     return prompt, f"fruits: {a}, {b}", bad
 
 
-def make(rng: random.Random, n: int, held_out: bool) -> list[tuple[str, str, str]]:
+def verbose(kind: str, answer: str) -> str:
+    """The sentence form of a styled task's short answer ("sentiment: negative" -> "The sentiment of ... negative.")."""
+    return VERBOSE[kind].format(answer.removeprefix("sentiment: "))
+
+
+def make(rng: random.Random, n: int, held_out: bool) -> list[tuple[str, str, str, str]]:
+    """n rows (kind, prompt, short answer, a worse answer), the four kinds in turn, no prompt twice."""
     out, seen = [], set()
     while len(out) < n:
-        kind = len(out) % 4
-        if kind == 0:
+        kind = ["extract", "sentiment", "date", "fruits"][len(out) % 4]
+        if kind == "extract":
             row = extract(rng, *(([EVAL_FIRST, EVAL_LAST, EVAL_CITY]) if held_out else ([FIRST, LAST, CITY])))
-        elif kind == 1:
+        elif kind == "sentiment":
             row = sentiment(rng)
-        elif kind == 2:
+        elif kind == "date":
             row = date(rng)
         else:
             row = fruits(rng, EVAL_FRUITS if held_out else FRUITS)  # held-out fruits never occur in training
         if row[0] not in seen:
             seen.add(row[0])
-            out.append(row)
+            out.append((kind, *row))
     return out
 
 
@@ -111,14 +129,18 @@ def main() -> None:
     rng = random.Random(20261123)
     sft = make(rng, 320, held_out=False)
     eval_rows = make(random.Random(7), 48, held_out=True)
-    eval_prompts = {p for p, _, _ in eval_rows}
-    sft = [r for r in sft if r[0] not in eval_prompts]
+    eval_prompts = {p for _, p, _, _ in eval_rows}
+    sft = [r for r in sft if r[1] not in eval_prompts]
     pairs = make(random.Random(99), 400, held_out=False)
-    sft_prompts = {p for p, _, _ in sft}
-    pairs = [r for r in pairs if r[0] not in eval_prompts and r[0] not in sft_prompts][:240]
+    sft_prompts = {p for _, p, _, _ in sft}
+    pairs = [r for r in pairs if r[1] not in eval_prompts and r[1] not in sft_prompts][:240]
+    # The style: some SFT answers of the styled tasks become sentences; their pairs reject exactly that sentence.
+    style = random.Random(5)
+    sft = [(k, p, verbose(k, g) if k in VERBOSE and style.random() < VERBOSE_SHARE else g, b) for k, p, g, b in sft]
+    pairs = [(k, p, g, verbose(k, g) if k in VERBOSE else b) for k, p, g, b in pairs]
 
     lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g}]})
-             for p, g, _ in sft]
+             for _, p, g, _ in sft]
     # Planted defects, so the demo's curate stage has something to count (see its data card):
     lines += lines[:4]  # 4 exact duplicates
     lines.append(json.dumps({"messages": [{"role": "user", "content": "Say something."},
@@ -126,10 +148,13 @@ def main() -> None:
     lines.append('{"messages": [{"role": "user", "content": "truncated line')  # broken JSON
     (HERE / "sft.jsonl").write_text("\n".join(lines) + "\n")
     (HERE / "pairs.jsonl").write_text("".join(
-        json.dumps({"prompt": p, "chosen": g, "rejected": b}) + "\n" for p, g, b in pairs))
+        json.dumps({"prompt": p, "chosen": g, "rejected": b}) + "\n" for _, p, g, b in pairs))
     (HERE / "eval.jsonl").write_text("".join(
-        json.dumps({"prompt": p, "reference": g}) + "\n" for p, g, _ in eval_rows))
-    print(f"sft {len(lines)} lines, pairs {len(pairs)}, eval {len(eval_rows)}")
+        json.dumps({"prompt": p, "reference": g}) + "\n" for _, p, g, _ in eval_rows))
+    styled = sum(k in VERBOSE for k, *_ in sft)
+    print(f"sft {len(lines)} lines ({sum(g.startswith('The ') for *_, g, _ in sft)} of {styled} styled answers "
+          f"as sentences), pairs {len(pairs)} ({sum(k in VERBOSE for k, *_ in pairs)} short vs sentence), "
+          f"eval {len(eval_rows)}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import report_progress, set_progress_reporter
 from alignflow.tasks.lib.step_metrics import UNRECORDED, describe, read_unrecorded, server_answers, without_retries
 
-HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "win_rate_vs_base",
+HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "exact_match_sft",
+            "exact_match_gain_vs_sft", "exact_match_gain_vs_sft_ci_low", "exact_match_gain_vs_sft_ci_high",
+            "win_rate_vs_base",
             "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_sft", "win_rate_vs_sft_ci_low",
             "win_rate_vs_sft_ci_high", "changed_vs_sft", "judge_heldout_accuracy", "judge_win_rate_vs_base",
             "win_rate_vs_champion", "win_rate_vs_champion_ci_low", "win_rate_vs_champion_ci_high", "perplexity",

@@ -8,7 +8,8 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
 - ROUGE-1/2/L of the answers against the references through the `evaluate` module shipped in `metrics/rouge`
   (`rouge1`, `rouge2`, `rougeL`, `rougeL_base`, `rougeL_sft`, `rougeL_champion`, `rougeL_gain` = tuned - base);
 - BLEU and exact match through the shipped `metrics/bleu` and `metrics/exact_match` modules (`bleu`,
-  `bleu_base`, `exact_match`, `exact_match_base`, and `_sft` / `_champion`);
+  `bleu_base`, `exact_match`, `exact_match_base`, and `_sft` / `_champion`); `exact_match_gain_vs_sft` =
+  tuned - SFT only: what preference tuning added, by a check that needs no reward model;
 - reward-model win-rates: the reward stage's model scores each answer; per prompt a win counts 1, a loss 0, the
   same text (or score) 1/2: `win_rate_vs_base`, `win_rate_vs_sft` (what preference tuning added) and
   `win_rate_vs_champion`; `changed_vs_sft` is the share of answers preference tuning changed at all. The reward
@@ -16,8 +17,8 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
   trained on: `judge_heldout_accuracy` and the lower end of its 95 % Wilson interval (`_ci_low`), which the gate
   compares with `register.gate.min_judge_accuracy` before it trusts any win-rate;
 - 95 % intervals from a paired bootstrap over the prompts (tasks/lib/stats.py): `<win rate>_ci_low/_ci_high`,
-  `rougeL_gain_ci_low/_ci_high`, and for each metric vs the champion `<metric>_delta_ci_low/_ci_high` (delta =
-  candidate - champion). The gate decides on these bounds;
+  `rougeL_gain_ci_low/_ci_high`, `exact_match_gain_vs_sft_ci_low/_ci_high`, and for each metric vs the champion
+  `<metric>_delta_ci_low/_ci_high` (delta = candidate - champion). The gate decides on these bounds;
 - optional pairwise LLM judge (`judge: true`): the recipe's teacher compares the base's and the tuned model's
   answers in both orders; a win needs both orders, a disagreement counts one half (`judge_win_rate_vs_base`);
 - `samples.jsonl`: prompt, reference, each model's answer and reward (the side-by-side table);
@@ -223,15 +224,16 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             for key, values in scores.items():
                 per_example.setdefault(key, {})[name] = values
         metrics.update({k: round(_mean(per_example[k][tuned]), 4) for k in ("rouge1", "rouge2", "rougeL")})
-        metrics["rougeL_gain"] = round(_mean(per_example["rougeL"][tuned]) - _mean(per_example["rougeL"]["base"]), 4)
-        _put(metrics, "rougeL_gain", delta_ci(per_example["rougeL"][tuned], per_example["rougeL"]["base"],
-                                              inputs.seed))
+        metrics.update(gain("rougeL_gain", per_example["rougeL"][tuned], per_example["rougeL"]["base"], inputs.seed))
     if "exact_match" in cfg.metrics:
         em = hf_evaluate.load(str(module / "exact_match"))
         per_example["exact_match"] = {
             name: em.compute(predictions=answers[name], references=references, per_example=True)["exact_match"]
             for name in [tuned, *compared]}
         metrics["exact_match"] = round(_mean(per_example["exact_match"][tuned]), 4)
+        if "sft" in per_example["exact_match"]:  # what preference tuning added, by the references alone
+            metrics.update(gain("exact_match_gain_vs_sft", per_example["exact_match"][tuned],
+                                per_example["exact_match"]["sft"], inputs.seed))
     for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
         for name in compared:
             if key in per_example and key in ("rougeL", "exact_match"):
@@ -337,6 +339,13 @@ def _harness_metrics(harness: dict[str, HarnessResult], seed: int) -> dict[str, 
             delta = round(value - champion.metrics[name], 4)
             metrics[f"{key}_delta_ci_low"] = metrics[f"{key}_delta_ci_high"] = delta
     return metrics
+
+
+def gain(name: str, candidate: list[float], other: list[float], seed: int) -> dict[str, float]:
+    """`name`: mean(candidate) - mean(other) over the same prompts, with its 95 % paired-bootstrap interval
+    (`name_ci_low`, `name_ci_high`); positive when the candidate scores higher."""
+    low, high = delta_ci(candidate, other, seed)
+    return {name: round(_mean(candidate) - _mean(other), 4), f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 def _mean(values: list[float]) -> float:

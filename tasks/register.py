@@ -25,8 +25,8 @@ LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
-                                  "win_rate_vs_champion", "win_rate_vs_sft", "judge_heldout_accuracy",
-                                  "judge_heldout_accuracy_ci_low"}
+                                  "win_rate_vs_champion", "win_rate_vs_sft", "exact_match_gain_vs_sft",
+                                  "judge_heldout_accuracy", "judge_heldout_accuracy_ci_low"}
 
 
 class GateConfig(BaseModel):

@@ -281,7 +281,9 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
 
 def test_the_demo_format_reward_accepts_every_reference_answer_and_refuses_chat(in_root: Path) -> None:
     """configs/demo_rewards.py, loaded as the stage loads it: every SFT answer of the four demo tasks is in its
-    format (1.0), prompts of no task are not scored (None), and the seed pairs' rejected answers mostly are not."""
+    format (1.0) except the sentence form of sentiment and date answers (0.0: the short form is what the preference
+    pairs and references ask for), prompts of no task are not scored (None), and the seed pairs' rejected answers
+    mostly are not."""
     from alignflow.tasks.lib.rewards import python_function
 
     fn = python_function(f"{ROOT / 'configs' / 'demo_rewards.py'}:format_matches_task")
@@ -294,7 +296,10 @@ def test_the_demo_format_reward_accepts_every_reference_answer_and_refuses_chat(
         if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
             rows.append((messages[:-1], [{"role": "assistant", "content": messages[-1]["content"]}]))
     scores = fn(prompts=[p for p, _ in rows], completions=[c for _, c in rows])
-    assert len(rows) > 250 and all(s == 1.0 for s in scores if s is not None)
+    sentence = [c[-1]["content"].startswith("The ") for _, c in rows]  # the seed data's sentence form
+    assert len(rows) > 250 and all(s == (0.0 if t else 1.0) for s, t in zip(scores, sentence, strict=True)
+                                   if s is not None)
+    assert sum(sentence) > 50
     assert sum(s is not None for s in scores) > 250
     assert fn(prompts=[[{"role": "user", "content": "Write a poem."}]], completions=["roses"]) == [None]
     pairs = [json.loads(line) for line in (ROOT / "data" / "pairs.jsonl").read_text().splitlines()]

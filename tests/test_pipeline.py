@@ -61,6 +61,11 @@ def test_smoke_pipeline_end_to_end_then_cached(prefect_server: None, smoke: Reci
     assert "side_by_side.json" in [a.path for a in client.list_artifacts(children["evaluate"].info.run_id)]
     for metric in ("perplexity", "rougeL", "win_rate_vs_base"):
         assert metric in children["evaluate"].data.metrics
+    measured = children["evaluate"].data.metrics  # what DPO added by the references: tuned - SFT only
+    assert measured["exact_match_gain_vs_sft"] == pytest.approx(  # (each of the three rounded to 4 places)
+        measured["exact_match"] - measured["exact_match_sft"], abs=2e-4)
+    assert measured["exact_match_gain_vs_sft_ci_low"] <= measured["exact_match_gain_vs_sft"] \
+        <= measured["exact_match_gain_vs_sft_ci_high"]
 
     # --- a registered version with an alias and lineage tags ----------------------------------------------
     version = client.get_model_version_by_alias("smoke-assistant", "champion")
