@@ -258,8 +258,18 @@ class Tracker:
             dataset = MetaDataset(source, name=f"{Path(name).stem}", digest=digest[:32])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                        [InputTag("mlflow.data.context", context)]))
-        for target in (run_id, self.parent_run_id):
-            self.client.log_inputs(target, datasets=inputs)
+        # MLflow's stores look a dataset up, then insert it: two runs logging the same curated data at once race on
+        # its UNIQUE (experiment, name, digest) row (seen with two runs sharing a work dir's SQLite store). A local
+        # store is taken in turns; a server's store gets a second try, which finds the row the other run made.
+        uri = str(self.client.tracking_uri)
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        with folder_lock(db) if db is not None else nullcontext():
+            for target in (run_id, self.parent_run_id):
+                try:
+                    self.client.log_inputs(target, datasets=inputs)
+                except MlflowException:
+                    time.sleep(1.0)
+                    self.client.log_inputs(target, datasets=inputs)
 
     def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path,
                          base_spec: str | None = None, base_key: str | None = None) -> tuple[Path | None, dict]:
