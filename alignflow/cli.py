@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,36 +44,118 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-class _EarlyServer(threading.Thread):
-    """Prefect's temporary server, booted in its own process while this one imports the flow (MLflow, Prefect:
-    seconds) instead of after: the flow's client finds the same server (Prefect keeps one per process) already
-    answering. Only without PREFECT_API_URL, when Prefect would start one anyway; `join` re-raises its error."""
+def _prefect_api_may_be_configured() -> bool:
+    """Whether a Prefect setting could name an API server, or turn the temporary one off, so that Prefect must
+    decide itself. Read without importing Prefect (1 to 2 s): the environment, the active profile of the profiles
+    file, and any `.env`, `prefect.toml` or `pyproject.toml` [tool.prefect] here, which are taken as a yes without
+    reading further. A wrong yes only costs the seconds `_TemporaryServer` saves; a wrong no would hide a team
+    server, so every doubt is a yes."""
+    import tomllib
+
+    if any(k.startswith("PREFECT_API_") or k in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_PROFILES_PATH",
+                                                  "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE") for k in os.environ):
+        return True
+    if Path("prefect.toml").exists() or (Path(".env").exists() and "PREFECT" in Path(".env").read_text("utf-8")):
+        return True
+    try:
+        if "prefect" in tomllib.loads(Path("pyproject.toml").read_text("utf-8")).get("tool", {}):
+            return True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    try:
+        profiles = tomllib.loads((home / "profiles.toml").read_text("utf-8"))
+    except FileNotFoundError:
+        return False  # Prefect's own default profiles: "ephemeral", no API named
+    except (OSError, ValueError):
+        return True
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    settings = profiles.get("profiles", {}).get(active, {})
+    if not isinstance(settings, dict):
+        return True
+    return any("API" in k or ("EPHEMERAL" in k and str(v).lower() not in ("true", "1")) for k, v in settings.items())
+
+
+class _TemporaryServer:
+    """Prefect's temporary API server, started as Prefect starts it (the same `uvicorn` command and environment,
+    `prefect.server.api.server.SubprocessASGIServer`) but at the command's first step, without importing Prefect
+    here: Prefect's own start imports its whole server into this process first (about 3 s, fighting the flow's
+    imports for one interpreter lock) and only then boots the subprocess, which imports it again. Here the
+    subprocess boots while this process imports the flow, and `PREFECT_API_URL` names it before Prefect reads its
+    settings. A fully cached demo run went from about 11 s to about 7 s (docs/profiles/cached-run.md).
+
+    Used only where Prefect would start a temporary server anyway (`_prefect_api_may_be_configured()` is false);
+    stopped at exit, and on Linux killed by the kernel if this process dies first."""
 
     def __init__(self) -> None:
-        super().__init__(daemon=True, name="prefect-temporary-server")
-        self.error: BaseException | None = None
+        import importlib.util
+        import socket
+        import subprocess
 
-    def run(self) -> None:
-        try:
-            from prefect.settings import PREFECT_API_URL
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
+        with socket.socket() as sock:  # a free port from the kernel; Prefect picks one at random in 8000-8999
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        os.environ["PREFECT_API_URL"] = f"{self.url}/api"
+        os.environ.setdefault("PREFECT_UI_URL", "")  # serves no UI and ends with the run: no "View at" link
+        import atexit
 
-            if not PREFECT_API_URL.value():
-                from prefect.server.api.server import SubprocessASGIServer
+        atexit.register(self.stop)
 
-                SubprocessASGIServer().start()  # returns once the server answers /health
-        except BaseException as e:  # handed to the main thread by join()
-            self.error = e
+    def wait(self) -> None:
+        """Return once the server answers /health; its exit or the startup timeout is an error."""
+        import time
+        import urllib.error
+        import urllib.request
 
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self.error is not None:
-            raise self.error
+        limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Prefect's temporary server ({self.url}) exited with code "
+                                   f"{self.process.returncode} before it answered; its error is above")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Prefect's temporary server ({self.url}) did not answer within {limit:g} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
 
 
-def _start_prefect_server_early() -> _EarlyServer:
-    server = _EarlyServer()
-    server.start()
-    return server
+def _die_with_parent() -> None:
+    """In the server's process before exec: the kernel sends it SIGTERM when this command's process dies, even by
+    SIGKILL (PR_SET_PDEATHSIG), so no temporary server outlives its run."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _start_prefect_server_early() -> _TemporaryServer | None:
+    """Start the temporary server now when Prefect would start one later; None when an API may be configured."""
+    return None if _prefect_api_may_be_configured() else _TemporaryServer()
 
 
 def _load(recipe: Path, overrides: list[str] | None, deployment: bool = False) -> Any:
@@ -124,7 +205,8 @@ def run(
         server = _start_prefect_server_early()
         from alignflow.flows.pipeline import pipeline
 
-        server.join()
+        if server is not None:
+            server.wait()
         result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", markup=True, highlight=False)
@@ -244,7 +326,8 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
         server = _start_prefect_server_early()
         from alignflow.flows.retrain import retrain as retrain_flow
 
-        server.join()
+        if server is not None:
+            server.wait()
         result = retrain_flow(recipe=r, work_dir=str(work_dir))
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", highlight=False)

@@ -1,0 +1,133 @@
+"""The CLI's own start of Prefect's temporary server (alignflow/cli.py, `_TemporaryServer`): used only where Prefect
+would start one anyway, serving the run, and never outliving the command, even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignflow.cli import _prefect_api_may_be_configured
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = "prefect.server.api.server:create_app"
+
+
+@pytest.fixture()
+def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with no Prefect settings in it, a Prefect home of its own, no PREFECT_* in the environment."""
+    for key in list(os.environ):
+        if key.startswith("PREFECT_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    return tmp_path
+
+
+def test_an_api_named_anywhere_leaves_the_server_to_prefect(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    profiles = bare / "home" / "profiles.toml"
+    assert not _prefect_api_may_be_configured()  # nothing set: Prefect would start a temporary server
+    # Prefect's own profiles file names an API for the "local" profile; only the active one counts
+    profiles.write_text('active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_SERVER_ALLOW_EPHEMERAL_MODE = "true"\n'
+                        '[profiles.local]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n')
+    assert not _prefect_api_may_be_configured()
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert _prefect_api_may_be_configured()
+    monkeypatch.delenv("PREFECT_PROFILE")
+    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect:4200/api"\n')
+    assert _prefect_api_may_be_configured()
+    profiles.write_text('active = "off"\n[profiles.off]\nPREFECT_SERVER_EPHEMERAL_ENABLED = "false"\n')
+    assert _prefect_api_may_be_configured()  # Prefect's own error ("No Prefect API URL provided") must show
+    profiles.write_text("not toml [")
+    assert _prefect_api_may_be_configured()
+    profiles.unlink()
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect:4200/api")
+    assert _prefect_api_may_be_configured()
+    monkeypatch.delenv("PREFECT_API_URL")
+    Path("pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert not _prefect_api_may_be_configured()
+    Path("pyproject.toml").write_text('[tool.prefect.api]\nurl = "http://prefect:4200/api"\n')
+    assert _prefect_api_may_be_configured()
+    Path("pyproject.toml").unlink()
+    Path("prefect.toml").write_text('[api]\nurl = "http://prefect:4200/api"\n')
+    assert _prefect_api_may_be_configured()
+    Path("prefect.toml").unlink()
+    Path(".env").write_text("PREFECT_API_URL=http://prefect:4200/api\n")
+    assert _prefect_api_may_be_configured()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == pid and state != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_run_uses_its_own_server_and_leaves_none_behind(bare: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # the bare environment, as a user's shell
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.cli", "run", str(ROOT / "configs/smoke.yaml"),
+                             "--work-dir", str(tmp_path / "w"), "--until", "curate"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = None
+    deadline = time.monotonic() + 60
+    while server is None and time.monotonic() < deadline and proc.poll() is None:
+        server = next((pid for pid, cmd in _children(proc.pid) if SERVER in cmd), None)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert server is not None, "the command started no server of its own: Prefect's slower start was used"
+    assert "Starting temporary server" not in out  # Prefect did not start a second one
+    assert "View at http" not in out  # no link to a UI that is not served and ends with the run
+    assert "curate" in out
+    assert not _alive(server)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_takes_its_server_with_it(bare: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.cli", "run", str(ROOT / "configs/smoke.yaml"),
+                             "--work-dir", str(tmp_path / "w")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    deadline = time.monotonic() + 60
+    while server is None and time.monotonic() < deadline and proc.poll() is None:
+        server = next((pid for pid, cmd in _children(proc.pid) if SERVER in cmd), None)
+        time.sleep(0.05)
+    assert server is not None
+    proc.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel can end the server now
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not _alive(server)
+    if not gone:
+        os.kill(server, signal.SIGKILL)
+    assert gone, "Prefect's temporary server outlived the killed command"
