@@ -1,9 +1,11 @@
 """Curation throughput on 100k generated records: exact + near dedup, PII scrub, quality filters,
 decontamination against 1k eval items, on the real `tasks.curate.run`.
 
-Baseline measured in the same run: a plain pass that reads, parses and writes the same JSONL (the I/O floor),
-five times (three before curate, two after, so load on a shared machine hits both); the ratio is curate over
-the median plain pass, with the range the plain passes give. Issue 18 target: curate / plain <= 25.
+Baseline measured in the same run: a plain pass that reads, parses and writes the same JSONL (the I/O floor).
+The two alternate over `--pairs` pairs (curate, plain, curate, plain, ...), after an untimed plain pass and an
+untimed curate run that warm the page cache and curate's imports for both, so load on a shared machine hits
+both; the ratio is each pair's curate / plain, printed as median and range, and every curate run's outputs must
+be identical. Issue 18 target: curate / plain <= 25.
 
 Scale mode (issue 18): `--scale 1000000` generates a million SFT records (in a child process, so the data never
 sits in this one), fans `curate.shards` out over local Dask worker processes through the pipeline's own
@@ -206,6 +208,7 @@ def scale(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--pairs", type=int, default=5, help="alternating curate / plain pairs (median and range)")
     parser.add_argument("--scale", type=int, default=0, help="scale mode: this many sft records, sharded on Dask")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
@@ -223,20 +226,30 @@ def main() -> None:
         sft, pref, ev = make_data(folder, args.records)
         files = [sft, pref, ev]
         n_total = sum(len(f.read_text().splitlines()) for f in files)
-        plains = [timed_plain(files, folder / "plain") for _ in range(3)]
-        t0 = time.perf_counter()
-        manifest = run(CurateConfig(max_drop_fraction=1.0),
-                       CurateInputs(sft=[sft], preference=[pref], eval=[ev], out_dir=folder / "curated"))
-        t_curate = time.perf_counter() - t0
-        plains += [timed_plain(files, folder / "plain") for _ in range(2)]
-    t_plain = statistics.median(plains)
+        # warm, untimed: the files in the page cache, curate's imports and compiled patterns, for both
+        timed_plain(files, folder / "plain")
+        run(CurateConfig(max_drop_fraction=1.0), CurateInputs(sft=[sft], preference=[pref], eval=[ev],
+                                                              out_dir=folder / "curated-warm"))
+        curates, plains, ratios = [], [], []
+        for i in range(args.pairs):  # alternating: curate, plain, curate, plain, ...
+            t0 = time.perf_counter()
+            manifest = run(CurateConfig(max_drop_fraction=1.0),
+                           CurateInputs(sft=[sft], preference=[pref], eval=[ev], out_dir=folder / f"curated-{i}"))
+            curates.append(time.perf_counter() - t0)
+            plains.append(timed_plain(files, folder / "plain"))
+            ratios.append(curates[-1] / plains[-1])
+            print(f"pair {i + 1}: curate {curates[-1]:.2f} s, plain {plains[-1]:.2f} s, ratio {ratios[-1]:.1f}",
+                  flush=True)
+        same = all(digest(folder / f"curated-{i}") == digest(folder / "curated-warm") for i in range(args.pairs))
     m = manifest["metrics"]
     print(f"records (all datasets)      {n_total}")
-    print(f"plain read/parse/write s    {t_plain:.2f} (median of 5; {min(plains):.2f} to {max(plains):.2f})")
-    print(f"curate s                    {t_curate:.2f}")
-    print(f"curate records/s            {n_total / t_curate:.0f}")
-    print(f"ratio curate / plain        {t_curate / t_plain:.1f} ({t_curate / max(plains):.1f} to "
-          f"{t_curate / min(plains):.1f} over the plain passes)")
+    print(f"plain read/parse/write s    {statistics.median(plains):.2f} (median of {args.pairs}; "
+          f"{min(plains):.2f} to {max(plains):.2f})")
+    print(f"curate s                    {statistics.median(curates):.2f} ({min(curates):.2f} to {max(curates):.2f})")
+    print(f"curate records/s            {n_total / statistics.median(curates):.0f}")
+    print(f"ratio curate / plain        {statistics.median(ratios):.1f} (median of {args.pairs} pairs; "
+          f"{min(ratios):.1f} to {max(ratios):.1f})")
+    print(f"every curate run identical  {same}")
     print("sft dropped:", {k.removeprefix('sft.dropped.'): v for k, v in m.items() if k.startswith("sft.dropped.")})
     print("sft pii:", {k.removeprefix('sft.pii.'): v for k, v in m.items() if k.startswith("sft.pii.")})
 

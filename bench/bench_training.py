@@ -2,8 +2,10 @@
 
   P3  SFT train tokens/s through `tasks.sft.run`  /  a plain TRL SFTTrainer script, same model, data, settings
   P4  SFT tokens/s with packing (padding-free)  /  padded batches, on data with skewed lengths
-  P6  wall time of a second DPO run whose reference log-probs come from cache  /  the first DPO run (which
-      computed them), and  /  a DPO run with a live reference (TRL's default, no precompute), same steps
+  P6  wall time of a DPO run whose reference log-probs come from cache  /  a DPO run with a live reference
+      (TRL's default, no precompute), same steps; and the cached run  /  the first run, which computed them
+
+Each ratio is taken over `--pairs` alternating pairs (A, B, A, B, ...: both warm) and printed as median and range.
 
 Uses the embedded SmolLM2-135M when installed (else the tiny model); tokens/s count non-padding tokens.
   python bench/bench_training.py            # ~5 min on 2 cores with SmolLM2
@@ -15,6 +17,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +55,10 @@ def curated(folder: Path, skewed: bool) -> Path:
     return folder
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
 def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
     """The baseline: a plain TRL SFTTrainer script with the same settings as the sft stage."""
     import torch
@@ -77,6 +84,7 @@ def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per ratio (median and range)")
     parser.add_argument("--base", default=None, help="model.base to use (default: SmolLM2 when installed, else "
                         "tiny:llama; tiny:llama checks the script in a minute, its ratios say little)")
     args = parser.parse_args()
@@ -86,52 +94,65 @@ def main() -> None:
     base = resolve_base(spec, tmp / "base", [ROOT / "data" / "sft.jsonl"]).path
     cfg = sft.SftConfig(max_steps=STEPS, batch_size=BATCH, lr=1e-3, save_steps=1000,
                         lora=sft.LoraSpec(r=16, alpha=32, dropout=0.05))
-    figures: dict[str, float | str] = {"model": spec}
+    figures: dict[str, object] = {"model": spec, "pairs": args.pairs}
     try:
         quantize.run(quantize.QuantizeConfig(eval_samples=0),
                      quantize.QuantizeInputs(base=base, dtype="float32", curated=curated(tmp / "c", False),
                                              out_dir=tmp / "q"))
-        # P3: the stage vs plain TRL on the same tokenized data
+        # the tokenized folders: even lengths, and skewed lengths padded / packed
         for name, skewed, packing in (("plain", False, False), ("skewed-padded", True, False),
                                       ("skewed-packed", True, True)):
             c = curated(tmp / f"c-{name}", skewed)
             tokenize.run(tokenize.TokenizeConfig(max_length=256, packing=packing), tokenize.TokenizeInputs(
                 base=base, curated=c, synthesized=c / "empty", out_dir=tmp / f"t-{name}"))
-        stage = sft.run(cfg, sft.SftInputs(base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q",
-                                           out_dir=tmp / "sft-plain", seed=0))
-        baseline = plain_trl(base, tmp / "t-plain", tmp / "trl")
-        figures["P3_stage_tokens_per_s"] = stage["metrics"]["tokens_per_s"]
-        figures["P3_plain_trl_tokens_per_s"] = round(baseline, 2)
-        figures["P3_ratio"] = round(stage["metrics"]["tokens_per_s"] / baseline, 3)
-        # P4: packed vs padded on skewed lengths
-        rates = {}
-        for name in ("skewed-padded", "skewed-packed"):
-            m = sft.run(cfg, sft.SftInputs(base=base, dtype="float32", tokenized=tmp / f"t-{name}",
-                                           quantized=tmp / "q", out_dir=tmp / f"sft-{name}", seed=0))["metrics"]
-            rates[name] = m["tokens_per_s"]
-        figures["P4_padded_tokens_per_s"] = rates["skewed-padded"]
-        figures["P4_packed_tokens_per_s"] = rates["skewed-packed"]
-        figures["P4_ratio"] = round(rates["skewed-packed"] / rates["skewed-padded"], 3)
-        # P6: DPO twice on the same data and SFT adapter, reference log-probs precomputed and cached
+        # P3: the stage vs plain TRL on the same tokenized data, alternating (stage, plain, stage, plain, ...)
+        stage_rates, plain_rates = [], []
+        for i in range(args.pairs):
+            stage_rates.append(sft.run(cfg, sft.SftInputs(
+                base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q",
+                out_dir=tmp / f"sft-plain-{i}", seed=0))["metrics"]["tokens_per_s"])
+            plain_rates.append(plain_trl(base, tmp / "t-plain", tmp / f"trl-{i}"))
+            print(f"P3 pair {i + 1}: stage {stage_rates[-1]:.1f}, plain TRL {plain_rates[-1]:.1f} tokens/s", flush=True)
+        figures["P3_stage_tokens_per_s"] = spread(stage_rates)
+        figures["P3_plain_trl_tokens_per_s"] = spread(plain_rates)
+        figures["P3_ratio"] = spread([a / b for a, b in zip(stage_rates, plain_rates, strict=True)])
+        # P4: packed vs padded on skewed lengths, alternating
+        padded, packed = [], []
+        for i in range(args.pairs):
+            for name, rates in (("skewed-padded", padded), ("skewed-packed", packed)):
+                rates.append(sft.run(cfg, sft.SftInputs(
+                    base=base, dtype="float32", tokenized=tmp / f"t-{name}", quantized=tmp / "q",
+                    out_dir=tmp / f"sft-{name}-{i}", seed=0))["metrics"]["tokens_per_s"])
+            print(f"P4 pair {i + 1}: padded {padded[-1]:.1f}, packed {packed[-1]:.1f} tokens/s", flush=True)
+        figures["P4_padded_tokens_per_s"] = spread(padded)
+        figures["P4_packed_tokens_per_s"] = spread(packed)
+        figures["P4_ratio"] = spread([a / b for a, b in zip(packed, padded, strict=True)])
+        # P6: DPO on the same data and SFT adapter. The first run computes the reference log-probs and caches
+        # them; then alternating pairs of a run served from that cache (another beta) and TRL's default, a live
+        # reference (the frozen `ref` adapter run on every batch), same steps
         dcfg = dpo.DpoConfig(max_steps=STEPS, batch_size=4, precompute_ref_log_probs=True, save_steps=1000)
-        seconds = []
-        for i, beta in enumerate((0.1, 0.3)):
+
+        def dpo_seconds(name: str, update: dict[str, object]) -> float:
             t0 = time.perf_counter()
-            m = dpo.run(dcfg.model_copy(update={"beta": beta}), dpo.DpoInputs(
-                base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain",
-                out_dir=tmp / f"dpo-{i}", seed=0, ref_cache=tmp / "ref-cache"))
-            seconds.append(time.perf_counter() - t0)
-            figures[f"P6_run{i + 1}_ref_cached"] = str(read_manifest(tmp / f"dpo-{i}")["ref_logprobs_cached"])
-        # the baseline: TRL's default, a live reference (the frozen `ref` adapter run on every batch), same steps
-        t0 = time.perf_counter()
-        dpo.run(dcfg.model_copy(update={"beta": 0.3, "precompute_ref_log_probs": False}), dpo.DpoInputs(
-            base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain",
-            out_dir=tmp / "dpo-live", seed=0, ref_cache=tmp / "ref-cache"))
-        live = time.perf_counter() - t0
-        figures["P6_first_s"], figures["P6_second_s"] = round(seconds[0], 2), round(seconds[1], 2)
-        figures["P6_live_reference_s"] = round(live, 2)
-        figures["P6_ratio"] = round(seconds[1] / seconds[0], 3)
-        figures["P6_cached_over_live_ratio"] = round(seconds[1] / live, 3)
+            dpo.run(dcfg.model_copy(update=update), dpo.DpoInputs(
+                base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain-0",
+                out_dir=tmp / name, seed=0, ref_cache=tmp / "ref-cache"))
+            return time.perf_counter() - t0
+
+        first = dpo_seconds("dpo-first", {"beta": 0.1})
+        figures["P6_first_ref_cached"] = str(read_manifest(tmp / "dpo-first")["ref_logprobs_cached"])
+        cached, live = [], []
+        for i in range(args.pairs):
+            cached.append(dpo_seconds(f"dpo-cached-{i}", {"beta": 0.3}))
+            assert read_manifest(tmp / f"dpo-cached-{i}")["ref_logprobs_cached"], "the cache was not used"
+            live.append(dpo_seconds(f"dpo-live-{i}", {"beta": 0.3, "precompute_ref_log_probs": False}))
+            print(f"P6 pair {i + 1}: cached reference {cached[-1]:.1f} s, live reference {live[-1]:.1f} s "
+                  f"(first run, which computed them: {first:.1f} s)", flush=True)
+        figures["P6_first_s"] = round(first, 2)
+        figures["P6_cached_s"] = spread(cached)
+        figures["P6_live_reference_s"] = spread(live)
+        figures["P6_ratio"] = round(statistics.median(cached) / first, 3)
+        figures["P6_cached_over_live_ratio"] = spread([a / b for a, b in zip(cached, live, strict=True)])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for k, v in figures.items():
