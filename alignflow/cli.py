@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,37 +46,43 @@ def _quiet_environment() -> None:
 
 
 def _prefect_api_may_be_configured() -> bool:
-    """Whether a Prefect setting could name an API server, or turn the temporary one off, so that Prefect must
-    decide itself. Read without importing Prefect (1 to 2 s): the environment, the active profile of the profiles
-    file, and any `.env`, `prefect.toml` or `pyproject.toml` [tool.prefect] here, which are taken as a yes without
-    reading further. A wrong yes only costs the seconds `_TemporaryServer` saves; a wrong no would hide a team
-    server, so every doubt is a yes."""
+    """Whether a Prefect setting could name an API server, or leave the temporary one off, so that Prefect must
+    decide itself. Read without importing Prefect (1 to 2 s): the environment (any case, as Prefect reads it), the
+    active profile, and any `.env`, `prefect.toml` or `pyproject.toml` [tool.prefect] here, which are taken as a yes
+    without reading further. A wrong yes only costs the seconds `_TemporaryServer` saves; a wrong no would hide a
+    team server, so every doubt is a yes."""
     import tomllib
 
-    if any(k.startswith("PREFECT_API_") or k in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_PROFILES_PATH",
-                                                  "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE") for k in os.environ):
-        return True
-    if Path("prefect.toml").exists() or (Path(".env").exists() and "PREFECT" in Path(".env").read_text("utf-8")):
-        return True
-    try:
-        if "prefect" in tomllib.loads(Path("pyproject.toml").read_text("utf-8")).get("tool", {}):
+    for key in os.environ:
+        k = key.upper()
+        if k.startswith(("PREFECT_API_", "PREFECT_TESTING_")) or k in (
+                "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "PREFECT_PROFILES_PATH",
+                "PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE"):
             return True
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError):
-        return True
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    active = next((v for k, v in os.environ.items() if k.upper() == "PREFECT_PROFILE" and v), None)
     try:
+        if Path("prefect.toml").exists():
+            return True
+        # a file only: a virtualenv named .env is no settings file, as for Prefect
+        if Path(".env").is_file() and "PREFECT" in Path(".env").read_text("utf-8", errors="replace").upper():
+            return True
+        if Path("pyproject.toml").is_file() and \
+                "prefect" in tomllib.loads(Path("pyproject.toml").read_text("utf-8")).get("tool", {}):
+            return True
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+        if not (home / "profiles.toml").exists():
+            return active not in (None, "ephemeral")  # Prefect's own profiles: only "ephemeral" names no API
         profiles = tomllib.loads((home / "profiles.toml").read_text("utf-8"))
-    except FileNotFoundError:
-        return False  # Prefect's own default profiles: "ephemeral", no API named
     except (OSError, ValueError):
         return True
-    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
-    settings = profiles.get("profiles", {}).get(active, {})
-    if not isinstance(settings, dict):
+    active = active or profiles.get("active") or "ephemeral"
+    settings = profiles.get("profiles", {}).get(active)
+    if not isinstance(settings, dict):  # not in the file: Prefect's own profile of that name, if any
+        return active != "ephemeral"
+    if any("API" in k.upper() for k in settings):
         return True
-    return any("API" in k or ("EPHEMERAL" in k and str(v).lower() not in ("true", "1")) for k, v in settings.items())
+    # a profile of the user's own turns the temporary server on explicitly (Prefect's default is off)
+    return not any("EPHEMERAL" in k.upper() and str(v).lower() in ("true", "1") for k, v in settings.items())
 
 
 class _TemporaryServer:
@@ -87,40 +94,55 @@ class _TemporaryServer:
     settings. A fully cached demo run went from about 11 s to about 7 s (docs/profiles/cached-run.md).
 
     Used only where Prefect would start a temporary server anyway (`_prefect_api_may_be_configured()` is false);
-    stopped at exit, and on Linux killed by the kernel if this process dies first."""
+    stopped at exit, and on Linux killed by the kernel if this process dies first. Must be created on the main
+    thread: the kernel's parent-death signal follows the thread that started the child."""
 
     def __init__(self) -> None:
+        import atexit
         import importlib.util
-        import socket
-        import subprocess
 
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
+        self.app_dir = str(Path(spec.submodule_search_locations[0]).parent)
+        self.env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1"}
+        self._spawn()
+        os.environ.setdefault("PREFECT_UI_URL", "")  # serves no UI and ends with the run: no "View at" link
+        atexit.register(self.stop)
+
+    def _spawn(self) -> None:
+        import socket
+        import subprocess
+
         with socket.socket() as sock:  # a free port from the kernel; Prefect picks one at random in 8000-8999
             sock.bind(("127.0.0.1", 0))
             self.port: int = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "uvicorn", "--app-dir", self.app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            env=self.env, preexec_fn=_parent_death_signal() if sys.platform == "linux" else None)
         os.environ["PREFECT_API_URL"] = f"{self.url}/api"
-        os.environ.setdefault("PREFECT_UI_URL", "")  # serves no UI and ends with the run: no "View at" link
-        import atexit
-
-        atexit.register(self.stop)
 
     def wait(self) -> None:
-        """Return once the server answers /health; its exit or the startup timeout is an error."""
+        """Return once the server answers /health. Its exit or the startup timeout is an error, except that a port
+        taken meanwhile (uvicorn's exit code 3, as Prefect handles it) starts it again on another port."""
+        import http.client
         import time
         import urllib.error
         import urllib.request
 
         limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
-        started = time.monotonic()
+        started, restarts = time.monotonic(), 0
         while time.monotonic() - started < limit:
+            if self.process.poll() == 3 and restarts < 3:  # the port was taken between our pick and its bind
+                restarts += 1
+                self._spawn()
+                import prefect.context
+
+                prefect.context.refresh_global_settings_context()  # imported already: read the new URL
+                continue
             if self.process.poll() is not None:
                 raise RuntimeError(f"Prefect's temporary server ({self.url}) exited with code "
                                    f"{self.process.returncode} before it answered; its error is above")
@@ -128,7 +150,7 @@ class _TemporaryServer:
                 with urllib.request.urlopen(f"{self.url}/api/health", timeout=2) as response:
                     if response.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, http.client.HTTPException, OSError):
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"Prefect's temporary server ({self.url}) did not answer within {limit:g} s "
@@ -144,18 +166,30 @@ class _TemporaryServer:
                 self.process.wait()
 
 
-def _die_with_parent() -> None:
-    """In the server's process before exec: the kernel sends it SIGTERM when this command's process dies, even by
-    SIGKILL (PR_SET_PDEATHSIG), so no temporary server outlives its run."""
+def _parent_death_signal() -> Callable[[], None]:
+    """What the server's process runs before exec: the kernel sends it SIGTERM when this command's process dies,
+    even by SIGKILL (PR_SET_PDEATHSIG), so no temporary server outlives its run. Looked up here, before the fork:
+    the child only makes the call (and exits at once if this process died before it could)."""
     import ctypes
     import signal
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child
 
 
-def _start_prefect_server_early() -> _TemporaryServer | None:
-    """Start the temporary server now when Prefect would start one later; None when an API may be configured."""
-    return None if _prefect_api_may_be_configured() else _TemporaryServer()
+def _start_prefect_server_early(r: Any) -> _TemporaryServer | None:
+    """Start the temporary server now when Prefect would start one later; None when an API may be configured, or
+    when stages fan out to a Dask cluster elsewhere (its workers could not reach this machine's loopback address)."""
+    if r.scale_out.dask_address or _prefect_api_may_be_configured():
+        return None
+    return _TemporaryServer()
 
 
 def _load(recipe: Path, overrides: list[str] | None, deployment: bool = False) -> Any:
@@ -202,7 +236,7 @@ def run(
 
     console.print(f"[bold]alignflow[/] running '{r.name}' (base {r.model.base}) in {work_dir.resolve()}")
     try:
-        server = _start_prefect_server_early()
+        server = _start_prefect_server_early(r)
         from alignflow.flows.pipeline import pipeline
 
         if server is not None:
@@ -323,7 +357,7 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
     from alignflow.tasks.lib.errors import StageError
 
     try:
-        server = _start_prefect_server_early()
+        server = _start_prefect_server_early(r)
         from alignflow.flows.retrain import retrain as retrain_flow
 
         if server is not None:

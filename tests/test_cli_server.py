@@ -45,9 +45,18 @@ def test_an_api_named_anywhere_leaves_the_server_to_prefect(bare: Path, monkeypa
     assert _prefect_api_may_be_configured()
     profiles.write_text('active = "off"\n[profiles.off]\nPREFECT_SERVER_EPHEMERAL_ENABLED = "false"\n')
     assert _prefect_api_may_be_configured()  # Prefect's own error ("No Prefect API URL provided") must show
+    profiles.write_text('active = "dev"\n[profiles.dev]\nPREFECT_LOGGING_LEVEL = "DEBUG"\n')
+    assert _prefect_api_may_be_configured()  # Prefect's default is no temporary server: it must refuse itself
     profiles.write_text("not toml [")
     assert _prefect_api_may_be_configured()
     profiles.unlink()
+    monkeypatch.setenv("PREFECT_PROFILE", "local")  # Prefect's own profiles file: "local" names :4200
+    assert _prefect_api_may_be_configured()
+    monkeypatch.delenv("PREFECT_PROFILE")
+    for name in ("prefect_api_url", "PREFECT_TEST_MODE"):  # Prefect reads the environment in any case
+        monkeypatch.setenv(name, "http://prefect:4200/api" if "url" in name else "1")
+        assert _prefect_api_may_be_configured(), name
+        monkeypatch.delenv(name)
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect:4200/api")
     assert _prefect_api_may_be_configured()
     monkeypatch.delenv("PREFECT_API_URL")
@@ -59,8 +68,23 @@ def test_an_api_named_anywhere_leaves_the_server_to_prefect(bare: Path, monkeypa
     Path("prefect.toml").write_text('[api]\nurl = "http://prefect:4200/api"\n')
     assert _prefect_api_may_be_configured()
     Path("prefect.toml").unlink()
-    Path(".env").write_text("PREFECT_API_URL=http://prefect:4200/api\n")
+    Path(".env").mkdir()  # a virtualenv called .env: no settings file, and no crash
+    assert not _prefect_api_may_be_configured()
+    Path(".env").rmdir()
+    Path(".env").write_text("prefect_api_url=http://prefect:4200/api\n")
     assert _prefect_api_may_be_configured()
+
+
+def test_a_remote_dask_cluster_leaves_the_server_to_prefect(bare: Path) -> None:
+    """Its workers get the flow's settings: a URL on this machine's loopback address would not reach it."""
+    from types import SimpleNamespace
+
+    from alignflow.cli import _start_prefect_server_early
+
+    assert not _prefect_api_may_be_configured()  # here Prefect would start one; the recipe's cluster decides
+    r = SimpleNamespace(scale_out=SimpleNamespace(task_runner="dask", dask_address="tcp://10.0.0.1:8786"))
+    assert _start_prefect_server_early(r) is None
+    assert "PREFECT_API_URL" not in os.environ
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
