@@ -155,3 +155,33 @@ def test_a_killed_run_takes_its_server_with_it(bare: Path, tmp_path: Path) -> No
     if not gone:
         os.kill(server, signal.SIGKILL)
     assert gone, "Prefect's temporary server outlived the killed command"
+
+
+def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import prefect.context
+
+    from alignflow import cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = cli._free_port
+    monkeypatch.setattr(cli, "_free_port", lambda: next(ports, None) or real())
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = cli._TemporaryServer()
+    try:
+        assert server.port == taken.getsockname()[1]
+        server.wait()  # uvicorn exits with 3 (address in use); a second start on a port of the kernel's answers
+        assert server.port != taken.getsockname()[1]
+        assert os.environ["PREFECT_API_URL"] == f"http://127.0.0.1:{server.port}/api"
+        assert prefect.context.get_settings_context().settings.api.url == os.environ["PREFECT_API_URL"]
+    finally:
+        server.stop()
+        taken.close()
+        for key in ("PREFECT_API_URL", "PREFECT_UI_URL"):
+            os.environ.pop(key, None)
+        prefect.context.refresh_global_settings_context()  # this process's other tests: no API named again
