@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from alignflow.tasks.curate import CurateConfig, CurateInputs, run  # noqa: E402
 
@@ -192,23 +193,31 @@ def scale(args: argparse.Namespace) -> None:
         print(f"curate records/s            {n_total / t_sharded:.0f}")
         print(f"peak RSS this process GiB   {rss.peak_self / gib:.2f}")
         print(f"peak RSS one worker GiB     {rss.peak_children / gib:.2f}")
-        print(f"peak RSS all processes GiB {rss.peak_total / gib:.2f}")
+        print(f"peak RSS all processes GiB  {rss.peak_total / gib:.2f}")
         print("sft dropped:", {k.removeprefix("sft.dropped."): v for k, v in m.items() if k.startswith("sft.dropped.")})
         if args.compare:
             t0 = time.perf_counter()
             with PeakRss() as rss1:
                 run(cfg.model_copy(update={"shards": 1}), CurateInputs(**files, out_dir=folder / "single"))
-            print(f"one process: wall s {time.perf_counter() - t0:.1f}, peak RSS GiB {rss1.peak_self / gib:.2f}")
+            print(f"one process: wall s {time.perf_counter() - t0:.1f}, peak RSS GiB {rss1.peak_self / gib:.2f} (an "
+                  "upper bound: this process still holds what the sharded run's merge left)")
             same = digest(folder / "sharded") == digest(folder / "single")
             print(f"sharded == one process      {same}")
             if not same:
                 sys.exit(1)
 
 
+def _at_least_one(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--pairs", type=int, default=5, help="alternating curate / plain pairs (median and range)")
+    parser.add_argument("--pairs", type=_at_least_one, default=5,
+                        help="alternating curate / plain pairs (median and range)")
     parser.add_argument("--scale", type=int, default=0, help="scale mode: this many sft records, sharded on Dask")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
@@ -250,9 +259,18 @@ def main() -> None:
     print(f"ratio curate / plain        {statistics.median(ratios):.1f} (median of {args.pairs} pairs; "
           f"{min(ratios):.1f} to {max(ratios):.1f})")
     print(f"every curate run identical  {same}")
+    if not same:
+        sys.exit(1)
     print("sft dropped:", {k.removeprefix('sft.dropped.'): v for k, v in m.items() if k.startswith("sft.dropped.")})
     print("sft pii:", {k.removeprefix('sft.pii.'): v for k, v in m.items() if k.startswith("sft.pii.")})
 
 
 if __name__ == "__main__":
+    from machine import describe  # bench/machine.py
+
+    shown = "--generate" not in sys.argv  # not in the child that writes the data
+    if shown:
+        print(describe("at start"), flush=True)
     main()
+    if shown:
+        print(describe("at end"))

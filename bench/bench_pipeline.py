@@ -2,7 +2,9 @@
 
   P1 = (pipeline wall time - plain script wall time) / plain script wall time, over `--pairs` alternating pairs
        (pipeline, plain, pipeline, plain, ...), each run in a fresh work dir sharing one base model resolved
-       beforehand (warm for both: neither converts it), `--until evaluate` (register has no plain equivalent).
+       beforehand (warm for both: neither converts it), `--until evaluate` (register has no plain equivalent),
+       after an untimed `--until curate` pipeline run (the flow's imports and Prefect's server, once a process).
+       Also the pipeline's time outside its stages (wall time minus the stages' own `stage_seconds`).
        The pipeline: Prefect flow + tasks + cache records + MLflow parent/child runs + artifacts; the plain
        script: the very same `tasks.<stage>.run` functions called in sequence, nothing else.
   P2 in-process = the pipeline called again on an unchanged recipe (every stage served from cache, in this
@@ -15,7 +17,7 @@
 Machines here are shared and noisy: compare only figures printed by one invocation.
 
   python bench/bench_pipeline.py --recipe configs/smoke.yaml                  # ~3 min
-  python bench/bench_pipeline.py --recipe configs/demo.yaml --pairs 3        # ~45 min on 2 quiet cores
+  python bench/bench_pipeline.py --recipe configs/demo.yaml --pairs 3        # ~55 min on 2 idle cores
   python bench/bench_pipeline.py --recipe configs/demo.yaml --only-command   # P2 whole command only (~8 min)
 """
 
@@ -36,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                    "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})  # as the CLI: slow first start
@@ -77,6 +80,16 @@ def orchestrated(r: Recipe, work: Path) -> dict:
     return pipeline(recipe=r, work_dir=str(work), until="evaluate")  # register needs MLflow: compared without it
 
 
+def stage_seconds(work: Path) -> float:
+    """Seconds the flow spent inside its stages (each stage's `stage_seconds` in its MLflow child run): the
+    pipeline's wall time minus this is what orchestration costs outside them, free of the run-to-run noise."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return sum(r.data.metrics.get("stage_seconds", 0.0) for r in runs)
+
+
 def timed(fn: Callable[..., object], *args: object) -> float:
     started = time.perf_counter()
     fn(*args)
@@ -91,8 +104,9 @@ def command(recipe: str, work: Path) -> float:
     to CPU: on a loaded machine it says what the command costs when wall time mostly says what others cost."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}  # a user's INFO lines, as typed
     subprocess.run([sys.executable, "-m", "alignflow.cli", "run", recipe, "--work-dir", str(work)], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -113,11 +127,18 @@ def spread(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 4)}
 
 
+def _at_least_one(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/smoke.yaml")
-    parser.add_argument("--pairs", type=int, default=3, help="P1: alternating pipeline / plain pairs")
-    parser.add_argument("--cached", type=int, default=3, help="P2: cached re-runs (in-process and whole command)")
+    parser.add_argument("--pairs", type=_at_least_one, default=3, help="P1: alternating pipeline / plain pairs")
+    parser.add_argument("--cached", type=_at_least_one, default=3,
+                        help="P2: cached re-runs (in-process and whole command)")
     parser.add_argument("--only-command", action="store_true", help="P2 whole command only (no P1 pairs)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -128,7 +149,14 @@ def main() -> None:
     try:
         if not args.only_command:
             resolve_base(recipe.model.base, tmp / "base", [Path(p) for p in recipe.data.sft])  # warm, untimed
-            pipe, plain, overhead = [], [], []
+            # warm, untimed: the flow's imports and Prefect's temporary server, paid once per process (the
+            # `alignflow` command overlaps them with its imports; P2 whole command measures that)
+            (tmp / "warm").mkdir()
+            (tmp / "warm" / "base").symlink_to(tmp / "base", target_is_directory=True)
+            from alignflow.flows.pipeline import pipeline
+
+            pipeline(recipe=recipe, work_dir=str(tmp / "warm"), until="curate")
+            pipe, plain, overhead, within = [], [], [], []
             for i in range(args.pairs):
                 for kind in ("flow", "plain"):
                     (tmp / f"{kind}-{i}").mkdir()
@@ -136,12 +164,21 @@ def main() -> None:
                 pipe.append(timed(orchestrated, recipe, tmp / f"flow-{i}"))
                 plain.append(timed(plain_script, recipe, tmp / f"plain-{i}"))
                 overhead.append((pipe[-1] - plain[-1]) / plain[-1])
+                within.append(pipe[-1] - stage_seconds(tmp / f"flow-{i}"))
                 print(f"pair {i + 1}: pipeline {pipe[-1]:.2f} s, plain {plain[-1]:.2f} s, "
-                      f"overhead {100 * overhead[-1]:+.1f} %", flush=True)
+                      f"overhead {100 * overhead[-1]:+.1f} %; pipeline outside its stages {within[-1]:.2f} s",
+                      flush=True)
             warm = [timed(orchestrated, recipe, tmp / "flow-0") for _ in range(args.cached)]
             figures |= {"pipeline_s": spread(pipe), "plain_script_s": spread(plain),
                         "P1_orchestration_overhead": spread(overhead), "pipeline_cached_s": spread(warm),
+                        "P1_ratio_of_medians": round(statistics.median(pipe) / statistics.median(plain) - 1, 4),
+                        "pipeline_outside_stages_s": spread(within),
                         "P2_in_process_cached_over_cold": round(statistics.median(warm) / statistics.median(pipe), 4)}
+        from alignflow.cli import _prefect_api_may_be_configured
+
+        # whether the command starts Prefect's temporary server itself (fast) or leaves it to Prefect: a Prefect
+        # setting naming an API (profile, prefect.toml, ...) changes what P2 measures
+        figures["command_starts_own_server"] = not _prefect_api_may_be_configured()
         cold = command(args.recipe, tmp / "command")
         cached = [command(args.recipe, tmp / "command") for _ in range(args.cached)]
         figures |= {"command_cold_s": round(cold, 2), "command_cached_s": spread(cached),
@@ -157,4 +194,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from machine import describe  # bench/machine.py
+
+    print(describe("at start"), flush=True)
     main()
+    print(describe("at end"))

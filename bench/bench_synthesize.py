@@ -19,17 +19,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
 
 from alignflow.tasks.lib.base_model import embedded_available, resolve_base  # noqa: E402
 from alignflow.tasks.lib.inference import generate  # noqa: E402
 from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 
+def _at_least_one(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--pairs", type=int, default=3, help="alternating batched / unbatched pairs")
+    parser.add_argument("--pairs", type=_at_least_one, default=3, help="alternating batched / unbatched pairs")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "alignflow-bench-base"))
     args = parser.parse_args()
     spec = "embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct") else "tiny:llama"
@@ -40,6 +49,7 @@ def main() -> None:
     rates: dict[int, list[float]] = {8: [], 1: []}
     for i in range(args.pairs):  # alternating: batched, unbatched, batched, unbatched, ...
         for batch in (8, 1):
+            torch.manual_seed(i)  # the same samples (and lengths) for both sizes within a pair
             t0 = time.perf_counter()
             outs = generate(model, tok, prompts, max_new_tokens=args.tokens, batch_size=batch, do_sample=True,
                             desc=f"batch {batch}")
@@ -55,4 +65,8 @@ def main() -> None:
           f"{min(ratios):.2f} to {max(ratios):.2f})")
 
 if __name__ == "__main__":
+    from machine import describe  # bench/machine.py
+
+    print(describe("at start"), flush=True)
     main()
+    print(describe("at end"))
