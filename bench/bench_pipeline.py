@@ -105,8 +105,10 @@ def command(recipe: str, work: Path) -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}  # a user's INFO lines, as typed
-    subprocess.run([sys.executable, "-m", "alignflow.cli", "run", recipe, "--work-dir", str(work)], check=True,
-                   stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "run", recipe, "--work-dir", str(work)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"alignflow run {recipe} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
