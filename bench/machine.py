@@ -18,7 +18,8 @@ def describe(when: str) -> str:
         edited = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip()
         commit += " (edited)" if edited else ""
-    except (OSError, subprocess.CalledProcessError):  # a copy without git (e.g. `git archive`): say so
-        commit = "unknown (no git checkout)"
+    except (OSError, subprocess.CalledProcessError):  # a copy without git: `git archive` wrote bench/COMMIT
+        stamped = (ROOT / "bench" / "COMMIT").read_text().strip()
+        commit = f"{stamped} (a `git archive` copy)" if not stamped.startswith("$") else "unknown (no git checkout)"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"machine {when}: commit {commit}, {os.cpu_count()} cores, load average {load}"
