@@ -199,7 +199,7 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
         recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
         tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
               "alignflow.sweep_best": str(best.number)})
-    saved = _cache_savings(finished)
+    saved = _cache_savings(finished, tracker.client)
     table = [{"trial": t.number, **{p.key: t.params.get(p.key) for p in params}, metric: t.value,
               "run_id": t.user_attrs.get("parent_run_id", "")} for t in finished]
     summary = {"trials_completed": float(len(finished)), "best_value": float(best.value), "best_trial":
@@ -248,9 +248,10 @@ def _param(key: str, value: Any) -> Any:
     return Param(key, json.dumps(value) if not isinstance(value, str) else value)
 
 
-def _cache_savings(finished: list[Any]) -> dict[str, float]:
-    """Stage runs the cache served across the sweep's trials, and the seconds they took where they did run
-    (in another trial of this sweep; a stage cached from before the sweep counts, its seconds do not)."""
+def _cache_savings(finished: list[Any], client: Any) -> dict[str, float]:
+    """Stage runs the cache served across the sweep's trials, and the seconds they took where they did run: in
+    another trial of this sweep, or before the sweep (the run that made the folder, named in its manifest, logged
+    them as `stage_seconds`; 0 where that run or its figure is gone)."""
     ran_seconds: dict[str, float] = {}
     for t in finished:
         for folder, cached, seconds in t.user_attrs.get("stages", {}).values():
@@ -263,8 +264,21 @@ def _cache_savings(finished: list[Any]) -> dict[str, float]:
             total += 1
             if cached:
                 saved += 1
-                saved_seconds += ran_seconds.get(folder, 0.0)
+                if folder not in ran_seconds:  # made before the sweep: ask the run that made it, once
+                    ran_seconds[folder] = _producer_seconds(Path(folder), client)
+                saved_seconds += ran_seconds[folder]
     return {"stage_runs": total, "cache_saved_stage_runs": saved, "cache_saved_seconds": round(saved_seconds, 1)}
+
+
+def _producer_seconds(folder: Path, client: Any) -> float:
+    """`stage_seconds` of the MLflow run that produced a stage folder (its manifest's `produced_by`), else 0."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = read_manifest(folder)["produced_by"]["mlflow_run_id"]
+        return float(client.get_run(run_id).data.metrics.get("stage_seconds", 0.0))
+    except (MlflowException, KeyError, TypeError, OSError, ValueError):
+        return 0.0
 
 
 def _parallel_coordinates(study: Any, out: Path) -> None:

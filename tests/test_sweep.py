@@ -118,3 +118,30 @@ def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect
     version = client.get_model_version_by_alias("smoke-assistant", "champion")
     assert version.tags["alignflow.parent_run_id"] == registering.info.run_id
     assert f"best: trial {best.number}" in out
+
+
+def test_cache_savings_count_stages_made_before_the_sweep(tmp_path: Path) -> None:
+    """A sweep in a work dir warmed by an earlier run: the stages the cache served were made by that run, whose
+    MLflow child run logged how long they took; those seconds count as saved (they used to count 0)."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric
+
+    from alignflow.flows.sweep import _cache_savings
+    from alignflow.tasks.lib.manifest import write_manifest
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x")
+    earlier = client.create_run(experiment).info.run_id  # the plain run before the sweep made sft
+    client.log_batch(earlier, metrics=[Metric("stage_seconds", 95.0, 0, 0)])
+    sft, gone, dpo = tmp_path / "sft", tmp_path / "gone", tmp_path / "dpo"
+    for folder, run_id in ((sft, earlier), (gone, "0" * 32)):  # `gone`: its producer run was deleted
+        folder.mkdir()
+        write_manifest(folder, {"produced_by": {"flow_run_id": "f", "mlflow_run_id": run_id}})
+    trials = [SimpleNamespace(user_attrs={"stages": {"sft": [str(sft), True, 0.1], "reward": [str(gone), True, 0.1],
+                                                     "dpo": [str(dpo), False, 40.0]}}),
+              SimpleNamespace(user_attrs={"stages": {"sft": [str(sft), True, 0.1], "reward": [str(gone), True, 0.1],
+                                                     "dpo": [str(dpo), True, 0.1]}})]
+    saved = _cache_savings(trials, client)
+    # sft twice from before the sweep (2 x 95 s), dpo once from trial 0 (40 s), `gone` counted but 0 s
+    assert saved == {"stage_runs": 6, "cache_saved_stage_runs": 5, "cache_saved_seconds": 230.0}
