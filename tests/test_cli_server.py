@@ -172,6 +172,8 @@ def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path
     real = cli._free_port
     monkeypatch.setattr(cli, "_free_port", lambda: next(ports, None) or real())
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the suite's Prefect harness replaced Prefect's process-wide settings with its own: put them back after
+    saved = prefect.context.GLOBAL_SETTINGS_CONTEXT
     server = cli._TemporaryServer()
     try:
         assert server.port == taken.getsockname()[1]
@@ -185,4 +187,4 @@ def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path
         taken.close()
         for key in ("PREFECT_API_URL", "PREFECT_UI_URL"):
             os.environ.pop(key, None)
-        prefect.context.refresh_global_settings_context()  # this process's other tests: no API named again
+        prefect.context.GLOBAL_SETTINGS_CONTEXT = saved  # the later tests' server (a rebuild would drop it)
