@@ -22,7 +22,11 @@ import math
 import os
 import platform
 import re
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,48 +161,20 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
              "resumed" if resumed else "new", storage_uri(work))
 
     try:
-        while (done := _complete(study)) < trials:
-            batch = [study.ask() for _ in range(min(parallel, trials - done))]
-            futures = []
-            for trial in batch:
-                overrides = {p.key: _suggest(trial, p) for p in params}
-                trial_recipe = with_overrides(recipe, overrides)
-                tags = {"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
-                        "alignflow.sweep_trial": str(trial.number),
-                        **{f"alignflow.sweep_param.{k}": json.dumps(v) for k, v in overrides.items()}}
-                # One at a time: the subflow runs in this thread, so Ctrl-C stops it at once (a thread pool's
-                # worker would finish its trial first). K at a time: K subflows, each in a task of the pool.
-                pending = (trial_recipe, str(work), tags)
-                futures.append((trial, overrides, run_trial.submit(*pending) if parallel > 1 else pending))
-            for trial, overrides, pending in futures:
-                try:
-                    result = _trial(*pending) if isinstance(pending, tuple) else pending.result()
-                except KeyboardInterrupt:
-                    raise  # the trial stays RUNNING in the study: the next run of the command runs it again
-                except BaseException:
-                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                    raise
-                value = _objective(result, metric)
-                for k, v in overrides.items():
-                    trial.set_user_attr(f"param:{k}", v)
-                trial.set_user_attr("parent_run_id", result["parent_run_id"])
-                trial.set_user_attr("stages", {s: [i["folder"], i["cached"], i["seconds"]]
-                                               for s, i in result["stages"].items()})
-                tracker.client.log_batch(result["parent_run_id"], params=[
-                    _param(k, v) for k, v in overrides.items()])
-                study.tell(trial.number, value)
-                log.info("sweep %s: trial %d %s -> %s=%s", ident, trial.number, overrides, metric, value)
+        with _ctrl_c_remembered() as ctrl_c:
+            _run_trials(study, recipe, params, trials, parallel, work, ident, metric, tracker, ctrl_c)
+            finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            best = study.best_trial
+            best_overrides = {p.key: best.params[p.key] for p in params}
+            best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
+                recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
+                tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
+                      "alignflow.sweep_best": str(best.number)})
+            if ctrl_c.is_set():  # (see _ctrl_c_remembered) the same command again finds its stages in the cache
+                raise KeyboardInterrupt
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
-
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = study.best_trial
-    best_overrides = {p.key: best.params[p.key] for p in params}
-    best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
-        recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
-        tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
-              "alignflow.sweep_best": str(best.number)})
     saved = _cache_savings(finished, tracker.client)
     table = [{"trial": t.number, **{p.key: t.params.get(p.key) for p in params}, metric: t.value,
               "run_id": t.user_attrs.get("parent_run_id", "")} for t in finished]
@@ -214,6 +190,75 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
             "tracking_uri": tracking_uri(work), "storage": storage_uri(work), "metric": metric,
             "trials": table, "best": {"trial": best.number, "value": best.value, "params": best_overrides},
             "registered": best_run.get("registered"), "cache": saved}
+
+
+def _run_trials(study: Any, recipe: Recipe, params: list[ParamSpec], trials: int, parallel: int, work: Path,
+                ident: str, metric: str, tracker: Tracker, ctrl_c: threading.Event) -> None:
+    """Ask, run and tell trials until the study has `trials` finished ones."""
+    import optuna
+
+    log = get_run_logger()
+    while (done := _complete(study)) < trials:
+        batch = [study.ask() for _ in range(min(parallel, trials - done))]
+        futures = []
+        for trial in batch:
+            overrides = {p.key: _suggest(trial, p) for p in params}
+            trial_recipe = with_overrides(recipe, overrides)
+            tags = {"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
+                    "alignflow.sweep_trial": str(trial.number),
+                    **{f"alignflow.sweep_param.{k}": json.dumps(v) for k, v in overrides.items()}}
+            # One at a time: the subflow runs in this thread, so Ctrl-C stops it at once (a thread pool's
+            # worker would finish its trial first). K at a time: K subflows, each in a task of the pool.
+            pending = (trial_recipe, str(work), tags)
+            futures.append((trial, overrides, run_trial.submit(*pending) if parallel > 1 else pending))
+        for trial, overrides, pending in futures:
+            try:
+                result = _trial(*pending) if isinstance(pending, tuple) else pending.result()
+                if ctrl_c.is_set():  # a Ctrl-C that Prefect dropped as the trial's subflow ended
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise  # the trial stays RUNNING in the study: the next run of the command runs it again
+            except BaseException:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                raise
+            value = _objective(result, metric)
+            for k, v in overrides.items():
+                trial.set_user_attr(f"param:{k}", v)
+            trial.set_user_attr("parent_run_id", result["parent_run_id"])
+            trial.set_user_attr("stages", {s: [i["folder"], i["cached"], i["seconds"]]
+                                           for s, i in result["stages"].items()})
+            tracker.client.log_batch(result["parent_run_id"], params=[
+                _param(k, v) for k, v in overrides.items()])
+            study.tell(trial.number, value)
+            log.info("sweep %s: trial %d %s -> %s=%s", ident, trial.number, overrides, metric, value)
+
+
+@contextmanager
+def _ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C as Python raises it, and also remembered in the event yielded.
+
+    Prefect 3.8's flow engine drops a KeyboardInterrupt that arrives after a subflow's function has returned, while
+    it ends the run (`FlowRunEngine.initialize_run` logs "BaseException was raised after user code finished
+    executing" at debug level and returns normally). The window is up to a second: the engine joins its heartbeat
+    thread, which sleeps in 1 s steps. A Ctrl-C there would be lost and the sweep would go on to the next trial;
+    the caller checks the event after each subflow instead. Only the main thread can set a signal handler (a
+    sweep run by a worker or from a thread keeps Python's handling), and a SIGINT the process was started to
+    ignore (a background job of a script) stays ignored."""
+    seen = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield seen
+        return
+
+    def remember(signum: int, frame: Any) -> None:
+        seen.set()
+        previous(signum, frame)  # Python's default_int_handler: raises KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _complete(study: Any) -> int:
