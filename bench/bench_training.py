@@ -92,9 +92,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--pairs", type=_at_least_one, default=3, help="alternating pairs per ratio (median and range)")
+    parser.add_argument("--only", default="P3,P4,P6", help="which figures, comma-separated (default: all three)")
+    parser.add_argument("--p4-attn", default="sdpa", help="P4 under each of these sft.attn_implementation values, "
+                        "comma-separated (e.g. sdpa,eager: how much of packing's gain the kernel decides)")
     parser.add_argument("--base", default=None, help="model.base to use (default: SmolLM2 when installed, else "
                         "tiny:llama; tiny:llama checks the script in a minute, its ratios say little)")
     args = parser.parse_args()
+    only = {x.strip() for x in args.only.split(",")}
+    if not only <= {"P3", "P4", "P6"}:
+        parser.error(f"--only: unknown figure(s) {', '.join(sorted(only - {'P3', 'P4', 'P6'}))}")
+    attns = [x.strip() for x in args.p4_attn.split(",")]
     spec = args.base or ("embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct")
                          else "tiny:llama")
     tmp = Path(tempfile.mkdtemp(prefix="alignflow-bench-train-"))
@@ -114,69 +121,84 @@ def main() -> None:
                 base=base, curated=c, synthesized=c / "empty", out_dir=tmp / f"t-{name}"))
         # P3: the stage vs plain TRL on the same tokenized data, alternating (stage, plain, stage, plain, ...)
         stage_rates, plain_rates = [], []
-        for i in range(args.pairs):
+        for i in range(args.pairs if "P3" in only else 0):
             stage_rates.append(sft.run(cfg, sft.SftInputs(
                 base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q",
                 out_dir=tmp / f"sft-plain-{i}", seed=0))["metrics"]["tokens_per_s"])
             plain_rates.append(plain_trl(base, tmp / "t-plain", tmp / f"trl-{i}"))
             print(f"P3 pair {i + 1}: stage {stage_rates[-1]:.1f}, plain TRL {plain_rates[-1]:.1f} tokens/s", flush=True)
-        figures["P3_stage_tokens_per_s"] = spread(stage_rates)
-        figures["P3_plain_trl_tokens_per_s"] = spread(plain_rates)
-        figures["P3_ratio"] = spread([a / b for a, b in zip(stage_rates, plain_rates, strict=True)])
-        # P4: packed vs padded on skewed lengths, alternating
-        padded, packed = [], []
-        for i in range(args.pairs):
-            for name, rates in (("skewed-padded", padded), ("skewed-packed", packed)):
-                rates.append(sft.run(cfg, sft.SftInputs(
-                    base=base, dtype="float32", tokenized=tmp / f"t-{name}", quantized=tmp / "q",
-                    out_dir=tmp / f"sft-{name}-{i}", seed=0))["metrics"]["tokens_per_s"])
-            print(f"P4 pair {i + 1}: padded {padded[-1]:.1f}, packed {packed[-1]:.1f} tokens/s", flush=True)
-        figures["P4_padded_tokens_per_s"] = spread(padded)
-        figures["P4_packed_tokens_per_s"] = spread(packed)
-        figures["P4_ratio"] = spread([a / b for a, b in zip(packed, padded, strict=True)])
-        # P6: DPO on the same data and SFT adapter. The first run computes the reference log-probs and caches
-        # them; then alternating pairs of a run served from that cache (another beta) and TRL's default, a live
-        # reference (the frozen `ref` adapter run on every batch), same steps
-        dcfg = dpo.DpoConfig(max_steps=STEPS, batch_size=4, precompute_ref_log_probs=True, save_steps=1000)
+        if "P3" in only:
+            figures["P3_stage_tokens_per_s"] = spread(stage_rates)
+            figures["P3_plain_trl_tokens_per_s"] = spread(plain_rates)
+            figures["P3_ratio"] = spread([a / b for a, b in zip(stage_rates, plain_rates, strict=True)])
+        # P4: packed vs padded on skewed lengths, alternating; with several attention kernels, each pair runs all
+        # of them in turn (padded and packed under sdpa, then under eager, ...), so the load falls on all alike
+        padded: dict[str, list[float]] = {a: [] for a in attns}
+        packed: dict[str, list[float]] = {a: [] for a in attns}
+        for i in range(args.pairs if "P4" in only else 0):
+            for attn in attns:
+                for name, rates in (("skewed-padded", padded[attn]), ("skewed-packed", packed[attn])):
+                    rates.append(sft.run(cfg.model_copy(update={"attn_implementation": attn}), sft.SftInputs(
+                        base=base, dtype="float32", tokenized=tmp / f"t-{name}", quantized=tmp / "q",
+                        out_dir=tmp / f"sft-{name}-{attn}-{i}", seed=0))["metrics"]["tokens_per_s"])
+                print(f"P4 pair {i + 1} ({attn}): padded {padded[attn][-1]:.1f}, packed {packed[attn][-1]:.1f} "
+                      "tokens/s", flush=True)
+        for attn in attns if "P4" in only else []:
+            suffix = "" if attn == "sdpa" else f"_{attn}"  # sdpa (the default) keeps the published names
+            figures[f"P4_padded_tokens_per_s{suffix}"] = spread(padded[attn])
+            figures[f"P4_packed_tokens_per_s{suffix}"] = spread(packed[attn])
+            figures[f"P4_ratio{suffix}"] = spread([a / b for a, b in zip(packed[attn], padded[attn], strict=True)])
+        if "P6" in only and "P3" not in only:  # P6 starts from P3's first SFT adapter
+            sft.run(cfg, sft.SftInputs(base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q",
+                                       out_dir=tmp / "sft-plain-0", seed=0))
+        if "P6" in only:
+            # P6: DPO on the same data and SFT adapter. The first run computes the reference log-probs and caches
+            # them; then alternating pairs of a run served from that cache (another beta) and TRL's default, a live
+            # reference (the frozen `ref` adapter run on every batch), same steps
+            dcfg = dpo.DpoConfig(max_steps=STEPS, batch_size=4, precompute_ref_log_probs=True, save_steps=1000)
 
-        train_s: dict[str, float] = {}  # the Trainer's own train_runtime: the training steps only
+            train_s: dict[str, float] = {}  # the Trainer's own train_runtime: the training steps only
 
-        def dpo_seconds(name: str, update: dict[str, object]) -> float:
-            t0 = time.perf_counter()
-            m = dpo.run(dcfg.model_copy(update=update), dpo.DpoInputs(
-                base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain-0",
-                out_dir=tmp / name, seed=0, ref_cache=tmp / "ref-cache"))
-            train_s[name] = m["metrics"]["train_runtime_s"]
-            return time.perf_counter() - t0
+            def dpo_seconds(name: str, update: dict[str, object]) -> float:
+                t0 = time.perf_counter()
+                m = dpo.run(dcfg.model_copy(update=update), dpo.DpoInputs(
+                    base=base, dtype="float32", tokenized=tmp / "t-plain", quantized=tmp / "q", sft=tmp / "sft-plain-0",
+                    out_dir=tmp / name, seed=0, ref_cache=tmp / "ref-cache"))
+                train_s[name] = m["metrics"]["train_runtime_s"]
+                return time.perf_counter() - t0
 
-        first = dpo_seconds("dpo-first", {"beta": 0.1})
-        figures["P6_first_ref_cached"] = str(read_manifest(tmp / "dpo-first")["ref_logprobs_cached"])
-        cached, live = [], []
-        for i in range(args.pairs):
-            cached.append(dpo_seconds(f"dpo-cached-{i}", {"beta": 0.3}))
-            assert read_manifest(tmp / f"dpo-cached-{i}")["ref_logprobs_cached"], "the cache was not used"
-            live.append(dpo_seconds(f"dpo-live-{i}", {"beta": 0.3, "precompute_ref_log_probs": False}))
-            print(f"P6 pair {i + 1}: cached reference {cached[-1]:.1f} s, live reference {live[-1]:.1f} s "
-                  f"(first run, which computed them: {first:.1f} s)", flush=True)
-        figures["P6_first_s"] = round(first, 2)
-        figures["P6_cached_s"] = spread(cached)
-        figures["P6_live_reference_s"] = spread(live)
-        figures["P6_ratio"] = round(statistics.median(cached) / first, 3)
-        figures["P6_cached_over_live_ratio"] = spread([a / b for a, b in zip(cached, live, strict=True)])
-        # the same over the training steps alone (wall time also holds loading, the held-out evaluation, saving)
-        figures["P6_cached_over_live_train_runtime_ratio"] = spread(
-            [train_s[f"dpo-cached-{i}"] / train_s[f"dpo-live-{i}"] for i in range(args.pairs)])
-        # the first run precomputes the log-probs of every training pair, not only of the steps' batches: the
-        # reuses it takes before the cache has paid for itself against live references
-        figures["P6_first_over_live"] = round(first / statistics.median(live), 3)
-        figures["P6_reuses_to_break_even"] = round(
-            (first - statistics.median(live)) / max(statistics.median(live) - statistics.median(cached), 1e-9), 1)
+            first = dpo_seconds("dpo-first", {"beta": 0.1})
+            figures["P6_first_ref_cached"] = str(read_manifest(tmp / "dpo-first")["ref_logprobs_cached"])
+            cached, live = [], []
+            for i in range(args.pairs):
+                cached.append(dpo_seconds(f"dpo-cached-{i}", {"beta": 0.3}))
+                assert read_manifest(tmp / f"dpo-cached-{i}")["ref_logprobs_cached"], "the cache was not used"
+                live.append(dpo_seconds(f"dpo-live-{i}", {"beta": 0.3, "precompute_ref_log_probs": False}))
+                print(f"P6 pair {i + 1}: cached reference {cached[-1]:.1f} s, live reference {live[-1]:.1f} s "
+                      f"(first run, which computed them: {first:.1f} s)", flush=True)
+            figures["P6_first_s"] = round(first, 2)
+            figures["P6_cached_s"] = spread(cached)
+            figures["P6_live_reference_s"] = spread(live)
+            figures["P6_ratio"] = round(statistics.median(cached) / first, 3)
+            figures["P6_cached_over_live_ratio"] = spread([a / b for a, b in zip(cached, live, strict=True)])
+            # the same over the training steps alone (wall time also holds loading, the held-out evaluation, saving)
+            figures["P6_cached_over_live_train_runtime_ratio"] = spread(
+                [train_s[f"dpo-cached-{i}"] / train_s[f"dpo-live-{i}"] for i in range(args.pairs)])
+            # the first run precomputes the log-probs of every training pair, not only of the steps' batches: the
+            # reuses it takes before the cache has paid for itself against live references
+            figures["P6_first_over_live"] = round(first / statistics.median(live), 3)
+            figures["P6_reuses_to_break_even"] = round(
+                (first - statistics.median(live)) / max(statistics.median(live) - statistics.median(cached), 1e-9), 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _report(figures, args.out)
+
+
+def _report(figures: dict[str, object], out: str | None) -> None:
     for k, v in figures.items():
         print(f"{k:28s} {v}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
