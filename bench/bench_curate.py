@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pairs import at_least_one  # noqa: E402  (bench/pairs.py)
+
 from alignflow.tasks.curate import CurateConfig, CurateInputs, run  # noqa: E402
 
 WORDS = ["river", "city", "garden", "market", "window", "music", "winter", "summer", "engine", "signal",
@@ -207,16 +209,10 @@ def scale(args: argparse.Namespace) -> None:
                 sys.exit(1)
 
 
-def _at_least_one(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--pairs", type=_at_least_one, default=5,
+    parser.add_argument("--pairs", type=at_least_one, default=5,
                         help="alternating curate / plain pairs (median and range)")
     parser.add_argument("--scale", type=int, default=0, help="scale mode: this many sft records, sharded on Dask")
     parser.add_argument("--shards", type=int, default=4)

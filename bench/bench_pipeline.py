@@ -39,6 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+import pairs  # noqa: E402  (bench/pairs.py)
+from pairs import at_least_one  # noqa: E402
+
 os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                    "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})  # as the CLI: slow first start
@@ -125,21 +129,14 @@ def help_seconds() -> float:
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4)}
-
-
-def _at_least_one(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
-    return int(text)
+    return pairs.spread(values, 4)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/smoke.yaml")
-    parser.add_argument("--pairs", type=_at_least_one, default=3, help="P1: alternating pipeline / plain pairs")
-    parser.add_argument("--cached", type=_at_least_one, default=3,
+    parser.add_argument("--pairs", type=at_least_one, default=3, help="P1: alternating pipeline / plain pairs")
+    parser.add_argument("--cached", type=at_least_one, default=3,
                         help="P2: cached re-runs (in-process and whole command)")
     parser.add_argument("--only-command", action="store_true", help="P2 whole command only (no P1 pairs)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")

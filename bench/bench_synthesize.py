@@ -22,23 +22,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from pairs import at_least_one  # noqa: E402  (bench/pairs.py)
 
 from alignflow.tasks.lib.base_model import embedded_available, resolve_base  # noqa: E402
 from alignflow.tasks.lib.inference import generate  # noqa: E402
 from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 
-def _at_least_one(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--pairs", type=_at_least_one, default=3, help="alternating batched / unbatched pairs")
+    parser.add_argument("--pairs", type=at_least_one, default=3, help="alternating batched / unbatched pairs")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "alignflow-bench-base"))
     args = parser.parse_args()
     spec = "embedded:smollm2-135m-instruct" if embedded_available("embedded:smollm2-135m-instruct") else "tiny:llama"

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pairs import at_least_one, spread  # noqa: E402  (bench/pairs.py)
+
 from alignflow.tasks import dpo, quantize, sft, tokenize  # noqa: E402
 from alignflow.tasks.lib.base_model import embedded_available, resolve_base  # noqa: E402
 from alignflow.tasks.lib.jsonl import write_jsonl  # noqa: E402
@@ -56,10 +58,6 @@ def curated(folder: Path, skewed: bool) -> Path:
     return folder
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
-
-
 def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
     """The baseline: a plain TRL SFTTrainer script with the same settings as the sft stage."""
     import torch
@@ -82,16 +80,10 @@ def plain_trl(base: Path, tokenized: Path, out: Path) -> float:
     return trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
 
 
-def _at_least_one(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 (a median needs a sample)")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
-    parser.add_argument("--pairs", type=_at_least_one, default=3, help="alternating pairs per ratio (median and range)")
+    parser.add_argument("--pairs", type=at_least_one, default=3, help="alternating pairs per ratio (median and range)")
     parser.add_argument("--only", default="P3,P4,P6", help="which figures, comma-separated (default: all three)")
     parser.add_argument("--p4-attn", default="sdpa", help="P4 under each of these sft.attn_implementation values, "
                         "comma-separated (e.g. sdpa,eager: how much of packing's gain the kernel decides)")
