@@ -43,6 +43,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from alignflow.flows.interrupts import stop_after_subflow
 from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
 from alignflow.flows.tracking import Tracker, tracking_uri
 from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, allowed_roots, resolve_recipe
@@ -196,7 +197,8 @@ def curate_fanned_out(scale: ScaleOutSection, cfg: curate.CurateConfig, inputs: 
                       ) -> dict[str, Any]:
     """Shards fanned out, then curate.run: it finds them finished and takes the dedup decisions in order."""
     if cfg.shards > 1:
-        curate_shards.with_options(task_runner=task_runner(scale, cpu_bound=True))(cfg, inputs)
+        with stop_after_subflow():
+            curate_shards.with_options(task_runner=task_runner(scale, cpu_bound=True))(cfg, inputs)
     return curate.run(cfg, inputs)
 
 
@@ -220,7 +222,9 @@ def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConf
     """Shards fanned out (a subflow, visible in the Prefect UI), then synthesize.run: it finds every shard
     finished and only merges."""
     if cfg.shards > 1:
-        synthesize_shards.with_options(task_runner=task_runner(scale, cpu_bound=cfg.teacher == "base"))(cfg, inputs)
+        with stop_after_subflow():
+            synthesize_shards.with_options(task_runner=task_runner(scale, cpu_bound=cfg.teacher == "base"))(
+                cfg, inputs)
     return synthesize.run(cfg, inputs)
 
 

@@ -22,11 +22,8 @@ import math
 import os
 import platform
 import re
-import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +31,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ValidationError
 
+from alignflow.flows.interrupts import ctrl_c_remembered
 from alignflow.flows.keys import data_hashes
 from alignflow.flows.pipeline import pipeline
 from alignflow.flows.tracking import Tracker, tracking_uri
@@ -161,30 +159,29 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
              "resumed" if resumed else "new", storage_uri(work))
 
     try:
-        with _ctrl_c_remembered() as ctrl_c:
+        with ctrl_c_remembered() as ctrl_c:
             _run_trials(study, recipe, params, trials, parallel, work, ident, metric, tracker, ctrl_c)
-            finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-            best = study.best_trial
-            best_overrides = {p.key: best.params[p.key] for p in params}
-            best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
-                recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
-                tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
-                      "alignflow.sweep_best": str(best.number)})
-            if ctrl_c.is_set():  # (see _ctrl_c_remembered) the same command again finds its stages in the cache
-                raise KeyboardInterrupt
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = study.best_trial
+        best_overrides = {p.key: best.params[p.key] for p in params}
+        # (a Ctrl-C that Prefect drops as this last subflow ends stops nothing: all that is left is the summary)
+        best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
+            recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
+            tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
+                  "alignflow.sweep_best": str(best.number)})
+        saved = _cache_savings(finished, tracker.client)
+        table = [{"trial": t.number, **{p.key: t.params.get(p.key) for p in params}, metric: t.value,
+                  "run_id": t.user_attrs.get("parent_run_id", "")} for t in finished]
+        summary = {"trials_completed": float(len(finished)), "best_value": float(best.value), "best_trial":
+                   float(best.number), **{k: float(v) for k, v in saved.items()}}
+        client = tracker.client
+        client.log_table(tracker.parent_run_id, {k: [row[k] for row in table] for k in table[0]}, "trials.json")
+        _parallel_coordinates(study, work / "sweeps" / ident / "parallel_coordinates.png")
+        client.log_artifact(tracker.parent_run_id, str(work / "sweeps" / ident / "parallel_coordinates.png"))
+        client.set_tag(tracker.parent_run_id, "alignflow.sweep_best_run", best_run["parent_run_id"])
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", {})
         raise
-    saved = _cache_savings(finished, tracker.client)
-    table = [{"trial": t.number, **{p.key: t.params.get(p.key) for p in params}, metric: t.value,
-              "run_id": t.user_attrs.get("parent_run_id", "")} for t in finished]
-    summary = {"trials_completed": float(len(finished)), "best_value": float(best.value), "best_trial":
-               float(best.number), **{k: float(v) for k, v in saved.items()}}
-    client = tracker.client
-    client.log_table(tracker.parent_run_id, {k: [row[k] for row in table] for k in table[0]}, "trials.json")
-    _parallel_coordinates(study, work / "sweeps" / ident / "parallel_coordinates.png")
-    client.log_artifact(tracker.parent_run_id, str(work / "sweeps" / ident / "parallel_coordinates.png"))
-    client.set_tag(tracker.parent_run_id, "alignflow.sweep_best_run", best_run["parent_run_id"])
     tracker.finish("FINISHED", summary)
     return {"sweep_id": ident, "sweep_run_id": tracker.parent_run_id, "experiment_id": tracker.experiment_id,
             "tracking_uri": tracking_uri(work), "storage": storage_uri(work), "metric": metric,
@@ -214,8 +211,6 @@ def _run_trials(study: Any, recipe: Recipe, params: list[ParamSpec], trials: int
         for trial, overrides, pending in futures:
             try:
                 result = _trial(*pending) if isinstance(pending, tuple) else pending.result()
-                if ctrl_c.is_set():  # a Ctrl-C that Prefect dropped as the trial's subflow ended
-                    raise KeyboardInterrupt
             except KeyboardInterrupt:
                 raise  # the trial stays RUNNING in the study: the next run of the command runs it again
             except BaseException:
@@ -231,34 +226,8 @@ def _run_trials(study: Any, recipe: Recipe, params: list[ParamSpec], trials: int
                 _param(k, v) for k, v in overrides.items()])
             study.tell(trial.number, value)
             log.info("sweep %s: trial %d %s -> %s=%s", ident, trial.number, overrides, metric, value)
-
-
-@contextmanager
-def _ctrl_c_remembered() -> Iterator[threading.Event]:
-    """Ctrl-C as Python raises it, and also remembered in the event yielded.
-
-    Prefect 3.8's flow engine drops a KeyboardInterrupt that arrives after a subflow's function has returned, while
-    it ends the run (`FlowRunEngine.initialize_run` logs "BaseException was raised after user code finished
-    executing" at debug level and returns normally). The window is up to a second: the engine joins its heartbeat
-    thread, which sleeps in 1 s steps. A Ctrl-C there would be lost and the sweep would go on to the next trial;
-    the caller checks the event after each subflow instead. Only the main thread can set a signal handler (a
-    sweep run by a worker or from a thread keeps Python's handling), and a SIGINT the process was started to
-    ignore (a background job of a script) stays ignored."""
-    seen = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield seen
-        return
-
-    def remember(signum: int, frame: Any) -> None:
-        seen.set()
-        previous(signum, frame)  # Python's default_int_handler: raises KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, remember)
-    try:
-        yield seen
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            if ctrl_c.is_set():  # Prefect dropped a Ctrl-C as the trial's subflow ended (flows/interrupts.py): the
+                raise KeyboardInterrupt  # trial is finished and told; the sweep stops before the next one
 
 
 def _complete(study: Any) -> int:
