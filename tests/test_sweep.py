@@ -57,8 +57,11 @@ def test_suggested_values_stay_in_range_and_make_valid_recipes() -> None:
 
 
 def _sweep(work: Path, env: dict[str, str]) -> subprocess.Popen:
+    # dpo trains 30 steps (smoke: 4), so that the Ctrl-C sent once the second trial has its first checkpoint (step
+    # 2) lands while it trains, not in the second after it (where the trial may have finished and been told)
     return subprocess.Popen([sys.executable, "-m", "alignflow.cli", "sweep", "configs/smoke.yaml", "--param",
-                             "dpo.beta=0.05,0.2", "--work-dir", str(work)], cwd=ROOT, env=env,
+                             "dpo.beta=0.05,0.2", "--set", "dpo.max_steps=30", "--work-dir", str(work)], cwd=ROOT,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
