@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,6 +110,20 @@ class _TemporaryServer:
         self._spawn()
         os.environ.setdefault("PREFECT_UI_URL", "")  # serves no UI and ends with the run: no "View at" link
         atexit.register(self.stop)
+
+    @staticmethod
+    def flow_settings() -> AbstractContextManager[Any]:
+        """Settings for the flows that report to this server: no flow-run heartbeats. Heartbeats let a lasting
+        server find runs whose process died; this one dies with the command. They cost time: at every flow's end
+        Prefect waits for the heartbeat thread's next 1 s tick (a cached `alignflow run configs/smoke.yaml`: 6.82 s
+        with, 6.40 s without, the median of 5 alternating pairs; 0.43 s saved per run, 0.34 to 1.03). A
+        heartbeat frequency the user set in the environment is kept."""
+        if any(k.upper() in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+               for k in os.environ):
+            return nullcontext()
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
     def _spawn(self) -> None:
         import subprocess
@@ -247,7 +262,8 @@ def run(
 
         if server is not None:
             server.wait()
-        result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
+        with server.flow_settings() if server is not None else nullcontext():
+            result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", markup=True, highlight=False)
         raise typer.Exit(1) from None
@@ -368,7 +384,8 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
 
         if server is not None:
             server.wait()
-        result = retrain_flow(recipe=r, work_dir=str(work_dir))
+        with server.flow_settings() if server is not None else nullcontext():
+            result = retrain_flow(recipe=r, work_dir=str(work_dir))
     except StageError as e:
         err.print(f"[bold red]stopped:[/] {e}", highlight=False)
         raise typer.Exit(1) from None

@@ -188,3 +188,21 @@ def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path
         for key in ("PREFECT_API_URL", "PREFECT_UI_URL"):
             os.environ.pop(key, None)
         prefect.context.GLOBAL_SETTINGS_CONTEXT = saved  # the later tests' server (a rebuild would drop it)
+
+
+def test_flows_on_the_commands_own_server_send_no_heartbeats(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heartbeats find runs whose process died, for a server that outlives them; the command's own server dies with
+    the command, and every flow's end would wait up to 1 s for the heartbeat thread. A frequency the user set is
+    kept."""
+    from prefect.settings import get_current_settings
+
+    from alignflow.cli import _TemporaryServer
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None  # Prefect's default sends them (180 s in 3.8)
+    with _TemporaryServer.flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with _TemporaryServer.flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default  # left as the user's settings make it
