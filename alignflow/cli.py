@@ -117,11 +117,11 @@ class _TemporaryServer:
         server find runs whose process died; this one dies with the command. They cost time: at every flow's end
         Prefect waits for the heartbeat thread's next 1 s tick (a cached `alignflow run configs/smoke.yaml`: 6.82 s
         with, 6.40 s without, the median of 5 alternating pairs; 0.43 s saved per run, 0.34 to 1.03). A
-        heartbeat frequency the user set in the environment is kept."""
-        if any(k.upper() in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
-               for k in os.environ):
+        heartbeat frequency the user set (environment, profile) is kept."""
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+        if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:  # set, not Prefect's default
             return nullcontext()
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 

@@ -129,6 +129,7 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                 os.replace(partial, init)
     logger.info("retraining %s from %s on %s", name, "champion v" + str(version.version) if init else "the base",
                 summary)
+    # (a Ctrl-C that Prefect drops as this subflow ends, flows/interrupts.py, stops nothing: the work is done)
     result = pipeline(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,
                       init_adapter=str(init) if init else None,
                       tags={"alignflow.retrain_of": str(version.version),

@@ -190,19 +190,19 @@ def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path
         prefect.context.GLOBAL_SETTINGS_CONTEXT = saved  # the later tests' server (a rebuild would drop it)
 
 
-def test_flows_on_the_commands_own_server_send_no_heartbeats(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flows_on_the_commands_own_server_send_no_heartbeats(bare: Path, tmp_path: Path) -> None:
     """Heartbeats find runs whose process died, for a server that outlives them; the command's own server dies with
     the command, and every flow's end would wait up to 1 s for the heartbeat thread. A frequency the user set is
-    kept."""
-    from prefect.settings import get_current_settings
-
-    from alignflow.cli import _TemporaryServer
-
-    default = get_current_settings().flows.heartbeat_frequency
-    assert default is not None  # Prefect's default sends them (180 s in 3.8)
-    with _TemporaryServer.flow_settings():
-        assert get_current_settings().flows.heartbeat_frequency is None
-    assert get_current_settings().flows.heartbeat_frequency == default
-    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
-    with _TemporaryServer.flow_settings():
-        assert get_current_settings().flows.heartbeat_frequency == default  # left as the user's settings make it
+    kept. (Prefect logs the heartbeat thread's start at DEBUG.)"""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for user_set, work in ((None, "w"), ("60", "w60")):
+        run_env = env if user_set is None else {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": user_set}
+        proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "run", str(ROOT / "configs/smoke.yaml"),
+                               "--work-dir", str(tmp_path / work), "--until", "curate"], cwd=ROOT, env=run_env,
+                              capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert "Executing flow 'alignflow-pipeline'" in out  # DEBUG lines are printed: the next check can see
+        assert "Starting temporary server" not in out  # the command's own server, as in the tests above
+        assert ("Started flow run heartbeat context" in out) == (user_set is not None), out[-3000:]
