@@ -87,18 +87,19 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    if not launched() and read_manifest(inputs.tokenized)["packing"] and cfg.attn_implementation == "eager":
+        # (once, by the calling process) eager attention builds the block-diagonal mask over every packed row:
+        # packing costs more than it saves (bench/bench_training.py --only P4 --p4-attn sdpa,eager: 0.77x padded
+        # on CPU; sdpa 1.18x)
+        logging.getLogger("alignflow").warning(
+            "sft: tokenize.packing with attn_implementation 'eager' trains slower than padded rows "
+            "(measured 0.77x on CPU); use sdpa or flash_attention_2, or set tokenize.packing: false")
     if inputs.launch.num_processes > 1 and not launched():
         return distributed("alignflow.tasks.sft", inputs.launch, cfg, inputs, out)
     seed_everything(inputs.seed)
     check_optimizer(cfg.optim)
     check_kernels("sft", cfg.attn_implementation, cfg.use_liger_kernel)
     tok_manifest = read_manifest(inputs.tokenized)
-    if tok_manifest["packing"] and cfg.attn_implementation == "eager":
-        # eager attention builds the block-diagonal mask over every packed row: packing then costs more than it
-        # saves (bench/bench_training.py --only P4 --p4-attn sdpa,eager: 0.77x padded on CPU; sdpa 1.18x)
-        logging.getLogger("alignflow").warning(
-            "sft: tokenize.packing with attn_implementation 'eager' trains slower than padded rows "
-            "(measured 0.77x on CPU); use sdpa or flash_attention_2, or set tokenize.packing: false")
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     quant = json.loads((inputs.quantized / "quantization.json").read_text())
     if cfg.method == "full" and quant:  # the recipe check refuses this too; a stage run on its own must as well
