@@ -162,7 +162,7 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
         if p.returncode != 0:  # the deployment CLI prints events only: the reason is in the worker's log
             log = (team.home / "logs" / "prefect-worker.log").read_text(errors="replace").splitlines()
             reasons = [line for i, line in enumerate(log) if "Traceback" in line or "Error" in line
-                       or any("Traceback" in before for before in log[max(0, i - 30):i])]
+                       or "Exception" in line or any("Traceback" in before for before in log[max(0, i - 60):i])]
             pytest.fail(f"a pipeline through the worker failed:\n{out[-1500:]}{errs[-1500:]}\n"
                         f"worker log, errors:\n" + "\n".join(reasons[-120:]))
         if p is procs[0]:  # the CLI prints the flow run's name and UUID, and exits 0 only when it COMPLETED
