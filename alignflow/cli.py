@@ -128,7 +128,9 @@ class _TemporaryServer:
     def _spawn(self) -> None:
         import subprocess
 
-        self.port: int = _free_port()
+        from alignflow.tasks.lib import launch
+
+        self.port: int = launch.free_port()  # from the kernel (Prefect picks one at random in 8000-8999)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", self.app_dir, "--factory",
@@ -176,15 +178,6 @@ class _TemporaryServer:
             except Exception:
                 self.process.kill()
                 self.process.wait()
-
-
-def _free_port() -> int:
-    """A free port from the kernel (Prefect picks one at random in 8000-8999); free now, maybe not in a second."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _parent_death_signal() -> Callable[[], None]:

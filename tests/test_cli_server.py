@@ -164,13 +164,14 @@ def test_a_port_taken_before_the_server_binds_it_starts_it_on_another(bare: Path
     import prefect.context
 
     from alignflow import cli
+    from alignflow.tasks.lib import launch
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     ports = iter([taken.getsockname()[1]])
-    real = cli._free_port
-    monkeypatch.setattr(cli, "_free_port", lambda: next(ports, None) or real())
+    real = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real())
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the suite's Prefect harness replaced Prefect's process-wide settings with its own: put them back after
     saved = prefect.context.GLOBAL_SETTINGS_CONTEXT
