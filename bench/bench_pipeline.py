@@ -19,6 +19,7 @@ Machines here are shared and noisy: compare only figures printed by one invocati
   python bench/bench_pipeline.py --recipe configs/smoke.yaml                  # ~3 min
   python bench/bench_pipeline.py --recipe configs/demo.yaml --pairs 3        # ~55 min on 2 idle cores
   python bench/bench_pipeline.py --recipe configs/demo.yaml --only-command   # P2 whole command only (~8 min)
+  python bench/bench_pipeline.py --only-command --heartbeat-pairs 5           # what heartbeats cost (~3 min)
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ def timed(fn: Callable[..., object], *args: object) -> float:
 CPU: list[float] = []  # CPU seconds (user + system) of each `command`, children it waited for included
 
 
-def command(recipe: str, work: Path) -> float:
+def command(recipe: str, work: Path, extra_env: dict[str, str] | None = None) -> float:
     """`alignflow run RECIPE --work-dir WORK` in a new process, timed from launch to exit. Its CPU time goes
     to CPU: on a loaded machine it says what the command costs when wall time mostly says what others cost."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}  # a user's INFO lines, as typed
+    env |= extra_env or {}
     proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "run", recipe, "--work-dir", str(work)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--cached", type=at_least_one, default=3,
                         help="P2: cached re-runs (in-process and whole command)")
     parser.add_argument("--only-command", action="store_true", help="P2 whole command only (no P1 pairs)")
+    parser.add_argument("--heartbeat-pairs", type=int, default=0,
+                        help="also: cached commands with Prefect's flow heartbeats / without, alternating")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -183,6 +187,16 @@ def main() -> None:
         figures |= {"command_cold_s": round(cold, 2), "command_cached_s": spread(cached),
                     "P2_command_cached_over_cold": round(statistics.median(cached) / cold, 4),
                     "command_cold_cpu_s": round(CPU[0], 2), "command_cached_cpu_s": spread(CPU[1:])}
+        # flows on the command's own server send no heartbeats; a frequency the user sets keeps them on (Prefect's
+        # default, 180 s): alternating pairs of the cached command with them and without
+        on, off = [], []
+        for i in range(args.heartbeat_pairs):
+            on.append(command(args.recipe, tmp / "command", {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}))
+            off.append(command(args.recipe, tmp / "command"))
+            print(f"heartbeat pair {i + 1}: with {on[-1]:.2f} s, without {off[-1]:.2f} s", flush=True)
+        if on:
+            figures |= {"command_cached_heartbeats_s": spread(on), "command_cached_no_heartbeats_s": spread(off),
+                        "heartbeats_cost_s": spread([a - b for a, b in zip(on, off, strict=True)])}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures["help_s"] = round(help_seconds(), 3)
