@@ -115,9 +115,9 @@ class _TemporaryServer:
     def flow_settings() -> AbstractContextManager[Any]:
         """Settings for the flows that report to this server: no flow-run heartbeats. Heartbeats let a lasting
         server find runs whose process died; this one dies with the command. They cost time: at every flow's end
-        Prefect waits for the heartbeat thread's next 1 s tick (a cached `alignflow run configs/smoke.yaml`: 6.82 s
-        with, 6.40 s without, the median of 5 alternating pairs; 0.43 s saved per run, 0.34 to 1.03). A
-        heartbeat frequency the user set (environment, profile) is kept."""
+        Prefect waits for the heartbeat thread's next 1 s tick (a cached `alignflow run configs/smoke.yaml`: 0.47 s
+        per run, 0.30 to 0.78; `bench/bench_pipeline.py --only-command --heartbeat-pairs 5`). A heartbeat
+        frequency the user set (environment, profile) is kept."""
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
         if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:  # set, not Prefect's default
