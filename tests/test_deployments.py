@@ -59,3 +59,15 @@ def test_compose_file_defines_the_team_services_on_loopback() -> None:
     assert (DEPLOY / "postgres-init.sql").read_text().count("CREATE DATABASE mlflow") == 1
     # no literal password: it comes from the environment
     assert "${ALIGNFLOW_DB_PASSWORD" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+
+
+def test_the_deployment_forms_defaults_are_the_demo_recipe_as_it_is() -> None:
+    # the Prefect UI's run form starts from these values: they must be configs/demo.yaml, not a superseded copy
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    spec = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+    recipes = {dep["name"]: dep["parameters"]["recipe"] for dep in spec["deployments"]}
+    assert set(recipes) == {"pipeline", "retrain"}
+    assert recipes["pipeline"] == demo, "deployments/prefect.yaml's pipeline form differs from configs/demo.yaml"
+    retrain = dict(recipes["retrain"])
+    assert retrain.pop("retrain") == {"start_from": "champion"}
+    assert retrain == demo, "deployments/prefect.yaml's retrain form differs from configs/demo.yaml"
