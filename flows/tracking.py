@@ -104,6 +104,24 @@ def flatten(prefix: str, obj: Any) -> dict[str, str]:
     return {prefix: json.dumps(obj) if isinstance(obj, list) else str(obj)}
 
 
+# MLflow's UI opens an experiment without this tag in its GenAI mode ("Evaluations", traces, an assistant panel);
+# alignflow's runs are training runs, so the UI should open in its "Model training" mode.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _tag_experiment_kind(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> None:
+    """Tag an experiment made before alignflow set the kind (or by someone else). A user who may not edit it
+    (team mode: another user's experiment) leaves it as it is: the tag only changes how the UI opens."""
+    if all(tags.get(k) == v for k, v in EXPERIMENT_TAGS.items()):
+        return
+    try:
+        for k, v in EXPERIMENT_TAGS.items():
+            client.set_experiment_tag(experiment_id, k, v)
+    except MlflowException as e:
+        if e.error_code != "PERMISSION_DENIED":
+            raise
+
+
 @dataclass
 class Tracker:
     client: MlflowClient
@@ -132,13 +150,15 @@ class Tracker:
                 # A local store keeps artifacts beside the db; a tracking server decides for itself.
                 location = (work / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
                 try:
-                    experiment_id = client.create_experiment(recipe.name, artifact_location=location)
+                    experiment_id = client.create_experiment(recipe.name, artifact_location=location,
+                                                             tags=EXPERIMENT_TAGS)
                 except MlflowException as e:  # another run on the same tracking server created it just now
                     if e.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
                     experiment_id = client.get_experiment_by_name(recipe.name).experiment_id
             else:
                 experiment_id = exp.experiment_id
+                _tag_experiment_kind(client, experiment_id, exp.tags)
         reap_orphans(client, experiment_id)
         resolved = recipe.model_dump(mode="json")
         tags = {

@@ -100,6 +100,23 @@ def test_until_stops_after_the_named_stage(prefect_server: None, smoke: Recipe, 
     assert "registered" not in result
     # each work dir keeps its own store, even after other runs in this process set MLflow's global URI
     assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
+    # MLflow's UI opens an experiment in its GenAI mode unless it is tagged as model training
+    exp = MlflowClient(result["tracking_uri"]).get_experiment(result["experiment_id"])
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(in_root: Path, tmp_path: Path) -> None:
+    from alignflow.flows.tracking import Tracker, tracking_uri
+
+    work = tmp_path / "w"
+    work.mkdir()
+    recipe = load_recipe(ROOT / "configs" / "smoke.yaml")
+    client = MlflowClient(tracking_uri(work))
+    old = client.create_experiment(recipe.name)  # as an older alignflow (or a user) made it: no kind tag
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    tracker = Tracker.start(recipe, work, {}, flow_run_id="test")
+    assert tracker.experiment_id == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_failing_stage_exits_nonzero_with_a_message_and_marks_runs_failed(in_root: Path, tmp_path: Path) -> None:
