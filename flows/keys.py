@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel
 
 from alignflow.tasks.lib.hashing import package_modules, sha256_bytes, sha256_json, sha256_tree
+from alignflow.tasks.lib.losses import ONLINE, ONLINE_SETTINGS, UNPAIRED
 from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
 
 Stage = Literal["curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo", "evaluate", "register"]
@@ -113,8 +114,6 @@ def setting(recipe: BaseModel, path: str) -> Any:
 def dpo_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
     """The part of READS["dpo"] the recipe's loss reads: a pair loss does not re-run when prompts or unpaired
     feedback change, nor an online loss when pairs do."""
-    from alignflow.tasks.dpo import ONLINE, UNPAIRED
-
     loss = recipe.dpo.loss
     common = ("tokenizer", "max_length")
     if loss in ONLINE:
@@ -130,8 +129,6 @@ def dpo_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
 
 def dpo_settings(recipe: Any) -> dict[str, Any]:
     """The dpo section as its key sees it: the online-RL settings only for grpo / rloo (they do nothing else)."""
-    from alignflow.tasks.dpo import ONLINE, ONLINE_SETTINGS
-
     value = setting(recipe, "dpo")
     if recipe.dpo.loss not in ONLINE:
         for name in ONLINE_SETTINGS:
@@ -220,7 +217,6 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
     if stage == "sft":
         return {"init_adapter": facts.init_adapter}
     if stage == "dpo":  # grpo / rloo: the reward sources' files (a JSON schema, a python module), by content
-        from alignflow.tasks.dpo import ONLINE
         from alignflow.tasks.lib.rewards import source_file
 
         if recipe.dpo.loss not in ONLINE:

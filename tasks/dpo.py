@@ -35,6 +35,7 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_dataset, sha256_json, sha256_tree
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
+from alignflow.tasks.lib.losses import ONLINE, REFERENCE_FREE, UNPAIRED
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.rewards import Recorder, RewardSource, reward_functions, source_names
@@ -104,10 +105,6 @@ class DpoConfig(BaseModel):
         return self
 
 
-REFERENCE_FREE = ("simpo", "orpo")
-ONLINE = ("grpo", "rloo")  # sample from the policy and score with dpo.rewards
-UNPAIRED = ("kto",)  # learns from single rated completions (and from pairs, each side rated)
-ONLINE_SETTINGS = ("num_generations", "max_completion_length", "temperature", "rewards", "sample_every")
 PAIRED_WITH_REFERENCE = tuple(a for a in DpoConfig.model_fields["loss"].annotation.__args__  # type: ignore[union-attr]
                               if a not in (*REFERENCE_FREE, *ONLINE, *UNPAIRED))
 

@@ -210,6 +210,33 @@ def test_readme_shows_the_table() -> None:
     assert readme_table() in (ROOT / "README.md").read_text(), "regenerate: python tests/test_cache_keys.py"
 
 
+def test_the_key_contract_imports_no_stage_module() -> None:
+    """flows/keys.py and every alignflow module it imports (inside functions too), followed through their imports:
+    none is a stage (`alignflow.tasks.<stage>`), so what makes a stage re-run is decided apart from what it does."""
+    import ast
+    import importlib.util
+
+    stage_modules = {f"alignflow.tasks.{s}" for s in STAGES}
+    seen: set[str] = set()
+    todo = ["alignflow.flows.keys"]
+    while todo:
+        name = todo.pop()
+        try:  # `from module import name`: the name may be a function, not a module
+            spec = importlib.util.find_spec(name) if name.startswith("alignflow") else None
+        except ModuleNotFoundError:
+            spec = None
+        if name in seen or spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    assert "alignflow.tasks.lib.rewards" in seen  # the walk is real: keys.py reads the reward sources' files
+    assert sorted(seen & stage_modules) == []
+
+
 @pytest.fixture(scope="module")
 def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One smoke run; its stage folders are the upstream files every row's keys are computed against."""
