@@ -393,10 +393,13 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
 
 def _print_result(result: dict[str, Any], work_dir: Path) -> None:
     table = Table(title="stages")
-    for col in ("stage", "status", "seconds", "folder"):
+    waits = any(info.get("waited_seconds", 0.0) for info in result["stages"].values())
+    for col in ("stage", "status", "seconds", *(["waited (s)"] if waits else []), "folder"):
         table.add_column(col)
     for stage, info in result["stages"].items():
-        table.add_row(stage, "cached" if info["cached"] else "ran", f"{info['seconds']:.1f}", info["folder"])
+        # `waited`: seconds spent waiting for another run that was building the same stage folder
+        waited = [f"{info.get('waited_seconds', 0.0):.1f}"] if waits else []
+        table.add_row(stage, "cached" if info["cached"] else "ran", f"{info['seconds']:.1f}", *waited, info["folder"])
     console.print(table)
     metrics = Table(title="headline metrics")
     metrics.add_column("metric")

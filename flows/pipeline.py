@@ -58,6 +58,7 @@ from alignflow.tasks.lib.processes import folder_lock
 from alignflow.tasks.lib.progress import report_progress, set_progress_reporter
 from alignflow.tasks.lib.step_metrics import UNRECORDED, describe, read_unrecorded, server_answers, without_retries
 
+WAIT_REPORTED_S = 0.5  # a shorter wait for a stage folder's lock is the lock itself, not another run's work
 HEADLINE = ("rougeL", "rougeL_base", "bleu", "exact_match", "exact_match_base", "exact_match_sft",
             "exact_match_gain_vs_sft", "exact_match_gain_vs_sft_ci_low", "exact_match_gain_vs_sft_ci_high",
             "win_rate_vs_base",
@@ -94,6 +95,7 @@ class Context:
     facts: RunFacts = field(default_factory=RunFacts)  # what the keys need beyond the recipe (flows/keys.py)
     folders: dict[str, Path] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
+    waited: dict[str, float] = field(default_factory=dict)  # seconds spent waiting for another run's stage lock
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -267,6 +269,13 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                                  ", ".join(changed))
     run_id = ctx.tracker.child(stage, key)
     started = time.perf_counter()
+    if not (folder / MANIFEST).exists():
+        # Another run sharing the work dir may be building this very folder (it holds the folder's lock): wait for
+        # it here, so that the wait is reported as a wait and not as this stage's own seconds (a cached sft once
+        # showed 163.9 s). The stage takes the lock again inside; it is free by then unless a third run took it.
+        with folder_lock(folder):
+            pass
+    waited = time.perf_counter() - started
     runner = execute_stage.with_options(
         name=stage,
         cache_key_fn=lambda *_: key,
@@ -281,13 +290,14 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     except BaseException as e:
         ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))
         raise
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - waited
     cached = manifest["produced_by"]["flow_run_id"] != ctx.flow_run_id
     uri = tracking_uri(ctx.work)
     try:
         if not server_answers(uri):  # fail now, not after MLflow's retries
             raise requests.exceptions.ConnectionError(f"{uri}/health did not answer")
-        ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds)
+        ctx.tracker.record_stage(run_id, stage, cfg.model_dump(mode="json"), manifest, folder, cached, seconds,
+                                 waited if waited >= WAIT_REPORTED_S else 0.0)
     except (MlflowException, requests.exceptions.RequestException) as e:
         if server_answers(uri):  # the server is there: this is another error, say it as it is
             raise
@@ -299,14 +309,18 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
             + ". Run the same command again when the server is back: finished stages are reused, and the kept "
               "metrics are logged into the run that trained then.") from None
     ctx.folders[stage], ctx.cached[stage], ctx.seconds[stage] = folder, cached, seconds
-    get_run_logger().info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "done", seconds, folder)
+    ctx.waited[stage] = waited if waited >= WAIT_REPORTED_S else 0.0
+    wait_note = (f" (after waiting {waited:.1f}s for another run that was building it)"
+                 if waited >= WAIT_REPORTED_S else "")
+    get_run_logger().info("%s: %s in %.1fs%s -> %s", stage, "cached" if cached else "done", seconds, wait_note,
+                          folder)
     metrics = manifest.get("metrics", {})
     card = _renderable((folder / "data_card.md").read_text(), tracking_uri(ctx.work), run_id, folder) \
         if (folder / "data_card.md").exists() else ""
     create_markdown_artifact(
         key=f"{stage}-summary",
         description=f"alignflow {stage}",
-        markdown="\n".join([f"## {stage} ({'cached' if cached else 'ran'}, {seconds:.1f}s)",
+        markdown="\n".join([f"## {stage} ({'cached' if cached else 'ran'}, {seconds:.1f}s{wait_note})",
                             f"MLflow run {_run_link(ctx, run_id)} · folder `{folder}`", "", "| metric | value |",
                             "|---|---|",
                             *[f"| {k} | {v} |" for k, v in metrics.items()], "", card]),
@@ -419,7 +433,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         "parent_run_id": ctx.tracker.parent_run_id,
         "experiment_id": ctx.tracker.experiment_id,
         "tracking_uri": tracking_uri(work),
-        "stages": {s: {"folder": str(f), "cached": ctx.cached[s], "seconds": round(ctx.seconds[s], 2)}
+        "stages": {s: {"folder": str(f), "cached": ctx.cached[s], "seconds": round(ctx.seconds[s], 2),
+                       "waited_seconds": round(ctx.waited.get(s, 0.0), 2)}
                    for s, f in ctx.folders.items()},
         "metrics": summary,
     }

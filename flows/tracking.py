@@ -185,14 +185,18 @@ class Tracker:
         return run.info.run_id
 
     def record_stage(self, run_id: str, stage: str, cfg: dict[str, Any], manifest: dict[str, Any], folder: Path,
-                     cached: bool, seconds: float) -> None:
-        """Params, metrics, tags and artifacts of a finished (or cached) stage; then mark the child run done."""
+                     cached: bool, seconds: float, waited: float = 0.0) -> None:
+        """Params, metrics, tags and artifacts of a finished (or cached) stage; then mark the child run done.
+        `seconds` is the stage's own time; `waited` the time it first waited for another run building the same
+        folder (logged as `lock_wait_seconds` when there was such a wait)."""
         c = self.client
         params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(stage, cfg).items()]
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in manifest.get("metrics", {}).items()
                    if isinstance(v, int | float)]
         metrics.append(Metric("stage_seconds", seconds, now, 0))
+        if waited > 0:
+            metrics.append(Metric("lock_wait_seconds", waited, now, 0))
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             c.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):

@@ -41,3 +41,44 @@ def test_two_runs_at_once_share_a_work_dir_safely(in_root: Path, tmp_path: Path)
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert sorted(c.info.run_name for c in children) == sorted(STAGES)
     assert len(client.search_model_versions("name='smoke-assistant'")) == 1  # the same adapter, registered once
+
+
+def test_a_stage_that_waited_for_another_runs_lock_reports_the_wait_apart(prefect_server: None, in_root: Path,
+                                                                          tmp_path: Path) -> None:
+    import shutil
+    import threading
+    import time
+
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.recipe import load_recipe
+    from alignflow.tasks.lib.processes import folder_lock
+
+    smoke = load_recipe(ROOT / "configs" / "smoke.yaml")
+    work = tmp_path / "w"
+    first = pipeline(recipe=smoke, work_dir=str(work), until="curate")
+    folder = Path(first["stages"]["curate"]["folder"])
+    kept = tmp_path / "kept-curate"
+    shutil.copytree(folder, kept)
+    shutil.rmtree(folder)
+    held, hold_s = threading.Event(), 5.0
+
+    def other_run_building_it() -> None:  # as a concurrent run would: holds the lock, then publishes the folder
+        with folder_lock(folder):
+            held.set()
+            time.sleep(hold_s)
+            shutil.copytree(kept, folder)
+
+    thread = threading.Thread(target=other_run_building_it)
+    thread.start()
+    held.wait(10)
+    second = pipeline(recipe=smoke, work_dir=str(work), until="curate")
+    thread.join()
+    info = second["stages"]["curate"]
+    assert info["cached"] is True
+    assert info["waited_seconds"] >= hold_s - 1.0  # the wait is reported as a wait ...
+    assert info["seconds"] < info["waited_seconds"]  # ... and not as the cached stage's own seconds
+    client = MlflowClient(second["tracking_uri"])
+    runs = client.search_runs([second["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{second['parent_run_id']}'")
+    metrics = {r.info.run_name: r.data.metrics for r in runs}["curate"]
+    assert metrics["lock_wait_seconds"] >= hold_s - 1.0 and metrics["stage_seconds"] < metrics["lock_wait_seconds"]
