@@ -207,3 +207,37 @@ def test_flows_on_the_commands_own_server_send_no_heartbeats(bare: Path, tmp_pat
         assert "Executing flow 'alignflow-pipeline'" in out  # DEBUG lines are printed: the next check can see
         assert "Starting temporary server" not in out  # the command's own server, as in the tests above
         assert ("Started flow run heartbeat context" in out) == (user_set is not None), out[-3000:]
+
+
+def test_the_readmes_prefect_ui_on_another_port_talks_to_that_port(bare: Path) -> None:
+    # `prefect server start --port N` alone serves a UI that asks the API on :4200 (issue 28, item 13); the README's
+    # command names the port twice. Run that very line (on a free port) and ask the UI where its API is.
+    import json
+    import re
+    import shlex
+    import urllib.request
+
+    from alignflow.tasks.lib.launch import free_port
+
+    line = next(li for li in (ROOT / "README.md").read_text().splitlines() if "prefect server start --port" in li)
+    port = free_port()
+    argv = shlex.split(re.sub(r"\b4300\b", str(port), line))
+    env = {**os.environ, **dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))}
+    cmd = [a for a in argv if not ("=" in a and not a.startswith("-"))]
+    assert cmd[:3] == ["prefect", "server", "start"]
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", *cmd[1:]], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=2) as r:
+                    settings = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the Prefect server did not start"
+                time.sleep(0.5)
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
