@@ -76,14 +76,17 @@ def read_records(path: Path) -> Any:
         raise StageError(f"curate: {path} is not a text data file (binary content)")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        text = data.decode("utf-8", errors="replace")
-        for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first column's name
+        text = data.decode("utf-8-sig", errors="replace")
+        reader = csv.DictReader(io.StringIO(text))
+        _check_csv_header(path, reader.fieldnames or [])
+        for i, row in enumerate(reader, start=2):
             yield f"{path}:{i}", dict(row), None
         return
-    stripped = data.lstrip()
+    stripped = data.removeprefix(BOM).lstrip()
     if suffix == ".json" or stripped.startswith(b"["):
         try:
-            rows = json.loads(data.decode("utf-8"))
+            rows = json.loads(data.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StageError(f"curate: {path} is not valid JSON: {e}") from None
         if not isinstance(rows, list):
@@ -97,15 +100,31 @@ def read_records(path: Path) -> Any:
 
 
 def _parse_line(path: Path, i: int, line: bytes) -> tuple[str, Any, str | None]:
-    """(where, record, error) of line `i` (1-based) of a JSON Lines file."""
+    """(where, record, error) of line `i` (1-based) of a JSON Lines file; a byte-order mark before the first line
+    is not part of it."""
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8-sig" if i == 1 else "utf-8")
     except UnicodeDecodeError:
         return f"{path}:{i}", line[:200], "invalid_utf8"
     try:
         return f"{path}:{i}", json.loads(text), None
     except json.JSONDecodeError:
         return f"{path}:{i}", text, "bad_json"
+
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors and spreadsheets put first in a file
+# Column sets a CSV header may hold (each a record shape of `normalise`; more columns are allowed): without one of
+# them every row would be dropped as `wrong_schema`, so the file is refused with its header instead.
+CSV_SHAPES = (("instruction", "output"), ("prompt", "response"), ("prompt", "completion"), ("prompt", "reference"),
+              ("prompt", "chosen", "rejected"), ("chosen", "rejected"), ("prompt", "completion", "label"),
+              ("prompt", "completion", "thumbs_up"))
+
+
+def _check_csv_header(path: Path, found: list[str]) -> None:
+    if not any(set(shape) <= set(found) for shape in CSV_SHAPES):
+        expected = " | ".join(", ".join(shape) for shape in CSV_SHAPES)
+        raise StageError(f"curate: {path}: the CSV header has the columns {found}, which match no record shape; "
+                         f"expected the columns of one of: {expected}")
 
 
 BLOCK = 8 << 20  # bytes read at a time from a shard's byte range (then to the end of the line)
@@ -157,7 +176,7 @@ def _json_lines(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         head = f.read(8192)
-        first = re.search(rb"\S", head)
+        first = re.search(rb"\S", head.removeprefix(BOM))
         while first is None and (chunk := f.read(BLOCK)):  # only white space so far
             first = re.search(rb"\S", chunk)
     if first is None:
