@@ -238,13 +238,21 @@ def _merge(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
         lengths[name] = kept.lengths
         shown = [json.dumps(r, ensure_ascii=False)[:400] for r in kept.first]
         samples_md += [f"### {name}", "", *[f"```json\n{text}\n```" for text in shown]]
+        failure = None
         if n_in and (n_in - kept.count) / n_in > cfg.max_drop_fraction:
-            raise StageError(
-                f"curate: {name} lost {n_in - kept.count} of {n_in} records ({reasons}), more than "
-                f"curate.max_drop_fraction={cfg.max_drop_fraction}. See {out / 'rejects.jsonl'}."
-            )
-        if not kept.count:
-            raise StageError(f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons})")
+            failure = (f"curate: {name} lost {n_in - kept.count} of {n_in} records ({reasons}), more than "
+                       f"curate.max_drop_fraction={cfg.max_drop_fraction}. See {out / 'rejects.jsonl'} (up to "
+                       f"{cfg.reject_samples} rejected records per reason).")
+        elif not kept.count:
+            failure = (f"curate: no usable {name} records in {', '.join(map(str, files))} ({reasons}). See "
+                       f"{out / 'rejects.jsonl'}.")
+        if failure:
+            # The rejects first, so that the message points at a file that is there; the datasets written so far
+            # go, so that no half-made sft.jsonl is left to be mistaken for a result.
+            write_jsonl(out / "rejects.jsonl", rejects)
+            for written in ("sft.jsonl", "preference.jsonl", "unpaired.jsonl", "eval.jsonl"):
+                (out / written).unlink(missing_ok=True)
+            raise StageError(failure)
     seconds = time.monotonic() - meter.started
     report_progress(1.0, f"curate: {meter.done:,} records in {seconds:.1f} s, {meter.done / seconds:,.0f} records/s")
 

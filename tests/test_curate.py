@@ -89,6 +89,47 @@ def test_too_many_drops_fail_the_stage_with_a_clear_message(tmp_path: Path) -> N
         _run(tmp_path, [sft])
 
 
+def test_a_failure_points_at_rejects_that_exist_and_leaves_no_half_written_data(tmp_path: Path) -> None:
+    """The message names rejects.jsonl: it must be there (written before the stage stops), holding the drops that
+    stopped it; the sft.jsonl written up to the failure is not left behind."""
+    import re
+
+    sft = _jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "response": "a"}, "{bad", "{bad", "{bad"])
+    with pytest.raises(StageError) as e:
+        _run(tmp_path, [sft])
+    named = Path(re.search(r"See (\S+rejects\.jsonl)", str(e.value)).group(1))
+    assert named == tmp_path / "out" / "rejects.jsonl" and named.is_file()
+    assert [r["reason"] for r in read_jsonl(named)] == ["bad_json"] * 3
+    assert not (tmp_path / "out" / "sft.jsonl").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path: Path) -> None:
+    """Spreadsheets save CSV with a UTF-8 byte-order mark: the first column is still `prompt`, so every record is
+    kept (read as plain utf-8 the header was `\ufeffprompt` and every record went as wrong_schema). JSON Lines and
+    JSON arrays with one read the same."""
+    bom = "\ufeff"
+    (tmp_path / "t.csv").write_text(bom + "prompt,response\nq1,a1\nq2,a2\nq3,a3\n", encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text(bom + json.dumps({"prompt": "q4", "response": "a4"}) + "\n", encoding="utf-8")
+    (tmp_path / "t.json").write_text(bom + json.dumps([{"prompt": "q5", "response": "a5"}]), encoding="utf-8")
+    pref = tmp_path / "p.csv"
+    pref.write_text(bom + "prompt,chosen,rejected\nSay hi,hi,no\n", encoding="utf-8")
+    m = _run(tmp_path, [tmp_path / "t.csv", tmp_path / "t.jsonl", tmp_path / "t.json"], [pref])["metrics"]
+    assert m["sft.records_in"] == 5 and m["sft.records_kept"] == 5
+    assert m["preference.records_kept"] == 1
+    kept = [r["messages"][0]["content"] for r in read_jsonl(tmp_path / "out" / "sft.jsonl")]
+    assert kept == ["q1", "q2", "q3", "q4", "q5"]
+
+
+def test_a_csv_header_that_matches_no_shape_names_the_columns_expected_and_found(tmp_path: Path) -> None:
+    bad = tmp_path / "t.csv"
+    bad.write_text("\ufeffquestion,answer\nq1,a1\n", encoding="utf-8")
+    with pytest.raises(StageError) as e:
+        _run(tmp_path, [bad])
+    message = str(e.value)
+    assert "t.csv" in message and "['question', 'answer']" in message  # found (without the mark)
+    assert "instruction, output" in message and "prompt, response" in message  # expected
+
+
 @pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"\x00\x01\x02binary", "not a text data file")])
 def test_a_file_that_is_not_data_is_an_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
     bad = tmp_path / "bad.jsonl"
