@@ -106,10 +106,21 @@ class Recipe(BaseModel):
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
         problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
             self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []) or \
-            _sharded_reward_model(self)
+            _sharded_reward_model(self) or _non_positive_steps(self)
         if problem:
             raise ValueError(problem)
         return self
+
+
+def _non_positive_steps(recipe: Recipe) -> str | None:
+    """`max_steps` of the training stages: positive, or absent (-1, the default: train by `epochs`). Anything else
+    (0, -5) is a typo the Trainer would take as "no limit" and train a full epoch on."""
+    wrong = [f"{name}.max_steps: {steps}" for name in ("sft", "reward", "dpo")
+             if (steps := getattr(recipe, name).max_steps) != -1 and steps <= 0]
+    if wrong:
+        return (f"{'; '.join(wrong)}: optimizer steps must be a positive number, or left out to train by "
+                "<stage>.epochs")
+    return None
 
 
 def _sharded_reward_model(recipe: Recipe) -> str | None:
@@ -346,6 +357,7 @@ def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, lis
             if not found:
                 problems.append(f"data.{name}[{i}]: no data file found at '{entry}' "
                                 f"(looked relative to the current folder and to {recipe_dir})")
+            problems += [f"data.{name}[{i}]: {f} {why}" for f in found if (why := _empty_data(f))]
             files.extend(str(f) for f in found)
         resolved[name] = files
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
@@ -435,6 +447,32 @@ def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:
         if files:
             return [f.resolve() for f in files]
     return []
+
+
+def _empty_data(path: Path) -> str | None:
+    """Why a data file holds no record (curate would stop on it, after the base model was made): nothing but white
+    space (or a byte-order mark), a JSON array `[]`, a CSV header without rows, a Parquet file of 0 rows. None for a
+    file with content, and for `datasets` folders. Reads at most the first MiB of a text file."""
+    if path.is_dir():
+        return None
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return "holds no rows" if pq.ParquetFile(path).metadata.num_rows == 0 else None
+        except Exception:  # not Parquet at all: curate reports it with its reason
+            return None
+    with open(path, "rb") as f:
+        head = f.read(1 << 20).removeprefix(b"\xef\xbb\xbf")
+        whole = not f.read(1)
+    lines = [line for line in head.splitlines() if line.strip()]
+    if not lines:
+        return "is empty" if whole else None
+    if whole and path.suffix.lower() == ".json" and head.strip().replace(b" ", b"") == b"[]":
+        return "is an empty JSON array"
+    if whole and path.suffix.lower() == ".csv" and len(lines) == 1:
+        return "has a header and no rows"
+    return None
 
 
 def _check_base(base: str) -> list[str]:

@@ -132,3 +132,45 @@ def test_cli_names_a_missing_recipe_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "alignflow.cli", "validate", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_max_steps_is_positive_or_absent(tmp_path: Path) -> None:
+    """-5 (or 0) steps used to validate and then train a full epoch: the Trainer reads any value <= 0 as no limit."""
+    data = _base(tmp_path)
+    data["sft"], data["reward"], data["dpo"] = {"max_steps": -5}, {"max_steps": 0}, {"max_steps": 4}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    text = "\n".join(e.value.problems)
+    assert "sft.max_steps: -5" in text and "reward.max_steps: 0" in text and "must be a positive number" in text
+    assert "dpo.max_steps" not in text
+    data["sft"], data["reward"] = {"max_steps": 3}, {}  # positive, or absent (-1: by epochs)
+    recipe = load_recipe(_write(tmp_path, data))
+    assert (recipe.sft.max_steps, recipe.reward.max_steps, recipe.dpo.max_steps) == (3, -1, 4)
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.jsonl", "\n  \n"), ("e.jsonl", "\ufeff\n"),
+                                          ("e.json", "[ ]\n"), ("e.csv", "prompt,response\n")])
+def test_an_empty_data_file_is_a_validation_error(tmp_path: Path, name: str, content: str) -> None:
+    data = _base(tmp_path)
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    data["data"]["preference"] = ["d.jsonl", name]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"data.preference[1]: {tmp_path / name} ")
+    assert any(word in e.value.problems[0] for word in ("empty", "no rows")), e.value.problems
+
+
+def test_validate_refuses_what_the_issue_showed(tmp_path: Path, in_root: Path) -> None:
+    """The command itself: `alignflow validate` exits 2 and names both problems (it said ok to both)."""
+    from typer.testing import CliRunner
+
+    from alignflow.cli import app
+
+    data = _base(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    data["data"]["sft"] = str(tmp_path / "empty.jsonl")
+    data["sft"] = {"max_steps": -5}
+    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, data))])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())  # as Rich wrapped it for a narrow terminal
+    assert "sft.max_steps: -5" in said and "empty.jsonl is empty" in said, said
