@@ -178,16 +178,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Pa
             problems.append(problem)
     # Files and the base model are checked from the raw mapping, so that their problems are listed together
     # with the schema's (a recipe with a typo and a missing file shows both at once).
-    confined = confinement_problems(raw, None, confine) if confine is not None else []
+    confined = confinement_problems(raw, None, confine, path.parent) if confine is not None else []
     problems.extend(confined)
     resolved, found_problems = _resolve_files(raw, path.parent) if not confined else ({}, [])
     problems.extend(found_problems)
-    rewards, dpo_problems = (None, []) if confined else _check_dpo(raw, path.parent, resolved.get("preference", []),
-                                                                   confine)
-    problems.extend(dpo_problems)
-    if confine is not None:
+    if confine is not None:  # a symlink inside a root may still lead outside: check what the paths resolved to
         problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
                      if not _inside(Path(f), confine)]
+    errors: list[str] = []
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -196,7 +194,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Pa
         clash = _full_but_quantized(sections["sft"].get("method"), sections["quantize"].get("bits"))
         if clash and not any(clash in error for error in errors):  # field errors stop the check above: add it
             errors.append(clash)
-        raise RecipeError(source, errors + problems) from None
+    rewards = None
+    # checking a `python:` reward imports it (runs its top-level code): for a deployment only once every path and
+    # value is decided and nothing else is wrong; at a shell, alongside the rest (all problems listed at once)
+    if confine is None or not (problems or errors):
+        rewards, dpo_problems = _check_dpo(raw, path.parent, resolved.get("preference", []), confine)
+        problems.extend(dpo_problems)
+    if errors:
+        raise RecipeError(source, errors + problems)
     if problems:
         raise RecipeError(source, problems)
     return _with_rewards(recipe.model_copy(update={"data": DataSection(**resolved)}), rewards)
@@ -210,23 +215,27 @@ def _with_rewards(recipe: Recipe, rewards: list[RewardSource] | None) -> Recipe:
 
 
 def resolve_recipe(recipe: Recipe, recipe_dir: Path | None = None, confine: list[Path] | None = None,
-                   work_dir: str | None = None) -> Recipe:
+                   work_dir: str | None = None, init_adapter: str | None = None) -> Recipe:
     """The checks `load_recipe` makes beyond the schema (data globs and folders expanded to files, the base model
     found), for a recipe that arrived validated by pydantic alone: a Prefect deployment's form or `--params`.
     Idempotent: resolved paths resolve to themselves. Raises RecipeError listing every problem.
 
     `confine`: the folders every path the recipe names (and `work_dir`) must resolve inside (`allowed_roots()`),
-    for a recipe submitted through a deployment; None: not confined (a person at a shell, with their own rights)."""
+    for a recipe submitted through a deployment; None: not confined (a person at a shell, with their own rights).
+    `init_adapter` (the flow's parameter: an adapter sft continues) is confined with them."""
     raw = recipe.model_dump(mode="json")
-    problems = confinement_problems(raw, work_dir, confine) if confine is not None else []
+    problems = confinement_problems(raw, work_dir, confine, recipe_dir or Path.cwd(), init_adapter) \
+        if confine is not None else []
     if problems:  # nothing outside the roots is even looked at (globbed, stat'ed)
         raise RecipeError(f"recipe {recipe.name}", problems)
     resolved, problems = _resolve_files(raw, recipe_dir or Path.cwd())
     if confine is not None:  # a symlink inside a root may still lead outside: check what the paths resolved to
         problems += [f"data.{name}: {f} {_outside(confine)}" for name, files in resolved.items() for f in files
                      if not _inside(Path(f), confine)]
-    rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []), confine)
-    problems.extend(dpo_problems)
+    rewards = None
+    if confine is None or not problems:  # a deployment's reward module is imported only when all else holds
+        rewards, dpo_problems = _check_dpo(raw, recipe_dir or Path.cwd(), resolved.get("preference", []), confine)
+        problems.extend(dpo_problems)
     if problems:
         raise RecipeError(f"recipe {recipe.name}", problems)
     return _with_rewards(recipe.model_copy(update={"data": DataSection(**resolved)}), rewards)
@@ -310,12 +319,38 @@ def _outside(roots: list[Path]) -> str:
 
 
 def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+    # `..` is never part of a hub id: `data/../../x` is a path whether or not it exists (its existence outside
+    # the roots must not change the answer)
+    return value.startswith((".", "/", "~")) or ".." in Path(value).parts or Path(value).expanduser().exists()
 
 
-def confinement_problems(raw: dict[str, Any], work_dir: str | None, roots: list[Path]) -> list[str]:
-    """Every path a recipe names (data files, a local `model.base`, other local folders) and the work dir, that
-    does not resolve inside `roots`. Relative paths are taken from the current folder, as the stages take them."""
+def _reward_files(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(dotted key, file) for every file dpo.rewards names: JSON schemas and `python: file.py:function` modules."""
+    dpo = raw.get("dpo") if isinstance(raw.get("dpo"), dict) else {}
+    items = dpo.get("rewards") if isinstance(dpo.get("rewards"), list) else []
+    found = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("json_schema"), str):
+            found.append((f"dpo.rewards[{i}].json_schema", item["json_schema"]))
+        module = item.get("python").rpartition(":")[0] if isinstance(item.get("python"), str) else ""
+        if module.endswith(".py"):
+            found.append((f"dpo.rewards[{i}].python", module))
+        elif module:  # `module:function`: a file in the recipe's folder, or else an installed module
+            found.append((f"dpo.rewards[{i}].python", module.replace(".", "/") + ".py"))
+    return found
+
+
+def confinement_problems(raw: dict[str, Any], work_dir: str | None, roots: list[Path],
+                         recipe_dir: Path | None = None, init_adapter: str | None = None) -> list[str]:
+    """Every path a recipe names (data files, a local `model.base`, other local folders, dpo.rewards' files), the
+    work dir and the flow's `init_adapter`, that does not resolve inside `roots`; and a teacher URL the operator
+    does not allow. Relative paths are taken from the current folder, as the stages take them (reward files also
+    from `recipe_dir`, as they are looked up). Decided on the paths alone: whether a file exists outside the
+    roots never changes the answer, and nothing is read or imported."""
+    from alignflow.tasks.lib.teacher import teacher_url_problem
+
     problems: list[str] = []
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     for name in ("sft", "preference", "eval"):
@@ -336,8 +371,23 @@ def confinement_problems(raw: dict[str, Any], work_dir: str | None, roots: list[
         value = get(key)
         if isinstance(value, str) and _looks_like_path(value) and not _inside(Path(value), roots):
             problems.append(f"{key}: '{value}' {_outside(roots)}")
+    for key, file in _reward_files(raw):  # every place it may be looked up must be inside
+        bases = [Path.cwd()] + ([recipe_dir] if recipe_dir is not None else [])
+        if not all(_inside(base / Path(file).expanduser(), roots) for base in bases):
+            problems.append(f"{key}: '{file}' {_outside(roots)}")
+        elif key.endswith(".python") and not any((base / file).is_file() for base in bases):
+            # not a file there (looked up inside the roots only): an installed module, whose import runs its code
+            problems.append(f"{key}: '{file}' is not a file inside the allowed folders (a recipe submitted through "
+                            "a deployment may run only code the operator placed there)")
     if work_dir is not None and not _inside(Path(work_dir), roots):
         problems.append(f"work_dir: '{work_dir}' {_outside(roots)}")
+    if init_adapter is not None and not _inside(Path(init_adapter), roots):
+        problems.append(f"init_adapter: '{init_adapter}' {_outside(roots)}")
+    teacher = get("synthesize.teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("url"), str):
+        problem = teacher_url_problem(teacher["url"])
+        if problem:
+            problems.append(f"synthesize.teacher.url: {problem}")
     return problems
 
 

@@ -343,7 +343,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
 
     try:  # a deployment's form skips load_recipe: expand and check files the same way
         # submitted through a deployment: every path must lie in the worker's project dir or ALIGNFLOW_DATA_ROOTS
-        recipe = resolve_recipe(recipe, confine=allowed_roots() if deployment.id else None, work_dir=work_dir)
+        recipe = resolve_recipe(recipe, confine=allowed_roots() if deployment.id else None, work_dir=work_dir,
+                                init_adapter=init_adapter)
     except RecipeError as e:
         raise StageError(str(e)) from None
     work = Path(work_dir).expanduser().resolve()

@@ -186,3 +186,174 @@ def test_deployment_reward_code_and_schemas_outside_the_roots_are_never_run_or_r
     assert "secret-value-here" not in said
     for i in range(3):
         assert f"dpo.rewards[{i}]" in said and "allowed folders" in said.split(f"dpo.rewards[{i}]")[1].split("\n")[0]
+
+
+def _url(url: str) -> str:
+    return f"synthesize.teacher={{url: '{url}', model: m, api_key_env: VLLM_API_KEY}}"
+
+
+def test_a_deployment_teacher_url_must_be_allowed_by_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27 item 5: a recipe's teacher.url receives the operator's API key as a Bearer token."""
+    recipe = ROOT / "configs" / "smoke.yaml"
+    metadata = _cli("validate", str(recipe), "--deployment", "--set", _url("http://169.254.169.254/latest/v1"),
+                    env={"ALIGNFLOW_TEACHER_URL_ALLOW": "*"})
+    said = " ".join(metadata.stderr.split())
+    assert metadata.returncode == 2, said
+    assert "synthesize.teacher.url:" in said and "169.254.169.254" in said and "link-local" in said
+    # the same recipe at a shell is not confined (the person's own key, the person's own network)
+    assert _cli("validate", str(recipe), "--set", _url("http://169.254.169.254/latest/v1")).returncode == 0
+
+    def problems(url: str, allow: str | None) -> str:
+        if allow is None:
+            monkeypatch.delenv("ALIGNFLOW_TEACHER_URL_ALLOW", raising=False)
+        else:
+            monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", allow)
+        try:
+            load_recipe(recipe, [_url(url)], confine=[ROOT])
+        except RecipeError as e:
+            return "\n".join(e.problems)
+        return ""
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5111")
+    # nothing listed: no remote teacher at all
+    assert "is not allowed for a deployment run (allowed: none" in problems("http://10.1.2.3:8000/v1", None)
+    # a wildcard admits ordinary hosts, never loopback, link-local, unspecified or the team's own service ports
+    assert problems("http://10.1.2.3:8000/v1", "*") == ""
+    assert "loopback" in problems("http://127.0.0.1:8000/v1", "*")
+    assert "loopback" in problems("http://localhost:8000/v1", "*")  # a name resolving to loopback
+    assert "loopback" in problems("http://2130706433:8000/v1", "*")  # 127.0.0.1 written as one number
+    assert "loopback" in problems("http://[::ffff:127.0.0.1]:8000/v1", "*")
+    assert "link-local" in problems("http://[fe80::1]:8000/v1", "*")
+    assert "unspecified" in problems("http://0.0.0.0:8000/v1", "*")
+    assert "port 5000 of the team's own services" in problems("http://10.1.2.3:5000/v1", "*")
+    assert "port 5111 of the team's" in problems("http://10.1.2.3:5111/v1", "*")  # MLFLOW_TRACKING_URI's port
+    # host or host:port patterns; a literal listing admits even loopback
+    assert problems("http://teacher.lan:8000/v1", "*.lan:8000") == ""
+    assert "not allowed" in problems("http://teacher.lan:8001/v1", "*.lan:8000")
+    assert problems("http://127.0.0.1:8000/v1", "127.0.0.1:8000") == ""
+    assert "not allowed" in problems("http://127.0.0.1:8001/v1", "127.0.0.1:8000")
+    # a query or fragment would swallow the `/chat/completions` suffix: refused everywhere, even at a shell
+    for url in ("http://10.1.2.3:8000/admin?x=", "http://10.1.2.3:8000/admin#", "http://u:p@10.1.2.3:8000/v1"):
+        with pytest.raises(RecipeError, match=r"synthesize\.teacher\.TeacherEndpoint\.url: .*(query|credentials)"):
+            load_recipe(recipe, [_url(url)])
+
+
+def test_the_teacher_checks_its_url_again_where_the_request_is_made(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Teacher built without validation (model_construct) sends nothing to a refused URL: no request reaches the
+    listener, so no Authorization header leaves the worker."""
+    import http.server
+    import threading
+
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.lib.teacher import Teacher, TeacherEndpoint
+
+    seen: list[str] = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    monkeypatch.setenv("SOME_SERVICE_API_KEY", "canary-key")
+
+    def ask(url: str) -> None:
+        endpoint = TeacherEndpoint.model_construct(url=url, model="m", api_key_env="SOME_SERVICE_API_KEY",
+                                                   concurrency=1, timeout_s=2.0, max_retries=0)
+        teacher = Teacher(endpoint, max_new_tokens=4, temperature=1.0, top_p=1.0, batch_size=1, base=tmp_path,
+                          dtype="float32", journal=tmp_path / "j.jsonl")
+        try:
+            teacher.complete([[{"role": "user", "content": "hi"}]], n=1, sample=False, desc="test")
+        finally:
+            teacher.close()
+
+    try:
+        with pytest.raises(StageError, match="query or fragment"):
+            ask(f"http://127.0.0.1:{port}/steal?")
+        monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", "*")  # the operator's list is set on the worker
+        with pytest.raises(StageError, match="loopback"):
+            ask(f"http://localhost:{port}/v1")
+        assert seen == []  # neither request left
+        monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", f"127.0.0.1:{port}")  # listed literally: it may
+        with pytest.raises(StageError, match="failed after 1 attempts"):
+            ask(f"http://127.0.0.1:{port}/v1")
+        assert seen == ["/v1/chat/completions Bearer canary-key"]  # the control: the listener does record
+    finally:
+        server.shutdown()
+
+
+def test_a_deployment_path_check_says_outside_before_it_looks(tmp_path: Path) -> None:
+    """Issue 27 item 6: whether a file exists outside the allowed folders must not change the message."""
+    recipe = ROOT / "configs" / "smoke.yaml"
+    present = tmp_path / "present.json"
+    present.write_text('{"type": "object"}')
+    messages = []
+    for target in (present, tmp_path / "absent.json"):
+        rewards = f"dpo.rewards=[{{json_schema: '{target}'}}]"
+        with pytest.raises(RecipeError) as e:
+            load_recipe(recipe, ["dpo.loss=grpo", rewards], confine=[ROOT])
+        messages.append("\n".join(e.value.problems).replace(target.name, "X"))
+    assert messages[0] == messages[1] and "dpo.rewards[0].json_schema" in messages[0] and "outside" in messages[0]
+    assert "no file" not in messages[1]
+    # a relative path that climbs out: the same answer for a folder that exists and one that does not
+    up = os.path.relpath(tmp_path, ROOT)
+    (tmp_path / "model").mkdir()
+    for base in (f"{up}/model", f"{up}/no-such-model"):
+        with pytest.raises(RecipeError, match=r"model\.base: .* is outside the allowed folders"):
+            load_recipe(recipe, [f"model.base={base}"], confine=[ROOT])
+
+
+def test_a_deployment_reward_module_is_not_imported_before_the_recipe_is_decided(tmp_path: Path) -> None:
+    """Issue 27 item 6: `validate --deployment` imported a `python:` reward (running its top-level code) even when
+    the recipe was refused for another reason."""
+    planted = tmp_path / "PWNED"
+    (tmp_path / "inside.py").write_text(f"open({str(planted)!r}, 'w').write('ran')\n"
+                                        "def f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere.jsonl"
+    elsewhere.write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "link.jsonl").symlink_to(elsewhere)  # inside an allowed folder, leading outside it
+    recipe = ROOT / "configs" / "smoke.yaml"
+    reward = f"dpo.rewards=[{{python: '{tmp_path / 'inside.py'}:f'}}]"
+    roots = [ROOT, tmp_path]
+    try:
+        for other in (f"data.sft={tmp_path / 'link.jsonl'}", "sft.lora.r=-1", _url("http://169.254.169.254/v1")):
+            with pytest.raises(RecipeError):
+                load_recipe(recipe, ["dpo.loss=grpo", reward, other], confine=roots)
+            assert not planted.exists(), other
+        # the control: with nothing else wrong the module is checked, which imports it
+        load_recipe(recipe, ["dpo.loss=grpo", reward], confine=roots)
+        assert planted.exists()
+    finally:
+        elsewhere.unlink()
+
+
+def test_the_flows_init_adapter_is_confined_for_a_deployment_run(tmp_path: Path, in_root: Path,
+                                                                 prefect_server: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27 item 6: the pipeline flow's `init_adapter` parameter (the adapter sft continues) came from the
+    deployment's parameters unchecked."""
+    import uuid
+
+    from prefect.context import _deployment_id
+
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.tasks.lib.errors import StageError
+
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(ROOT))
+    monkeypatch.delenv("ALIGNFLOW_DATA_ROOTS", raising=False)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    token = _deployment_id.set(uuid.uuid4())  # as the flow engine sets it for a run started from a deployment
+    try:
+        with pytest.raises(StageError, match=r"init_adapter: '.*adapter' is outside the allowed folders"):
+            pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(ROOT / "runs"),
+                     init_adapter=str(adapter))
+    finally:
+        _deployment_id.reset(token)

@@ -16,14 +16,18 @@ comparison only if it is preferred in both, which controls position bias. Its sc
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import json
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -45,6 +49,20 @@ class TeacherEndpoint(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="seconds per request")
     max_retries: int = Field(3, ge=0, description="retries per request on timeouts, 429 and 5xx")
 
+    @field_validator("url")
+    @classmethod
+    def _plain_url(cls, v: str) -> str:
+        # `/chat/completions` is appended to the path: a `?` or `#` would swallow it and let a recipe reach any
+        # path of the host; credentials in the URL would land in params and manifests
+        parts = urlsplit(v)
+        if parts.query or parts.fragment or "?" in v or "#" in v:
+            raise ValueError(f"'{v}' has a query or fragment; give the base URL only, e.g. http://host:8000/v1")
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            raise ValueError("the URL may not carry credentials (user:password@); use api_key_env")
+        if not parts.hostname:
+            raise ValueError(f"'{v}' names no host")
+        return v
+
     @field_validator("api_key_env")
     @classmethod
     def _allowed_secret(cls, v: str | None) -> str | None:
@@ -54,6 +72,86 @@ class TeacherEndpoint(BaseModel):
         if problem:
             raise ValueError(problem)
         return v
+
+
+# Ports of the team's own services (`alignflow server up` defaults: Prefect 4200, MLflow 5000, PostgreSQL 5433); the
+# ports of PREFECT_API_URL and MLFLOW_TRACKING_URI in the checking process's environment are added.
+TEAM_PORTS = (4200, 5000, 5433)
+
+
+def url_allow_patterns() -> list[str]:
+    """ALIGNFLOW_TEACHER_URL_ALLOW: comma-separated `host` or `host:port` shell-style patterns (lower case)."""
+    raw = os.environ.get("ALIGNFLOW_TEACHER_URL_ALLOW", "")
+    return [p.strip().lower() for p in raw.split(",") if p.strip()]
+
+
+def _team_ports() -> set[int]:
+    ports = set(TEAM_PORTS)
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        try:
+            port = urlsplit(os.environ.get(var, "")).port
+        except ValueError:
+            port = None
+        if port:
+            ports.add(port)
+    return ports
+
+
+def _special(address: str) -> str | None:
+    """Why an address needs an explicit listing (loopback, link-local such as cloud metadata, unspecified)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local (where cloud metadata services answer)"
+    if ip.is_unspecified:
+        return "unspecified (it reaches this machine)"
+    return None
+
+
+def teacher_url_problem(url: str, *, resolve: bool = True, strict_resolve: bool = False) -> str | None:
+    """Why a deployment run may not send requests (and its API key) to `url`, or None when it may.
+
+    The host (or host:port) must match a pattern in ALIGNFLOW_TEACHER_URL_ALLOW (empty: no remote teacher). A
+    loopback, link-local or unspecified address, and a port of the team's own services, pass only when the
+    operator names that host (or host:port) literally, without wildcards. A host name is resolved (`resolve`) and
+    each address it resolves to is checked the same way; `strict_resolve`: a name that does not resolve is
+    refused (at request time), else left to the request to fail (at validation)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"'{url}' has no valid port"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    patterns = url_allow_patterns()
+    if not any(fnmatch.fnmatchcase(host, p) or fnmatch.fnmatchcase(where, p) for p in patterns):
+        return (f"teacher host '{where}' is not allowed for a deployment run (allowed: {', '.join(patterns) or 'none'}"
+                "; the operator lists hosts or host:port patterns in ALIGNFLOW_TEACHER_URL_ALLOW)")
+    literal = host in patterns or where in patterns  # named without wildcards
+    if literal:
+        return None
+    if port in _team_ports():
+        return (f"teacher '{where}' uses port {port} of the team's own services (Prefect, MLflow, PostgreSQL); "
+                f"the operator must list '{where}' itself in ALIGNFLOW_TEACHER_URL_ALLOW")
+    addresses: list[str] = []
+    try:
+        addresses = [str(ipaddress.ip_address(host))]  # an address literal (urlsplit drops IPv6's brackets)
+    except ValueError:
+        if resolve:
+            try:
+                addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port)})
+            except OSError:
+                if strict_resolve:
+                    return f"teacher host '{host}' does not resolve"
+    for address in addresses:
+        why = _special(address)
+        if why:
+            return (f"teacher host '{host}' is {why} ({address}); the operator must list '{host}' or '{where}' "
+                    "itself in ALIGNFLOW_TEACHER_URL_ALLOW")
+    return None
 
 
 _SPEC: TypeAdapter[Literal["base"] | TeacherEndpoint] = TypeAdapter(Literal["base"] | TeacherEndpoint)
@@ -131,6 +229,13 @@ class Teacher:
         problem = secret_env_problem(endpoint.api_key_env) if endpoint.api_key_env else None
         if problem:  # again here, in the worker's environment: a model built without validation is refused too
             raise StageError(f"synthesize.teacher.api_key_env: {problem}")
+        if "?" in endpoint.url or "#" in endpoint.url:  # again here: a model built without validation too
+            raise StageError(f"synthesize.teacher.url: '{endpoint.url}' has a query or fragment")
+        if url_allow_patterns():  # the operator's list is set here (a worker): checked where the request is made,
+            # with the host resolved now (a name that pointed elsewhere at validation time is caught here)
+            problem = teacher_url_problem(endpoint.url, strict_resolve=True)
+            if problem:
+                raise StageError(f"synthesize.teacher.url: {problem}")
         if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
             headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
         url = endpoint.url.rstrip("/") + "/chat/completions"
@@ -158,7 +263,9 @@ class Teacher:
             raise StageError(f"synthesize: teacher {url} failed after {endpoint.max_retries + 1} attempts "
                              f"({last_error}); completions so far are kept and a re-run resumes")
 
-        with httpx.Client() as client, ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
+        # redirects are not followed (httpx default, said here): a teacher may not bounce the request elsewhere
+        with httpx.Client(follow_redirects=False) as client, \
+                ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
             futures = [pool.submit(one, item) for item in todo.items()]
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="request"):
