@@ -167,8 +167,8 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
         # (a Ctrl-C that Prefect drops as this last subflow ends stops nothing: all that is left is the summary)
         best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
             recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
-            tags={"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
-                  "alignflow.sweep_best": str(best.number)})
+            tags={"mlflow.parentRunId": tracker.parent_run_id, "mlflow.runName": f"best-trial-{best.number}",
+                  "alignflow.sweep": ident, "alignflow.sweep_best": str(best.number)})
         saved = _cache_savings(finished, tracker.client)
         table = [{"trial": t.number, **{p.key: t.params.get(p.key) for p in params}, metric: t.value,
                   "run_id": t.user_attrs.get("parent_run_id", "")} for t in finished]
@@ -201,8 +201,8 @@ def _run_trials(study: Any, recipe: Recipe, params: list[ParamSpec], trials: int
         for trial in batch:
             overrides = {p.key: _suggest(trial, p) for p in params}
             trial_recipe = with_overrides(recipe, overrides)
-            tags = {"mlflow.parentRunId": tracker.parent_run_id, "alignflow.sweep": ident,
-                    "alignflow.sweep_trial": str(trial.number),
+            tags = {"mlflow.parentRunId": tracker.parent_run_id, "mlflow.runName": f"trial-{trial.number}",
+                    "alignflow.sweep": ident, "alignflow.sweep_trial": str(trial.number),
                     **{f"alignflow.sweep_param.{k}": json.dumps(v) for k, v in overrides.items()}}
             # One at a time: the subflow runs in this thread, so Ctrl-C stops it at once (a thread pool's
             # worker would finish its trial first). K at a time: K subflows, each in a task of the pool.
@@ -300,6 +300,7 @@ def _parallel_coordinates(study: Any, out: Path) -> None:
     import warnings
 
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -309,6 +310,16 @@ def _parallel_coordinates(study: Any, out: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "experimental" warnings of the matplotlib backend
         ax = plot_parallel_coordinate(study)
+    # Optuna colours the lines by objective on "Blues", whose low end is near-white: with two trials one line all
+    # but vanished on the white background. The same blues from 35 % of the scale up (the colour bar follows).
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import LinearSegmentedColormap
+
+    for lines in ax.collections:
+        if isinstance(lines, LineCollection):
+            blues = plt.get_cmap("Blues")(np.linspace(0.35, 1.0, 256))
+            reverse = lines.get_cmap().name.endswith("_r")
+            lines.set_cmap(LinearSegmentedColormap.from_list("blues_visible", blues[::-1] if reverse else blues))
     ax.figure.set_size_inches(9, 5)
     ax.figure.tight_layout()
     ax.figure.savefig(out, dpi=100)

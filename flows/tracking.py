@@ -171,7 +171,9 @@ class Tracker:
             **{f"alignflow.data_hash.{k}": v for k, v in data_hashes.items()},
             **(extra_tags or {}),
         }
-        run = client.create_run(experiment_id, run_name=f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        # a sweep names its trials' runs (trial-0, ...); a plain run is named by recipe and time
+        name = tags.pop("mlflow.runName", None) or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
         client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "recipe.yaml")
         client.log_batch(run.info.run_id, params=[Param(k, v[:MAX_PARAM_CHARS])
                                                   for k, v in flatten("", {"name": recipe.name, "seed": recipe.seed,

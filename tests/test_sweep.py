@@ -109,6 +109,8 @@ def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect
               and "alignflow.sweep_trial" in r.data.tags]
     finished = [r for r in trials if r.info.status == "FINISHED"]
     assert len(finished) == 2 and {r.data.params["dpo.beta"] for r in finished} == {"0.05", "0.2"}
+    # trial runs are named by trial, not by timestamp
+    assert all(r.info.run_name == f"trial-{r.data.tags['alignflow.sweep_trial']}" for r in trials)
     # sft trained once across both trials, the interrupted attempt and the best trial's registering run
     sft = [r for r in runs if r.data.tags.get("alignflow.stage") == "sft"]
     assert len(sft) >= 4 and sum(r.data.tags["alignflow.cached"] == "false" for r in sft) == 1
@@ -118,6 +120,7 @@ def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect
     # the best trial went through register and the gate
     best = study.best_trial
     (registering,) = [r for r in runs if r.data.tags.get("alignflow.sweep_best") == str(best.number)]
+    assert registering.info.run_name == f"best-trial-{best.number}"
     version = client.get_model_version_by_alias("smoke-assistant", "champion")
     assert version.tags["alignflow.parent_run_id"] == registering.info.run_id
     assert f"best: trial {best.number}" in out
@@ -219,3 +222,43 @@ def test_cache_savings_count_stages_made_before_the_sweep(tmp_path: Path) -> Non
     saved = _cache_savings(trials, client)
     # sft twice from before the sweep (2 x 95 s), dpo once from trial 0 (40 s), `gone` counted but 0 s
     assert saved == {"stage_runs": 6, "cache_saved_stage_runs": 5, "cache_saved_seconds": 230.0}
+
+
+def test_the_parallel_coordinates_plot_draws_every_trial_visibly(tmp_path: Path) -> None:
+    # Optuna's "Blues" scale put the lowest of two trials in near-white on a white background (issue 28, item 16)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from matplotlib.collections import LineCollection
+
+    from alignflow.flows import sweep as sweep_flow
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for beta, value in ((0.05, 0.41), (0.2, 0.58)):
+        study.enqueue_trial({"dpo.beta": beta})
+        trial = study.ask()
+        trial.suggest_float("dpo.beta", 0.01, 0.5, log=True)
+        study.tell(trial, value)
+    shown: list[tuple[float, ...]] = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep_colours(fig: matplotlib.figure.Figure, *args: object, **kwargs: object) -> None:
+        for ax in fig.axes:
+            for c in ax.collections:
+                if isinstance(c, LineCollection) and c.get_array() is not None:  # the trials' lines
+                    c.update_scalarmappable()  # the colours each line is drawn in, from its value and the scale
+                    shown.extend(tuple(rgba) for rgba in c.get_edgecolor())
+        real_savefig(fig, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep_colours  # type: ignore[method-assign]
+    try:
+        sweep_flow._parallel_coordinates(study, tmp_path / "pc.png")
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig  # type: ignore[method-assign]
+        plt.close("all")
+    assert (tmp_path / "pc.png").stat().st_size > 0 and len(shown) == 2
+    for r, g, b, _a in shown:  # relative luminance: white is 1.0, Blues' low end ~0.97; light blue ~0.78
+        assert 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.85, (r, g, b)
