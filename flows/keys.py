@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-from alignflow.tasks.lib.hashing import package_modules, sha256_bytes, sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import package_modules, sha256_bytes, sha256_json, sha256_tree, sha256_weights
 from alignflow.tasks.lib.losses import ONLINE, ONLINE_SETTINGS, UNPAIRED
 from alignflow.tasks.lib.manifest import MANIFEST, read_manifest
 
@@ -265,7 +265,7 @@ def weights_hash(folder: Path, name: str) -> str:
     """Content hash of a stage folder's weights, as its manifest recorded them (no re-hashing of weights)."""
     if (folder / MANIFEST).exists():
         return str(upstream_value(read_manifest(folder), name))
-    return sha256_tree(folder / name)
+    return sha256_weights(folder / name)
 
 
 def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: RunFacts) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, allowed_roots
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import sha256_json, sha256_weights
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifest
 from alignflow.tasks.lib.models import LOADS, device_kind
@@ -353,7 +353,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     tracker = Tracker.start(recipe, work, data, str(flow_run.id or "local"), tags or {})
     init = Path(init_adapter) if init_adapter else None
     ctx = Context(recipe, work, tracker, str(flow_run.id), RunFacts(
-        data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_tree(init) if init else None,
+        data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_weights(init) if init else None,
         device=device_kind()))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from alignflow.recipe import Recipe
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import sha256_json, sha256_tree, sha256_weights
 from alignflow.tasks.lib.processes import folder_lock, pid_alive
 from alignflow.tasks.lib.registry import registry_alias
 from alignflow.tasks.lib.step_metrics import UNRECORDED, read_unrecorded, server_answers
@@ -326,7 +326,10 @@ class Tracker:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}",
                                                         dst_path=str(tmp))
             kind = next(k for k in kinds if (Path(local) / "artifacts" / k).exists())
-            if sha and sha256_tree(Path(local) / "artifacts" / kind) != sha:
+            # sha256_weights: what the weights compute; versions registered before it was the tag hash their
+            # folder's bytes (sha256_tree), and are still checked that way
+            if sha and sha not in (sha256_weights(Path(local) / "artifacts" / kind),
+                                   sha256_tree(Path(local) / "artifacts" / kind)):
                 raise StageError(f"the champion of '{model_name}' (version {version.version}) downloaded with other "
                                  f"weights than its tag alignflow.adapter_sha256={sha[:12]}… says")
             dest.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.hashing import sha256_dataset, sha256_json, sha256_tree
+from alignflow.tasks.lib.hashing import sha256_dataset, sha256_json, sha256_weights
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.losses import ONLINE, REFERENCE_FREE, UNPAIRED
@@ -447,7 +447,7 @@ def _ref_logps(trainer: Any, dataset: Any, inputs: DpoInputs, quant: dict[str, A
 
     sft_outputs = read_manifest(inputs.sft).get("outputs", {})  # the SFT weights, hashed when sft wrote them
     weights = tuned_weights(inputs.sft)
-    key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_tree(weights), "base": inputs.base_key,
+    key = sha256_json({"reference": sft_outputs.get(weights.name) or sha256_weights(weights), "base": inputs.base_key,
                        "dtype": inputs.dtype, "device": device_kind(),  # `auto` is bf16 on some GPUs, fp32 on CPUs
                        # TRL computes them under the accelerator's autocast
                        "autocast": [trainer.args.bf16, trainer.args.fp16, str(trainer.accelerator.mixed_precision)],

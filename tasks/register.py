@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alignflow.tasks.lib.hashing import sha256_tree
+from alignflow.tasks.lib.hashing import sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
 LOWER_IS_BETTER = {"perplexity"}
@@ -196,7 +196,9 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     weights = tuned_weights(inputs.candidate)  # adapter/, or model/ after a full fine-tune
     kind = "adapter" if is_adapter(weights) else "model"
-    adapter_hash = sha256_tree(weights)  # tagged alignflow.adapter_sha256 for either kind (the name is a promise)
+    # tagged alignflow.adapter_sha256 for either kind (the name is a promise): the hash dpo's manifest recorded,
+    # of what the weights compute (tasks/lib/hashing.sha256_weights), never of paths; not re-hashed here
+    adapter_hash = read_manifest(inputs.candidate).get("outputs", {}).get(weights.name) or sha256_weights(weights)
     evaluation = read_manifest(inputs.evaluation)
     metrics = evaluation["metrics"]
     client = MlflowClient()

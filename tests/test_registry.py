@@ -282,3 +282,57 @@ def test_a_champion_on_another_base_is_refused(prefect_server: None, in_root: Pa
     shutil.copytree(next((work / "base").glob("tiny-*")), copy)
     with pytest.raises(Exception, match="was trained on base 'tiny:llama'"):
         pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", [f"model.base={copy}"]), work_dir=str(work))
+
+
+def _tiny_adapter(dest: Path, base_path: str, seed: int = 0, r: int = 4) -> Path:
+    """A real PEFT LoRA adapter over a tiny Llama, saved as PEFT saves it (config naming the base by path)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    base.config.name_or_path = base_path
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.peft_config["default"].base_model_name_or_path = base_path
+    model.save_pretrained(dest)
+    return dest
+
+
+def test_adapter_hash_is_of_the_weights_not_of_paths(tmp_path: Path) -> None:
+    """Bit-identical weights saved from two work dirs (adapter_config.json names the base's absolute path and lists
+    target_modules in no fixed order; the model card names the path too) hash the same; other tensors or another
+    rank / alpha do not."""
+    import json
+
+    from alignflow.tasks.lib.hashing import sha256_tree, sha256_weights
+
+    a = _tiny_adapter(tmp_path / "a", "/work/one/base/tiny-1")
+    b = _tiny_adapter(tmp_path / "b", "/home/two/base/tiny-1")
+    config = json.loads((b / "adapter_config.json").read_text())
+    config["target_modules"] = list(reversed(sorted(config["target_modules"])))
+    (b / "adapter_config.json").write_text(json.dumps(config, indent=3))
+    assert sha256_tree(a) != sha256_tree(b)  # the bytes differ: what the tag used to hash
+    assert sha256_weights(a) == sha256_weights(b)
+    assert sha256_weights(a) != sha256_weights(_tiny_adapter(tmp_path / "c", "/work/one/base/tiny-1", seed=1))
+    alpha = json.loads((a / "adapter_config.json").read_text())
+    (tmp_path / "d").mkdir()
+    for f in a.iterdir():
+        (tmp_path / "d" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**alpha, "lora_alpha": 16}))
+    assert sha256_weights(tmp_path / "d") != sha256_weights(a)  # the same tensors scaled otherwise
+
+
+def test_two_work_dirs_with_the_same_weights_share_keys(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    """sft's adapter names its base by the work dir's absolute path: keyed by that, dpo's key (it reads sft's
+    weights hash) and everything after it differed between work dirs holding bit-identical weights."""
+    from alignflow.tasks.lib.manifest import read_manifest
+
+    runs = [pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(tmp_path / w), until="dpo")
+            for w in ("one", "two")]
+    sft, dpo = ([Path(r["stages"][s]["folder"]) for r in runs] for s in ("sft", "dpo"))
+    assert (sft[0] / "adapter" / "adapter_config.json").read_text() != \
+        (sft[1] / "adapter" / "adapter_config.json").read_text()  # the base's path differs
+    assert read_manifest(sft[0])["outputs"]["adapter"] == read_manifest(sft[1])["outputs"]["adapter"]
+    assert dpo[0].name == dpo[1].name  # the stage folder is named by its key
+    assert read_manifest(dpo[0])["outputs"]["adapter"] == read_manifest(dpo[1])["outputs"]["adapter"]

@@ -46,6 +46,87 @@ def sha256_tree(path: Path, skip: tuple[str, ...] = ()) -> str:
         h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()
 
+# Weight folders (a training stage's `adapter/` or `model/`): what they compute, not where they were saved.
+# Files that only describe provenance: PEFT's model card names the base by its absolute path.
+WEIGHTS_SKIP = frozenset({"README.md"})
+# JSON fields that say where the weights came from or how they were saved, never what they compute: the base's
+# path, the hub revision, the writing library's version, tokenizer loading flags. lora_dropout acts only while
+# training (off at inference), so two adapters with equal tensors and another dropout compute the same thing.
+PROVENANCE_FIELDS = frozenset({"base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                               "_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
+                               "is_local", "local_files_only", "lora_dropout"})
+# JSON list fields that are sets (PEFT writes target_modules in no fixed order): compared sorted
+UNORDERED_FIELDS = frozenset({"target_modules", "modules_to_save", "exclude_modules", "layers_to_transform"})
+
+
+def sha256_safetensors(path: Path) -> dict[str, str]:
+    """{tensor name: hash of its dtype, shape and bytes} of a .safetensors file, read from its header (8-byte
+    little-endian length, then JSON {name: {dtype, shape, data_offsets}}): independent of the tensors' order in
+    the file and of the free-form `__metadata__`."""
+    import struct
+
+    HASHED_FILES[Path(path).suffix] += 1
+    found: dict[str, str] = {}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        start = 8 + length
+        for name, info in sorted(header.items()):
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            h = hashlib.sha256(f"{info['dtype']}:{info['shape']}\n".encode())
+            f.seek(start + begin)
+            left = end - begin
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise ValueError(f"{path}: tensor {name} is cut short")
+                h.update(chunk)
+                left -= len(chunk)
+            found[name] = h.hexdigest()
+    return found
+
+
+def _normalised_json(path: Path) -> Any:
+    HASHED_FILES[path.suffix] += 1
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        return value
+    value = {k: v for k, v in value.items() if k not in PROVENANCE_FIELDS}
+    for k in UNORDERED_FIELDS & value.keys():
+        if isinstance(value[k], list):
+            value[k] = sorted(value[k], key=str)
+    return value
+
+
+def sha256_weights(path: Path) -> str:
+    """Hash of what a weights folder computes (a LoRA adapter or a full model, with its tokenizer files): the
+    tensors of every .safetensors file by name, dtype, shape and bytes (shards merged: how the tensors are split
+    into files does not matter), the JSON configs without their provenance fields and with their set-valued
+    lists sorted, and the other files by content. Paths never enter: the same weights saved from two work dirs
+    (adapter_config.json names the base's absolute path) hash the same. Recorded as the folder's hash in the
+    training stage's manifest and tagged `alignflow.adapter_sha256` on registered versions."""
+    path = Path(path)
+    tensors: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if f.name in WEIGHTS_SKIP or f.name.endswith(".safetensors.index.json"):  # the index: which shard holds what
+            continue
+        if f.suffix == ".safetensors":
+            folder = f.parent.relative_to(path).as_posix()
+            tensors.update({f"{folder}/{name}": digest for name, digest in sha256_safetensors(f).items()})
+        elif f.suffix == ".json":
+            try:
+                files[rel] = sha256_json(_normalised_json(f))
+            except (ValueError, UnicodeDecodeError):  # not JSON after all: its bytes
+                files[rel] = sha256_file(f)
+        else:
+            files[rel] = sha256_file(f)
+    return sha256_json({"weights-hash": 1, "tensors": tensors, "files": files})
+
+
 def code_version(*modules: str) -> str:
     """Hash of the source files of the given modules (e.g. `alignflow.tasks.sft`): a code change re-runs the stage."""
     import importlib.util

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignflow.tasks.lib.hashing import sha256_tree
+from alignflow.tasks.lib.hashing import sha256_tree, sha256_weights
 
 MANIFEST = "manifest.json"
+# A training stage's weights folder: hashed by what it computes (sha256_weights), not by its bytes, so the
+# same weights made in two work dirs give the same hash and the stages after them the same keys.
+WEIGHTS_OUTPUTS = frozenset({"adapter", "model"})
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write `manifest.json`, adding the hash of every output file it lists and where/when it was made.
@@ -22,7 +25,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     Each output is hashed here, once; later runs trust the recorded hash, guarded by the output's size and
     modification time (`output_stats`, see `changed_outputs`)."""
     folder = Path(folder)
-    outputs = {name: sha256_tree(folder / name) for name in manifest.get("outputs", [])}
+    outputs = {name: (sha256_weights if name in WEIGHTS_OUTPUTS else sha256_tree)(folder / name)
+               for name in manifest.get("outputs", [])}
     full = {
         **manifest,
         "outputs": outputs,
