@@ -44,6 +44,11 @@ def _quiet_environment() -> None:
         "GIT_PYTHON_REFRESH": "quiet",
     }.items():
         os.environ.setdefault(key, value)
+    # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every adapter it loads (`export`
+    # printed a FutureWarning no user can act on); flows/pipeline.py filters the same for flow runs on a worker.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _prefect_api_may_be_configured() -> bool:
