@@ -42,13 +42,18 @@ class GateConfig(BaseModel):
         {}, description="metric -> largest allowed loss vs the champion, checked on the loss's upper 95% bound, "
         "e.g. {rougeL: 0.02, perplexity: 0.1, lm_eval.arc_easy.acc: 0.01} (lm_eval.<task>.<metric>: a metric of "
         "evaluate.lm_eval)")
+    min_gain_vs_champion: dict[str, float] = Field(
+        {}, description="metric -> smallest gain over the current champion, by the references: the lower 95% bound "
+        "of the paired difference (candidate - champion; champion - candidate where lower is better) must exceed "
+        "it, e.g. {exact_match: 0.0} (checked when a champion exists). Every rule set must pass: to decide against "
+        "the champion by references instead of the reward model, also set min_win_rate_vs_champion: null")
     require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
     min_judge_accuracy: float | None = Field(
         0.6, ge=0, le=1, description="the lower 95% (Wilson) bound of the reward model's accuracy on held-out pairs "
         "that neither reward nor dpo trained on, below which its win-rates are not trusted and the gate fails "
         "(None: not checked)")
 
-    @field_validator("max_regression")
+    @field_validator("max_regression", "min_gain_vs_champion")
     @classmethod
     def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
         unknown = {k for k in v if k not in GATED_METRICS and not _harness_metric(k)}
@@ -112,7 +117,9 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
     if low is None or low <= cfg.min_win_rate:  # clears: a tie with the base (0.5, no spread) never passes 0.5
         reasons.append(f"win_rate_vs_base_ci_low={low} does not exceed min_win_rate={cfg.min_win_rate} "
                        f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
-    champion = "win_rate_vs_champion" in metrics  # evaluate compared with a champion
+    champion = "win_rate_vs_champion" in metrics  # evaluate compared with a champion (by its reward model)
+    # ... or by the references alone (no reward model among evaluate.metrics): `<metric>_champion` figures
+    measured_champion = champion or any(k.endswith("_champion") for k in metrics)
     low = bound("win_rate_vs_champion_ci_low")
     if cfg.min_win_rate_vs_champion is not None and champion:
         decided.append(f"win_rate_vs_champion_ci_low={low} > "
@@ -127,8 +134,22 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
         decided.append(f"rougeL_gain_ci_low={low} > min_rougeL_gain={cfg.min_rougeL_gain}")
         if low is None or low <= cfg.min_rougeL_gain:
             reasons.append(f"rougeL_gain_ci_low={low} does not exceed min_rougeL_gain={cfg.min_rougeL_gain}")
+    for name, needed in sorted(cfg.min_gain_vs_champion.items()):
+        if not measured_champion:
+            continue  # nothing to gain over
+        low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
+        if low is None or high is None:
+            reasons.append(f"{name} was not measured against the champion, so its gain cannot be checked")
+            continue
+        # delta = candidate - champion; the gain is the delta, or its negative where lower is better
+        lower_is_better = name in LOWER_IS_BETTER or metrics.get(f"{name}_higher_is_better") == 0
+        gain_low = -high if lower_is_better else low
+        decided.append(f"{name} gain vs champion lower bound={gain_low:.4f} > min_gain_vs_champion={needed}")
+        if gain_low <= needed:
+            reasons.append(f"{name} gain over the champion has a 95% lower bound of {gain_low:.4f}, which does not "
+                           f"exceed min_gain_vs_champion {needed}: not measurably better by the references")
     for name, allowed in sorted(cfg.max_regression.items()):
-        if not champion:
+        if not measured_champion:
             continue  # nothing to regress from
         low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
         if low is None or high is None:

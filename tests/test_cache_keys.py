@@ -148,6 +148,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "register.gate.min_win_rate_vs_champion": (["register.gate.min_win_rate_vs_champion=0.6"], ("register",)),
     "register.gate.min_rougeL_gain": (["register.gate.min_rougeL_gain=0.0"], ("register",)),
     "register.gate.max_regression": (["register.gate.max_regression={rougeL: 0.1}"], ("register",)),
+    "register.gate.min_gain_vs_champion": (["register.gate.min_gain_vs_champion={exact_match: 0.0}"], ("register",)),
     "register.gate.require_decontaminated": (["register.gate.require_decontaminated=true"], ("register",)),
     "register.gate.min_judge_accuracy": (["register.gate.min_judge_accuracy=0.7"], ("register",)),
     "retrain.start_from": (["retrain.start_from=base"], NONE),  # read by `alignflow retrain` before the pipeline

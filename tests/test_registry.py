@@ -337,3 +337,36 @@ def test_two_work_dirs_with_the_same_weights_share_keys(prefect_server: None, in
     assert read_manifest(sft[0])["outputs"]["adapter"] == read_manifest(sft[1])["outputs"]["adapter"]
     assert dpo[0].name == dpo[1].name  # the stage folder is named by its key
     assert read_manifest(dpo[0])["outputs"]["adapter"] == read_manifest(dpo[1])["outputs"]["adapter"]
+
+
+def test_min_gain_vs_champion_decides_by_the_references_on_the_interval() -> None:
+    # issue 28 item 4: a candidate better by exact match, whose reward model cannot see content, can be promoted by
+    # the references; every rule set must pass (the reward-model rule is switched off to decide by references alone)
+    base = {"win_rate_vs_base": 0.8, "win_rate_vs_base_ci_low": 0.66, "judge_heldout_accuracy_ci_low": 0.8,
+            "rougeL_gain_ci_low": 0.2, "win_rate_vs_champion": 0.5, "win_rate_vs_champion_ci_low": 0.4,
+            "exact_match_champion": 0.6, "exact_match_delta": 0.21,
+            "exact_match_delta_ci_low": 0.06, "exact_match_delta_ci_high": 0.35,
+            "perplexity_delta_ci_low": -0.3, "perplexity_delta_ci_high": -0.1}
+    by_refs = GateConfig(min_win_rate_vs_champion=None, min_gain_vs_champion={"exact_match": 0.0})
+    reasons, decided = gate(by_refs, base, True)
+    assert reasons == [] and any("exact_match gain vs champion lower bound=0.0600 > min_gain_vs_champion=0.0" in d
+                                 for d in decided)
+    # the lower bound decides, not the point estimate (+0.21 here)
+    tie = {**base, "exact_match_delta_ci_low": -0.02}
+    said = " ".join(gate(by_refs, tie, True)[0])
+    assert "exact_match gain over the champion has a 95% lower bound of -0.0200" in said
+    assert gate(GateConfig(min_win_rate_vs_champion=None, min_gain_vs_champion={"exact_match": 0.1}), base, True)[0]
+    # lower is better: the gain is the champion's perplexity minus the candidate's (at least 0.1 here)
+    assert gate(GateConfig(min_win_rate_vs_champion=None, min_gain_vs_champion={"perplexity": 0.05}), base,
+                True)[0] == []
+    assert gate(GateConfig(min_win_rate_vs_champion=None, min_gain_vs_champion={"perplexity": 0.1}), base, True)[0]
+    # both rules set: both must pass (the judge's 0.4 lower bound fails it)
+    both = GateConfig(min_gain_vs_champion={"exact_match": 0.0})
+    assert "not measurably better than the champion" in " ".join(gate(both, base, True)[0])
+    # no champion yet: nothing to gain over; a gain that was not measured fails closed
+    first = {k: v for k, v in base.items() if "champion" not in k and "delta" not in k}
+    assert gate(by_refs, first, True)[0] == []
+    unmeasured = {k: v for k, v in base.items() if not k.startswith("exact_match_delta")}
+    assert "not measured against the champion" in " ".join(gate(by_refs, unmeasured, True)[0])
+    with pytest.raises(ValueError, match="unknown metric"):
+        GateConfig(min_gain_vs_champion={"vibes": 0.0})
