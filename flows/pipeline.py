@@ -150,6 +150,30 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     return manifest
 
 
+def _disk_full(error: BaseException) -> OSError | None:
+    """The "no space left on device" (or disk quota) error behind `error`, following its causes: libraries wrap
+    it (a checkpoint save raises RuntimeError from the OSError)."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _disk_full_message(stage: str, error: OSError, partial: Path) -> str:
+    """What a user needs when the disk filled: the stage, the path it was writing (the file when the OS named it,
+    else the stage's unfinished folder), and that nothing is lost by re-running."""
+    where = error.filename or partial
+    return (f"{stage}: no space left on the device while writing {where} ({error.strerror or error}). Free space on "
+            f"that disk and run the same command again: it resumes (finished stages are reused; {stage} starts "
+            "again, a training stage from its last checkpoint).")
+
+
 def _leave_run(failed: bool) -> None:
     """Leave the stage's active MLflow run without depending on the tracking server: a server that is away now
     must not cost the stage's work, nor minutes of MLflow's retries (the tracker marks the run again when it
@@ -288,7 +312,10 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         manifest = runner(stage, fn, cfg, make_inputs(partial, run_id), str(folder), run_id, ctx.flow_run_id, key,
                           key_inputs, stale)
     except BaseException as e:
-        ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))
+        ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))  # never raises
+        full = _disk_full(e)
+        if full:
+            raise StageError(_disk_full_message(stage, full, partial)) from None
         raise
     seconds = time.perf_counter() - started - waited
     cached = manifest["produced_by"]["flow_run_id"] != ctx.flow_run_id
