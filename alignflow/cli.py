@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from alignflow.flows.keys import STAGES  # light: hashing and manifest helpers only
@@ -20,6 +21,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="alignflow: one YAML recipe in, a trained, evaluated, registered model out.")
 console = Console()
 err = Console(stderr=True)
+# Every message here is Rich markup: a value shown in it (a path, a recipe name, an error, a reason) goes through
+# `escape`, and a literal bracket is written `\[`, or Rich takes `[...]` for a style and drops it (`alignflow[sweep]`
+# printed as `alignflow`). tests/test_feedback.py checks every print of this file.
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML, e.g. configs/demo.yaml")]
 SetOpt = Annotated[list[str] | None,
@@ -218,7 +222,7 @@ def _load(recipe: Path, overrides: list[str] | None, deployment: bool = False) -
     try:
         return load_recipe(recipe, overrides or [], confine=allowed_roots() if deployment else None)
     except RecipeError as e:
-        err.print(f"[bold red]recipe {e.source} is not valid[/] ({len(e.problems)} problem(s)):")
+        err.print(f"[bold red]recipe {escape(e.source)} is not valid[/] ({len(e.problems)} problem(s)):")
         for p in e.problems:
             err.print(f"  - {p}", markup=False, highlight=False)
         raise typer.Exit(2) from None
@@ -234,7 +238,7 @@ def validate(
 ) -> None:
     """Check a recipe (keys, values, data files, base model) without running anything."""
     r = _load(recipe, set_, deployment)
-    console.print(f"[green]ok[/] {recipe}: recipe '{r.name}', base {r.model.base}, "
+    console.print(f"[green]ok[/] {escape(str(recipe))}: recipe '{escape(r.name)}', base {escape(r.model.base)}, "
                   f"{sum(len(getattr(r.data, n)) for n in ('sft', 'preference', 'eval'))} data file(s)")
 
 
@@ -247,13 +251,14 @@ def run(
 ) -> None:
     """Run the pipeline: curate, synthesize, tokenize, quantize, sft, reward, dpo, evaluate, register."""
     if until is not None and until not in STAGES:
-        err.print(f"[red]--until {until}: not a stage[/] (stages: {', '.join(STAGES)})")
+        err.print(f"[red]--until {escape(until)}: not a stage[/] (stages: {escape(', '.join(STAGES))})")
         raise typer.Exit(2)
     r = _load(recipe, set_)
     _quiet_environment()
     from alignflow.tasks.lib.errors import StageError
 
-    console.print(f"[bold]alignflow[/] running '{r.name}' (base {r.model.base}) in {work_dir.resolve()}")
+    console.print(f"[bold]alignflow[/] running '{escape(r.name)}' (base {escape(r.model.base)}) in "
+                  f"{escape(str(work_dir.resolve()))}")
     try:
         server = _start_prefect_server_early(r)
         from alignflow.flows.pipeline import pipeline
@@ -263,7 +268,7 @@ def run(
         with server.flow_settings() if server is not None else nullcontext():
             result = pipeline(recipe=r, work_dir=str(work_dir), until=until)
     except StageError as e:
-        err.print(f"[bold red]stopped:[/] {e}", markup=True, highlight=False)
+        err.print(f"[bold red]stopped:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: re-run the same command to resume (finished stages are cached)")
@@ -271,7 +276,7 @@ def run(
     except Exception as e:  # an unexpected failure: say where, keep the traceback for --debug users
         if os.environ.get("ALIGNFLOW_DEBUG"):
             raise
-        err.print(f"[bold red]failed:[/] {type(e).__name__}: {e}", highlight=False)
+        err.print(f"[bold red]failed:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
         err.print("set ALIGNFLOW_DEBUG=1 for the traceback; re-running resumes from the last finished stage")
         raise typer.Exit(1) from None
     _print_result(result, work_dir)
@@ -298,7 +303,7 @@ def sweep(
     try:
         import optuna  # noqa: F401
     except ImportError:
-        err.print("[red]alignflow sweep needs Optuna:[/] pip install 'alignflow[sweep]'")
+        err.print("[red]alignflow sweep needs Optuna:[/] pip install 'alignflow\\[sweep]'")
         raise typer.Exit(2) from None
     from alignflow.flows.sweep import grid_size, parse_param, with_overrides
     from alignflow.tasks.lib.errors import StageError
@@ -336,37 +341,40 @@ def sweep(
 
     from alignflow.flows.sweep import sweep as sweep_flow
 
-    console.print(f"[bold]alignflow sweep[/] '{r.name}': {n} trial(s) over {', '.join(s.key for s in specs)}, "
-                  f"{direction} {metric}, {parallel} at a time, in {work_dir.resolve()}")
+    console.print(f"[bold]alignflow sweep[/] '{escape(r.name)}': {n:d} trial(s) over "
+                  f"{escape(', '.join(s.key for s in specs))}, {escape(direction)} {escape(metric)}, {parallel:d} at a "
+                  f"time, in {escape(str(work_dir.resolve()))}")
     try:
         result = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))(
             recipe=r, params=specs, trials=n, metric=metric, direction=direction, parallel=parallel,
             work_dir=str(work_dir))
     except StageError as e:
-        err.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        err.print(f"[bold red]stopped:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: re-run the same command to resume the sweep")
         raise typer.Exit(130) from None
-    table = Table(title=f"sweep {result['sweep_id']} ({result['metric']})")
+    table = Table(title=f"sweep {escape(str(result['sweep_id']))} ({escape(result['metric'])})")
     for col in result["trials"][0]:
         if col != "run_id":
             table.add_column(col)
     for row in result["trials"]:
-        table.add_row(*[f"{v:g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "run_id"])
+        table.add_row(*[f"{v:g}" if isinstance(v, float) else escape(str(v)) for k, v in row.items()
+                        if k != "run_id"])
     console.print(table)
     cache = result["cache"]
     console.print(f"the cache served {cache['cache_saved_stage_runs']:g} of {cache['stage_runs']:g} stage runs "
                   f"(~{cache['cache_saved_seconds']:g} s of work saved)")
     best = result["best"]
-    console.print(f"best: trial {best['trial']} {best['params']} -> {result['metric']}={best['value']:g}")
+    console.print(f"best: trial {best['trial']:d} {escape(str(best['params']))} -> {escape(result['metric'])}="
+                  f"{best['value']:g}")
     if result.get("registered"):
         reg = result["registered"]
         why = "; ".join(reg["gate_reasons"]) or "gate passed"
-        console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as [bold]{reg['alias']}[/] "
-                      f"({why})")
-    console.print(f"MLflow sweep run {result['sweep_run_id']} (tag alignflow.sweep={result['sweep_id']}); "
-                  f"study {result['storage']}", highlight=False)
+        console.print(f"registered [bold]{escape(reg['model_name'])}[/] version {escape(str(reg['version']))} as "
+                      f"[bold]{escape(str(reg['alias']))}[/] ({escape(why)})")
+    console.print(f"MLflow sweep run {escape(result['sweep_run_id'])} (tag alignflow.sweep="
+                  f"{escape(str(result['sweep_id']))}); study {escape(str(result['storage']))}", highlight=False)
 
 
 @app.command()
@@ -385,14 +393,16 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
         with server.flow_settings() if server is not None else nullcontext():
             result = retrain_flow(recipe=r, work_dir=str(work_dir))
     except StageError as e:
-        err.print(f"[bold red]stopped:[/] {e}", highlight=False)
+        err.print(f"[bold red]stopped:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     if result["new_data"] is False:
-        console.print(f"no new data since champion v{result['champion_version']} ({result['counts']}): "
+        console.print(f"no new data since champion v{escape(str(result['champion_version']))} "
+                      f"({escape(str(result['counts']))}): "
                       "nothing trained, nothing registered")
         return
     if result["new_data"]:
-        console.print(f"new data since champion v{result['champion_version']}: {result['counts']}")
+        console.print(f"new data since champion v{escape(str(result['champion_version']))}: "
+                      f"{escape(str(result['counts']))}")
     _print_result(result, work_dir)
 
 
@@ -404,26 +414,27 @@ def _print_result(result: dict[str, Any], work_dir: Path) -> None:
     for stage, info in result["stages"].items():
         # `waited`: seconds spent waiting for another run that was building the same stage folder
         waited = [f"{info.get('waited_seconds', 0.0):.1f}"] if waits else []
-        table.add_row(stage, "cached" if info["cached"] else "ran", f"{info['seconds']:.1f}", *waited, info["folder"])
+        table.add_row(stage, "cached" if info["cached"] else "ran", f"{info['seconds']:.1f}", *waited,
+                      escape(str(info["folder"])))
     console.print(table)
     metrics = Table(title="headline metrics")
     metrics.add_column("metric")
     metrics.add_column("value")
     for k, v in result["metrics"].items():
-        metrics.add_row(k, f"{v:g}")
+        metrics.add_row(escape(k), f"{v:g}")
     console.print(metrics)
     if "registered" in result:
         reg = result["registered"]
         why = "; ".join(reg["gate_reasons"]) or "gate passed"
-        console.print(f"registered [bold]{reg['model_name']}[/] version {reg['version']} as "
-                      f"[bold]{reg['alias']}[/] ({why})")
+        console.print(f"registered [bold]{escape(reg['model_name'])}[/] version {escape(str(reg['version']))} as "
+                      f"[bold]{escape(str(reg['alias']))}[/] ({escape(why)})")
     uri = result["tracking_uri"]
     if uri.startswith(("http://", "https://")):  # a tracking server: the run's page
         console.print(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{result['experiment_id']}/runs/"
-                      f"{result['parent_run_id']}", highlight=False)
+                      f"{result['parent_run_id']}", highlight=False, markup=False)
     else:
         console.print(f"MLflow parent run {result['parent_run_id']}: mlflow ui --backend-store-uri {uri}",
-                      highlight=False)
+                      highlight=False, markup=False)
 
 
 def _client(work_dir: Path) -> Any:
@@ -445,7 +456,7 @@ def _user_error(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except StageError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -454,7 +465,7 @@ def promote(model_name: str, version: str, work_dir: WorkOpt = Path("runs")) -> 
     """Make VERSION the champion of MODEL_NAME by hand (the old champion becomes previous-champion)."""
     from alignflow.flows.registry import promote as do_promote
 
-    console.print(_user_error(do_promote, _client(work_dir), model_name, version))
+    console.print(_user_error(do_promote, _client(work_dir), model_name, version), markup=False)
 
 
 @app.command()
@@ -462,7 +473,7 @@ def rollback(model_name: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Swap champion and previous-champion of MODEL_NAME."""
     from alignflow.flows.registry import rollback as do_rollback
 
-    console.print(_user_error(do_rollback, _client(work_dir), model_name))
+    console.print(_user_error(do_rollback, _client(work_dir), model_name), markup=False)
 
 
 @app.command()
@@ -486,7 +497,7 @@ def export(
         err.print("[red]give exactly one of --merged OUT, --adapter OUT or --gguf OUT.gguf[/]")
         raise typer.Exit(2)
     if gguf_type not in ("f16", "q8_0", "f32"):
-        err.print(f"[red]--gguf-type {gguf_type}: expected f16, q8_0 or f32[/]")
+        err.print(f"[red]--gguf-type {escape(gguf_type)}: expected f16, q8_0 or f32[/]")
         raise typer.Exit(2)
     out = merged or adapter or gguf
     assert out is not None
@@ -497,7 +508,7 @@ def export(
         result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
                                                      gguf_type=gguf_type))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
-    console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}")
+    console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}", markup=False)
 
 
 @app.command()
@@ -506,19 +517,19 @@ def compare(run_a: str, run_b: str, work_dir: WorkOpt = Path("runs")) -> None:
     from alignflow.flows.registry import compare as do_compare
 
     lineage, rows = _user_error(do_compare, _client(work_dir), run_a, run_b)
-    console.print(f"[bold]{run_a}[/] vs [bold]{run_b}[/]")
+    console.print(f"[bold]{escape(run_a)}[/] vs [bold]{escape(run_b)}[/]")
     for line in lineage or ["lineage: same recipe hash, data and code"]:
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, markup=False)
     for row in rows:
-        table = Table(title=f"{row.stage}  (cached: {row.cached[0]} / {row.cached[1]})", title_justify="left")
+        table = Table(title=escape(f"{row.stage}  (cached: {row.cached[0]} / {row.cached[1]})"), title_justify="left")
         for col in ("metric", "A", "B", "delta"):
             table.add_column(col)
         for name, a, b in row.metrics:
             delta = f"{b - a:+.4g}" if a is not None and b is not None else ""
-            table.add_row(name, "" if a is None else f"{a:.4g}", "" if b is None else f"{b:.4g}", delta)
+            table.add_row(escape(name), "" if a is None else f"{a:.4g}", "" if b is None else f"{b:.4g}", delta)
         console.print(table)
         for change in row.config_diff:
-            console.print(f"  config {change}", highlight=False)
+            console.print(f"  config {change}", highlight=False, markup=False)
 
 
 server_app = typer.Typer(no_args_is_help=True, help="Team mode: PostgreSQL, Prefect server + worker, MLflow server.")
@@ -548,7 +559,7 @@ def server_up(
         state = up(home or _default_home(), project_dir, pg_port, prefect_port, mlflow_port, pool, auth,
                    say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     except ServerError as e:
-        err.print(f"[bold red]server up failed:[/] {e}", highlight=False)
+        err.print(f"[bold red]server up failed:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     console.print("\npoint alignflow (and any Prefect/MLflow client) at them:")
     for key, value in state.client_env().items():
@@ -571,7 +582,7 @@ def server_down(
         down(home or _default_home(), purge, say=lambda line: console.print(line, highlight=False, markup=False,
                                                                             soft_wrap=True))
     except ServerError as e:
-        err.print(f"[bold red]server down failed:[/] {e}", highlight=False)
+        err.print(f"[bold red]server down failed:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
