@@ -485,7 +485,9 @@ def _did_you_mean(loc: list[str]) -> str:
 def _resolve_data(entry: str, recipe_dir: Path) -> list[Path]:
     for root in (Path.cwd(), recipe_dir):
         pattern = str(root / Path(entry).expanduser())
-        matches = [Path(m) for m in sorted(glob.glob(pattern))]
+        # a path that exists as written is itself, before any glob: `export[v2].csv` would be a character class
+        # (and a resolved recipe must resolve to itself again, in the flow)
+        matches = [Path(pattern)] if Path(pattern).exists() else [Path(m) for m in sorted(glob.glob(pattern))]
         files: list[Path] = []
         for m in matches:
             if m.is_dir() and ((m / "state.json").exists() or (m / "dataset_dict.json").exists()):
