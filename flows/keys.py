@@ -268,6 +268,22 @@ def weights_hash(folder: Path, name: str) -> str:
     return sha256_weights(folder / name)
 
 
+def resolved_dtype(name: str, device: str) -> str:
+    """The dtype a stage computes in (tasks/lib/models.torch_dtype): `auto` is bfloat16 on a CUDA device that has
+    it and float32 elsewhere, so a recipe saying `auto` and one saying `float32` share their CPU stages."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device == "cuda-bf16" else "float32"
+
+
+def stage_settings(stage: Stage, recipe: Any, device: str) -> dict[str, Any]:
+    """The recipe settings in a stage's key, as the stage uses them (`model.dtype` resolved on this device)."""
+    settings = {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path) for path in SETTINGS[stage]}
+    if "model.dtype" in settings:
+        settings["model.dtype"] = resolved_dtype(settings["model.dtype"], device)
+    return settings
+
+
 def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: RunFacts) -> dict[str, Any]:
     """Everything the stage's key covers, as a JSON-able dict (also written into its manifest as `inputs`).
     `folders`: the finished upstream stage folders."""
@@ -280,8 +296,7 @@ def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: Run
     if launch["config_file"]:  # an accelerate config file: its contents, not just its path
         launch["config_file_sha256"] = sha256_tree(Path(launch["config_file"]))
     return {
-        "settings": {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path)
-                     for path in SETTINGS[stage]},
+        "settings": stage_settings(stage, recipe, facts.device),
         "files": files,
         "base": facts.base_key if stage in LOADS_BASE else None,
         "device": facts.device if stage in LOADS_BASE and stage != "tokenize" else None,

@@ -470,3 +470,21 @@ def test_dataset_hash_covers_every_row() -> None:
 
 if __name__ == "__main__":  # print the README table
     sys.stdout.write(readme_table())
+
+
+def test_keys_hold_the_dtype_a_stage_computes_in_so_demo_and_demo_grpo_share_their_first_stages(
+        in_root: Path) -> None:
+    # demo.yaml says `dtype: auto`, demo-grpo.yaml `float32`: on a CPU both compute in float32, so everything before
+    # dpo is shared (issue 28 item 11); on a bf16 GPU `auto` is bfloat16 and they must not share
+    from alignflow.flows.keys import outside, stage_settings
+
+    demo, grpo = load_recipe(ROOT / "configs" / "demo.yaml"), load_recipe(ROOT / "configs" / "demo-grpo.yaml")
+    assert demo.model.dtype == "auto" and grpo.model.dtype == "float32"
+    facts = RunFacts(base_key="b", data=data_hashes(demo), tracking_uri="sqlite:///a.db", device="cpu")
+    assert data_hashes(grpo) == facts.data
+    for stage in ("curate", "synthesize", "tokenize", "quantize", "sft", "reward"):
+        assert stage_settings(stage, demo, "cpu") == stage_settings(stage, grpo, "cpu"), stage
+        assert outside(stage, demo, facts) == outside(stage, grpo, facts), stage
+    assert stage_settings("dpo", demo, "cpu") != stage_settings("dpo", grpo, "cpu")  # (evaluate: through dpo's files)
+    assert stage_settings("sft", demo, "cuda-bf16")["model.dtype"] == "bfloat16"
+    assert stage_settings("sft", demo, "cuda-bf16") != stage_settings("sft", grpo, "cuda-bf16")
