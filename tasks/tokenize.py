@@ -13,12 +13,14 @@ Preference pairs stay conversational (prompt messages, chosen/rejected answers):
 apply the same template themselves. Pairs whose rendered prompt + longer answer exceed `max_length` tokens are
 dropped (`preference.dropped.too_long`). A share of the pairs (`reward.eval_fraction`, chosen by each pair's
 hash) goes to `preference_heldout/`: neither reward nor dpo trains on it; both are measured on it, and the
-manifest lists those pairs' hashes.
+manifest lists those pairs' hashes. Where that share is fewer than 2 pairs (a small data set), the prompts with
+the next-lowest hashes are held out too, as a larger `reward.eval_fraction` would, while 4 stay for training.
 
 Unpaired feedback (curate's `unpaired.jsonl`: a prompt, one completion, a thumbs-up/down label) stays
 conversational too, for KTO: `unpaired/` and `unpaired_heldout/`, split by the same prompt hash as the pairs.
 Where one prompt got both a thumbs-up and a thumbs-down completion, the two also make a pair
-(`preference.pairs_from_unpaired`), so that feedback alone can train the reward model.
+(`preference.pairs_from_unpaired`), so that feedback alone can train (and measure) the reward model, the judge
+of every method. Either folder may be empty (pairs only): it is still written, with its columns.
 
 `prompts/` holds the prompts online RL (dpo.loss grpo / rloo) samples from: every SFT prompt (with its answer as
 `reference`, for the `reference` reward), and the training pairs' and unpaired records' prompts (no reference),
@@ -29,6 +31,7 @@ The tokenizer itself (with the template actually used) is saved in `tokenizer/`:
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +105,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     Dataset.from_list(rows).save_to_disk(out / "sft")
 
     # --- preference pairs: conversational, dropped when too long, split into training and held-out -------
-    pairs: list[dict[str, Any]] = []
-    heldout: list[dict[str, Any]] = []
-    heldout_hashes: list[str] = []
+    kept: list[tuple[dict[str, Any], int]] = []  # (pair, rendered length)
     too_long = 0
-    pair_lengths: list[int] = []
     derived = _pairs_from_feedback(rated)
     for p in pref + derived:
         # Lengths as the trainers will see them: the rendered conversation, end-of-turn markers included.
@@ -114,38 +114,49 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         if length > cfg.max_length:
             too_long += 1
             continue
-        pair_lengths.append(length)
+        kept.append((p, length))
+    held_keys = _held_out_prompts([sha256_json(p["prompt"]) for p, _ in kept], inputs.heldout_fraction)
+    pairs: list[dict[str, Any]] = []
+    heldout: list[dict[str, Any]] = []
+    heldout_hashes: list[str] = []
+    pair_lengths = [length for _, length in kept]
+    for p, _ in kept:
         pair = {"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                 "rejected": [{"role": "assistant", "content": p["rejected"]}]}
         # Held out by the hash of the pair's *prompt*, not its position: every pair of a prompt lands on the same
         # side (several pairs per prompt must not straddle the split), the same pairs stay held out when data is
         # added, and neither reward nor dpo trains on them, so the reward model's accuracy there is an honest check.
-        if _held_out(p["prompt"], inputs.heldout_fraction):
+        if sha256_json(p["prompt"]) in held_keys:
             heldout.append(pair)
             heldout_hashes.append(sha256_json([p["prompt"], p["chosen"], p["rejected"]]))
         else:
             pairs.append(pair)
-    if len(pairs) < 4:
-        raise StageError(f"tokenize: only {len(pairs)} training preference pairs fit max_length={cfg.max_length} "
-                         "(the reward stage trains on pairs; unpaired feedback makes a pair only where one prompt "
-                         "has both a thumbs-up and a thumbs-down completion)")
-    if len(heldout) < 2:
-        raise StageError(f"tokenize: only {len(heldout)} held-out preference pairs; add data or raise "
-                         "reward.eval_fraction")
+    if len(pairs) < MIN_TRAIN_PAIRS or len(heldout) < MIN_HELDOUT_PAIRS:
+        both = len({sha256_json(p["prompt"]) for p in derived})
+        raise StageError(
+            f"tokenize: {len(pairs)} training and {len(heldout)} held-out preference pairs fit "
+            f"max_length={cfg.max_length}; the reward model (the judge of every method, kto and grpo / rloo "
+            f"included) needs at least {MIN_TRAIN_PAIRS} to train on and {MIN_HELDOUT_PAIRS} held out. Unpaired "
+            f"feedback makes a pair only where one prompt has both a thumbs-up and a thumbs-down completion "
+            f"({both} prompt(s) here): add pairs, or rate both a liked and a disliked answer for more prompts")
     Dataset.from_list(pairs).save_to_disk(out / "preference")
     Dataset.from_list(heldout).save_to_disk(out / "preference_heldout")
 
-    # --- unpaired feedback (KTO): conversational, dropped when too long, split by the same prompt hash ------
+    # --- unpaired feedback (KTO): conversational, dropped when too long, split by the same prompts ----------
     unpaired: list[dict[str, Any]] = []
     unpaired_heldout: list[dict[str, Any]] = []
     unpaired_too_long = 0
+    paired_keys = {sha256_json(p["prompt"]) for p, _ in kept}
     for r in rated:
         if _n_tokens(tok, r["prompt"], r["completion"]) > cfg.max_length:
             unpaired_too_long += 1
             continue
         row = {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}],
                "label": bool(r["label"])}
-        (unpaired_heldout if _held_out(r["prompt"], inputs.heldout_fraction) else unpaired).append(row)
+        key = sha256_json(r["prompt"])
+        # a prompt with pairs is held out with them; one rated only (no pair) by its hash alone
+        held = key in held_keys or (key not in paired_keys and _held_out(r["prompt"], inputs.heldout_fraction))
+        (unpaired_heldout if held else unpaired).append(row)
     _save(unpaired, out / "unpaired", UNPAIRED_COLUMNS)
     _save(unpaired_heldout, out / "unpaired_heldout", UNPAIRED_COLUMNS)
 
@@ -184,6 +195,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "sft.dropped.too_long": truncated,  # the same examples as sft.truncated (kept for existing dashboards)
         "preference.pairs": len(pairs),
         "preference.heldout_pairs": len(heldout),
+        # prompts held out beyond reward.eval_fraction's share, so that the judge is measured on 2 pairs or more
+        "preference.heldout_prompts_added": sum(not _held_out(p["prompt"], inputs.heldout_fraction)
+                                                for p in {sha256_json(h["prompt"]): h for h in heldout}.values()),
         "preference.dropped.too_long": too_long,
         "preference.length_max": max(pair_lengths),
         "preference.pairs_from_unpaired": len(derived),
@@ -208,12 +222,31 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
 
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 PROMPT_COLUMNS = ("prompt", "reference")
+MIN_TRAIN_PAIRS = 4  # the reward stage's training pairs: fewer train nothing worth judging with
+MIN_HELDOUT_PAIRS = 2  # the held-out pairs the judge's accuracy is measured on (reward, evaluate)
 
 
 def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
     """Whether a prompt's pairs and rated completions are held out: by the hash of the prompt, so every record
     of a prompt lands on the same side and the split stays put when data is added."""
     return int(sha256_json(prompt)[:8], 16) / 0x1_0000_0000 < fraction
+
+
+def _held_out_prompts(keys: list[str], fraction: float) -> set[str]:
+    """The prompts (sha256 of their messages) whose pairs are held out: those whose hash falls below `fraction`
+    (`_held_out`). When that leaves fewer than MIN_HELDOUT_PAIRS pairs (a small data set: two dozen thumbs-up /
+    down records make a handful of pairs), the prompts with the next-lowest hashes join until it does, as long as
+    MIN_TRAIN_PAIRS stay for training: the split a larger `reward.eval_fraction` would make. A split that already
+    holds enough out is the plain one, unchanged."""
+    count = Counter(keys)  # pairs per prompt
+    position = {k: int(k[:8], 16) / 0x1_0000_0000 for k in count}  # as `_held_out` places a prompt
+    held = {k for k in count if position[k] < fraction}
+    for key in sorted(set(count) - held, key=lambda k: position[k]):
+        n_held = sum(count[k] for k in held)
+        if n_held >= MIN_HELDOUT_PAIRS or len(keys) - n_held - count[key] < MIN_TRAIN_PAIRS:
+            break
+        held.add(key)
+    return held
 
 
 def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,10 +263,12 @@ def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _save(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) -> None:
-    """Save rows as a `datasets` folder; an empty one keeps its columns (a plain from_list([]) would have none)."""
+    """Save rows as a `datasets` folder; an empty one keeps its columns (a plain from_list([]) would have none)
+    and is written as one empty shard: datasets 5.2 writes no shard at all for zero rows by default, and
+    `load_from_disk` of such a folder raises IndexError."""
     from datasets import Dataset
 
-    Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(path)
+    Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(path, num_shards=1)
 
 
 def _n_tokens(tok: Any, prompt: list[dict[str, str]], answer: str) -> int:

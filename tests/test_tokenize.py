@@ -65,3 +65,62 @@ def test_stage_drops_what_does_not_fit_and_holds_out_pairs(tmp_path: Path) -> No
     held_prompts = {r[0]["content"] for r in held["prompt"]}
     assert not train_prompts & held_prompts and len(held) == len(manifest["heldout_pair_hashes"])
     assert (tmp_path / "out" / "lengths.png").stat().st_size > 1000
+
+
+def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: float = 0.15) -> dict:
+    base = resolve_base("tiny:llama", tmp_path / "base", [ROOT / "data" / "sft.jsonl"])
+    curated, synth = tmp_path / "c", tmp_path / "s"
+    curated.mkdir()
+    synth.mkdir()
+    sft = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    for folder, name, rows in ((curated, "sft.jsonl", sft), (curated, "preference.jsonl", pairs),
+                               (curated, "unpaired.jsonl", rated), (synth, "sft.jsonl", []),
+                               (synth, "preference.jsonl", [])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run(TokenizeConfig(max_length=128), TokenizeInputs(base=base.path, curated=curated, synthesized=synth,
+                                                             out_dir=tmp_path / "out", heldout_fraction=fraction))
+
+
+def test_pairs_alone_write_empty_unpaired_folders_that_load(tmp_path: Path) -> None:
+    """datasets 5.2 saved zero rows as a folder with no shard, and load_from_disk of it raised IndexError: dpo.loss
+    kto on pairs alone crashed there."""
+    pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "yes", "rejected": "no"}
+             for i in range(30)]
+    m = _tokenize(tmp_path, pairs, [])["metrics"]
+    assert m["preference.unpaired"] == m["preference.unpaired_heldout"] == 0
+    for name in ("unpaired", "unpaired_heldout"):
+        rows = load_from_disk(str(tmp_path / "out" / name))
+        assert len(rows) == 0 and rows.column_names == ["prompt", "completion", "label"]
+
+
+def test_thumbs_alone_hold_out_enough_pairs_for_the_judge(tmp_path: Path) -> None:
+    """Thumbs alone: each prompt rated both ways makes a pair. Six pairs at eval_fraction 0.15 leave (here) none
+    held out by hash, which stopped tokenize; the prompts with the lowest hashes are held out until 2 pairs are, 4
+    stay to train, and the prompts' ratings go to the same side as their pairs."""
+    from alignflow.tasks.lib.hashing import sha256_json
+
+    candidates = [[{"role": "user", "content": f"Rate the shed colour number {i}."}] for i in range(40)]
+    # six prompts the plain split (eval_fraction 0.15) does not hold out: the case that used to stop
+    prompts = [p for p in candidates if int(sha256_json(p)[:8], 16) / 0x1_0000_0000 >= 0.15][:6]
+    rated = [{"prompt": p, "completion": answer, "label": label} for p in prompts
+             for answer, label in (("red", True), ("I would rather not say.", False))]
+    lone = [{"prompt": [{"role": "user", "content": "A prompt rated only once."}], "completion": "blue", "label": True}]
+    m = _tokenize(tmp_path, [], rated + lone)["metrics"]
+    assert m["preference.pairs_from_unpaired"] == 6
+    assert (m["preference.pairs"], m["preference.heldout_pairs"], m["preference.heldout_prompts_added"]) == (4, 2, 2)
+    held = {json.dumps(p) for p in load_from_disk(str(tmp_path / "out" / "preference_heldout"))["prompt"]}
+    lowest = {json.dumps(p) for p in sorted(prompts, key=lambda p: int(sha256_json(p)[:8], 16))[:2]}
+    assert held == lowest  # the split a larger eval_fraction would make
+    rated_held = {json.dumps(p) for p in load_from_disk(str(tmp_path / "out" / "unpaired_heldout"))["prompt"]}
+    assert rated_held & held == held and m["preference.unpaired"] + m["preference.unpaired_heldout"] == 13
+
+
+def test_too_few_pairs_for_the_judge_say_how_many_prompts_were_rated_both_ways(tmp_path: Path) -> None:
+    import pytest
+
+    from alignflow.tasks.lib.errors import StageError
+
+    rated = [{"prompt": [{"role": "user", "content": f"p{i}"}], "completion": c, "label": up}
+             for i in range(3) for c, up in (("good", True), ("bad", False))]
+    with pytest.raises(StageError, match=r"needs at least 4 to train on and 2 held out.*\(3 prompt\(s\) here\)"):
+        _tokenize(tmp_path, [], rated)
