@@ -40,6 +40,10 @@ class ModelSection(BaseModel):
     # auto: bf16 on GPUs that have it (fp32 master weights stay where training needs them), fp32 on CPUs, where
     # bf16 matmuls are several times slower. The machine kind is part of every key that reads model.dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # A hub base only. The stages are keyed by the base's file contents, not this commit: a new commit that edits
+    # only the model card re-runs nothing.
+    revision: str | None = Field(None, description="Hugging Face id only: the commit, branch or tag to load "
+                                 "(absent: what `main` names now, recorded with the run as alignflow.base_revision)")
 
 
 # One path or a list of them. The JSON schema (what Prefect's deployment form and `deployment run --params` check)
@@ -411,7 +415,7 @@ def _resolve_files(raw: dict[str, Any], recipe_dir: Path) -> tuple[dict[str, lis
             files.extend(str(f) for f in found)
         resolved[name] = files
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    problems.extend(_check_base(str(model.get("base", ModelSection().base))))
+    problems.extend(_check_base(str(model.get("base", ModelSection().base)), model.get("revision")))
     evaluate = raw.get("evaluate") if isinstance(raw.get("evaluate"), dict) else {}
     problems.extend(_check_lm_eval(evaluate.get("lm_eval"), recipe_dir))
     return resolved, problems
@@ -527,9 +531,12 @@ def _empty_data(path: Path) -> str | None:
     return None
 
 
-def _check_base(base: str) -> list[str]:
+def _check_base(base: str, revision: Any = None) -> list[str]:
     from alignflow.tasks.lib.base_model import EMBEDDED, embedded_available
 
+    hub = not base.startswith(("embedded:", "tiny:", ".", "/", "~")) and not Path(base).expanduser().is_dir()
+    if revision is not None and not hub:
+        return [f"model.revision: '{revision}' is for a Hugging Face hub id; model.base '{base}' is not one"]
     if base.startswith("embedded:"):
         name = base.removeprefix("embedded:")
         if name not in EMBEDDED:
@@ -547,7 +554,8 @@ def _check_base(base: str) -> list[str]:
     if offline:
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(base, "config.json"), str):
-            return [f"model.base: '{base}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        if not isinstance(try_to_load_from_cache(base, "config.json", revision=revision), str):
+            at = f" at revision '{revision}'" if revision is not None else ""
+            return [f"model.base: '{base}'{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                     "download it on a machine with access, or use a local folder"]
     return []

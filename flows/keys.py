@@ -4,14 +4,17 @@ A stage's key is the hash of
 - the recipe settings it reads: its own section, plus the named fields of other sections it uses (`SETTINGS`);
 - the *content* hashes of the upstream files it reads (`READS`), taken from the manifest the upstream stage
   wrote (each file is hashed once, when it is written; a cached run re-hashes no weights);
-- the base model's identity (`model.base` resolved: an embedded package version, a folder listing, a hub commit)
-  with `model.dtype`, for the stages that load it; quantization reaches them as `quantization.json`'s hash;
+- the base model's identity (`model.base` resolved: an embedded package version, a folder listing, a hub model's
+  file hashes at `model.revision`, not its commit) with `model.dtype`, for the stages that load it; quantization
+  reaches them as `quantization.json`'s hash;
 - the source of the stage's module and of every `alignflow.tasks` module it imports (`package_modules`);
 - the seed, for the stages that draw random numbers;
-- what lies outside the recipe and the upstream files (`outside`): the data files' content (curate), a judge
-  reward model's weights (synthesize), an adapter to continue (sft), the reward sources' schema files and python
-  modules (dpo with grpo / rloo), the registry champion and the LLM judge (evaluate), the tracking server
-  (register registers there).
+- what lies outside the recipe and the upstream files (`outside`): the data files' content (curate), semantic
+  dedup's embedding model (curate, synthesize: a local folder's contents, an embedded one's package version), a
+  judge reward model's weights (synthesize), an adapter to continue (sft), the reward sources' schema files and
+  python modules with the Python sources of their folders, or an installed module's distribution version (dpo
+  with grpo / rloo), the registry champion and the LLM judge (evaluate), the tracking server (register
+  registers there).
 
 Keying on what a stage reads, not on upstream keys, gives early cutoff (as in Bazel or Nix): an upstream stage
 that re-ran but wrote byte-identical files leaves the stages after it cached. So `quantize.eval_samples` (its
@@ -199,7 +202,7 @@ def library_versions() -> dict[str, str]:
 class RunFacts:
     """What a run knows beyond the recipe and the upstream files, found before the stages run."""
 
-    base_key: str = ""  # the resolved base model's identity (embedded package version, folder listing, hub commit)
+    base_key: str = ""  # the resolved base's identity (embedded package version, folder listing, hub file hashes)
     data: dict[str, str] = field(default_factory=dict)  # data.sft / preference / eval -> content hash
     tracking_uri: str = ""  # where register registers
     champion: dict[str, str] = field(default_factory=dict)  # the registry version evaluate compares with
@@ -209,20 +212,22 @@ class RunFacts:
 
 def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
     """The inputs of a stage that are neither recipe settings nor upstream files."""
+    # curate's record checks, which synthesize applies too: semantic dedup's embedding model by what it is
+    semantic = recipe.curate.dedup.semantic
+    embedding = {"semantic_model": embedding_identity(semantic.model)} if semantic.enabled else {}
     if stage == "curate":
-        return {"data": facts.data}
+        return {"data": facts.data, **embedding}
     if stage == "synthesize":  # a judge reward model from an earlier run: its weights are an input
         judge = recipe.synthesize.reward_model
-        return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None}
+        return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None, **embedding}
     if stage == "sft":
         return {"init_adapter": facts.init_adapter}
     if stage == "dpo":  # grpo / rloo: the reward sources' files (a JSON schema, a python module), by content
-        from alignflow.tasks.lib.rewards import source_file
+        from alignflow.tasks.lib.rewards import source_identity
 
         if recipe.dpo.loss not in ONLINE:
             return {}
-        files = [source_file(s) for s in recipe.dpo.rewards]
-        return {"reward_files": [sha256_tree(f) if f is not None and f.exists() else None for f in files]}
+        return {"reward_files": [source_identity(s) for s in recipe.dpo.rewards]}
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None,
@@ -232,6 +237,23 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         # the champion evaluate compared with (register refuses to promote over another one)
         return {"tracking_uri": without_credentials(facts.tracking_uri), "champion": facts.champion}
     return {}
+
+
+def embedding_identity(spec: str) -> dict[str, str]:
+    """`curate.dedup.semantic.model` by what it is, not by its name: an embedded model by the version of the package
+    that ships it, a local folder by its files' contents (hashed only when semantic dedup is on)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from alignflow.tasks.records.dedup import EMBEDDINGS
+
+    if spec in EMBEDDINGS:
+        package = EMBEDDINGS[spec][0]
+        try:
+            return {"package": f"{package}=={version(package)}"}
+        except PackageNotFoundError:
+            return {"package": f"{package} absent"}  # curate refuses to run without it
+    folder = Path(spec).expanduser()
+    return {"folder": sha256_tree(folder) if folder.is_dir() else "absent"}
 
 
 def harness_identity(include_path: str | None) -> dict[str, str | None]:

@@ -100,8 +100,8 @@ class Context:
 
 
 @task(name="base-model", persist_result=False)
-def prepare_base(spec: str, dest: str, corpus: list[str]) -> ResolvedBase:
-    return resolve_base(spec, Path(dest), [Path(p) for p in corpus])
+def prepare_base(spec: str, dest: str, corpus: list[str], revision: str | None = None) -> ResolvedBase:
+    return resolve_base(spec, Path(dest), [Path(p) for p in corpus], revision=revision)
 
 
 @task(persist_result=True)
@@ -386,8 +386,10 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     try:
         base: ResolvedBase | None = None
         if _reached(until, "synthesize"):  # curate needs no model: `--until curate` converts nothing
-            base = prepare_base(r.model.base, str(work / "base"), r.data.sft)
+            base = prepare_base(r.model.base, str(work / "base"), r.data.sft, r.model.revision)
             ctx.facts = replace(ctx.facts, base_key=base.key)
+            if base.revision:  # a hub base: the commit this run loaded (model.revision, or what `main` named)
+                tracker.client.set_tag(tracker.parent_run_id, "alignflow.base_revision", base.revision)
 
         run_stage(ctx, "curate", partial(curate_fanned_out, r.scale_out), r.curate, lambda out, _: curate.CurateInputs(
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out))
@@ -433,7 +435,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         if _reached(until, "register"):
             lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                        "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
-                       **{f"alignflow.data_hash.{k}": v for k, v in data.items()}}
+                       **{f"alignflow.data_hash.{k}": v for k, v in data.items()},
+                       **({"alignflow.base_revision": base.revision} if base.revision else {})}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
                 base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
                 compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],

