@@ -55,8 +55,10 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
     "dpo": {"tokenize": ("preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
                          "max_length"),
             "quantize": ("quantization.json",), "sft": ("weights",), "reward": ("weights",)},
+    # the pairs reward and dpo trained on (digests) and dpo's rewards: whether the judge is independent
     "evaluate": {"tokenize": ("tokenizer", "preference_heldout"), "curate": ("eval.jsonl",), "sft": ("weights",),
-                 "dpo": ("weights",), "reward": ("weights",)},
+                 "dpo": ("weights", "trained_pairs_sha256", "optimised_against_reward_model"),
+                 "reward": ("weights", "trained_pairs_sha256")},
     "register": {"dpo": ("weights",), "evaluate": ("metrics", "eval_config_hash"),
                  "curate": ("metrics.decontaminated",)},
 }
@@ -72,7 +74,8 @@ SETTINGS: dict[Stage, tuple[str, ...]] = {
     "sft": ("sft", "model.dtype", "seed"),
     "reward": ("reward", "model.dtype", "seed"),
     # sft.lora: the adapter dpo trains over a fully fine-tuned SFT model; sft.method tells which
-    "dpo": ("dpo", "sft.lora", "sft.method", "model.dtype", "seed"),
+    # reward.pairs: which side of the training pairs dpo trains on (disjoint from the judge's, or all of them)
+    "dpo": ("dpo", "sft.lora", "sft.method", "reward.pairs", "model.dtype", "seed"),
     "evaluate": ("evaluate", "model.dtype", "seed"),
     # model.base: the spec is written into the logged model (served over that base) and its version tags
     "register": ("register", "model.base", "model.dtype"),

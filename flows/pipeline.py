@@ -420,7 +420,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                 base=base.path, base_key=base.key, dtype=dtype, tokenized=ctx.folders["tokenize"],
                 quantized=ctx.folders["quantize"], sft=ctx.folders["sft"], out_dir=out, seed=seed,
                 report_to=["mlflow"], launch=r.launch, ref_cache=work / "cache" / "ref_logps", lora=r.sft.lora,
-                reward=ctx.folders["reward"]))
+                reward=ctx.folders["reward"], pairs=r.reward.pairs))
         if _reached(until, "evaluate"):
             candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,

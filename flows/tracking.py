@@ -211,6 +211,8 @@ class Tracker:
             c.set_tag(run_id, "alignflow.cached_from", produced_by.get("mlflow_run_id", "unknown"))
         if "ref_logprobs_cached" in manifest:
             c.set_tag(run_id, "alignflow.ref_logprobs_cached", str(manifest["ref_logprobs_cached"]).lower())
+        if "judge_independent" in manifest:  # evaluate: may the gate count the reward model's win-rates?
+            c.set_tag(run_id, "alignflow.judge_independent", str(bool(manifest["judge_independent"])).lower())
         if manifest.get("resumed_from") is not None:
             c.set_tag(run_id, "alignflow.resumed_from", str(manifest["resumed_from"]))
         self.log_unrecorded(run_id, folder, manifest)

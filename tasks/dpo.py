@@ -19,6 +19,12 @@ steps then skip the reference forward pass), with TRL's own `compute_ref_log_pro
 max length and the tokenized pairs. TRL's own cache keys on the prepared dataset's fingerprint, which changes
 with the DPOConfig (beta, output dir), so a run with another beta recomputed them; here it reuses them.
 `ref_logprobs_cached` in the manifest (tag `alignflow.ref_logprobs_cached`) says whether a run did.
+
+Pair selection: the pair losses and kto train on the policy's side of tokenize's training pairs (and of the
+unpaired feedback), by prompt: with `reward.pairs: disjoint` (the default) the reward model learned the other
+side (tasks/lib/pairs.py). The manifest lists the pairs trained on (`trained_pair_hashes`; none for grpo / rloo,
+which sample from prompts) and whether the policy was optimised against the reward model itself
+(`optimised_against_reward_model`: grpo / rloo with `reward_model` among dpo.rewards).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignflow.tasks.lib import pairs as pair_split
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_dataset, sha256_json, sha256_weights
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
@@ -123,6 +130,7 @@ class DpoInputs(BaseModel):
     lora: LoraSpec = LoraSpec()  # the adapter trained over a fully fine-tuned SFT model (sft.method: full)
     launch: LaunchSpec = LaunchSpec()  # >1 process: this run() re-runs itself under `accelerate launch`
     reward: Path | None = None  # the reward stage's folder: its model is the `reward_model` reward (grpo / rloo)
+    pairs: pair_split.PairsMode = "disjoint"  # the recipe's reward.pairs: train on the policy's side only
 
 
 def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
@@ -189,6 +197,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     heldout = None
     recorder = None
     kto_counts: dict[str, int] = {}
+    trained_pairs: Any = []  # the preference pairs this run trains on (none for grpo / rloo)
     if cfg.loss in ONLINE:  # sample num_generations completions per prompt, score them with dpo.rewards
         prompts = load_from_disk(str(inputs.tokenized / "prompts"))
         if len(prompts) == 0:
@@ -209,8 +218,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         trainer.add_callback(_sample_tables(recorder, out, cfg.sample_every))
         _online_metric_names(trainer, names)
     elif cfg.loss == "kto":  # one rated completion at a time: the unpaired feedback, and each pair's two sides
-        unpaired = load_from_disk(str(inputs.tokenized / "unpaired"))
-        rated = _kto_rows(unpaired, load_from_disk(str(inputs.tokenized / "preference")), inputs.seed)
+        # the policy's side, by prompt: the judge learned the other side's pairs, some made from this feedback
+        unpaired = pair_split.select(load_from_disk(str(inputs.tokenized / "unpaired")), "policy", inputs.pairs)
+        trained_pairs = pair_split.select(load_from_disk(str(inputs.tokenized / "preference")), "policy",
+                                          inputs.pairs)
+        rated = _kto_rows(unpaired, trained_pairs, inputs.seed)
         heldout = _kto_rows(load_from_disk(str(inputs.tokenized / "unpaired_heldout")),
                             load_from_disk(str(inputs.tokenized / "preference_heldout")), inputs.seed)
         if len(rated) < 2:
@@ -221,7 +233,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         trainer = trl.KTOTrainer(model=model, args=args, train_dataset=rated, eval_dataset=heldout,
                                  processing_class=tok, callbacks=callbacks)
     else:
-        pairs = load_from_disk(str(inputs.tokenized / "preference"))
+        pairs = trained_pairs = pair_split.select(load_from_disk(str(inputs.tokenized / "preference")), "policy",
+                                                  inputs.pairs)
+        if len(pairs) < 2:
+            raise StageError(f"dpo: only {len(pairs)} training pairs on the policy's side (reward.pairs="
+                             f"{inputs.pairs}); add preference data")
         heldout = load_from_disk(str(inputs.tokenized / "preference_heldout"))  # not trained on: the metrics
         if cfg.loss == "simpo":  # reference-free: the policy's length-normalised log-probs are the reward
             from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -294,6 +310,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
             "heldout_loss": round(float(heldout_metrics.get("eval_loss", float("nan"))), 5),
             # held-out pairs; for kto, held-out rated completions (each pair's two sides and the held-out feedback)
             "heldout_rated" if cfg.loss == "kto" else "heldout_pairs": len(heldout) if heldout is not None else 0,
+            "trained_pairs": len(trained_pairs),  # the policy's side of the training pairs (reward.pairs)
             "train_reward_margin": last.get("rewards/margins", float("nan")),  # the last training batch's
             **kto_counts,
         })
@@ -307,6 +324,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         "stage": "dpo",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "ref_logprobs_cached": ref_cached,
+        "pairs": inputs.pairs,
+        "trained_pair_hashes": (trained := pair_split.hashes(trained_pairs)),  # as tokenize's heldout_pair_hashes
+        "trained_pairs_sha256": sha256_json(trained),  # their digest (evaluate's cache key reads it)
+        # grpo / rloo rewarded by the reward model: the judge's win-rates then measure what was optimised
+        "optimised_against_reward_model": cfg.loss in ONLINE and any(s.reward_model for s in cfg.rewards),
         "outputs": ["model" if full else "adapter", "rewards.png", "log_history.json"],
         "artifacts": ["rewards.png", "log_history.json"],
         "metrics": metrics,

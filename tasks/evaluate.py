@@ -16,6 +16,10 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
   model, loaded exactly as it judges here, is scored on tokenize's held-out pairs that neither reward nor dpo
   trained on: `judge_heldout_accuracy` and the lower end of its 95 % Wilson interval (`_ci_low`), which the gate
   compares with `register.gate.min_judge_accuracy` before it trusts any win-rate;
+- whether that judge is independent of the policy (`judge_independent`, 1/0; tag `alignflow.judge_independent`):
+  not when reward and dpo trained on common pairs (`reward.pairs: shared`; their manifests'
+  `trained_pair_hashes` intersect), nor when dpo optimised the policy against the reward model itself (grpo /
+  rloo with `reward_model` among dpo.rewards). The gate does not count a dependent judge's win-rates;
 - 95 % intervals from a paired bootstrap over the prompts (tasks/lib/stats.py): `<win rate>_ci_low/_ci_high`,
   `rougeL_gain_ci_low/_ci_high`, `exact_match_gain_vs_sft_ci_low/_ci_high`, and for each metric vs the champion
   `<metric>_delta_ci_low/_ci_high` (delta = candidate - champion). The gate decides on these bounds;
@@ -248,7 +252,9 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         if "champion" in answers:
             _put(metrics, "bleu_delta", _bleu_delta_ci(answers[tuned], answers["champion"], references, inputs.seed))
 
-    # --- the reward model as judge: win-rates with intervals ----------------------------------------------
+    # --- the reward model as judge: is it independent of the policy? then win-rates with intervals ---------
+    independent, why = judge_independence(read_manifest(inputs.reward), read_manifest(inputs.candidate))
+    metrics["judge_independent"] = float(independent)
     nan = [float("nan")] * len(records)
     rewards: dict[str, list[float]] = {name: nan for name in answers}
     if "rm_win_rate" in cfg.metrics:
@@ -314,8 +320,25 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     # What makes two evaluations comparable: the same prompts and references, sampling budget and base model.
     eval_config_hash = sha256_json([records, cfg.max_samples, cfg.max_new_tokens, inputs.base.name])
     return write_manifest(out, {"stage": "evaluate", "compared": compared, "eval_config_hash": eval_config_hash,
+                                "judge_independent": independent, "judge_dependence": why,
                                 "cached_answers": cached_answers,  # models whose answers came from the cache
                                 "outputs": outputs, "artifacts": outputs, "metrics": metrics})
+
+
+def judge_independence(reward: dict[str, Any], dpo: dict[str, Any]) -> tuple[bool, str]:
+    """(whether the reward model judges the policy independently, why not). From what the two stages say they
+    trained on: the pairs both learned (hashes as tokenize's heldout_pair_hashes), and whether dpo's own reward was
+    the reward model. Manifests without the lists (made before they existed) trained both on every pair."""
+    if dpo.get("optimised_against_reward_model"):
+        return False, "dpo optimised the policy against this reward model (dpo.rewards has reward_model)"
+    judge, policy = reward.get("trained_pair_hashes"), dpo.get("trained_pair_hashes")
+    if judge is None or policy is None:
+        return False, "the reward and dpo manifests do not list the pairs they trained on"
+    common = set(judge) & set(policy)
+    if common:
+        return False, (f"reward and dpo trained on {len(common)} common preference pairs "
+                       f"(reward.pairs={reward.get('pairs', 'shared')})")
+    return True, ""
 
 
 def _harness_metrics(harness: dict[str, HarnessResult], seed: int) -> dict[str, float]:

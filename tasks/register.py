@@ -26,13 +26,15 @@ GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_matc
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
                                   "win_rate_vs_champion", "win_rate_vs_sft", "exact_match_gain_vs_sft",
-                                  "judge_heldout_accuracy", "judge_heldout_accuracy_ci_low"}
+                                  "judge_heldout_accuracy", "judge_heldout_accuracy_ci_low", "judge_independent"}
 
 
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    min_win_rate: float = Field(
-        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must exceed this")
+    min_win_rate: float | None = Field(
+        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must exceed this "
+        "(None: not checked). A reward model that is not independent of the policy (evaluate's judge_independent) "
+        "gives no evidence: the check then fails")
     min_win_rate_vs_champion: float | None = Field(
         0.5, ge=0, le=1, description="the lower 95% bound of the win-rate vs the current champion must exceed this "
         "(checked when one exists): a candidate that is not measurably better never takes champion")
@@ -89,14 +91,17 @@ class RegisterInputs(BaseModel):
     out_dir: Path
 
 
-def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tuple[list[str], list[str]]:
+def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
+         judge_dependence: str = "") -> tuple[list[str], list[str]]:
     """(reasons the candidate fails, the bound behind every check made). Passes when there are no reasons.
 
     Every comparison is on the evaluate stage's 95 % interval (a paired bootstrap over the eval prompts), never on
     a point estimate: promotion needs the lower bound to clear (exceed) each threshold, so a candidate that ties
     the base or the champion never passes; a regression is declared when the upper bound of the loss exceeds
     `max_regression`. The champion was re-measured on the same prompts. The judge's accuracy is the lower end
-    of its Wilson interval on held-out pairs.
+    of its Wilson interval on held-out pairs. A judge that is not independent of the policy (evaluate's
+    `judge_independent` = 0, `judge_dependence` says why: it learned the policy's own pairs, or the policy was
+    optimised against it) is not counted: each check on its win-rates fails, saying so.
     """
     reasons: list[str] = []
     decided: list[str] = []
@@ -112,11 +117,20 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
             reasons.append(f"the reward model's held-out accuracy ({metrics.get('judge_heldout_accuracy')} on "
                            f"{metrics.get('judge_heldout_pairs')} pairs, 95% lower bound {judge}) is below "
                            f"min_judge_accuracy={cfg.min_judge_accuracy}: its win-rates are not trusted")
+    dependent = metrics.get("judge_independent") == 0  # (absent: an evaluation from before the check)
+    not_counted = (f"the reward model is not independent of the policy ({judge_dependence or 'judge_independent=0'}"
+                   "): its win-rates are not counted as evidence")
+    if dependent:
+        decided.append("judge_independent=0: the reward model's win-rates are not counted")
     low = bound("win_rate_vs_base_ci_low")
-    decided.append(f"win_rate_vs_base_ci_low={low} > min_win_rate={cfg.min_win_rate}")
-    if low is None or low <= cfg.min_win_rate:  # clears: a tie with the base (0.5, no spread) never passes 0.5
-        reasons.append(f"win_rate_vs_base_ci_low={low} does not exceed min_win_rate={cfg.min_win_rate} "
-                       f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
+    if cfg.min_win_rate is not None:
+        decided.append(f"win_rate_vs_base_ci_low={low} > min_win_rate={cfg.min_win_rate}")
+        if dependent:
+            reasons.append(f"{not_counted}, so min_win_rate={cfg.min_win_rate} is not met "
+                           f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
+        elif low is None or low <= cfg.min_win_rate:  # clears: a tie with the base (0.5, no spread) never passes
+            reasons.append(f"win_rate_vs_base_ci_low={low} does not exceed min_win_rate={cfg.min_win_rate} "
+                           f"(win_rate_vs_base={metrics.get('win_rate_vs_base')})")
     champion = "win_rate_vs_champion" in metrics  # evaluate compared with a champion (by its reward model)
     # ... or by the references alone (no reward model among evaluate.metrics): `<metric>_champion` figures
     measured_champion = champion or any(k.endswith("_champion") for k in metrics)
@@ -124,7 +138,10 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool) -> tu
     if cfg.min_win_rate_vs_champion is not None and champion:
         decided.append(f"win_rate_vs_champion_ci_low={low} > "
                        f"min_win_rate_vs_champion={cfg.min_win_rate_vs_champion}")
-        if low is None or low <= cfg.min_win_rate_vs_champion:
+        if dependent:
+            reasons.append(f"{not_counted}, so min_win_rate_vs_champion={cfg.min_win_rate_vs_champion} is not met "
+                           f"(win_rate_vs_champion={metrics.get('win_rate_vs_champion')})")
+        elif low is None or low <= cfg.min_win_rate_vs_champion:
             point = metrics.get("win_rate_vs_champion")
             reasons.append(f"win_rate_vs_champion_ci_low={low} does not exceed min_win_rate_vs_champion="
                            f"{cfg.min_win_rate_vs_champion} (win_rate_vs_champion={point}): not measurably better "
@@ -225,7 +242,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     client = MlflowClient()
     champion_version = registry_alias(client, cfg.model_name, "champion")  # None: no model or no champion yet
     decontaminated = bool(read_manifest(inputs.curated)["metrics"].get("decontaminated", 0))
-    reasons, decided = gate(cfg.gate, metrics, decontaminated)
+    reasons, decided = gate(cfg.gate, metrics, decontaminated, evaluation.get("judge_dependence", ""))
     current = None if champion_version is None else str(champion_version.version)
     is_candidate = champion_version is not None and \
         champion_version.tags.get("alignflow.adapter_sha256") == adapter_hash

@@ -3,6 +3,9 @@
 The base model gets a one-output sequence-classification head; LoRA (task SEQ_CLS, which also trains the
 head) learns to score chosen answers above rejected ones. The base is held as the quantize stage says (QLoRA
 when `quantize.bits` is set), and pairs are at most `tokenize.max_length` tokens, as for sft and dpo.
+It trains on its side of tokenize's training pairs (`reward.pairs`, tasks/lib/pairs.py): by default the judge
+half, split by prompt from the policy half dpo trains on, so the judge never learns the pairs the policy learns;
+the manifest lists the pairs it trained on (`trained_pair_hashes`).
 tokenize's held-out pairs (which neither this stage nor dpo trains on) measure it: pairwise accuracy
 (`heldout_accuracy`, chosen scored higher) and the mean margin (chosen - rejected score); the manifest lists
 those pairs' hashes. The evaluate stage uses this model as the judge of tuned vs base answers, and the gate
@@ -18,7 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignflow.tasks.lib import pairs as pair_split
 from alignflow.tasks.lib.errors import StageError
+from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
@@ -46,6 +51,10 @@ class RewardConfig(BaseModel):
     eval_fraction: float = Field(0.15, gt=0, lt=1, description="pairs held out for accuracy / margin")
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
+    # disjoint: the judge trains on its half of the training prompts, dpo on the other (tasks/lib/pairs.py);
+    # shared: both on all of them, and evaluate tags the judge alignflow.judge_independent=false
+    pairs: pair_split.PairsMode = Field("disjoint", description="training pairs of the judge vs the policy: "
+                                        "disjoint (split by prompt) or shared (both train on all)")
 
 
 class RewardInputs(BaseModel):
@@ -77,7 +86,11 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     check_optimizer(cfg.optim)
     tok = load_tokenizer(inputs.tokenized / "tokenizer")
     tok_manifest = read_manifest(inputs.tokenized)
-    train = load_from_disk(str(inputs.tokenized / "preference"))
+    train = pair_split.select(load_from_disk(str(inputs.tokenized / "preference")), "judge", cfg.pairs)
+    if len(train) < 2:
+        raise StageError(f"reward: only {len(train)} training pairs on the judge's side (reward.pairs={cfg.pairs}); "
+                         "add preference data")
+    trained = pair_split.hashes(train)
     held = load_from_disk(str(inputs.tokenized / "preference_heldout"))  # neither reward nor dpo trains on these
     if len(held) < 2:
         raise StageError(f"reward: only {len(held)} held-out pairs; add data or raise reward.eval_fraction")
@@ -145,6 +158,7 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         "memory_estimate_bytes": memory_estimate,  # the preflight's estimate, beside the measured peak
         "train_loss": run_loss(history, result),  # every step's, also after a resume
         "final_loss": last.get("loss", float("nan")),
+        "trained_pairs": len(train),
         "heldout_pairs": len(held),
         "heldout_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
         "heldout_margin_mean": round(sum(margins) / len(margins), 4),
@@ -155,6 +169,9 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "quantized": bool(quant),
         "heldout_pair_hashes": tok_manifest["heldout_pair_hashes"],  # what heldout_accuracy was measured on
+        "pairs": cfg.pairs,
+        "trained_pair_hashes": trained,  # the same hash as heldout_pair_hashes: the pairs this judge learned
+        "trained_pairs_sha256": sha256_json(trained),  # their digest (evaluate's cache key reads it)
         "outputs": ["adapter", "loss.png", "log_history.json"],
         "artifacts": ["loss.png", "log_history.json"],
         "metrics": metrics,

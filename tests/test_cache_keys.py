@@ -120,6 +120,8 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "reward.eval_fraction": (["reward.eval_fraction=0.2"], ("tokenize",)),  # the held-out split, made in tokenize
     "reward.optim": (["reward.optim=sgd"], ("reward",)),
     "reward.save_steps": (["reward.save_steps=2"], NONE),
+    # which training pairs the judge and the policy learn: disjoint halves by prompt, or both all of them
+    "reward.pairs": (["reward.pairs=shared"], ("reward", "dpo")),
     "dpo.beta": (["dpo.beta=0.3"], ("dpo",)),
     "dpo.loss": (["dpo.loss=ipo"], ("dpo",)),
     "dpo.simpo_gamma": (["dpo.simpo_gamma=0.3"], ("dpo",)),

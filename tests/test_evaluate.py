@@ -36,3 +36,56 @@ def test_exact_match_gain_vs_sft_is_tuned_minus_sft_with_a_paired_interval() -> 
                     "exact_match_gain_vs_sft_ci_high": 0.0}
     down = gain("exact_match_gain_vs_sft", em_sft, em_tuned, seed=0)
     assert down["exact_match_gain_vs_sft"] == -0.25 and down["exact_match_gain_vs_sft_ci_high"] < 0
+
+
+def test_training_pairs_split_by_prompt_into_disjoint_judge_and_policy_sides() -> None:
+    """reward.pairs: disjoint gives the judge and the policy no common pair and no common prompt, and loses none;
+    shared gives both every pair. A pair is named by tokenize's held-out hash."""
+    from datasets import Dataset
+
+    from alignflow.tasks.lib import pairs
+    from alignflow.tasks.lib.hashing import sha256_json
+
+    rows = [{"prompt": [{"role": "user", "content": f"question {i // 2}"}],
+             "chosen": [{"role": "assistant", "content": f"good {i}"}],
+             "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(80)]  # 2 pairs per prompt
+    data = Dataset.from_list(rows)
+    judge, policy = pairs.select(data, "judge", "disjoint"), pairs.select(data, "policy", "disjoint")
+    assert 10 < len(judge) < 70 and len(judge) + len(policy) == 80
+    assert not {str(p) for p in judge["prompt"]} & {str(p) for p in policy["prompt"]}  # no prompt on both sides
+    assert set(pairs.hashes(judge)) | set(pairs.hashes(policy)) == set(pairs.hashes(data))
+    assert not set(pairs.hashes(judge)) & set(pairs.hashes(policy))
+    assert pairs.hashes(pairs.select(data, "judge", "shared")) == pairs.hashes(data) == \
+        pairs.hashes(pairs.select(data, "policy", "shared"))
+    # the hash tokenize lists as heldout_pair_hashes: [prompt, chosen text, rejected text]
+    assert pairs.pair_hash(rows[3]) == sha256_json([rows[3]["prompt"], "good 3", "bad 3"])
+
+
+def test_a_judge_that_learned_the_policys_pairs_or_rewarded_it_is_not_independent() -> None:
+    from alignflow.tasks.evaluate import judge_independence
+
+    assert judge_independence({"trained_pair_hashes": ["a", "b"]}, {"trained_pair_hashes": ["c"]}) == (True, "")
+    shared, why = judge_independence({"trained_pair_hashes": ["a", "b"], "pairs": "shared"},
+                                     {"trained_pair_hashes": ["a", "b"]})
+    assert not shared and "2 common preference pairs" in why and "shared" in why
+    online, why = judge_independence({"trained_pair_hashes": ["a"]},
+                                     {"trained_pair_hashes": [], "optimised_against_reward_model": True})
+    assert not online and "against this reward model" in why
+    assert judge_independence({}, {"trained_pair_hashes": []})[0] is False  # unknown: not independent
+
+
+def test_the_gate_does_not_count_a_dependent_judges_win_rates() -> None:
+    from alignflow.tasks.register import GateConfig, gate
+
+    good = {"win_rate_vs_base": 0.9, "win_rate_vs_base_ci_low": 0.8, "win_rate_vs_base_ci_high": 0.95,
+            "rougeL_gain_ci_low": 0.1, "judge_heldout_accuracy": 0.9, "judge_heldout_accuracy_ci_low": 0.8,
+            "judge_heldout_pairs": 35, "judge_independent": 1.0}
+    assert gate(GateConfig(), good, True)[0] == []
+    dependent = {**good, "judge_independent": 0.0, "win_rate_vs_champion": 0.9, "win_rate_vs_champion_ci_low": 0.8}
+    reasons, decided = gate(GateConfig(), dependent, True, "reward and dpo trained on 7 common preference pairs")
+    assert len(reasons) == 2  # vs the base and vs the champion: both win-rates come from that judge
+    assert all("not independent of the policy (reward and dpo trained on 7 common" in r for r in reasons)
+    assert "min_win_rate=0.5 is not met" in reasons[0] and "min_win_rate_vs_champion" in reasons[1]
+    assert any("not counted" in d for d in decided)
+    # the owner may gate on other evidence only: both win-rate checks off
+    assert gate(GateConfig(min_win_rate=None, min_win_rate_vs_champion=None), dependent, True)[0] == []

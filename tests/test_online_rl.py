@@ -94,12 +94,29 @@ def test_each_loss_runs_end_to_end_and_registers(loss: str, prefect_server: None
     def steps(metric: str) -> list[float]:
         return [m.value for m in client.get_metric_history(run.info.run_id, metric)]
 
-    if loss == "kto":  # learned from every rated completion: the feedback and both sides of every pair
+    evaluated = read_manifest(Path(result["stages"]["evaluate"]["folder"]))
+    evaluate_run = client.search_runs([result["experiment_id"]], f"tags.mlflow.parentRunId = "
+                                      f"'{result['parent_run_id']}' and attributes.run_name = 'evaluate'")[0]
+    if loss == "kto":  # learned from every rated completion on the policy's side: feedback and both sides of pairs
         tokenized = read_manifest(Path(result["stages"]["tokenize"]["folder"]))["metrics"]
-        assert dpo["metrics"]["kto_unpaired_rows"] == tokenized["preference.unpaired"] > 0
-        assert dpo["metrics"]["kto_rows"] == tokenized["preference.unpaired"] + 2 * tokenized["preference.pairs"]
-        assert len(steps("kl")) == 2 and len(steps("rewards/margins")) == 2
+        # reward.pairs: disjoint (the default): the judge learned the other half of the prompts, feedback included
+        assert 0 < dpo["metrics"]["kto_unpaired_rows"] < tokenized["preference.unpaired"]
+        assert 0 < dpo["metrics"]["trained_pairs"] < tokenized["preference.pairs"]
+        assert dpo["metrics"]["kto_rows"] == dpo["metrics"]["kto_unpaired_rows"] + 2 * dpo["metrics"]["trained_pairs"]
+        judge = read_manifest(Path(result["stages"]["reward"]["folder"]))["trained_pair_hashes"]
+        assert dpo["trained_pair_hashes"] and judge and not set(dpo["trained_pair_hashes"]) & set(judge)
+        assert evaluated["judge_independent"] is True
+        assert evaluate_run.data.tags["alignflow.judge_independent"] == "true"
+        # KTO logs a margin only for a batch that holds both a desirable and an undesirable row (4 shuffled rows)
+        assert len(steps("kl")) == 2 and 1 <= len(steps("rewards/margins")) <= 2
         return
+    # optimised against the reward model (reward_model is one of dpo.rewards): its win-rates are no evidence
+    assert dpo["optimised_against_reward_model"] is True and dpo["trained_pair_hashes"] == []
+    assert evaluated["judge_independent"] is False and evaluated["metrics"]["judge_independent"] == 0
+    assert evaluate_run.data.tags["alignflow.judge_independent"] == "false"
+    assert result["registered"]["alias"] == "challenger"  # smoke's min_win_rate 0.0 is not met without evidence
+    assert any("not independent of the policy" in r and "dpo optimised the policy against this reward model" in r
+               for r in result["registered"]["gate_reasons"])
     # the per-step metrics the issue names, one value per step, beside TRL's own
     for name in ["reward_mean", "reward_std", "completion_length_mean", "kl", "reward.reward_model_mean",
                  "reward.regex_mean"]:
