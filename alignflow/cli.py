@@ -460,12 +460,30 @@ def _user_error(fn: Any, *args: Any) -> Any:
         raise typer.Exit(1) from None
 
 
+def _registry_change(action: str, model_name: str, needs: str, fn: Any, *args: Any) -> Any:
+    """`_user_error` for a command that changes a registered model: the tracking server's 403 becomes one line
+    naming the user, the model and the permission the change needs (no traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _user_error(fn, *args)
+    except MlflowException as e:
+        if e.error_code != "PERMISSION_DENIED":
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
+        said = (f"{action}: permission denied: MLflow user {user!r} needs {needs} on registered model "
+                f"{model_name!r} (its owner or an admin grants it)")
+        err.print(f"[bold red]error:[/] {escape(said)}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def promote(model_name: str, version: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Make VERSION the champion of MODEL_NAME by hand (the old champion becomes previous-champion)."""
     from alignflow.flows.registry import promote as do_promote
 
-    console.print(_user_error(do_promote, _client(work_dir), model_name, version), markup=False)
+    console.print(_registry_change("promote", model_name, "EDIT (moving its champion alias)", do_promote,
+                                   _client(work_dir), model_name, version), markup=False)
 
 
 @app.command()
@@ -473,7 +491,8 @@ def rollback(model_name: str, work_dir: WorkOpt = Path("runs")) -> None:
     """Swap champion and previous-champion of MODEL_NAME."""
     from alignflow.flows.registry import rollback as do_rollback
 
-    console.print(_user_error(do_rollback, _client(work_dir), model_name), markup=False)
+    console.print(_registry_change("rollback", model_name, "EDIT (moving its champion alias)", do_rollback,
+                                   _client(work_dir), model_name), markup=False)
 
 
 @app.command()
@@ -530,6 +549,33 @@ def compare(run_a: str, run_b: str, work_dir: WorkOpt = Path("runs")) -> None:
         console.print(table)
         for change in row.config_diff:
             console.print(f"  config {change}", highlight=False, markup=False)
+
+
+policy_app = typer.Typer(no_args_is_help=True, help="A registered model's promotion policy: the register.gate.* "
+                        "floor its owner sets; a recipe's gate may be stricter, never looser.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("set")
+def policy_set(
+    model_name: str,
+    values: Annotated[list[str], typer.Argument(help="register.gate.KEY=VALUE ... (VALUE null removes KEY), e.g. "
+                                                     "register.gate.min_win_rate_vs_champion=0.5")],
+    work_dir: WorkOpt = Path("runs"),
+) -> None:
+    """Set MODEL_NAME's promotion policy (needs MANAGE on the model, or an admin)."""
+    from alignflow.flows.policy import set_policy
+
+    console.print(_registry_change("policy set", model_name, "MANAGE", set_policy, _client(work_dir), model_name,
+                                   values), highlight=False, markup=False)
+
+
+@policy_app.command("show")
+def policy_show(model_name: str, work_dir: WorkOpt = Path("runs")) -> None:
+    """Show MODEL_NAME's promotion policy."""
+    from alignflow.flows.policy import show_policy
+
+    console.print(_user_error(show_policy, _client(work_dir), model_name), highlight=False, markup=False)
 
 
 server_app = typer.Typer(no_args_is_help=True, help="Team mode: PostgreSQL, Prefect server + worker, MLflow server.")

@@ -228,6 +228,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
+    from alignflow.tasks.lib.policy import cite, gate_with_policy
     from alignflow.tasks.lib.registry import move_champion, registry_alias
 
     out = inputs.out_dir
@@ -242,7 +243,12 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     client = MlflowClient()
     champion_version = registry_alias(client, cfg.model_name, "champion")  # None: no model or no champion yet
     decontaminated = bool(read_manifest(inputs.curated)["metrics"].get("decontaminated", 0))
-    reasons, decided = gate(cfg.gate, metrics, decontaminated, evaluation.get("judge_dependence", ""))
+    # the model's promotion policy (tags its owner sets with `alignflow policy set`; never written here): the
+    # recipe's gate may be stricter, never looser; reasons and bounds the policy decided name it
+    gate_cfg, by_policy, policy_problems = gate_with_policy(client, cfg.model_name, cfg.gate)
+    reasons, decided = gate(gate_cfg, metrics, decontaminated, evaluation.get("judge_dependence", ""))
+    reasons, decided = cite(reasons, by_policy, cfg.model_name) + policy_problems, cite(decided, by_policy,
+                                                                                       cfg.model_name)
     current = None if champion_version is None else str(champion_version.version)
     is_candidate = champion_version is not None and \
         champion_version.tags.get("alignflow.adapter_sha256") == adapter_hash

@@ -1,0 +1,199 @@
+"""A registered model's promotion policy (issue 27 item 4): `alignflow policy set / show`, owner-only on a server
+with MLflow's basic-auth app, merged with a recipe's gate in register (stricter wins, key by key), on a local
+registry too; and a non-admin's refused `promote` as one line (item 6)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from alignflow.tasks.lib.policy import cite, merge, policy_from_tags
+from alignflow.tasks.register import GateConfig, gate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**base, "COLUMNS": "250", **(env or {})}, timeout=300)
+
+
+# --- merging: stricter wins, key by key ----------------------------------------------------------------------
+
+def test_the_stricter_of_recipe_and_policy_wins_key_by_key() -> None:
+    recipe = GateConfig(min_win_rate=0.6, min_win_rate_vs_champion=0.0, min_rougeL_gain=None,
+                        min_judge_accuracy=None, max_regression={"rougeL": 0.05, "perplexity": 0.1},
+                        require_decontaminated=False)
+    policy = {"min_win_rate": 0.5, "min_win_rate_vs_champion": 0.5, "min_rougeL_gain": 0.01,
+              "max_regression": {"rougeL": 0.02, "bleu": 0.03, "perplexity": 0.5}, "require_decontaminated": True}
+    merged, decided = merge(recipe, policy)
+    assert merged.min_win_rate == 0.6  # the recipe is stricter: kept
+    assert merged.min_win_rate_vs_champion == 0.5  # the recipe asked for less: the policy's floor
+    assert merged.min_rougeL_gain == 0.01  # the recipe's None (unchecked) never disables a policy check
+    assert merged.min_judge_accuracy is None  # neither checks it
+    assert merged.max_regression == {"rougeL": 0.02, "perplexity": 0.1, "bleu": 0.03}  # union, smaller per metric
+    assert merged.require_decontaminated is True
+    assert set(decided) == {"min_win_rate_vs_champion", "min_rougeL_gain", "max_regression.rougeL",
+                            "max_regression.bleu", "require_decontaminated"}
+    # no policy: the recipe's gate, unchanged (today's behaviour)
+    assert merge(recipe, {}) == (recipe, {})
+
+
+def test_gate_reasons_name_the_policy_where_it_decided() -> None:
+    metrics = {"win_rate_vs_base_ci_low": 0.9, "win_rate_vs_champion": 0.55, "win_rate_vs_champion_ci_low": 0.3,
+               "rougeL_delta_ci_low": -0.04, "rougeL_delta_ci_high": 0.01}
+    recipe = GateConfig(min_win_rate=0.0, min_win_rate_vs_champion=0.0, min_rougeL_gain=None,
+                        min_judge_accuracy=None)
+    assert gate(recipe, metrics, True)[0] == []  # the recipe alone promotes it
+    merged, decided = merge(recipe, {"min_win_rate_vs_champion": 0.5, "max_regression": {"rougeL": 0.02}})
+    reasons = cite(gate(merged, metrics, True)[0], decided, "m")
+    assert len(reasons) == 2, reasons
+    assert reasons[0].startswith("win_rate_vs_champion_ci_low=0.3 does not exceed min_win_rate_vs_champion=0.5")
+    assert reasons[0].endswith("[policy of m: register.gate.min_win_rate_vs_champion=0.5]")
+    assert reasons[1].startswith("rougeL may have regressed") and "register.gate.max_regression.rougeL=0.02" in \
+        reasons[1]
+
+
+def test_policy_tags_that_do_not_validate_are_problems_not_ignored() -> None:
+    policy, problems = policy_from_tags({"register.gate.min_win_rate_vs_champion": "0.5",
+                                         "register.gate.min_win_rate": "2", "register.gate.bogus": "1",
+                                         "register.gate.max_regression": "{\"nope\": 0.1}",
+                                         "register.gate.min_rougeL_gain": "null", "other": "x"})
+    assert policy == {"min_win_rate_vs_champion": 0.5}
+    assert len(problems) == 3 and all("is not valid" in p for p in problems)
+
+
+# --- a real tracking server with MLflow's basic-auth app -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`mlflow server --app-name basic-auth` on a free port, SQLite behind it; admin credentials in the dict."""
+    from alignflow.tasks.lib.launch import free_port
+
+    home = tmp_path_factory.mktemp("auth-server")
+    ini = home / "auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{home / 'auth.db'}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    admin = {"username": "admin", "password": secrets.token_urlsafe(12)}
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
+           "MLFLOW_AUTH_ADMIN_USERNAME": admin["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": admin["password"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--serve-artifacts",
+                               "--artifacts-destination", str(home / "artifacts"), "--workers", "1",
+                               "--app-name", "basic-auth"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((home / "server.log").read_text()[-3000:]) from None
+                time.sleep(0.5)
+        yield {"uri": uri, **admin}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _as(server: dict[str, str], user: str, password: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": server["uri"], "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def _client(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> MlflowClient:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def test_only_the_models_owner_or_an_admin_sets_its_policy(auth_server: dict[str, str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.server.auth.client import AuthServiceClient
+
+    admin = _as(auth_server, auth_server["username"], auth_server["password"])
+    users = {name: secrets.token_urlsafe(12) for name in ("owner", "editor", "reader")}
+    _client(monkeypatch, admin)
+    auth = AuthServiceClient(auth_server["uri"])
+    for name, password in users.items():
+        auth.create_user(name, password)
+    model = "team-model"
+    _client(monkeypatch, _as(auth_server, "owner", users["owner"])).create_registered_model(model)  # MANAGE
+    _client(monkeypatch, admin)
+    auth.grant_user_permission("editor", "registered_model", model, "EDIT")
+    setting = ["policy", "set", model, "register.gate.min_win_rate_vs_champion=0.5"]
+
+    # MLflow itself lets EDIT write a model tag: why `policy set` asks for MANAGE before it writes
+    editor = _client(monkeypatch, _as(auth_server, "editor", users["editor"]))
+    editor.set_registered_model_tag(model, "probe", "1")
+    for user in ("reader", "editor"):
+        refused = _cli(*setting, env=_as(auth_server, user, users[user]))
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 1, refused.stderr
+        assert lines == [f"error: policy set: user '{user}' lacks MANAGE on registered model '{model}'; only its "
+                         "owner (MANAGE) or an admin may change its promotion policy"], refused.stderr
+    tags = _client(monkeypatch, admin).get_registered_model(model).tags
+    assert not any(k.startswith("register.gate.") for k in tags)
+
+    done = _cli(*setting, "register.gate.max_regression.rougeL=0.02", env=_as(auth_server, "owner", users["owner"]))
+    assert done.returncode == 0, done.stderr
+    tags = _client(monkeypatch, admin).get_registered_model(model).tags
+    assert tags["register.gate.min_win_rate_vs_champion"] == "0.5"
+    assert tags["register.gate.max_regression"] == '{"rougeL": 0.02}'
+    assert tags["alignflow.policy.set_by"].startswith("owner at ")
+    # an admin may too; null removes a key; one metric of max_regression changes without dropping the others
+    done = _cli("policy", "set", model, "register.gate.min_win_rate_vs_champion=null",
+                "register.gate.max_regression.bleu=0.1", env=admin)
+    assert done.returncode == 0, done.stderr
+    shown = _cli("policy", "show", model, env=_as(auth_server, "reader", users["reader"]))  # READ may look
+    assert shown.returncode == 0, shown.stderr
+    assert 'register.gate.max_regression={"bleu": 0.1, "rougeL": 0.02}' in shown.stdout
+    assert "  register.gate.min_win_rate_vs_champion=" not in shown.stdout and "last set by admin at" in shown.stdout
+    # a value the gate would refuse is refused here, with its key
+    bad = _cli("policy", "set", model, "register.gate.min_win_rate=2", "register.gate.bogus=1", env=admin)
+    assert bad.returncode == 1
+    assert "register.gate.min_win_rate:" in bad.stderr and "register.gate.bogus" in bad.stderr
+
+
+def test_a_non_admins_refused_promote_is_one_line(auth_server: dict[str, str],
+                                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mlflow.server.auth.client import AuthServiceClient
+
+    admin = _as(auth_server, auth_server["username"], auth_server["password"])
+    client = _client(monkeypatch, admin)
+    password = secrets.token_urlsafe(12)
+    AuthServiceClient(auth_server["uri"]).create_user("viewer", password)
+    model = "promote-model"
+    client.create_registered_model(model)
+    experiment = client.create_experiment("promote-exp")
+    run = client.create_run(experiment)
+    (tmp_path / "w.txt").write_text("w")
+    client.log_artifact(run.info.run_id, str(tmp_path / "w.txt"), "model")
+    for _ in range(2):
+        client.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    refused = _cli("promote", model, "2", env=_as(auth_server, "viewer", password))
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1, refused.stderr
+    assert lines == [f"error: promote: permission denied: MLflow user 'viewer' needs EDIT (moving its champion "
+                     f"alias) on registered model '{model}' (its owner or an admin grants it)"], refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert client.get_registered_model(model).aliases == {}  # nothing moved
+    # the control: the admin may
+    assert _cli("promote", model, "2", env=admin).returncode == 0
+    assert client.get_registered_model(model).aliases == {"champion": "2"}
