@@ -33,18 +33,21 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_the_stricter_of_recipe_and_policy_wins_key_by_key() -> None:
     recipe = GateConfig(min_win_rate=0.6, min_win_rate_vs_champion=0.0, min_rougeL_gain=None,
                         min_judge_accuracy=None, max_regression={"rougeL": 0.05, "perplexity": 0.1},
-                        require_decontaminated=False)
+                        min_gain_vs_champion={"exact_match": 0.05, "rougeL": 0.0}, require_decontaminated=False)
     policy = {"min_win_rate": 0.5, "min_win_rate_vs_champion": 0.5, "min_rougeL_gain": 0.01,
-              "max_regression": {"rougeL": 0.02, "bleu": 0.03, "perplexity": 0.5}, "require_decontaminated": True}
+              "max_regression": {"rougeL": 0.02, "bleu": 0.03, "perplexity": 0.5}, "require_decontaminated": True,
+              "min_gain_vs_champion": {"exact_match": 0.0, "rougeL": 0.01, "bleu": 0.0}}
     merged, decided = merge(recipe, policy)
     assert merged.min_win_rate == 0.6  # the recipe is stricter: kept
     assert merged.min_win_rate_vs_champion == 0.5  # the recipe asked for less: the policy's floor
     assert merged.min_rougeL_gain == 0.01  # the recipe's None (unchecked) never disables a policy check
     assert merged.min_judge_accuracy is None  # neither checks it
     assert merged.max_regression == {"rougeL": 0.02, "perplexity": 0.1, "bleu": 0.03}  # union, smaller per metric
+    assert merged.min_gain_vs_champion == {"exact_match": 0.05, "rougeL": 0.01, "bleu": 0.0}  # larger per metric
     assert merged.require_decontaminated is True
     assert set(decided) == {"min_win_rate_vs_champion", "min_rougeL_gain", "max_regression.rougeL",
-                            "max_regression.bleu", "require_decontaminated"}
+                            "max_regression.bleu", "require_decontaminated", "min_gain_vs_champion.rougeL",
+                            "min_gain_vs_champion.bleu"}
     # no policy: the recipe's gate, unchanged (today's behaviour)
     assert merge(recipe, {}) == (recipe, {})
 
@@ -55,9 +58,10 @@ def test_gate_reasons_name_the_policy_where_it_decided() -> None:
     recipe = GateConfig(min_win_rate=0.0, min_win_rate_vs_champion=0.0, min_rougeL_gain=None,
                         min_judge_accuracy=None)
     assert gate(recipe, metrics, True)[0] == []  # the recipe alone promotes it
-    merged, decided = merge(recipe, {"min_win_rate_vs_champion": 0.5, "max_regression": {"rougeL": 0.02}})
+    merged, decided = merge(recipe, {"min_win_rate_vs_champion": 0.5, "max_regression": {"rougeL": 0.02},
+                                     "min_gain_vs_champion": {"rougeL": -1.0}})
     reasons = cite(gate(merged, metrics, True)[0], decided, "m")
-    assert len(reasons) == 2, reasons
+    assert len(reasons) == 2, reasons  # the rougeL gain rule passes (-0.04 > -1.0): cited nowhere
     assert reasons[0].startswith("win_rate_vs_champion_ci_low=0.3 does not exceed min_win_rate_vs_champion=0.5")
     assert reasons[0].endswith("[policy of m: register.gate.min_win_rate_vs_champion=0.5]")
     assert reasons[1].startswith("rougeL may have regressed") and "register.gate.max_regression.rougeL=0.02" in \
