@@ -201,3 +201,41 @@ def test_a_non_admins_refused_promote_is_one_line(auth_server: dict[str, str],
     # the control: the admin may
     assert _cli("promote", model, "2", env=admin).returncode == 0
     assert client.get_registered_model(model).aliases == {"champion": "2"}
+
+
+# --- the register stage on a local registry (no auth) --------------------------------------------------------
+
+def test_a_recipe_cannot_loosen_the_models_policy(prefect_server: None, in_root: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's case: a v1 champion; its owner sets min_win_rate_vs_champion=0.5; a run with another dpo.beta
+    and `--set register.gate.min_win_rate_vs_champion=0.0` is not promoted, and its reasons name the policy."""
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.recipe import load_recipe
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "work"
+    smoke = ROOT / "configs" / "smoke.yaml"
+    first = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert first["registered"]["alias"] == "champion"
+    name = first["registered"]["model_name"]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert not any(k.startswith("register.gate.") for k in client.get_registered_model(name).tags)  # none yet
+
+    done = _cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=0.5", "--work-dir", str(work))
+    assert done.returncode == 0, done.stderr
+    assert "register.gate.min_win_rate_vs_champion=0.5" in _cli("policy", "show", name, "--work-dir",
+                                                                 str(work)).stdout
+    loose = load_recipe(smoke, ["register.gate.min_win_rate_vs_champion=0.0", "dpo.beta=0.3"])
+    second = pipeline(recipe=loose, work_dir=str(work))
+    registered = second["registered"]
+    assert registered["alias"] == "challenger" and registered["version"] == "2", registered
+    cited = [r for r in registered["gate_reasons"] if "min_win_rate_vs_champion=0.5" in r]
+    assert cited and cited[0].endswith(f"[policy of {name}: register.gate.min_win_rate_vs_champion=0.5]"), \
+        registered["gate_reasons"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    version = client.get_model_version(name, "2")
+    assert version.tags["alignflow.gate"] == "failed" and "policy of" in version.tags["alignflow.gate_reasons"]
+    # the pipeline read the policy and never wrote it
+    tags = client.get_registered_model(name).tags
+    assert {k: v for k, v in tags.items() if k.startswith("register.gate.")} == \
+        {"register.gate.min_win_rate_vs_champion": "0.5"}
