@@ -597,13 +597,16 @@ def server_up(
     pool: Annotated[str, typer.Option(help="Prefect work pool the worker serves")] = "alignflow",
     auth: Annotated[bool, typer.Option(help="MLflow basic auth; credentials from MLFLOW_TRACKING_USERNAME/"
                                             "MLFLOW_TRACKING_PASSWORD")] = False,
+    worker_user: Annotated[str, typer.Option(help="run the worker (and so every flow run) as this OS user, which "
+                                                  "then cannot read the home's secrets; needs root")] = "",
 ) -> None:
     """Start PostgreSQL, a Prefect server and worker, and an MLflow server on this machine (safe to re-run)."""
     from alignflow.server import ServerError, up
 
     try:
         state = up(home or _default_home(), project_dir, pg_port, prefect_port, mlflow_port, pool, auth,
-                   say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+                   say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+                   worker_user=worker_user)
     except ServerError as e:
         err.print(f"[bold red]server up failed:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None

@@ -71,6 +71,7 @@ class State:
     procs: dict[str, dict[str, Any]] = field(default_factory=dict)
     worker_user: str = ""  # the MLflow user the worker runs pipelines as (--auth); its password is below
     worker_password: str = field(default="", repr=False)
+    worker_os_user: str = ""  # --worker-user: the OS user the worker runs as ("" = the caller)
 
     @property
     def prefect_api_url(self) -> str:
@@ -138,17 +139,50 @@ def _wait(what: str, check: Callable[[], bool], pid: int, timeout_s: float, log:
     raise ServerError(f"{what} {why}; the end of {log}:\n{tail}")
 
 
-def _spawn(name: str, argv: list[str], env: dict[str, str], state: State, cwd: Path) -> int:
-    """Start a long-running service detached from this terminal (own session), output into logs/<name>.log."""
+def _spawn(name: str, argv: list[str], env: dict[str, str], state: State, cwd: Path, auth: bool = False,
+           user: str | None = None) -> int:
+    """Start a long-running service detached from this terminal (own session), output into logs/<name>.log.
+
+    umask 077: whatever it writes (MLflow's artifact store and auth database, Prefect's home, the worker's flow
+    runs) is its owner's only. `auth` is the mode it starts in, recorded so that a later `up` can compare.
+    `user`: the OS user to run it as (its primary group, no supplementary groups); None = the caller."""
     log = Path(state.home) / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077,
+                                **({"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+                                   if user else {}))
     state.pids[name] = proc.pid
-    state.procs[name] = {"pid": proc.pid, "started": _start_time(proc.pid), "cmdline": argv}
+    state.procs[name] = {"pid": proc.pid, **_identity(proc.pid), "cmdline": argv, "auth": auth}
     _save_state(state)
     return proc.pid
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start in clock ticks since boot (/proc/PID/stat, field 22): fixed at fork, unlike
+    psutil's create_time(), which adds the boot time the kernel reports *now* (/proc/stat btime). btime moves
+    whenever the wall clock is stepped (NTP, a VM's clock sync), so the same process's create_time() changes
+    by that step, and comparing it as a float with the recorded one said "another process" for `up`'s own."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at field 3
+
+
+def _identity(pid: int) -> dict[str, Any]:
+    """What identifies process `pid` beyond its number: the boot it runs in and its start (ticks since boot),
+    plus its start as seconds since the epoch for platforms without /proc (and for people reading the file)."""
+    return {"boot_id": _boot_id(), "start_ticks": _start_ticks(pid), "started": _start_time(pid)}
 
 
 def _start_time(pid: int) -> float | None:
@@ -160,9 +194,15 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
+# a start time given as seconds since the epoch may move by a wall-clock step between `up` and `down`; two
+# processes under one pid are never this close (the pid must first be freed, then reused)
+START_TIME_SLACK_S = 5.0
+
+
 def _ours(state: State, name: str) -> int | None:
-    """The pid of service `name` if the process running under it is the one `up` started: same start time and
-    same command line as recorded. None when it is gone, or when the pid now belongs to another process."""
+    """The pid of service `name` if the process running under it is the one `up` started: same boot, same start
+    (clock ticks since boot where /proc has them) and same command line as recorded. None when it is gone, or
+    when the pid now belongs to another process."""
     import psutil
 
     rec = state.procs.get(name)
@@ -171,7 +211,12 @@ def _ours(state: State, name: str) -> int | None:
         return None
     try:
         proc = psutil.Process(pid)
-        same = proc.create_time() == rec.get("started") and proc.cmdline() == rec.get("cmdline")
+        if rec.get("start_ticks") is not None and _start_ticks(pid) is not None:
+            same_start = rec["start_ticks"] == _start_ticks(pid) and rec.get("boot_id") == _boot_id()
+        else:  # a state file from before start_ticks was recorded, or no /proc
+            started = rec.get("started")
+            same_start = started is not None and abs(proc.create_time() - started) < START_TIME_SLACK_S
+        same = same_start and proc.cmdline() == rec.get("cmdline")
     except psutil.Error:
         return None
     return pid if same else None
@@ -266,11 +311,102 @@ def _ensure_databases(state: State) -> None:
 # ---------------------------------------------------------------- up / down
 
 
+# What every process `up` starts may inherit from the caller's shell: where programs and libraries are, the
+# locale, and alignflow's own non-secret settings. Nothing else: the shell that runs `up` may hold cloud keys
+# and other credentials (OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY, ...) that no server or flow run needs.
+PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+            "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "HF_HOME",
+            "ALIGNFLOW_DATA_ROOTS", "ALIGNFLOW_SECRET_ENV_ALLOW", "ALIGNFLOW_TRACKING_WAIT_S",
+            "ALIGNFLOW_SKIP_MEMORY_CHECK", "ALIGNFLOW_DEBUG")
+
+
 def _base_env(state: State) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    """The servers' environment: PASS_ENV from the caller, and settings of their own (never PREFECT_* or
+    MLFLOW_* from the caller: each service gets exactly the ones `up` sets)."""
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV}
     env.update(PREFECT_HOME=str(Path(state.home) / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
+
+
+def worker_secret_env() -> dict[str, str]:
+    """The caller's variables a recipe may name as its teacher's key: those ALIGNFLOW_SECRET_ENV_ALLOW allows
+    (default `OPENAI_API_KEY,*_API_KEY`), never a server's credentials (tasks/lib/secret_env.py decides both, as
+    it does when the worker validates a recipe). `ALIGNFLOW_SECRET_ENV_ALLOW=` (empty) hands the worker none."""
+    from alignflow.tasks.lib.secret_env import secret_env_problem
+
+    return {k: v for k, v in os.environ.items() if k not in PASS_ENV and secret_env_problem(k) is None}
+
+
+def _make_private(home: Path, skip: Path | None) -> None:
+    """Take group and other permissions off everything under `home` (folders 0700, files 0600 for files that
+    were 0644): what earlier versions (or other umasks) left readable, the password hashes in mlflow-auth.db,
+    the artifact store, logs. `skip`: PostgreSQL's cluster, whose modes initdb and the server keep themselves."""
+    for root, dirs, files in os.walk(home):
+        here = Path(root)
+        if skip is not None and here == skip:
+            dirs.clear()
+            continue
+        for name in [*dirs, *files]:
+            path = here / name
+            if path.is_symlink() or (skip is not None and path == skip):
+                continue
+            mode = path.stat().st_mode & 0o7777
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+    home.chmod(0o700)
+
+
+def _prefect_locked(state: State) -> bool:
+    """Whether the Prefect API refuses an unauthenticated request (401), i.e. runs with basic auth."""
+    req = urllib.request.Request(f"{state.prefect_api_url}/flows/filter", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except OSError:
+        return False
+
+
+def _mlflow_locked(state: State) -> bool:
+    """Whether the MLflow server refuses an unauthenticated request (401), i.e. runs its basic-auth app."""
+    try:
+        with urllib.request.urlopen(f"{state.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    timeout=10):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except OSError:
+        return False
+
+
+def _mode(locked: bool) -> str:
+    return "basic auth" if locked else "NO AUTH"
+
+
+def _check_modes(state: State, prefect_auth: bool, mlflow_auth: bool) -> None:
+    """Refuse, before anything changes, to keep a running service in another mode than the one asked for:
+    `up --auth` over servers that run open would otherwise leave them open and say they are fine. The servers'
+    modes are what they answer to a request without credentials; the worker's is the one `up` recorded."""
+    home = state.home
+    wrong = []
+    if _ours(state, "prefect-server") and _http_ok(f"{state.prefect_api_url}/health"):
+        running = _prefect_locked(state)
+        if running != prefect_auth:
+            wrong.append(f"the Prefect server runs with {_mode(running)}, asked: {_mode(prefect_auth)}")
+    if _ours(state, "mlflow-server") and _http_ok(f"{state.mlflow_url}/health"):
+        running = _mlflow_locked(state)
+        if running != mlflow_auth:
+            wrong.append(f"the MLflow server runs with {_mode(running)}, asked: {_mode(mlflow_auth)}")
+    if _ours(state, "prefect-worker"):
+        running = bool(state.procs["prefect-worker"].get("auth"))
+        if running != mlflow_auth:
+            wrong.append(f"the worker was started with {_mode(running)}, asked: {_mode(mlflow_auth)}")
+    if wrong:
+        raise ServerError("; ".join(wrong) + f". Nothing was changed. Stop them first with `alignflow server down "
+                          f"--home {home}` (data and artifacts stay), then run `up` again in the mode you want")
 
 
 def _prefect_auth(auth: bool) -> str | None:
@@ -308,17 +444,88 @@ def check_team_extra(auth: bool, find: Callable[[str], object] | None = None) ->
         raise ServerError(f"team mode needs {', '.join(missing)}: pip install -e '.[team]' (nothing was started)")
 
 
+def _worker_home(state: State) -> Path:
+    """The worker's own folder (Prefect home, HOME for caches) when it runs as another OS user: outside the team
+    home, which stays the caller's alone (0700), like the cluster PostgreSQL's user owns when run as root."""
+    return Path(f"/var/lib/alignflow/worker/{sha256(state.home.encode()).hexdigest()[:12]}")
+
+
+def _prepare_worker_user(state: State) -> dict[str, str]:
+    """Check that --worker-user can run the worker, make its private home; the variables that point it there."""
+    if os.geteuid() != 0:
+        raise ServerError("--worker-user needs `up` to run as root (it starts the worker as that user); "
+                          "nothing was started")
+    try:
+        user = pwd.getpwnam(state.worker_os_user)
+    except KeyError:
+        raise ServerError(f"--worker-user {state.worker_os_user}: no such OS user (create it with "
+                          f"`useradd --system {state.worker_os_user}`)") from None
+    if user.pw_uid == 0:
+        raise ServerError("--worker-user must not be root: its flow runs could then read everything `up` keeps")
+    readable = subprocess.run(["runuser", "-u", user.pw_name, "--", "test", "-r", state.project_dir, "-a", "-x",
+                               state.project_dir], capture_output=True, timeout=30)
+    if readable.returncode != 0:
+        raise ServerError(f"--worker-user {user.pw_name} cannot read the project dir {state.project_dir}: give it "
+                          "read access (and write access to the work dirs its runs use)")
+    whome = _worker_home(state)
+    whome.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    whome.mkdir(mode=0o700, exist_ok=True)
+    os.chown(whome, user.pw_uid, user.pw_gid)
+    whome.chmod(0o700)
+    return {"HOME": str(whome), "USER": user.pw_name, "LOGNAME": user.pw_name, "PREFECT_HOME": str(whome / "prefect")}
+
+
+def _ensure_pool(state: State, env: dict[str, str]) -> None:
+    """Create the process work pool with the team worker's template (alignflow/worker.py: no `command`, `env` or
+    `working_dir` job variables), or put that template back on a pool that exists (an older `up` made it with
+    Prefect's default one, or a Prefect user edited it). The worker uses its own copy either way."""
+    from alignflow.worker import PROCESS_TEMPLATE
+
+    template = Path(state.home) / "work-pool-template.json"
+    fd = os.open(template, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(PROCESS_TEMPLATE, f, indent=2)
+    prefect = [sys.executable, "-m", "prefect", "work-pool"]
+    create = subprocess.run([*prefect, "create", state.pool, "--type", "process", "--base-job-template",
+                             str(template)], env=env, capture_output=True, text=True, timeout=120)
+    said = create.stdout + create.stderr
+    if create.returncode != 0 and "already exists" in said:
+        update = subprocess.run([*prefect, "update", state.pool, "--base-job-template", str(template)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        if update.returncode != 0:
+            raise ServerError(f"could not update work pool {state.pool}: {update.stdout}{update.stderr}")
+    elif create.returncode != 0:
+        raise ServerError(f"could not create work pool {state.pool}: {said}")
+
+
 def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int = 5433, prefect_port: int = 4200,
        mlflow_port: int = 5000, pool: str = "alignflow", auth: bool = False,
-       say: Callable[[str], None] = print) -> State:
+       say: Callable[[str], None] = print, worker_user: str = "") -> State:
     """Start (or keep) PostgreSQL, the Prefect server and worker, and the MLflow server. Idempotent."""
     check_team_extra(auth)  # before anything starts: a missing driver must not leave PostgreSQL running
+    previous = os.umask(0o077)  # what `up` itself writes (logs, the auth config, state) is the caller's only
+    try:
+        return _up(home, project_dir, pg_port, prefect_port, mlflow_port, pool, auth, say, worker_user)
+    finally:
+        os.umask(previous)
+
+
+def _up(home: Path, project_dir: Path | None, pg_port: int, prefect_port: int, mlflow_port: int, pool: str,
+        auth: bool, say: Callable[[str], None], worker_user: str) -> State:
     home = home.expanduser().resolve()
     project = (project_dir or Path.cwd()).resolve()
     state = load_state(home) or State(home=str(home), project_dir=str(project), db_password=secrets.token_urlsafe(24))
+    credentials = _auth_credentials() if auth else None
+    prefect_auth = _prefect_auth(auth)
+    _check_modes(state, bool(prefect_auth), bool(credentials))  # before the state file changes
+    if _ours(state, "prefect-worker") and state.worker_os_user != worker_user:
+        raise ServerError(f"the worker runs as {state.worker_os_user or 'the caller'}, asked: "
+                          f"{worker_user or 'the caller'}. Nothing was changed. Stop it first with `alignflow "
+                          f"server down --home {home}`, then run `up` again")
     state.project_dir = str(project)
     state.pg_port, state.prefect_port, state.mlflow_port, state.pool, state.auth = (
         pg_port, prefect_port, mlflow_port, pool, auth)
+    state.worker_os_user = worker_user
     state.pg_bin = str(find_pg_bin())
     if os.geteuid() == 0:  # PostgreSQL won't run as root: the Debian package's `postgres` user owns the cluster
         try:
@@ -329,8 +536,9 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
         state.pg_data = f"/var/lib/postgresql/alignflow/{sha256(str(home).encode()).hexdigest()[:12]}"
     else:
         state.pg_os_user, state.pg_data = "", str(home / "postgres")
-    credentials = _auth_credentials() if auth else None
-    prefect_auth = _prefect_auth(auth)
+    worker_home_env = _prepare_worker_user(state) if worker_user else {}
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private(home, skip=Path(state.pg_data))  # files an older `up` (or another umask) left readable
     _save_state(state)
     log = say
 
@@ -348,12 +556,14 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
         if _port_taken(state.prefect_port):
             raise ServerError(f"port {state.prefect_port} is taken by another program: choose one with --prefect-port")
         pid = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                  "--port", str(state.prefect_port)], prefect_env, state, home)
+                                        "--port", str(state.prefect_port)], prefect_env, state, home,
+                     auth=bool(prefect_auth))
         _wait("the Prefect server", lambda: _http_ok(f"{state.prefect_api_url}/health"), pid, 180,
               home / "logs" / "prefect-server.log")
         status = "started"
-    log(f"prefect   {state.prefect_api_url.removesuffix('/api')}  {status}  (UI and API, on Postgres"
-        f"{', basic auth' if prefect_auth else ', NO AUTH: set PREFECT_API_AUTH_STRING to require credentials'})")
+    locked = _prefect_locked(state)  # what the server answers now, not what was asked
+    log(f"prefect   {state.prefect_api_url.removesuffix('/api')}  {status}  (UI and API, on Postgres, "
+        f"{'basic auth' if locked else 'NO AUTH: set PREFECT_API_AUTH_STRING to require credentials'})")
 
     mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": state.db_url("mlflow", "postgresql+psycopg2"),
                   "MLFLOW_ARTIFACTS_DESTINATION": str(home / "mlflow-artifacts")}
@@ -375,18 +585,26 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     else:
         if _port_taken(state.mlflow_port):
             raise ServerError(f"port {state.mlflow_port} is taken by another program: choose one with --mlflow-port")
-        pid = _spawn("mlflow-server", argv, mlflow_env, state, home)
+        pid = _spawn("mlflow-server", argv, mlflow_env, state, home, auth=bool(credentials))
         _wait("the MLflow server", lambda: _http_ok(f"{state.mlflow_url}/health"), pid, 180,
               home / "logs" / "mlflow-server.log")
         status = "started"
     log(f"mlflow    {state.mlflow_url}  {status}  (tracking + registry on Postgres, "
-        f"artifacts in {home / 'mlflow-artifacts'}{', basic auth' if credentials else ''})")
+        f"artifacts in {home / 'mlflow-artifacts'}, {_mode(_mlflow_locked(state))})")
 
-    # The worker runs flow runs as subprocesses, with this environment: it points them at both servers.
-    # With --auth it logs to MLflow as its own user, which may write experiments and models but is not the admin
-    # (a pipeline's code cannot create users or change permissions); the admin's credentials stay with the caller.
-    worker_env = {**env, **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
-                  "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
+    # The pool's template, and the work-pool commands' own Prefect home: the servers' (not the worker's)
+    client_env = {**env, **state.client_env(), "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
+    if prefect_auth:
+        client_env["PREFECT_API_AUTH_STRING"] = prefect_auth
+    _ensure_pool(state, client_env)
+
+    # The worker runs flow runs as subprocesses, with this environment (Prefect gives each run the worker's):
+    # PASS_ENV, where both servers are and its own credentials for them, the secrets ALIGNFLOW_SECRET_ENV_ALLOW
+    # lets recipes name; nothing else from the caller's shell. With --auth it logs to MLflow as its own user,
+    # which may write experiments and models but is not the admin (a pipeline's code cannot create users or
+    # change permissions); the admin's credentials stay with the caller.
+    worker_env = {**env, **worker_secret_env(), **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
+                  "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", **worker_home_env}
     if prefect_auth:
         worker_env["PREFECT_API_AUTH_STRING"] = prefect_auth
     if credentials:
@@ -395,14 +613,12 @@ def up(home: Path = DEFAULT_HOME, project_dir: Path | None = None, pg_port: int 
     if _ours(state, "prefect-worker"):
         status = "already running"
     else:
-        create = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", state.pool, "--type",
-                                 "process"], env=worker_env, capture_output=True, text=True, timeout=120)
-        if create.returncode != 0 and "already exists" not in create.stdout + create.stderr:
-            raise ServerError(f"could not create work pool {state.pool}: {create.stdout}{create.stderr}")
-        _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", state.pool,
-                                  "--type", "process"], worker_env, state, Path(state.project_dir))
+        _spawn("prefect-worker", [sys.executable, "-m", "alignflow.worker", "--pool", state.pool], worker_env, state,
+               Path(state.project_dir), auth=bool(credentials), user=worker_user or None)
         status = "started"
-    log(f"worker    pool '{state.pool}'  {status}  (runs flows from {state.project_dir})")
+    running = bool(state.procs["prefect-worker"].get("auth"))
+    log(f"worker    pool '{state.pool}'  {status}  (runs alignflow's flows from {state.project_dir} as "
+        f"{worker_user or 'the caller'}, {_mode(running)} to MLflow)")
     return state
 
 
@@ -422,7 +638,11 @@ def _mlflow_call(state: State, credentials: tuple[str, str], method: str, path: 
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        body = e.read()
+        try:
+            return e.code, json.loads(body or b"{}")
+        except ValueError:  # an HTML error page (a server without the auth app answers 404 with one)
+            return e.code, {"message": body[:300].decode(errors="replace")}
 
 
 def _ensure_worker_user(state: State, credentials: tuple[str, str]) -> None:
@@ -467,6 +687,8 @@ def down(home: Path = DEFAULT_HOME, purge: bool = False, say: Callable[[str], No
     if purge:
         if state.pg_data:
             shutil.rmtree(state.pg_data, ignore_errors=True)
+        if state.worker_os_user:
+            shutil.rmtree(_worker_home(state), ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         say(f"purged          {home} and {state.pg_data}")
         return True
