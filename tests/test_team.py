@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -56,6 +57,7 @@ class Team:
         self.prefect_auth = prefect_auth  # PREFECT_API_AUTH_STRING: user:password
         self.flow_runs: list[dict[str, Any]] = []
         self.first_up = ""  # what the first `server up` printed
+        self.shell_canary = ""  # a secret in the environment of the shell that ran `server up`
 
     def cli(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], cwd=ROOT, env=self.env,
@@ -75,15 +77,17 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     home, work = tmp_path_factory.mktemp("team-home"), tmp_path_factory.mktemp("team-work")
     password = "canary-" + secrets.token_hex(12)  # must never be written anywhere
     prefect_auth = "team:prefect-canary-" + secrets.token_hex(12)  # nor this one
+    shell_canary = "shell-canary-" + secrets.token_hex(12)  # in the shell that runs `up`: must reach no server
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password,
-               PREFECT_API_AUTH_STRING=prefect_auth,
+               PREFECT_API_AUTH_STRING=prefect_auth, AWS_SECRET_ACCESS_KEY=shell_canary, TEAM_SHELL_CANARY=shell_canary,
                # the test's work dir lies outside the checkout: the operator allows it for deployment runs
                ALIGNFLOW_DATA_ROOTS=str(work),
                PREFECT_HOME=str(home / "client-prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     ports = {"--pg-port": free_port(), "--prefect-port": free_port(), "--mlflow-port": free_port()}
     argv = ["server", "up", "--home", str(home), "--auth", *[x for kv in ports.items() for x in map(str, kv)]]
     t = Team(home, work, State(home=str(home), project_dir=str(ROOT)), env, password, prefect_auth)
+    t.shell_canary = shell_canary
     first = t.cli(*argv)
     try:
         assert first.returncode == 0, first.stdout + first.stderr
@@ -221,6 +225,72 @@ def test_two_pipelines_at_once_through_the_worker(team: Team) -> None:
     assert elsewhere["permission"] == "READ"  # default_permission: it may read what others made, not change it
 
 
+def _up_argv(team: Team) -> list[str]:
+    return ["server", "up", "--home", str(team.home), "--auth", "--pg-port", str(team.state.pg_port),
+            "--prefect-port", str(team.state.prefect_port), "--mlflow-port", str(team.state.mlflow_port)]
+
+
+def test_job_variables_cannot_change_what_the_worker_runs(team: Team) -> None:
+    """Issue 27: `--job-variable "command=..."` ran any script on the worker. The server now refuses the variable;
+    a Prefect user who puts Prefect's default template back on the pool meets the worker's refusal; `up` puts
+    the team template back."""
+    if not team.flow_runs:
+        pytest.skip("needs the deployments of the test above")
+    from prefect.workers.process import ProcessWorker
+
+    from alignflow.worker import PROCESS_TEMPLATE
+
+    prefect = [sys.executable, "-m", "prefect"]
+    target = team.work / "PWNED"
+    run = [*prefect, "deployment", "run", "alignflow-pipeline/pipeline", "--job-variable", f"command=touch {target}"]
+    env = {**team.env, "COLUMNS": "400"}
+    refused = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    assert "'command' was unexpected" in " ".join((refused.stdout + refused.stderr).split())
+
+    default = team.work / "prefect-default-template.json"
+    default.write_text(json.dumps(ProcessWorker.get_default_base_job_template()))
+    subprocess.run([*prefect, "work-pool", "update", "alignflow", "--base-job-template", str(default)], cwd=ROOT,
+                   env=env, check=True, capture_output=True, timeout=120)
+    crashed = subprocess.run([*run, "--job-variable", 'env={"ALIGNFLOW_HOME": "/"}', "--watch", "--watch-timeout",
+                              "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+    said = crashed.stdout + crashed.stderr
+    found = re.search(r"UUID: ([0-9a-f-]{36})", said)
+    assert found and crashed.returncode != 0 and "Crashed" in said, said[-3000:]
+    state = _api(team, f"/flow_runs/{found.group(1)}")["state"]
+    assert state["type"] == "CRASHED"
+    assert "refused this run: the flow run sets job variables command, env" in state["message"], state
+    assert not target.exists()
+
+    again = team.cli(*_up_argv(team))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _api(team, "/work_pools/alignflow")["base_job_template"] == PROCESS_TEMPLATE
+
+
+def test_the_worker_holds_no_shell_secret_and_the_home_is_private(team: Team) -> None:
+    """Issue 27: the worker had the whole environment of the shell that ran `up`; the home was 0755/0644."""
+    if not team.flow_runs:
+        pytest.skip("needs the pipeline runs of the test above")
+    state = load_state(team.home)
+    assert state is not None
+    environ = {name: Path(f"/proc/{state.pids[name]}/environ").read_bytes()
+               for name in ("prefect-worker", "prefect-server", "mlflow-server")}
+    for name, raw in environ.items():  # as the kernel shows it
+        assert team.shell_canary.encode() not in raw, name
+        assert b"AWS_SECRET_ACCESS_KEY=" not in raw and b"TEAM_SHELL_CANARY=" not in raw, name
+    worker = dict(entry.split(b"=", 1) for entry in environ["prefect-worker"].split(b"\0") if b"=" in entry)
+    for secret in (team.password, state.db_password, state.flask_secret):  # the admin's, the database's, Flask's
+        assert secret.encode() not in environ["prefect-worker"]
+    assert worker[b"MLFLOW_TRACKING_USERNAME"] == b"alignflow-worker"  # its own credentials, those it needs
+
+    pg_data = Path(state.pg_data)
+    readable = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in [team.home, *team.home.rglob("*")]
+                if not p.is_symlink() and p.lstat().st_mode & 0o077 and pg_data not in (p, *p.parents)]
+    assert readable == []
+    assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))  # the pipelines' artifacts are in there
+    assert (team.home / "mlflow-auth.db").stat().st_mode & 0o777 == 0o600
+
+
 def test_credentials_never_land_in_a_store(team: Team) -> None:
     if not team.flow_runs:
         pytest.skip("needs the pipeline runs of the test above")
@@ -353,3 +423,59 @@ def test_server_up_without_the_team_extra_says_so_and_starts_nothing(tmp_path: P
     with pytest.raises(ServerError, match=r"psycopg2-binary .*pip install -e '\.\[team\]' \(nothing was started\)"):
         up(home=tmp_path / "home", pg_port=free_port(), prefect_port=free_port(), mlflow_port=free_port())
     assert not (tmp_path / "home").exists()  # no state, no PostgreSQL cluster
+
+
+def test_up_with_auth_over_open_servers_refuses_and_down_stops_them(tmp_path: Path) -> None:
+    """Issue 27: `up --auth` over servers started without auth said "already running (basic auth)", left them open
+    and crashed. It must refuse, naming `down`, and change nothing; `down` then stops all three processes. As
+    root, the worker runs as `nobody` (--worker-user), which can read neither the home's secrets nor the servers'
+    environments."""
+    from alignflow.tasks.lib.processes import pid_alive
+
+    home = tmp_path / "open-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "client-prefect"), DO_NOT_TRACK="1", COLUMNS="400",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    ports = ["--pg-port", str(free_port()), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
+    as_nobody = ["--worker-user", "nobody"] if os.geteuid() == 0 else []
+    t = Team(home, tmp_path, State(home=str(home), project_dir=str(ROOT)), env, "")
+    try:
+        first = t.cli("server", "up", "--home", str(home), *ports, *as_nobody)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "NO AUTH" in first.stdout
+        state = load_state(home)
+        assert state is not None and state.auth is False
+        if as_nobody:
+            import psutil
+
+            nobody = pwd.getpwnam("nobody").pw_uid
+            assert psutil.Process(state.pids["prefect-worker"]).uids().real == nobody
+            as_worker = ["runuser", "-u", "nobody", "--", "cat"]
+            assert subprocess.run([*as_worker, str(ROOT / "README.md")], capture_output=True).returncode == 0
+            for secret in (home / "state.json", f"/proc/{state.pids['mlflow-server']}/environ",
+                           f"/proc/{state.pids['prefect-server']}/environ"):
+                out = subprocess.run([*as_worker, str(secret)], capture_output=True, text=True)
+                assert out.returncode != 0 and "Permission denied" in out.stderr, secret
+
+        locked_env = {**env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "canary-" + "x" * 16,
+                      "PREFECT_API_AUTH_STRING": "team:canary-prefect"}
+        second = subprocess.run([sys.executable, "-m", "alignflow.cli", "server", "up", "--home", str(home), "--auth",
+                                 *ports, *as_nobody], cwd=ROOT, env=locked_env, capture_output=True, text=True,
+                                timeout=300)
+        said = " ".join((second.stdout + second.stderr).split())
+        assert second.returncode != 0, said
+        assert f"alignflow server down --home {home}" in said and "runs with NO AUTH, asked: basic auth" in said
+        after = load_state(home)
+        assert after is not None and after.auth is False and after.pids == state.pids  # nothing changed
+        request = urllib.request.Request(f"{state.prefect_api_url}/flows/filter", method="POST", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:  # still open, as `up` said
+            assert r.status == 200
+
+        down = t.cli("server", "down", "--home", str(home))
+        assert down.returncode == 0, down.stdout + down.stderr
+        for name in ("prefect-worker", "mlflow-server", "prefect-server"):
+            assert f"{name:<15} stopped (pid {state.pids[name]})" in down.stdout, down.stdout
+            assert not pid_alive(state.pids[name])
+    finally:
+        t.cli("server", "down", "--home", str(home), "--purge", timeout=120)
