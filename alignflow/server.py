@@ -316,8 +316,8 @@ def _ensure_databases(state: State) -> None:
 # and other credentials (OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY, ...) that no server or flow run needs.
 PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
             "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "HF_HOME",
-            "ALIGNFLOW_DATA_ROOTS", "ALIGNFLOW_SECRET_ENV_ALLOW", "ALIGNFLOW_TRACKING_WAIT_S",
-            "ALIGNFLOW_SKIP_MEMORY_CHECK", "ALIGNFLOW_DEBUG")
+            "ALIGNFLOW_DATA_ROOTS", "ALIGNFLOW_SECRET_ENV_ALLOW", "ALIGNFLOW_TEACHER_URL_ALLOW",
+            "ALIGNFLOW_TRACKING_WAIT_S", "ALIGNFLOW_SKIP_MEMORY_CHECK", "ALIGNFLOW_DEBUG")
 
 
 def _base_env(state: State) -> dict[str, str]:
