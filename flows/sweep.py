@@ -8,6 +8,12 @@ Prefect subflow (K at a time on a thread pool), its MLflow parent run nested und
 trial by `--metric` runs once more without `--until`: its stages come from the cache and register puts it through
 the gate like any run. The sweep run holds a parallel-coordinates plot and the table of trials.
 
+`--parallel K` runs each trial in a process of its own (a task of the flow's thread pool waits on it): threads of
+one process share torch's random generator (what a stage made depended on what the other trials drew meanwhile,
+and the shared cache then served it to later runs) and transformers' model-loading state (two trials loading
+weights at once failed). A trial process is a flow run of its own on the same Prefect server and tracking server,
+its stages exactly what the same recipe makes alone, so they go into the shared cache like any run's.
+
 The study lives in `<work>/optuna.db` beside the MLflow store (or in `ALIGNFLOW_OPTUNA_STORAGE`, e.g. the team's
 PostgreSQL), named by the sweep id: the hash of the resolved recipe, the parameter space, the metric and the
 direction. Re-running the same command continues it: finished trials stay finished, a trial that was interrupted
@@ -120,8 +126,30 @@ def _trial(recipe: Recipe, work_dir: str, tags: dict[str, str]) -> dict[str, Any
 
 @task(name="sweep-trial", persist_result=False)
 def run_trial(recipe: Recipe, work_dir: str, tags: dict[str, str]) -> dict[str, Any]:
-    """One trial in a task of the flow's thread pool (`--parallel` above 1), its pipeline a subflow of the task."""
-    return _trial(recipe, work_dir, tags)
+    """One trial in a task of the flow's thread pool (`--parallel` above 1): the pipeline in a process of its own
+    (`python -m alignflow.flows.sweep TRIAL.json`), so it shares no random generator and no model-loading state
+    with the trials running beside it. Its output goes to this process's terminal."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    folder = Path(work_dir) / "sweeps" / tags["alignflow.sweep"] / "trials"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"trial-{tags['alignflow.sweep_trial']}"
+    spec, out = folder / f"{name}.json", folder / f"{name}.result.json"
+    out.unlink(missing_ok=True)
+    spec.write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "work_dir": work_dir, "tags": tags,
+                                "result": str(out)}))
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(Path(work_dir).expanduser().resolve())  # the sweep's store
+    if PREFECT_API_URL.value():  # the sweep's Prefect server (a test harness sets it in settings, not the env)
+        env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    done = subprocess.run([sys.executable, "-m", "alignflow.flows.sweep", str(spec)], env=env, check=False)
+    if done.returncode != 0 or not out.exists():
+        raise StageError(f"trial {tags['alignflow.sweep_trial']} failed in its process (exit code "
+                         f"{done.returncode}); its log is above")
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
 @flow(name="alignflow-sweep", log_prints=False)
@@ -356,3 +384,11 @@ def _sweep_run(recipe: Recipe, work: Path, ident: str, params: list[ParamSpec], 
         _param(f"sweep.{p.key}", p.choices if p.choices is not None else
                f"{p.low}:{p.high}{':log' if p.log else ''}") for p in params])
     return tracker, False
+
+
+if __name__ == "__main__":  # one parallel trial in its own process (run_trial): TRIAL.json in, its result out
+    import sys
+
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    _result = _trial(Recipe.model_validate(_spec["recipe"]), _spec["work_dir"], _spec["tags"])
+    Path(_spec["result"]).write_text(json.dumps(_result, default=str))

@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from alignflow.flows.sweep import grid_size, parse_param
+from alignflow.tasks.lib.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -262,3 +263,39 @@ def test_the_parallel_coordinates_plot_draws_every_trial_visibly(tmp_path: Path)
     assert (tmp_path / "pc.png").stat().st_size > 0 and len(shown) == 2
     for r, g, b, _a in shown:  # relative luminance: white is 1.0, Blues' low end ~0.97; light blue ~0.78
         assert 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.85, (r, g, b)
+
+
+def test_parallel_trials_run_in_processes_of_their_own_and_make_what_a_run_alone_makes(
+        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    """`--parallel 2`: each trial runs in its own process (threads shared torch's random generator, and two trials
+    loading weights at once failed), so what it puts into the shared cache is what the same recipe makes alone: a
+    run of trial 0's recipe in a fresh work dir trains the same dpo weights, bit for bit."""
+    import optuna
+
+    from alignflow.flows.keys import upstream_value
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.flows.sweep import sweep
+    from alignflow.recipe import load_recipe
+
+    work = tmp_path / "w"
+    smoke = ROOT / "configs" / "smoke.yaml"
+    result = sweep(recipe=load_recipe(smoke), params=[parse_param("dpo.beta=0.05,0.2")], trials=2, parallel=2,
+                   work_dir=str(work))
+    assert result["registered"]["alias"] == "champion" and len(result["trials"]) == 2
+    client = MlflowClient(result["tracking_uri"])
+    pids = {client.get_run(row["run_id"]).data.tags["alignflow.pid"] for row in result["trials"]}
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # two trial processes, neither this one
+
+    study = optuna.load_study(study_name=f"alignflow-sweep-{result['sweep_id']}", storage=result["storage"])
+    first = next(t for t in study.trials if t.number == 0)
+    folders = {stage: Path(folder) for stage, (folder, _, _) in first.user_attrs["stages"].items()}
+    alone = pipeline(recipe=load_recipe(smoke, [f"dpo.beta={first.params['dpo.beta']}"]),
+                     work_dir=str(tmp_path / "alone"), until="dpo")
+    assert _rerun_stages(alone) == {"curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo"}
+    for stage in ("sft", "reward", "dpo"):
+        assert upstream_value(read_manifest(folders[stage]), "weights") == \
+            upstream_value(read_manifest(Path(alone["stages"][stage]["folder"])), "weights"), stage
+
+
+def _rerun_stages(result: dict) -> set[str]:
+    return {s for s, info in result["stages"].items() if not info["cached"]}
