@@ -181,7 +181,13 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
                                                                 "evaluate", "register"),
            "the registry champion": ("evaluate", "register"),
            "an adapter to continue (alignflow retrain)": ("sft",),
-           "the lm-eval version and the task files under its include_path": ("evaluate",)}
+           "the lm-eval version and the task files under its include_path": ("evaluate",),
+           "semantic dedup's model (a local folder's files, an embedded one's package version), when it is on":
+               ("curate", "synthesize"),
+           "a python reward's module and the Python files of its folder, or an installed module's distribution "
+           "version (grpo / rloo)": ("dpo",),
+           "a hub base's files (by content hash; a commit that edits only the model card changes nothing)":
+               ("synthesize", "tokenize", *MODEL[1:])}
 
 
 def recipe_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
