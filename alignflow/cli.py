@@ -369,10 +369,7 @@ def sweep(
     console.print(f"best: trial {best['trial']:d} {escape(str(best['params']))} -> {escape(result['metric'])}="
                   f"{best['value']:g}")
     if result.get("registered"):
-        reg = result["registered"]
-        why = "; ".join(reg["gate_reasons"]) or "gate passed"
-        console.print(f"registered [bold]{escape(reg['model_name'])}[/] version {escape(str(reg['version']))} as "
-                      f"[bold]{escape(str(reg['alias']))}[/] ({escape(why)})")
+        console.print(_registered_line(result["registered"]))
     console.print(f"MLflow sweep run {escape(result['sweep_run_id'])} (tag alignflow.sweep="
                   f"{escape(str(result['sweep_id']))}); study {escape(str(result['storage']))}", highlight=False)
 
@@ -406,6 +403,17 @@ def retrain(recipe: RecipeArg, set_: SetOpt = None, work_dir: WorkOpt = Path("ru
     _print_result(result, work_dir)
 
 
+def _registered_line(reg: dict[str, Any]) -> str:
+    """What register left in the registry (read back after it acted): the version, its alias, why, and where the
+    champion is when it is another version."""
+    why = "; ".join(reg["gate_reasons"]) or "gate passed"
+    line = (f"registered [bold]{escape(reg['model_name'])}[/] version {escape(str(reg['version']))} as "
+            f"[bold]{escape(str(reg['alias']))}[/] ({escape(why)})")
+    if "champion" in reg and reg["champion"] != reg["version"]:
+        line += f"; champion: version {escape(str(reg['champion']))}" if reg["champion"] else "; there is no champion"
+    return line
+
+
 def _print_result(result: dict[str, Any], work_dir: Path) -> None:
     table = Table(title="stages")
     waits = any(info.get("waited_seconds", 0.0) for info in result["stages"].values())
@@ -424,10 +432,7 @@ def _print_result(result: dict[str, Any], work_dir: Path) -> None:
         metrics.add_row(escape(k), f"{v:g}")
     console.print(metrics)
     if "registered" in result:
-        reg = result["registered"]
-        why = "; ".join(reg["gate_reasons"]) or "gate passed"
-        console.print(f"registered [bold]{escape(reg['model_name'])}[/] version {escape(str(reg['version']))} as "
-                      f"[bold]{escape(str(reg['alias']))}[/] ({escape(why)})")
+        console.print(_registered_line(result["registered"]))
     uri = result["tracking_uri"]
     if uri.startswith(("http://", "https://")):  # a tracking server: the run's page
         console.print(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{result['experiment_id']}/runs/"

@@ -107,16 +107,17 @@ def prepare_base(spec: str, dest: str, corpus: list[str], revision: str | None =
 @task(persist_result=True)
 def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel, inputs: BaseModel,
                   folder: str, run_id: str, flow_run_id: str, cache_key: str,
-                  key_inputs: dict[str, Any], stale: bool = False) -> dict[str, Any]:
+                  key_inputs: dict[str, Any], stale: bool = False, always: bool = False) -> dict[str, Any]:
     """Run one stage into its `.partial` folder inside its MLflow child run, then publish the folder.
 
     An exclusive lock per stage folder keeps two runs sharing a work dir from writing the same `.partial`
-    folder at once; the one that waited finds the folder finished and reuses it.
+    folder at once; the one that waited finds the folder finished and reuses it (unless the stage is a side
+    effect, `always`: then it acts again, after the other run).
     """
     partial, final = Path(inputs.out_dir), Path(folder)  # type: ignore[attr-defined]
     with folder_lock(final):
         if (final / MANIFEST).exists():
-            if not (stale and changed_outputs(final)):  # another run finished (or re-made) it while we waited
+            if not always and not (stale and changed_outputs(final)):  # another run finished (or re-made) it
                 return json.loads((final / MANIFEST).read_text())
             shutil.rmtree(final)  # under the lock: no other run is writing it; its outputs no longer match
         # the Prefect UI shows how far a long stage is (training stages report steps / max_steps)
@@ -280,6 +281,12 @@ def _run_link(ctx: Context, run_id: str) -> str:
     return f"`{run_id}`"
 
 
+# Stages that act on something outside the work dir that changes under them (register: the model registry, which
+# promote, rollback, deleting the model or another run change between runs): never served from cache, they act on
+# it as it is now, every run, idempotently (the same weights find the same version), and report what it holds.
+SIDE_EFFECTS: frozenset[Stage] = frozenset({"register"})
+
+
 def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any]], cfg: BaseModel,
               make_inputs: Callable[[Path, str], BaseModel]) -> Path:
     """Run (or serve from cache) one stage; its key is what it reads (flows/keys.py)."""
@@ -293,6 +300,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                                  ", ".join(changed))
     run_id = ctx.tracker.child(stage, key)
     started = time.perf_counter()
+    always = stage in SIDE_EFFECTS
     if not (folder / MANIFEST).exists():
         # Another run sharing the work dir may be building this very folder (it holds the folder's lock): wait for
         # it here, so that the wait is reported as a wait and not as this stage's own seconds (a cached sft once
@@ -306,11 +314,11 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
         result_storage=ctx.work / ".prefect-results",
         result_serializer="json",  # the manifest is JSON: nothing in the work dir is unpickled
         # the cache record alone is not enough: the folder must exist, its outputs as they were written
-        refresh_cache=stale or not (folder / MANIFEST).exists(),
+        refresh_cache=always or stale or not (folder / MANIFEST).exists(),
     )
     try:
         manifest = runner(stage, fn, cfg, make_inputs(partial, run_id), str(folder), run_id, ctx.flow_run_id, key,
-                          key_inputs, stale)
+                          key_inputs, stale, always)
     except BaseException as e:
         ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))  # never raises
         full = _disk_full(e)
@@ -471,7 +479,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     }
     if "register" in ctx.folders:
         m = read_manifest(ctx.folders["register"])
-        result["registered"] = {k: m[k] for k in ("model_name", "version", "alias", "gate_reasons", "model_uri")}
+        result["registered"] = {k: m.get(k) for k in ("model_name", "version", "alias", "gate_reasons", "model_uri",
+                                                      "champion")}  # champion: the version that holds it now
     return result
 
 

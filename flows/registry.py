@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.registry import move_champion, registry_alias
+from alignflow.tasks.lib.registry import ROLLED_BACK_TAG, move_champion, registry_alias
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -42,18 +42,30 @@ def promote(client: MlflowClient, name: str, version: str) -> str:
         return f"{name} version {version} is already champion"
     if not move_champion(client, name, expected=current, new=version):  # compare-and-set
         raise StageError(f"promote: the champion of {name} moved while promoting (it was v{current}); try again")
+    _clear_rolled_back(client, name, version)  # a person's decision: the gate may treat it as any version again
     return _record(client, name, version, f"promote: champion v{current} -> v{version}")
 
 
+def _clear_rolled_back(client: MlflowClient, name: str, version: str) -> None:
+    if ROLLED_BACK_TAG in client.get_model_version(name, version).tags:
+        client.delete_model_version_tag(name, version, ROLLED_BACK_TAG)
+
+
 def rollback(client: MlflowClient, name: str) -> str:
-    """Swap champion and previous-champion."""
+    """Swap champion and previous-champion. The demoted version is tagged `alignflow.rolled_back`: the gate never
+    makes it champion again on its own (re-running its recipe leaves the champion where it is and says why); only
+    `alignflow promote` does (or a later rollback back to it)."""
     current = _alias_version(client, name, "champion")
     previous = _alias_version(client, name, "previous-champion")
     if previous is None:
         raise StageError(f"rollback: {name} has no previous-champion to roll back to")
     if not move_champion(client, name, expected=current, new=previous):  # compare-and-set
         raise StageError(f"rollback: the champion of {name} moved while rolling back (it was v{current}); try again")
-    return _record(client, name, previous, f"rollback: champion v{current} -> v{previous}")
+    stamp = _record(client, name, previous, f"rollback: champion v{current} -> v{previous}")
+    if current is not None:
+        client.set_model_version_tag(name, current, ROLLED_BACK_TAG, stamp)
+    _clear_rolled_back(client, name, previous)  # rolled back to by hand: a person's decision, like promote
+    return stamp
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
@@ -114,6 +126,13 @@ def compare(client: MlflowClient, run_a: str, run_b: str) -> tuple[list[str], li
         return {c.info.run_name: c for c in found}
 
     ca, cb = children(a), children(b)
+    # stored numbers side by side: evaluate's compare only when measured on the same prompts, sampling budget and
+    # base (its eval_config_hash); the gate never needs this, as evaluate re-measures the champion each time
+    ha, hb = (c["evaluate"].data.tags.get("alignflow.eval_config_hash") if "evaluate" in c else None
+              for c in (ca, cb))
+    if ha is not None and hb is not None and ha != hb:
+        lineage.append(f"alignflow.eval_config_hash: {ha[:12]} -> {hb[:12]}: evaluate measured the "
+                       "two runs on other prompts, sampling budget or base, so its metrics below do not compare")
     rows = []
     for stage in [s for s in ca if s in cb] + [s for s in cb if s not in ca] + [s for s in ca if s not in cb]:
         x, y = ca.get(stage), cb.get(stage)

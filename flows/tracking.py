@@ -213,6 +213,8 @@ class Tracker:
             c.set_tag(run_id, "alignflow.ref_logprobs_cached", str(manifest["ref_logprobs_cached"]).lower())
         if "judge_independent" in manifest:  # evaluate: may the gate count the reward model's win-rates?
             c.set_tag(run_id, "alignflow.judge_independent", str(bool(manifest["judge_independent"])).lower())
+        if "eval_config_hash" in manifest:  # what makes two evaluations' numbers comparable (alignflow compare)
+            c.set_tag(run_id, "alignflow.eval_config_hash", str(manifest["eval_config_hash"]))
         if manifest.get("resumed_from") is not None:
             c.set_tag(run_id, "alignflow.resumed_from", str(manifest["resumed_from"]))
         self.log_unrecorded(run_id, folder, manifest)

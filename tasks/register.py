@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alignflow.tasks.lib.hashing import sha256_weights
+from alignflow.tasks.lib.hashing import sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
 LOWER_IS_BETTER = {"perplexity"}
@@ -229,7 +229,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
     from alignflow.tasks.lib.policy import cite, gate_with_policy
-    from alignflow.tasks.lib.registry import move_champion, registry_alias
+    from alignflow.tasks.lib.registry import ROLLED_BACK_TAG, alias_lock, find_version, move_champion, registry_alias
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -257,11 +257,17 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         reasons.append(f"the champion is now version {current}, but evaluate compared this candidate with "
                        f"{inputs.compared_champion or 'no champion'}: re-run to compare with the current one")
 
-    existing = [v for v in client.search_model_versions(f"name='{cfg.model_name}'")
-                if v.tags.get("alignflow.adapter_sha256") == adapter_hash]
-    if existing:
-        version = str(existing[0].version)
-    else:
+    # --- the version holding these weights: found by their hash, or made with its tags in one call ----------
+    tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
+            "alignflow.base_key": inputs.base_key,
+            "alignflow.weights": "adapter" if kind == "adapter" else "full",
+            "alignflow.eval_config_hash": evaluation.get("eval_config_hash", "unknown"),
+            **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in TAGGED_METRICS}}
+    # a version registered before the hash was of the weights carries the hash of the folder's bytes: found by
+    # that once (hashed only when nothing else matched, so a cached run hashes no weights)
+    version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt",
+                           legacy_hash=lambda: sha256_tree(weights))
+    if version is None:
         active = mlflow.active_run()
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
         base, base_artifact = base_record(inputs.base_spec, inputs.base_path)
@@ -281,34 +287,43 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
                               "model_name": cfg.model_name},
                 pip_requirements=pins,
-                registered_model_name=cfg.model_name,
-            )
-        version = str(info.registered_model_version)
-        tags = {**inputs.tags, "alignflow.adapter_sha256": adapter_hash, "alignflow.base_model": inputs.base_spec,
-                "alignflow.base_key": inputs.base_key,
-                "alignflow.weights": "adapter" if kind == "adapter" else "full",
-                "alignflow.eval_config_hash": evaluation.get("eval_config_hash", "unknown"),
-                **{f"alignflow.metric.{k}": str(v) for k, v in metrics.items() if k in TAGGED_METRICS}}
-        for key, value in tags.items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
+            )  # logged, not yet registered: a kill here leaves a logged model and no version
+        with alias_lock(client, cfg.model_name):  # two runs registering the same weights at once make one version
+            version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt")
+            if version is None:
+                # the tags are in the creating call: no version exists without the hash a re-run finds it by
+                # (with log_model(registered_model_name=...) a kill -9 before the tags left an orphan)
+                version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
 
+    # --- the gate's verdict on this version, then the champion alias (compare-and-set) ---------------------
+    mine = client.get_model_version(cfg.model_name, version)
+    rolled_back = mine.tags.get(ROLLED_BACK_TAG)
     previous = None if champion_version is None else str(champion_version.version)
+    if rolled_back and previous != version:
+        reasons.append(f"version {version} was demoted by rollback ({rolled_back}): the gate does not promote a "
+                       f"rolled-back version again; `alignflow promote {cfg.model_name} {version}` does")
     if previous == version:
-        alias = "champion"  # re-submitted champion: nothing moves
+        pass  # re-submitted champion: nothing moves
     elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
-        alias = "champion"  # compare-and-set: the champion was still `previous` when it moved
+        pass  # compare-and-set: the champion was still `previous` when it moved
     else:
         if not reasons:  # another run moved the champion between our read and our move: we did not win
             now = registry_alias(client, cfg.model_name, "champion")
             reasons.append(f"the champion moved to version {getattr(now, 'version', None)} while this run was "
                            f"registering (it had compared with {previous or 'no champion'}): re-run to compare")
-        alias = "challenger"
-        client.set_registered_model_alias(cfg.model_name, alias, version)
+        client.set_registered_model_alias(cfg.model_name, "challenger", version)
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
     # which bound decided: every check, with the interval end it compared
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+
+    # --- what the registry holds now: that, and only that, is reported ------------------------------------
+    held = client.get_registered_model(cfg.model_name).aliases  # alias -> version
+    champion_now = held.get("champion")
+    mine_aliases = sorted(a for a, v in held.items() if str(v) == version)
+    alias = "champion" if "champion" in mine_aliases else "challenger" if "challenger" in mine_aliases \
+        else (mine_aliases[0] if mine_aliases else "no alias")
 
     return write_manifest(out, {
         "stage": "register",
@@ -321,5 +336,6 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],
         "previous_champion": previous,
+        "champion": None if champion_now is None else str(champion_now),  # the champion after this run
         "metrics": {"gate_passed": float(not reasons), "registered_version": float(version)},
     })

@@ -370,3 +370,176 @@ def test_min_gain_vs_champion_decides_by_the_references_on_the_interval() -> Non
     assert "not measured against the champion" in " ".join(gate(by_refs, unmeasured, True)[0])
     with pytest.raises(ValueError, match="unknown metric"):
         GateConfig(min_gain_vs_champion={"vibes": 0.0})
+
+
+def _holds(client: MlflowClient, registered: dict, name: str = "smoke-assistant") -> dict[str, str]:
+    """What the run reported is what the registry holds: the version's alias and the champion."""
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    assert aliases.get("champion") == registered["champion"], (aliases, registered)
+    assert aliases.get(registered["alias"]) == registered["version"], (aliases, registered)
+    return aliases
+
+
+def test_the_registry_tells_the_truth_after_rollback_delete_and_a_killed_register(
+        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    """Run A, run B with the gate opened, rollback, re-run B: the champion stays where rollback put it and B says
+    why. Delete the registered model, re-run A: a new version, champion. A version a killed register left without
+    tags or alias is found by its weights, not registered twice. (Register was cached: the re-runs printed the
+    registry as it had been.)"""
+    smoke = ROOT / "configs" / "smoke.yaml"
+    work = tmp_path / "work"
+    name = "smoke-assistant"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    a = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert (a["registered"]["version"], a["registered"]["alias"]) == ("1", "champion")
+    _holds(client, a["registered"])
+    opened = ["dpo.beta=0.3", "register.gate.min_win_rate_vs_champion=null"]
+    b = pipeline(recipe=load_recipe(smoke, opened), work_dir=str(work))
+    assert (b["registered"]["version"], b["registered"]["alias"]) == ("2", "champion")
+    _holds(client, b["registered"])
+
+    proc = _cli("rollback", name, "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "rollback: champion v2 -> v1" in client.get_model_version(name, "2").tags["alignflow.rolled_back"]
+
+    proc = _cli("run", "configs/smoke.yaml", *[x for o in opened for x in ("--set", o)], "--work-dir", str(work))
+    said = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered smoke-assistant version 2 as challenger (version 2 was demoted by rollback" in said
+    assert "`alignflow promote smoke-assistant 2` does); champion: version 1" in said
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    assert aliases["champion"] == "1" and aliases["challenger"] == "2"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+
+    client.delete_registered_model(name)
+    proc = _cli("run", "configs/smoke.yaml", "--work-dir", str(work))
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered smoke-assistant version 1 as champion (gate passed)" in said
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # what a kill -9 between creating the version and tagging it left: a version with no tags and no alias
+    version = client.get_model_version(name, "1")
+    for key in version.tags:
+        client.delete_model_version_tag(name, "1", key)
+    client.delete_registered_model_alias(name, "champion")
+    again = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert not again["stages"]["register"]["cached"]  # a side effect: it acts every run
+    assert (again["registered"]["version"], again["registered"]["alias"]) == ("1", "champion")
+    _holds(client, again["registered"])
+    assert len(client.search_model_versions(f"name='{name}'")) == 1  # adopted, not registered twice
+    tags = client.get_model_version(name, "1").tags
+    assert tags["alignflow.adapter_sha256"] == _recorded_hash(Path(a["stages"]["dpo"]["folder"]))
+    assert tags["alignflow.gate"] == "passed"
+
+
+def _recorded_hash(dpo_folder: Path) -> str:
+    from alignflow.tasks.lib.manifest import read_manifest
+
+    return read_manifest(dpo_folder)["outputs"]["adapter"]
+
+
+TAKE_LOCK = """
+import sys, time
+from mlflow import MlflowClient
+from alignflow.tasks.lib.registry import LockPermissionError, alias_lock
+started = time.monotonic()
+try:
+    with alias_lock(MlflowClient(sys.argv[1]), sys.argv[2], timeout_s=float(sys.argv[3])):
+        print("TOOK")
+except (LockPermissionError, TimeoutError) as e:
+    print(type(e).__name__, round(time.monotonic() - started, 1), e)
+"""
+
+
+def test_the_alias_lock_of_another_mlflow_user_is_one_clear_error(tmp_path: Path) -> None:
+    """A stale lock another MLflow user created: deleting it answers 403. Every MlflowException used to `continue`
+    the loop without its sleep or deadline, so the worker hammered the server forever; now it says whose lock it
+    is, at once. A lock that is held and fresh ends in a TimeoutError at the deadline."""
+    import base64
+    import json
+    import secrets
+    import time
+    import urllib.request
+
+    from alignflow.tasks.lib.launch import free_port
+
+    port, password = free_port(), "admin-" + secrets.token_hex(8)
+    ini = tmp_path / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port",
+         str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--workers", "1"],
+        env={**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+                time.sleep(1)
+        token = base64.b64encode(f"admin:{password}".encode()).decode()
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/users/create", method="POST",
+                                         data=json.dumps({"username": "bob", "password": "bob-pw-1234567"}).encode(),
+                                         headers={"Authorization": f"Basic {token}",
+                                                  "Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        try:  # the admin holds two locks: one left stale by a dead process, one fresh
+            admin = MlflowClient(url)
+            admin.create_registered_model("stale.alias-lock", tags={
+                "alignflow.lock_taken_at": str(time.time() - 3600), "alignflow.lock_owner": "admin / ops@host1 pid 7"})
+            admin.create_registered_model("held.alias-lock", tags={"alignflow.lock_taken_at": str(time.time() + 600)})
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME")
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD")
+        bob = {**env, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "bob-pw-1234567"}
+
+        def take(model: str, timeout_s: float) -> str:
+            proc = subprocess.run([sys.executable, "-c", TAKE_LOCK, url, model, str(timeout_s)], env=bob,
+                                  capture_output=True, text=True, timeout=90, cwd=ROOT)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout.strip().splitlines()[-1]
+
+        said = take("stale", 60)  # the old loop never returned (the subprocess timed out)
+        assert said.startswith("LockPermissionError"), said
+        assert float(said.split()[1]) < 10  # at once, not at the 60 s deadline
+        assert "'stale.alias-lock'" in said and "held by admin / ops@host1 pid 7" in said
+        said = take("held", 2)
+        assert said.startswith("TimeoutError"), said
+        assert 2 <= float(said.split()[1]) < 10
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_compare_says_when_evaluations_do_not_compare(tmp_path: Path) -> None:
+    """Two runs whose evaluate measured other prompts (another eval_config_hash): their metrics side by side are
+    not a comparison, and compare says so; the same eval config says nothing."""
+    from alignflow.flows.registry import compare
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+
+    def pipeline_run(eval_hash: str, rouge: float) -> str:
+        parent = client.create_run(experiment).info.run_id
+        child = client.create_run(experiment, run_name="evaluate", tags={
+            "mlflow.parentRunId": parent, "alignflow.eval_config_hash": eval_hash}).info.run_id
+        client.log_metric(child, "rougeL", rouge)
+        return parent
+
+    a, b, c = pipeline_run("a" * 64, 0.2), pipeline_run("b" * 64, 0.4), pipeline_run("a" * 64, 0.3)
+    lineage, rows = compare(client, a, b)
+    assert any("eval_config_hash: aaaaaaaaaaaa -> bbbbbbbbbbbb" in line and "do not compare" in line
+               for line in lineage)
+    assert rows[0].metrics == [("rougeL", 0.2, 0.4)]
+    assert not any("eval_config_hash" in line for line in compare(client, a, c)[0])
