@@ -123,6 +123,26 @@ def _tag_experiment_kind(client: MlflowClient, experiment_id: str, tags: dict[st
             raise
 
 
+def dataset_source(uri: str) -> Any:
+    """The MLflow dataset source of an artifact URI, named explicitly by its scheme: the artifact store's own source
+    type (`local` for a path or file:, `s3`, `gs`, ...), else an HTTP source, which only records the URI (what the UI
+    shows; `mlflow-artifacts:`, a server's proxied store, has no source type in MLflow 3.17). Not guessed with
+    `resolve_dataset_source`: MLflow 3.17 registers its local source twice (for "" and "file"), and the guess warns
+    that a local path "can be interpreted in multiple ways" on every run."""
+    from urllib.parse import urlparse
+
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    scheme = urlparse(uri).scheme
+    kind = "local" if scheme in ("", "file") else scheme
+    for source in get_registered_sources():
+        if issubclass(source, FileSystemDatasetSource) and source._get_source_type() == kind:
+            return source(uri)
+    return HTTPDatasetSource(uri)
+
+
 @dataclass
 class Tracker:
     client: MlflowClient
@@ -267,8 +287,6 @@ class Tracker:
         """The curated datasets as artifacts of the curate run (`data/`: what `retrain` reads back, on any worker)
         and as MLflow dataset inputs with their digests, on the curate run and on the pipeline run (the UI's
         "Datasets used" column)."""
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
@@ -282,11 +300,7 @@ class Tracker:
             digest = outputs.get(name) if isinstance(outputs, dict) else None
             digest = digest or sha256_tree(path)
             uri = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/data/{name}"
-            try:
-                source = resolve_dataset_source(uri)
-            except MlflowException:  # `mlflow-artifacts:` (a server's proxied store) has no resolver in MLflow 3.17
-                source = HTTPDatasetSource(uri)  # only records the URI, which is what the UI shows
-            dataset = MetaDataset(source, name=f"{Path(name).stem}", digest=digest[:32])
+            dataset = MetaDataset(dataset_source(uri), name=f"{Path(name).stem}", digest=digest[:32])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                        [InputTag("mlflow.data.context", context)]))
         # MLflow's stores look a dataset up, then insert it: two runs logging the same curated data at once race on
