@@ -226,6 +226,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
 
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
     from alignflow.tasks.lib.policy import cite, gate_with_policy
@@ -287,6 +289,10 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
                               "model_name": cfg.model_name},
                 pip_requirements=pins,
+                # no input schema (the model takes prompts or a chat request, see served_model.py); `max_tokens`
+                # declared so that MLflow passes it through (64: the served model's own default, in new tokens)
+                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec("max_tokens", "long", 64)])),
+                input_example=["Say hello."],
             )  # logged, not yet registered: a kill here leaves a logged model and no version
         with alias_lock(client, cfg.model_name):  # two runs registering the same weights at once make one version
             version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt")

@@ -27,6 +27,7 @@ from typing import Any
 
 import mlflow.models
 import mlflow.pyfunc
+import pandas as pd  # mlflow's own dependency
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -95,9 +96,11 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.name = str(cfg.get("model_name", "alignflow"))
         self.model, self.tok = load_model(cfg, dict(context.artifacts))
 
-    # `model_input` has no type hint on purpose: MLflow would turn one into a signature and enforce it, and this
-    # model takes two shapes (a list of prompts, or a chat request dict)
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # type: ignore[no-untyped-def]
+    # `model_input` takes three shapes: a list of prompts, a one-column DataFrame of them (MLflow's serving
+    # payloads), or a chat request dict. The hint is DataFrame because it is the type MLflow infers no schema from
+    # and so enforces none (a `list[str]` hint would refuse the chat dict; no hint at all makes MLflow warn on every
+    # load); register logs the model with an explicit signature (the `max_tokens` parameter) and an input example.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         params = params or {}
         if isinstance(model_input, dict) and "messages" in model_input:  # OpenAI-style chat request
             limit = int(model_input.get("max_tokens") or params.get("max_tokens") or self.max_new_tokens)
