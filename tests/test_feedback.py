@@ -157,3 +157,23 @@ def test_a_full_disk_names_the_stage_and_the_path_and_rerunning_resumes(prefect_
     (written / "lengths.png").unlink()  # what the full disk left
     result = pipeline(recipe=recipe, work_dir=str(work), until="curate")
     assert (Path(result["stages"]["curate"]["folder"]) / "sft.jsonl").is_file()
+
+
+def test_curated_data_is_logged_with_an_explicit_dataset_source() -> None:
+    """MLflow 3.17 registers its local dataset source twice, so guessing the source of a local artifact path warned
+    "can be interpreted in multiple ways" on every run. The source is named by the URI's scheme: the same types the
+    guess chose, and no warning."""
+    import warnings
+
+    from alignflow.flows.tracking import dataset_source
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sources = {uri: dataset_source(uri) for uri in ("/w/mlartifacts/1/r/artifacts/data/sft.jsonl",
+                                                         "file:///w/mlruns/1/r/artifacts/data/sft.jsonl",
+                                                         "s3://bucket/1/r/artifacts/data/sft.jsonl",
+                                                         "mlflow-artifacts:/1/r/artifacts/data/sft.jsonl")}
+    assert not [str(w.message) for w in seen]
+    kinds = {uri: s._get_source_type() for uri, s in sources.items()}
+    assert list(kinds.values()) == ["local", "local", "s3", "http"]
+    assert all(uri in str(s.to_dict()) for uri, s in sources.items())  # the URI is what gets recorded
