@@ -276,6 +276,15 @@ def run(
     except Exception as e:  # an unexpected failure: say where, keep the traceback for --debug users
         if os.environ.get("ALIGNFLOW_DEBUG"):
             raise
+        from alignflow.flows.pipeline import disk_full
+
+        full = disk_full(e)  # outside a stage (the base model's conversion, the tracking store): stages say theirs
+        if full is not None:
+            where = full.filename or work_dir.resolve()
+            err.print(f"[bold red]stopped:[/] no space left on the device while writing {escape(str(where))}. Free "
+                      "space on that disk and run the same command again: it resumes (finished stages are reused)",
+                      highlight=False)
+            raise typer.Exit(1) from None
         err.print(f"[bold red]failed:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
         err.print("set ALIGNFLOW_DEBUG=1 for the traceback; re-running resumes from the last finished stage")
         raise typer.Exit(1) from None

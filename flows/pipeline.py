@@ -151,7 +151,7 @@ def execute_stage(stage: str, fn: Callable[[Any, Any], dict[str, Any]], cfg: Bas
     return manifest
 
 
-def _disk_full(error: BaseException) -> OSError | None:
+def disk_full(error: BaseException) -> OSError | None:
     """The "no space left on device" (or disk quota) error behind `error`, following its causes: libraries wrap
     it (a checkpoint save raises RuntimeError from the OSError)."""
     import errno
@@ -321,7 +321,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                           key_inputs, stale, always)
     except BaseException as e:
         ctx.tracker.fail(run_id, killed=isinstance(e, KeyboardInterrupt))  # never raises
-        full = _disk_full(e)
+        full = disk_full(e)
         if full:
             raise StageError(_disk_full_message(stage, full, partial)) from None
         raise

@@ -177,3 +177,25 @@ def test_curated_data_is_logged_with_an_explicit_dataset_source() -> None:
     kinds = {uri: s._get_source_type() for uri, s in sources.items()}
     assert list(kinds.values()) == ["local", "local", "s3", "http"]
     assert all(uri in str(s.to_dict()) for uri, s in sources.items())  # the URI is what gets recorded
+
+
+def test_a_full_disk_outside_a_stage_is_said_by_the_command(in_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any stage: the base model's conversion writes into the work dir, here onto Linux's /dev/full. The
+    command says no space, where, and that re-running resumes, not `failed: OSError: [Errno 28] ...`."""
+    from typer.testing import CliRunner
+
+    import alignflow.flows.pipeline as flow
+    from alignflow.cli import app
+
+    def convert_onto_a_full_disk(spec: str, dest: Path, corpus: list) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "model.safetensors").symlink_to("/dev/full")
+        (dest / "model.safetensors").write_bytes(b"\0" * 1_000_000)
+
+    monkeypatch.setattr(flow, "resolve_base", convert_onto_a_full_disk)
+    result = CliRunner().invoke(app, ["run", str(SMOKE), "--until", "synthesize", "--work-dir", str(tmp_path / "w")])
+    said = "".join(result.output.split())  # Rich wraps long lines, a long path anywhere
+    assert result.exit_code == 1, result.output
+    assert "".join(f"stopped: no space left on the device while writing {tmp_path / 'w'}".split()) in said, said
+    assert "runthesamecommandagain:itresumes" in said and "Errno" not in said
