@@ -467,6 +467,14 @@ def _prepare_worker_user(state: State) -> dict[str, str]:
     if readable.returncode != 0:
         raise ServerError(f"--worker-user {user.pw_name} cannot read the project dir {state.project_dir}: give it "
                           "read access (and write access to the work dirs its runs use)")
+    # the interpreter (a venv's python may link into another user's home), the venv and the checkout
+    runs = subprocess.run(["runuser", "-u", user.pw_name, "--", sys.executable, "-c", "import alignflow.worker"],
+                          cwd=state.project_dir, env={"PATH": os.environ.get("PATH", ""), "HOME": "/"},
+                          capture_output=True, text=True, timeout=300)
+    if runs.returncode != 0:
+        raise ServerError(f"--worker-user {user.pw_name} cannot run {sys.executable} with alignflow "
+                          f"({(runs.stderr.strip().splitlines() or ['?'])[-1]}): the interpreter, the virtual "
+                          "environment and the checkout must be readable by that user; nothing was started")
     whome = _worker_home(state)
     whome.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     whome.mkdir(mode=0o700, exist_ok=True)
@@ -568,7 +576,11 @@ def _up(home: Path, project_dir: Path | None, pg_port: int, prefect_port: int, m
     mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": state.db_url("mlflow", "postgresql+psycopg2"),
                   "MLFLOW_ARTIFACTS_DESTINATION": str(home / "mlflow-artifacts")}
     argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(state.mlflow_port),
-            "--serve-artifacts", "--workers", "2"]
+            "--serve-artifacts", "--workers", "2",
+            # uvicorn's supervisor kills a worker that has not answered its ping within 5 s, and a worker still
+            # importing MLflow on a busy machine (load 16 on 2 cores: over 60 s) never answers in time, so the
+            # server never came up; 120 s lets it finish starting
+            "--uvicorn-opts", "--timeout-worker-healthcheck 120"]
     if credentials:
         ini = home / "mlflow-auth.ini"  # holds no secret: the admin's credentials come from the environment
         ini.write_text("[mlflow]\ndefault_permission = READ\n"

@@ -439,6 +439,15 @@ def test_up_with_auth_over_open_servers_refuses_and_down_stops_them(tmp_path: Pa
     ports = ["--pg-port", str(free_port()), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
     as_nobody = ["--worker-user", "nobody"] if os.geteuid() == 0 else []
     t = Team(home, tmp_path, State(home=str(home), project_dir=str(ROOT)), env, "")
+    python_for_nobody = as_nobody and subprocess.run(
+        ["runuser", "-u", "nobody", "--", sys.executable, "-c", "import alignflow.worker"], cwd=ROOT,
+        capture_output=True).returncode == 0
+    if as_nobody and not python_for_nobody:  # e.g. a venv whose python links into /root (0700)
+        refused = t.cli("server", "up", "--home", str(home), *ports, *as_nobody)
+        said = " ".join((refused.stdout + refused.stderr).split())
+        assert refused.returncode != 0 and f"--worker-user nobody cannot run {sys.executable}" in said, said
+        assert load_state(home) is None  # nothing was started, not even PostgreSQL
+        as_nobody = []
     try:
         first = t.cli("server", "up", "--home", str(home), *ports, *as_nobody)
         assert first.returncode == 0, first.stdout + first.stderr
