@@ -541,7 +541,8 @@ def export(
         result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
                                                      gguf_type=gguf_type))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
-    console.print(f"exported {model_uri} ({result['kind']}{extra}) to {out}", markup=False)
+    readme = ", its model card as README.md" if result.get("readme") else ""
+    console.print(f"exported {model_uri} ({result['kind']}{extra}{readme}) to {out}", markup=False)
 
 
 @app.command()

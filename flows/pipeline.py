@@ -449,7 +449,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                 base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
                 compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],
                 evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=lineage,
-                out_dir=out))
+                stages=dict(ctx.folders), out_dir=out))
     except _Stop:
         pass
     except BaseException as e:

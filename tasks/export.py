@@ -12,6 +12,9 @@ the machine that trained it is needed.
   architectures, byte-level BPE tokenizers, tokenizer and chat template in the metadata), in f32, f16 or q8_0.
 
 A full fine-tune was registered as complete weights: `merged` copies them; it has no adapter to export.
+
+`merged` and `adapter` also write the version's model card (`MODEL_CARD.md`, logged with the version by register:
+tasks/lib/model_card.py) as the folder's `README.md`, so the folder can be pushed to a model hub as it is.
 """
 
 from __future__ import annotations
@@ -35,9 +38,17 @@ class ExportInputs(BaseModel):
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
-    out = inputs.out_dir
     if inputs.kind == "gguf":
         return _gguf(inputs)
+    result = _files(inputs)
+    card = inputs.artifacts.parent / "MODEL_CARD.md"  # beside MLmodel; versions registered before cards have none
+    if card.exists():  # replaces the README.md PEFT writes into an adapter folder (a template naming no data)
+        shutil.copyfile(card, inputs.out_dir / "README.md")
+    return {**result, "readme": card.exists()}
+
+
+def _files(inputs: ExportInputs) -> dict[str, Any]:
+    out = inputs.out_dir
     if not (inputs.artifacts / "adapter").exists():
         if inputs.kind == "adapter":
             raise StageError("export: this model is a full fine-tune (complete weights, no adapter); use --merged")

@@ -88,6 +88,7 @@ class RegisterInputs(BaseModel):
     curated: Path  # the curate stage folder (did it decontaminate?)
     run_id: str  # the register child run the model is logged in
     tags: dict[str, str] = {}  # lineage tags copied onto the version (parent run, recipe and data hashes)
+    stages: dict[str, Path] = {}  # every stage folder of this run (curate ... evaluate): the model card's lineage
     out_dir: Path
 
 
@@ -330,6 +331,16 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     mine_aliases = sorted(a for a, v in held.items() if str(v) == version)
     alias = "champion" if "champion" in mine_aliases else "challenger" if "challenger" in mine_aliases \
         else (mine_aliases[0] if mine_aliases else "no alias")
+
+    # the model card (tasks/lib/model_card.py): MODEL_CARD.md with the version's model, its description
+    from alignflow.tasks.lib.model_card import build_card, publish_card
+
+    folders = {"curate": inputs.curated, "dpo": inputs.candidate, "evaluate": inputs.evaluation, **inputs.stages}
+    card = build_card(model_name=cfg.model_name, version=version, alias=alias, reasons=reasons, bounds=decided,
+                      gate=cfg.gate.model_dump(mode="json"), base=base_record(inputs.base_spec, inputs.base_path)[0],
+                      weights=kind if kind == "adapter" else "full", adapter_sha256=adapter_hash, lineage=inputs.tags,
+                      stages={s: read_manifest(f) for s, f in folders.items() if (Path(f) / "manifest.json").exists()})
+    publish_card(client, cfg.model_name, version, card, out, inputs.run_id)
 
     return write_manifest(out, {
         "stage": "register",
