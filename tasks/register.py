@@ -337,7 +337,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
 
     folders = {"curate": inputs.curated, "dpo": inputs.candidate, "evaluate": inputs.evaluation, **inputs.stages}
     card = build_card(model_name=cfg.model_name, version=version, alias=alias, reasons=reasons, bounds=decided,
-                      gate=cfg.gate.model_dump(mode="json"), base=base_record(inputs.base_spec, inputs.base_path)[0],
+                      gate=gate_cfg.model_dump(mode="json"), base=base_record(inputs.base_spec, inputs.base_path)[0],
                       weights=kind if kind == "adapter" else "full", adapter_sha256=adapter_hash, lineage=inputs.tags,
                       stages={s: read_manifest(f) for s, f in folders.items() if (Path(f) / "manifest.json").exists()})
     publish_card(client, cfg.model_name, version, card, out, inputs.run_id)

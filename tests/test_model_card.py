@@ -121,6 +121,9 @@ def test_card_variants_shipped_full_weights_local_base() -> None:
     body = card[card.index("\n---\n", 4):]
     assert "| `shipped.gguf_q8_0.rougeL` | 0.3 |" in body and "Adapter only" not in body
     assert "Teacher:" not in body and "None used" in body
+    assert "not independent" not in body
+    stages["evaluate"]["judge_dependence"] = "it trained on 12 of the policy's pairs"
+    assert "- The judge is not independent of this model: it trained on 12 of the policy's pairs." in _card(stages)
     assert "**Passed**: this version holds `champion`." in body
     hub = _front_matter(_card(stages, base={"kind": "hub", "spec": "org/model", "revision": "abc"}))
     assert hub["base_model"] == "org/model"
@@ -141,6 +144,9 @@ def test_description_fits_the_registry() -> None:
     whole = description(long, "x", limit=10**6)
     assert whole.startswith(kept) and whole[len(kept)] == "\n"  # cut at a line, nothing else changed
     assert "| row 0 |" in kept and "| row 199 |" not in kept
+    # cut inside the settings' code block: the block is closed before the pointer (else the pointer is code)
+    inside = description(card, "x", limit=card.index("lr: 0.001") - card.index("\n---\n", 4) + 60)
+    assert inside.count("```") == 2 and inside.split("\n\n… (cut")[0].endswith("\n```")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

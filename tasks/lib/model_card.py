@@ -298,6 +298,8 @@ def _limits(metrics: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[
                    f"{_num(metrics.get('judge_heldout_accuracy_ci_low'))}.")
     else:
         out.append("- Judge: no reward model was scored (rm_win_rate not among evaluate.metrics).")
+    if stages.get("evaluate", {}).get("judge_dependence"):  # the gate did not count its win-rates
+        out.append(f"- The judge is not independent of this model: {stages['evaluate']['judge_dependence']}.")
     if not stages.get("curate", {}).get("metrics", {}).get("decontaminated"):
         out.append("- The training data was not decontaminated against the eval set: scores may be inflated.")
     if _synthetic_used(stages) and stages["synthesize"].get("teacher", "base") == "base":
@@ -315,8 +317,12 @@ def description(card: str, where: str, limit: int = DESCRIPTION_LIMIT) -> str:
     if len(body) <= limit:
         return body
     pointer = f"\n\n… (cut to {limit} characters: the full card is {CARD} in {where})"
-    cut = body.rfind("\n", 0, limit - len(pointer))
-    return body[: cut if cut > 0 else limit - len(pointer)] + pointer
+    room = limit - len(pointer) - len("\n```")  # and a code block cut open is closed again
+    cut = body.rfind("\n", 0, room)
+    kept = body[: cut if cut > 0 else room]
+    if kept.count("```") % 2:
+        kept += "\n```"
+    return kept + pointer
 
 
 def publish_card(client: Any, model_name: str, version: str, card: str, folder: Path, run_id: str) -> Path:
