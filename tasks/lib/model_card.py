@@ -257,7 +257,8 @@ def _counts(counts: dict[str, Any]) -> str:
 
 def _gate(alias: str, reasons: list[str], bounds: list[str], gate: dict[str, Any],
           metrics: dict[str, Any]) -> list[str]:
-    out = [f"**{'Passed' if not reasons else 'Failed'}**: this version holds `{alias}`."
+    holds = "holds no alias" if alias == "no alias" else f"holds `{alias}`"  # (register's word for none)
+    out = [f"**{'Passed' if not reasons else 'Failed'}**: this version {holds}."
            + ("" if not reasons else " Reasons:")]
     out += [f"- {r}" for r in reasons]
     out += ["", "Every check, with the interval end it compared (the 95% intervals are below):", ""]
