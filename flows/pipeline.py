@@ -433,7 +433,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
                                                                  work / "champions", base_spec=r.model.base,
-                                                                 base_key=base.key)
+                                                                 base_key=base.key, base_revision=base.revision)
             ctx.facts = replace(ctx.facts, champion=champion_id)
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],

@@ -77,17 +77,19 @@ def reap_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     return reaped
 
 
-def check_same_base(model_name: str, version: Any, base_spec: str | None, base_key: str | None) -> None:
+def check_same_base(model_name: str, version: Any, base_spec: str | None, base_key: str | None,
+                    base_revision: str | None = None) -> None:
     """Refuse a registered version trained over another base than the recipe's.
 
     Compared by the resolved base's identity (`alignflow.base_key`: an embedded package version, a folder's
     listing, a hub model's file hashes, whichever commit holds them), so two spellings of one folder agree and a
     rewritten folder does not, and two machines with other snapshots of the same hub weights agree; versions
     registered before that tag existed are compared by `model.base` as written. The `tiny:` test model is built
-    from each run's own data, so only its spec is compared."""
+    from each run's own data, so only its spec is compared. A hub version registered while hub bases were keyed by
+    their commit (`[spec, commit]`) is the same base when this run loaded that very commit (`base_revision`)."""
     spec, key = version.tags.get("alignflow.base_model"), version.tags.get("alignflow.base_key")
     same = (spec == base_spec) if (key is None or base_key is None or (base_spec or "").startswith("tiny:")) \
-        else (key == base_key)
+        else (key == base_key or (base_revision is not None and key == sha256_json([base_spec, base_revision])))
     if base_spec is not None and spec is not None and not same:
         raise StageError(f"the champion of '{model_name}' (version {version.version}) was trained on base "
                          f"'{spec}', which is not this recipe's model.base '{base_spec}'"
@@ -317,7 +319,8 @@ class Tracker:
                     self.client.log_inputs(target, datasets=inputs)
 
     def champion_adapter(self, model_name: str, candidate_sha: str, dest_root: Path,
-                         base_spec: str | None = None, base_key: str | None = None) -> tuple[Path | None, dict]:
+                         base_spec: str | None = None, base_key: str | None = None,
+                         base_revision: str | None = None) -> tuple[Path | None, dict]:
         """The weights (adapter or full model) to compare the candidate with, downloaded once, and their identity.
 
         That is the registry's `champion`; or, when the champion is this very adapter (same content hash: the run
@@ -334,7 +337,7 @@ class Tracker:
                 break
         else:
             return None, {}
-        check_same_base(model_name, version, base_spec, base_key)
+        check_same_base(model_name, version, base_spec, base_key, base_revision)
         sha = version.tags.get("alignflow.adapter_sha256", "")
         # named by content too: another tracking server (or a re-created model) may reuse the version number
         dest = dest_root / f"{model_name}-v{version.version}-{sha[:12]}"

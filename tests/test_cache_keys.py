@@ -540,6 +540,14 @@ def test_a_hub_base_is_keyed_by_its_files_not_its_commit(tmp_path: Path, monkeyp
     check_same_base("m", version, "org/tiny", at[COMMIT_B].key)
     with pytest.raises(StageError, match="same name, other weights"):
         check_same_base("m", version, "org/tiny", at[COMMIT_C].key)
+    # registered while hub bases were keyed by their commit: the same base when this run loaded that commit
+    from alignflow.tasks.lib.hashing import sha256_json
+
+    older = SimpleNamespace(version="1", tags={"alignflow.base_model": "org/tiny",
+                                               "alignflow.base_key": sha256_json(["org/tiny", COMMIT_A])})
+    check_same_base("m", older, "org/tiny", at[COMMIT_A].key, base_revision=COMMIT_A)
+    with pytest.raises(StageError, match="same name, other weights"):
+        check_same_base("m", older, "org/tiny", at[COMMIT_C].key, base_revision=COMMIT_C)
 
     # the recipe: model.revision for a hub id only, and (offline) the revision must be in the cache
     assert load_recipe(SMOKE, ["model.base=org/tiny", f"model.revision={COMMIT_C}"]).model.revision == COMMIT_C
