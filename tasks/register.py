@@ -204,7 +204,7 @@ def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
 
 
 # What tasks/lib/served_model.py imports where a version is loaded, by the distribution names pip installs.
-SERVED_LIBRARIES = ("torch", "transformers", "peft", "mlflow", "huggingface-hub", "safetensors")
+SERVED_LIBRARIES = ("torch", "transformers", "peft", "mlflow", "huggingface-hub", "safetensors", "pandas")
 
 
 def requirements(base: dict[str, Any]) -> list[str]:
