@@ -292,7 +292,11 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     """Run (or serve from cache) one stage; its key is what it reads (flows/keys.py)."""
     key_inputs = stage_inputs(stage, ctx.recipe, ctx.folders, ctx.facts)
     key = stage_key(stage, key_inputs)
-    folder = ctx.work / "stages" / stage / key[:16]
+    always = stage in SIDE_EFFECTS
+    # a side effect's folder is this run's own: two runs sharing the work dir both act, and neither may replace
+    # the folder the other is still reading (its Prefect result too: never read back, as it always acts)
+    run_key = f"{key}-{ctx.flow_run_id}" if always else key
+    folder = ctx.work / "stages" / stage / (f"{key[:16]}-{ctx.flow_run_id}" if always else key[:16])
     partial = folder.with_name(folder.name + ".partial")
     stale = (folder / MANIFEST).exists() and bool(changed := changed_outputs(folder))
     if stale:  # trusted hashes no longer describe the files (edited or half-deleted by hand): make the stage anew
@@ -300,7 +304,6 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
                                  ", ".join(changed))
     run_id = ctx.tracker.child(stage, key)
     started = time.perf_counter()
-    always = stage in SIDE_EFFECTS
     if not (folder / MANIFEST).exists():
         # Another run sharing the work dir may be building this very folder (it holds the folder's lock): wait for
         # it here, so that the wait is reported as a wait and not as this stage's own seconds (a cached sft once
@@ -310,7 +313,7 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     waited = time.perf_counter() - started
     runner = execute_stage.with_options(
         name=stage,
-        cache_key_fn=lambda *_: key,
+        cache_key_fn=lambda *_: run_key,
         result_storage=ctx.work / ".prefect-results",
         result_serializer="json",  # the manifest is JSON: nothing in the work dir is unpickled
         # the cache record alone is not enough: the folder must exist, its outputs as they were written

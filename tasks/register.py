@@ -313,6 +313,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         pass  # re-submitted champion: nothing moves
     elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
         pass  # compare-and-set: the champion was still `previous` when it moved
+    elif not reasons and str(getattr(registry_alias(client, cfg.model_name, "champion"), "version", "")) == version:
+        pass  # another run with the same weights (sharing the work dir) promoted this very version first
     else:
         if not reasons:  # another run moved the champion between our read and our move: we did not win
             now = registry_alias(client, cfg.model_name, "champion")
