@@ -210,6 +210,8 @@ class RunFacts:
     tracking_uri: str = ""  # where register registers
     champion: dict[str, str] = field(default_factory=dict)  # the registry version evaluate compares with
     init_adapter: str | None = None  # content hash of the weights sft continues (retraining), if any
+    sft_unchanged: bool = False  # sft hands init_adapter on untrained (a retrain with no new SFT records)
+    selection_trials: int = 1  # a sweep's winner among k trials: evaluate's intervals at the familywise level
     device: str = ""  # cpu, or cuda with bf16 or not: decides `model.dtype: auto` and the training precision
 
 
@@ -224,7 +226,7 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         judge = recipe.synthesize.reward_model
         return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None, **embedding}
     if stage == "sft":
-        return {"init_adapter": facts.init_adapter}
+        return {"init_adapter": facts.init_adapter, **({"unchanged": True} if facts.sft_unchanged else {})}
     if stage == "dpo":  # grpo / rloo: the reward sources' files (a JSON schema, a python module), by content
         from alignflow.tasks.lib.rewards import source_identity
 
@@ -233,6 +235,7 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
         return {"reward_files": [source_identity(s) for s in recipe.dpo.rewards]}
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
+                **({"selection_trials": facts.selection_trials} if facts.selection_trials > 1 else {}),
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None,
                 **({"lm_eval": harness_identity(recipe.evaluate.lm_eval.include_path)} if recipe.evaluate.lm_eval
                    else {})}

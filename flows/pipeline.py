@@ -43,10 +43,18 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from alignflow.flows import lineage
 from alignflow.flows.interrupts import stop_after_subflow
 from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
 from alignflow.flows.tracking import Tracker, tracking_uri
-from alignflow.recipe import Recipe, RecipeError, ScaleOutSection, allowed_roots, resolve_recipe
+from alignflow.recipe import (
+    Recipe,
+    RecipeError,
+    ScaleOutSection,
+    allowed_roots,
+    confinement_problems,
+    resolve_recipe,
+)
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
 from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
@@ -373,10 +381,18 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
 
 @flow(name="alignflow-pipeline", log_prints=False)  # True would also capture print(file=...) inside libraries
 def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None, init_adapter: str | None = None,
-             tags: dict[str, str] | None = None) -> dict[str, Any]:
+             tags: dict[str, str] | None = None, ancestors: str | None = None,
+             sft_unchanged: bool = False, selection_trials: int = 1,
+             base_corpus: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking.
 
-    `init_adapter` makes sft continue that adapter (retraining); `tags` go onto the parent run."""
+    `init_adapter` makes sft continue that adapter (retraining); `ancestors`: the lineage folder of what those
+    weights already learned (flows/lineage.py), to which this run's curated data is added and logged;
+    `sft_unchanged`: sft hands `init_adapter` on untrained (a retrain with no new SFT records);
+    `selection_trials` > 1: this recipe is the best of that many sweep trials, picked on the eval prompts, so
+    evaluate takes its intervals at the familywise level 1 - 0.05/k; `base_corpus`: the files a `tiny:` test base
+    is built from (default data.sft; a retrain passes the champion's, so its adapter fits the same base); `tags`
+    go onto the parent run."""
     from prefect.runtime import deployment, flow_run
 
     try:  # a deployment's form skips load_recipe: expand and check files the same way
@@ -385,6 +401,10 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                                 init_adapter=init_adapter)
     except RecipeError as e:
         raise StageError(str(e)) from None
+    if ancestors and deployment.id and confinement_problems({}, None, allowed_roots(), None, ancestors):
+        raise StageError(f"ancestors: '{ancestors}' is outside the folders this worker may read")
+    if sft_unchanged and not init_adapter:
+        raise StageError("sft_unchanged: there are no weights to hand on (init_adapter is not set)")
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = data_hashes(recipe)  # files or `datasets` folders: content hashes
@@ -392,18 +412,24 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     init = Path(init_adapter) if init_adapter else None
     ctx = Context(recipe, work, tracker, str(flow_run.id), RunFacts(
         data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_weights(init) if init else None,
-        device=device_kind()))
+        sft_unchanged=sft_unchanged, selection_trials=selection_trials, device=device_kind()))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:
         base: ResolvedBase | None = None
         if _reached(until, "synthesize"):  # curate needs no model: `--until curate` converts nothing
-            base = prepare_base(r.model.base, str(work / "base"), r.data.sft, r.model.revision)
+            corpus = base_corpus or r.data.sft  # (only a `tiny:` base reads it)
+            base = prepare_base(r.model.base, str(work / "base"), corpus, r.model.revision)
+            if base.spec.startswith("tiny:"):  # what a retrain needs to build the same test base again
+                tracker.client.set_tag(tracker.parent_run_id, "alignflow.base_corpus", json.dumps(corpus))
             ctx.facts = replace(ctx.facts, base_key=base.key)
             if base.revision:  # a hub base: the commit this run loaded (model.revision, or what `main` named)
                 tracker.client.set_tag(tracker.parent_run_id, "alignflow.base_revision", base.revision)
 
         run_stage(ctx, "curate", partial(curate_fanned_out, r.scale_out), r.curate, lambda out, _: curate.CurateInputs(
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out))
+        # what these weights will have learned: the ancestors' data and this run's curated data, on the parent run
+        trained_on = lineage.union(Path(ancestors) if ancestors else None, ctx.folders["curate"], work / "lineage")
+        lineage.log(tracker.client, tracker.parent_run_id, trained_on)
         if base is None:
             raise _Stop
         run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
@@ -418,7 +444,7 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))
         if _reached(until, "sft"):
-            run_stage(ctx, "sft", sft.run, r.sft, lambda out, _: sft.SftInputs(
+            run_stage(ctx, "sft", sft.hand_on if sft_unchanged else sft.run, r.sft, lambda out, _: sft.SftInputs(
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], quantized=ctx.folders["quantize"],
                 out_dir=out, seed=seed, init_adapter=init, report_to=["mlflow"], launch=r.launch))
         if _reached(until, "reward"):
@@ -442,16 +468,18 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
                 base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
                 candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
                 champion=champion, champion_sha=champion_id.get("adapter_sha256"), base_key=base.key,
-                answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed))
+                answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed,
+                selection_trials=selection_trials))
         if _reached(until, "register"):
-            lineage = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
-                       "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
-                       **{f"alignflow.data_hash.{k}": v for k, v in data.items()},
-                       **({"alignflow.base_revision": base.revision} if base.revision else {})}
+            version_tags = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
+                            **lineage.version_tags(trained_on),  # digests and record counts of what it learned
+                            "alignflow.recipe_hash": sha256_json(r.model_dump(mode="json")),
+                            **{f"alignflow.data_hash.{k}": v for k, v in data.items()},
+                            **({"alignflow.base_revision": base.revision} if base.revision else {})}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
                 base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
                 compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],
-                evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=lineage,
+                evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=version_tags,
                 stages=dict(ctx.folders), out_dir=out))
     except _Stop:
         pass

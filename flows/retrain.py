@@ -1,19 +1,25 @@
 """The retrain flow: train on data that arrived since the current champion, and let the gate decide.
 
 1. Find the registry's `champion` for the recipe's model name (none yet: run the full pipeline instead).
-2. Find the data it was trained on: the curate stage folder of the pipeline run it came from (version tag
-   `alignflow.parent_run_id` -> that run's curate child run -> `alignflow.stage_dir`).
+2. Find everything it was trained on: the lineage its pipeline run logged (version tag
+   `alignflow.parent_run_id` -> that run's `lineage/` artifacts, flows/lineage.py): its own curated data and
+   all its ancestors'. (A version logged before lineage existed: the curate data of that run.)
 3. Curate the recipe's current data and keep only records not already used: exact and near duplicates of
-   the champion's data are dropped, and eval overlap is removed (`tasks.records.checks.new_records`).
+   the lineage's records are dropped, and eval overlap is removed (`tasks.records.checks.new_records`).
 4. Nothing new: end now, saying so, and register nothing.
-5. Otherwise run the pipeline on the new SFT records (continuing the champion's adapter, or from the base:
-   `retrain.start_from`) and on all preference pairs, old and new (the reward model is retrained from
-   scratch). Evaluate compares with the champion and the gate decides: champion or challenger.
+5. Otherwise run the pipeline on all preference pairs, old and new (the reward model is retrained from
+   scratch), and, for SFT (`retrain.start_from`):
+   - champion: continue the champion's weights on the new SFT records only; with none, sft hands the champion's
+     weights on untrained (they learned every old record already). The run's lineage is the champion's plus
+     the new records, so the next retrain finds only what arrived after it.
+   - base: train from the base on every SFT record, the lineage's and the new ones.
+   Evaluate compares with the champion and the gate decides: champion or challenger.
 Wiring only: the ML is in the stages.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +30,7 @@ import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
+from alignflow.flows import lineage
 from alignflow.flows.pipeline import pipeline
 from alignflow.flows.registry import download_model
 from alignflow.flows.tracking import tracking_uri
@@ -36,17 +43,21 @@ from alignflow.tasks.records.checks import new_records
 
 
 def champion_data(client: MlflowClient, model_name: str, dest_root: Path) -> tuple[Any, Path] | None:
-    """The champion version and a folder with the curated data it was trained on; None without a champion.
+    """The champion version and a folder with everything it was trained on; None without a champion.
 
-    The data comes from MLflow: the `data/` artifacts of the curate run under the champion's pipeline run, so any
-    worker that reaches the tracking server finds it (downloaded once into `dest_root`). Runs logged before the
-    curated data became artifacts fall back to the stage folder recorded in `alignflow.stage_dir`."""
+    The data comes from MLflow, so any worker that reaches the tracking server finds it (downloaded once into
+    `dest_root`): the `lineage/` artifacts of the champion's pipeline run (its ancestors' data and its own).
+    Versions logged before lineage existed fall back to the `data/` artifacts of that run's curate child run,
+    and older ones to the stage folder recorded in `alignflow.stage_dir`."""
     version = registry_alias(client, model_name, "champion")  # a server error is raised, not read as "none"
     if version is None:
         return None
     parent = version.tags.get("alignflow.parent_run_id")
     if not parent:
         raise StageError(f"retrain: {model_name} v{version.version} has no alignflow.parent_run_id tag")
+    found = lineage.download(client, parent, dest_root / f"{model_name}-v{version.version}-{parent}-lineage")
+    if found is not None:
+        return version, found
     run = client.get_run(parent)
     children = client.search_runs([run.info.experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent}' and tags.`alignflow.stage` = 'curate'"))
@@ -105,18 +116,22 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                     summary)
         return {"new_data": False, "champion_version": str(version.version), "counts": summary}
 
-    # New SFT records only (the champion already learned the old ones); with none, the champion's own data.
-    # Preference pairs (and rated completions): old and new together, since reward and DPO start again from the
-    # SFT result.
-    folder = work / "retrain" / sha256_json([fresh, str(used)])[:16]
+    # SFT from the champion: the new records only (it learned the old ones); with none, sft trains nothing and
+    # hands the champion's weights on (the records still go to tokenize, for online RL's prompts). From the base:
+    # every record, old and new. Preference pairs (and rated completions): old and new together, since reward
+    # and DPO start again from the SFT result.
+    from_champion = recipe.retrain.start_from == "champion"
+    unchanged = from_champion and not fresh["sft"]
+    old_sft = list(read_jsonl(used / "sft.jsonl"))
+    folder = work / "retrain" / sha256_json([fresh, str(used), from_champion])[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "sft.jsonl", fresh["sft"] or list(read_jsonl(used / "sft.jsonl")))
+    write_jsonl(folder / "sft.jsonl", fresh["sft"] if from_champion and fresh["sft"] else old_sft + fresh["sft"])
     rated = list(read_jsonl(used / "unpaired.jsonl")) if (used / "unpaired.jsonl").exists() else []
     write_jsonl(folder / "preference.jsonl", list(read_jsonl(used / "preference.jsonl")) + rated + fresh["preference"])
     data = DataSection(sft=[str(folder / "sft.jsonl")], preference=[str(folder / "preference.jsonl")],
                        eval=recipe.data.eval)
     init = None
-    if recipe.retrain.start_from == "champion":
+    if from_champion:
         sha = version.tags.get("alignflow.adapter_sha256", "")[:12]  # by content: version numbers can be reused
         init = work / "champions" / f"{name}-v{version.version}-{sha}-weights"  # adapter, or full model
         if not init.exists():
@@ -127,11 +142,17 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(weights), partial)  # across filesystems (tmp -> work dir)
                 os.replace(partial, init)
-    logger.info("retraining %s from %s on %s", name, "champion v" + str(version.version) if init else "the base",
-                summary)
+    corpus = None
+    if recipe.model.base.startswith("tiny:"):  # the test base is built from data: build the champion's again
+        parent = client.get_run(version.tags["alignflow.parent_run_id"]).data.tags
+        corpus = json.loads(parent["alignflow.base_corpus"]) if "alignflow.base_corpus" in parent else None
+    logger.info("retraining %s from %s on %s%s", name, "champion v" + str(version.version) if init else "the base",
+                summary, " (no new SFT records: sft hands the champion's weights on)" if unchanged else "")
     # (a Ctrl-C that Prefect drops as this subflow ends, flows/interrupts.py, stops nothing: the work is done)
     result = pipeline(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,
                       init_adapter=str(init) if init else None,
+                      # the champion's lineage goes on with its weights; from the base, this run's data is all
+                      ancestors=str(used) if init else None, sft_unchanged=unchanged, base_corpus=corpus,
                       tags={"alignflow.retrain_of": str(version.version),
                             **{f"alignflow.retrain.{k}": str(v) for k, v in summary.items()}})
     return {"new_data": True, "champion_version": str(version.version), "counts": summary, **result}

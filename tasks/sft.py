@@ -194,3 +194,30 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "artifacts": ["loss.png", "log_history.json"],
         "metrics": metrics,
     })
+
+
+def hand_on(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
+    """No SFT records new to the weights being continued (a retrain on new preference data only): those weights
+    (`init_adapter`, the champion's) are this stage's product as they are. Training them again on records they
+    already learned would count those records twice; dpo then continues from them as from any SFT result."""
+    from alignflow.tasks.lib.models import is_adapter
+
+    init = inputs.init_adapter
+    if init is None:
+        raise StageError("sft: nothing to hand on without init_adapter (the weights a retrain continues)")
+    out = inputs.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    product = out / ("adapter" if is_adapter(init) else "model")
+    shutil.copytree(init, product)
+    quant = json.loads((inputs.quantized / "quantization.json").read_text())
+    return write_manifest(out, {
+        "stage": "sft",
+        "resumed_from": None,
+        "quantized": bool(quant),
+        "method": cfg.method,
+        "init_adapter": str(init),
+        "trained": False,  # handed on: no step taken
+        "outputs": [product.name],
+        "artifacts": [],
+        "metrics": {"global_step": 0, "trained_examples": 0},
+    })

@@ -181,6 +181,8 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
                                                                 "evaluate", "register"),
            "the registry champion": ("evaluate", "register"),
            "an adapter to continue (alignflow retrain)": ("sft",),
+           "handing that adapter on untrained (a retrain with no new SFT records)": ("sft",),
+           "a sweep's trial count (its winner's familywise intervals)": ("evaluate",),
            "the lm-eval version and the task files under its include_path": ("evaluate",),
            "semantic dedup's model (a local folder's files, an embedded one's package version), when it is on":
                ("curate", "synthesize"),
@@ -325,8 +327,11 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_p
     others = {"tracking_uri": RunFacts(base.base_key, base.data, "http://elsewhere:5000", {}),
               "champion": RunFacts(base.base_key, base.data, base.tracking_uri, {"version": "3"}),
               "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc"),
-              "device": RunFacts(base.base_key, base.data, base.tracking_uri, {}, device="cuda-bf16")}
+              "device": RunFacts(base.base_key, base.data, base.tracking_uri, {}, device="cuda-bf16"),
+              "sft_unchanged": RunFacts(base.base_key, base.data, base.tracking_uri, {}, sft_unchanged=True),
+              "selection_trials": RunFacts(base.base_key, base.data, base.tracking_uri, {}, selection_trials=8)}
     expected = {"tracking_uri": ("register",), "champion": ("evaluate", "register"), "init_adapter": ("sft",),
+                "sft_unchanged": ("sft",), "selection_trials": ("evaluate",),
                 "device": ("synthesize", "quantize", "sft", "reward", "dpo", "evaluate", "register")}
     from alignflow.flows.keys import without_credentials
 
