@@ -6,7 +6,11 @@ Prefect subflow (K at a time on a thread pool), its MLflow parent run nested und
 `alignflow.sweep=<id>`. Trials share every stage whose inputs did not change through the pipeline's cache (a
 `dpo.beta` sweep trains sft once); the sweep run records how many stage runs the cache saved. At the end the best
 trial by `--metric` runs once more without `--until`: its stages come from the cache and register puts it through
-the gate like any run. The sweep run holds a parallel-coordinates plot and the table of trials.
+the gate like any run, with one difference: the winner was picked among k trials on the same eval prompts the gate
+reads, and the best of k passes a 95 % gate by luck far more often than one run does (about 7-fold for k = 8).
+So its evaluate takes every interval at the familywise level 1 - 0.05/k (Bonferroni; k = the finished trials),
+and the register run's gate bounds and reasons say so, with k (tag `alignflow.gate_selection`). The sweep run
+holds a parallel-coordinates plot and the table of trials.
 
 `--parallel K` runs each trial in a process of its own (a task of the flow's thread pool waits on it): threads of
 one process share torch's random generator (what a stage made depended on what the other trials drew meanwhile,
@@ -195,6 +199,7 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
         # (a Ctrl-C that Prefect drops as this last subflow ends stops nothing: all that is left is the summary)
         best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
             recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
+            selection_trials=len(finished),  # picked among these on the gate's prompts: familywise intervals
             tags={"mlflow.parentRunId": tracker.parent_run_id, "mlflow.runName": f"best-trial-{best.number}",
                   "alignflow.sweep": ident, "alignflow.sweep_best": str(best.number)})
         saved = _cache_savings(finished, tracker.client)

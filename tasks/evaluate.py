@@ -58,7 +58,16 @@ from alignflow.tasks.lib.harness import HarnessResult, run_harness, task_manager
 from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.stats import bootstrap_ci, delta_ci, mean_ci, perplexity_delta_ci, wilson_low, win_scores
+from alignflow.tasks.lib.stats import (
+    LEVEL,
+    bootstrap_ci,
+    delta_ci,
+    familywise_level,
+    mean_ci,
+    perplexity_delta_ci,
+    wilson_low,
+    win_scores,
+)
 from alignflow.tasks.lib.training import seed_everything
 
 Metric = Literal["perplexity", "rouge", "bleu", "exact_match", "rm_win_rate"]
@@ -101,6 +110,9 @@ class EvaluateInputs(BaseModel):
     teacher: Any = "base"  # the recipe's synthesize.teacher, for the optional LLM judge
     out_dir: Path
     seed: int
+    # >1: this candidate is the best of that many sweep trials, picked on these eval prompts: every interval is
+    # taken at the familywise level 1 - 0.05/k (Bonferroni), so that the selection does not inflate a pass
+    selection_trials: int = Field(1, ge=1)
 
 
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
@@ -119,6 +131,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
+    level = familywise_level(inputs.selection_trials)  # 0.95 for a run that was not selected among others
     records = list(read_jsonl(inputs.curated / "eval.jsonl"))[: cfg.max_samples]
     prompts = [r["prompt"] for r in records]
     references = [r["reference"] for r in records]
@@ -211,14 +224,16 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     compared = [name for name in ("base", "sft", "champion") if name in answers]
 
     # --- reference metrics, per model, with paired intervals where the gate reads them ----------------------
-    metrics: dict[str, float] = {"eval_examples": len(records)}
+    metrics: dict[str, float] = {"eval_examples": len(records), "interval_level": round(level, 6),
+                                 "selection_trials": inputs.selection_trials}
     tuned = "tuned"
     if nlls:
         metrics["perplexity"] = round(perplexity(nlls[tuned]), 4)
         for name in compared:
             metrics[f"perplexity_{name}"] = round(perplexity(nlls[name]), 4)
         if "champion" in nlls:
-            _put(metrics, "perplexity_delta", perplexity_delta_ci(nlls[tuned], nlls["champion"], inputs.seed))
+            _put(metrics, "perplexity_delta", perplexity_delta_ci(nlls[tuned], nlls["champion"], inputs.seed,
+                                                                        level))
     module = resources.files("alignflow.metrics")
     per_example: dict[str, dict[str, list[float]]] = {}  # metric -> model -> per-prompt values
     if "rouge" in cfg.metrics:
@@ -228,7 +243,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             for key, values in scores.items():
                 per_example.setdefault(key, {})[name] = values
         metrics.update({k: round(_mean(per_example[k][tuned]), 4) for k in ("rouge1", "rouge2", "rougeL")})
-        metrics.update(gain("rougeL_gain", per_example["rougeL"][tuned], per_example["rougeL"]["base"], inputs.seed))
+        metrics.update(gain("rougeL_gain", per_example["rougeL"][tuned], per_example["rougeL"]["base"], inputs.seed,
+                            level))
     if "exact_match" in cfg.metrics:
         em = hf_evaluate.load(str(module / "exact_match"))
         per_example["exact_match"] = {
@@ -237,20 +253,22 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["exact_match"] = round(_mean(per_example["exact_match"][tuned]), 4)
         if "sft" in per_example["exact_match"]:  # what preference tuning added, by the references alone
             metrics.update(gain("exact_match_gain_vs_sft", per_example["exact_match"][tuned],
-                                per_example["exact_match"]["sft"], inputs.seed))
+                                per_example["exact_match"]["sft"], inputs.seed, level))
     for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
         for name in compared:
             if key in per_example and key in ("rougeL", "exact_match"):
                 metrics[f"{key}_{name}"] = round(_mean(per_example[key][name]), 4)
         if key in per_example and "champion" in per_example[key]:
-            _put(metrics, f"{key}_delta", delta_ci(per_example[key][tuned], per_example[key]["champion"], inputs.seed))
+            _put(metrics, f"{key}_delta", delta_ci(per_example[key][tuned], per_example[key]["champion"], inputs.seed,
+                                                   level))
     if "bleu" in cfg.metrics:
         bleu = hf_evaluate.load(str(module / "bleu"))
         metrics["bleu"] = round(bleu.compute(predictions=answers[tuned], references=references)["bleu"], 4)
         for name in compared:
             metrics[f"bleu_{name}"] = round(bleu.compute(predictions=answers[name], references=references)["bleu"], 4)
         if "champion" in answers:
-            _put(metrics, "bleu_delta", _bleu_delta_ci(answers[tuned], answers["champion"], references, inputs.seed))
+            _put(metrics, "bleu_delta", _bleu_delta_ci(answers[tuned], answers["champion"], references, inputs.seed,
+                                                       level))
 
     # --- the reward model as judge: is it independent of the policy? then win-rates with intervals ---------
     independent, why = judge_independence(read_manifest(inputs.reward), read_manifest(inputs.candidate))
@@ -273,7 +291,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
         metrics["judge_heldout_pairs"] = len(held)
         metrics["judge_heldout_accuracy"] = round(right / max(len(held), 1), 4)
-        metrics["judge_heldout_accuracy_ci_low"] = wilson_low(right, len(held))
+        metrics["judge_heldout_accuracy_ci_low"] = wilson_low(right, len(held),  # z=1.96 unless selected
+                                                              level=level if inputs.selection_trials > 1 else None)
         if hasattr(rm, "unload"):  # take the reward LoRA layers out of the shared backbone again
             rm.unload()
         del rm
@@ -282,9 +301,9 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             metrics[f"reward_mean_{name}"] = round(_mean(rewards[name]), 4)
             wins = win_scores(answers[tuned], rewards[tuned], answers[name], rewards[name])
             metrics[f"win_rate_vs_{name}"] = round(_mean(wins), 4)
-            _put(metrics, f"win_rate_vs_{name}", mean_ci(wins, inputs.seed))
+            _put(metrics, f"win_rate_vs_{name}", mean_ci(wins, inputs.seed, level))
         if "champion" in answers:
-            _put(metrics, "reward_mean_delta", delta_ci(rewards[tuned], rewards["champion"], inputs.seed))
+            _put(metrics, "reward_mean_delta", delta_ci(rewards[tuned], rewards["champion"], inputs.seed, level))
     if "sft" in answers:
         metrics["changed_vs_sft"] = round(_mean([float(a != s) for a, s in zip(answers[tuned], answers["sft"],
                                                                                   strict=True)]), 4)
@@ -303,7 +322,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
 
     outputs = ["samples.jsonl"]
     if harness:
-        metrics.update(_harness_metrics(harness, inputs.seed))
+        metrics.update(_harness_metrics(harness, inputs.seed, level))
         (out / "lm_eval_results.json").write_text(json.dumps({n: r.raw for n, r in harness.items()}, indent=2,
                                                              default=str))
         write_jsonl(out / "lm_eval_samples.jsonl", ({"model": n, "metric": m, "doc_id": d, "value": v}
@@ -321,6 +340,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     eval_config_hash = sha256_json([records, cfg.max_samples, cfg.max_new_tokens, inputs.base.name])
     return write_manifest(out, {"stage": "evaluate", "compared": compared, "eval_config_hash": eval_config_hash,
                                 "judge_independent": independent, "judge_dependence": why,
+                                "interval_level": level, "selection_trials": inputs.selection_trials,
                                 "cached_answers": cached_answers,  # models whose answers came from the cache
                                 "outputs": outputs, "artifacts": outputs, "metrics": metrics})
 
@@ -341,7 +361,7 @@ def judge_independence(reward: dict[str, Any], dpo: dict[str, Any]) -> tuple[boo
     return True, ""
 
 
-def _harness_metrics(harness: dict[str, HarnessResult], seed: int) -> dict[str, float]:
+def _harness_metrics(harness: dict[str, HarnessResult], seed: int, level: float = LEVEL) -> dict[str, float]:
     """`lm_eval.<task>.<metric>` for the tuned model, `_base` / `_champion` for the others, the direction, and the
     paired interval of tuned - champion where both have per-document values over the same documents."""
     tuned = harness["tuned"]
@@ -357,17 +377,18 @@ def _harness_metrics(harness: dict[str, HarnessResult], seed: int) -> dict[str, 
         if champion is not None and name in tuned.per_doc and name in champion.per_doc:
             docs = sorted(set(tuned.per_doc[name]) & set(champion.per_doc[name]))
             _put(metrics, f"{key}_delta", delta_ci([tuned.per_doc[name][d] for d in docs],
-                                                    [champion.per_doc[name][d] for d in docs], seed))
+                                                    [champion.per_doc[name][d] for d in docs], seed, level))
         elif champion is not None and name in champion.metrics:  # an aggregate with no per-document values
             delta = round(value - champion.metrics[name], 4)
             metrics[f"{key}_delta_ci_low"] = metrics[f"{key}_delta_ci_high"] = delta
     return metrics
 
 
-def gain(name: str, candidate: list[float], other: list[float], seed: int) -> dict[str, float]:
+def gain(name: str, candidate: list[float], other: list[float], seed: int,
+         level: float = LEVEL) -> dict[str, float]:
     """`name`: mean(candidate) - mean(other) over the same prompts, with its 95 % paired-bootstrap interval
     (`name_ci_low`, `name_ci_high`); positive when the candidate scores higher."""
-    low, high = delta_ci(candidate, other, seed)
+    low, high = delta_ci(candidate, other, seed, level)
     return {name: round(_mean(candidate) - _mean(other), 4), f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
@@ -379,7 +400,8 @@ def _put(metrics: dict[str, float], name: str, interval: tuple[float, float]) ->
     metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = interval
 
 
-def _bleu_delta_ci(candidate: list[str], other: list[str], references: list[str], seed: int) -> tuple[float, float]:
+def _bleu_delta_ci(candidate: list[str], other: list[str], references: list[str], seed: int,
+                   level: float = LEVEL) -> tuple[float, float]:
     """Paired interval of corpus BLEU(candidate) - BLEU(other). Corpus BLEU is not a mean of per-prompt values:
     each resample sums the prompts' n-gram statistics and scores them with sacrebleu, the library behind
     metrics/bleu (same 13a tokenisation and exp smoothing), without re-running the module 2,000 times."""
@@ -393,4 +415,4 @@ def _bleu_delta_ci(candidate: list[str], other: list[str], references: list[str]
         summed = [sum(stats[name][i][k] for i in idx) for k in range(len(stats[name][0]))]
         return float(scorer._compute_score_from_stats(summed).score) / 100.0
 
-    return bootstrap_ci(len(candidate), lambda idx: score("candidate", idx) - score("other", idx), seed)
+    return bootstrap_ci(len(candidate), lambda idx: score("candidate", idx) - score("other", idx), seed, level=level)

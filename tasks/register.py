@@ -106,6 +106,9 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
     """
     reasons: list[str] = []
     decided: list[str] = []
+    selected = selection(metrics)
+    if selected:  # a sweep's winner: said first, so every bound below is read at that level
+        decided.append(selected)
 
     def bound(name: str) -> float | None:
         value = metrics.get(name)
@@ -182,7 +185,19 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
                            f"max_regression {allowed})")
     if cfg.require_decontaminated and not decontaminated:
         reasons.append("curate did not decontaminate the training data (curate.decontaminate.enabled=false)")
+    if reasons and selected:
+        reasons.append(selected)  # how the failed bounds above were taken
     return reasons, decided
+
+
+def selection(metrics: dict[str, float]) -> str:
+    """How a sweep's winner is gated ('' for a run that was not selected among others): its trials were compared
+    on these eval prompts, so evaluate took every interval at the familywise level 1 - 0.05/k (Bonferroni)."""
+    k = int(metrics.get("selection_trials", 1) or 1)
+    if k <= 1:
+        return ""
+    return (f"selection: the best of k={k} sweep trials, picked on the same eval prompts; every interval is at the "
+            f"familywise level 1 - 0.05/{k} = {metrics.get('interval_level')} (Bonferroni), not 95%")
 
 
 def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
@@ -326,6 +341,10 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     # which bound decided: every check, with the interval end it compared
     client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+    mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_reasons", "; ".join(reasons)[:5000] or "-")
+    if selection(metrics):  # a sweep's winner: the correction and its k, on the run and the version
+        mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_selection", selection(metrics))
+        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
 
     # --- what the registry holds now: that, and only that, is reported ------------------------------------
     held = client.get_registered_model(cfg.model_name).aliases  # alias -> version
@@ -351,6 +370,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "alias": alias,
         "gate_reasons": reasons,
         "gate_bounds": decided,
+        "gate_selection": selection(metrics),  # '' unless a sweep's winner (the familywise correction and k)
         "adapter_sha256": adapter_hash,
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],

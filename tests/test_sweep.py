@@ -124,6 +124,12 @@ def test_sweep_shares_stages_resumes_after_ctrl_c_and_registers_the_best(prefect
     assert registering.info.run_name == f"best-trial-{best.number}"
     version = client.get_model_version_by_alias("smoke-assistant", "champion")
     assert version.tags["alignflow.parent_run_id"] == registering.info.run_id
+    # picked among 2 trials on the gate's own prompts: its intervals at the familywise level, said with k
+    (register,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == registering.info.run_id
+                   and r.data.tags.get("alignflow.stage") == "register"]
+    assert "k=2" in register.data.tags["alignflow.gate_selection"] and "1 - 0.05/2" in \
+        register.data.tags["alignflow.gate_bounds"]
+    assert version.tags["alignflow.gate_selection"] == register.data.tags["alignflow.gate_selection"]
     assert f"best: trial {best.number}" in out
 
 
@@ -299,3 +305,34 @@ def test_parallel_trials_run_in_processes_of_their_own_and_make_what_a_run_alone
 
 def _rerun_stages(result: dict) -> set[str]:
     return {s for s, info in result["stages"].items() if not info["cached"]}
+
+
+def test_the_winner_of_k_trials_is_gated_at_the_familywise_level() -> None:
+    """Eight trials that are all no better than the base (per-prompt gains are pure noise): picking the best by its
+    mean and gating it at 95 % promotes it far more often than 5 % (the issue measured 0.153); at the familywise
+    level 1 - 0.05/8 the false promotions fall to the nominal rate. Then the gate says which correction and k."""
+    import random
+
+    from alignflow.tasks.lib.stats import LEVEL, delta_ci, familywise_level
+    from alignflow.tasks.register import GateConfig, gate
+
+    k, prompts, runs = 8, 48, 200
+    rng = random.Random(7)
+    promoted = {LEVEL: 0, familywise_level(k): 0}
+    for sim in range(runs):
+        trials = [[rng.gauss(0.0, 0.3) for _ in range(prompts)] for _ in range(k)]  # candidate - base, mean 0
+        best = max(trials, key=sum)
+        for level in promoted:
+            low, _ = delta_ci(best, [0.0] * prompts, seed=sim, level=level)
+            promoted[level] += low > 0.0
+    assert familywise_level(k) == 1 - 0.05 / 8
+    assert promoted[LEVEL] / runs > 0.08  # the selection inflates a 95 % gate
+    assert promoted[familywise_level(k)] / runs <= 0.05 < promoted[LEVEL] / runs
+
+    metrics = {"win_rate_vs_base": 0.7, "win_rate_vs_base_ci_low": 0.45, "rougeL_gain_ci_low": 0.1,
+               "judge_heldout_accuracy_ci_low": 0.9, "selection_trials": 8, "interval_level": familywise_level(k)}
+    reasons, decided = gate(GateConfig(), metrics, True)
+    assert decided[0].startswith("selection: the best of k=8 sweep trials") and "1 - 0.05/8 = 0.99375" in decided[0]
+    assert reasons[-1] == decided[0]  # a failed gate says how its bounds were taken
+    assert not any(d.startswith("selection") for d in gate(GateConfig(), {**metrics, "selection_trials": 1},
+                                                              True)[1])
