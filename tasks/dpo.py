@@ -338,13 +338,17 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
 def _kto_rows(unpaired: Any, pairs: Any, seed: int) -> Any:
     """KTO's rows (prompt, completion, label): the unpaired feedback, then every pair as its chosen answer
     (desirable) and its rejected one (undesirable), shuffled with the seed. KTOTrainer reads its data in order
-    (its KL term pairs each completion with a neighbour's prompt), so desirable and undesirable rows must mix."""
+    (its KL term pairs each completion with a neighbour's prompt), so desirable and undesirable rows must mix.
+    A pair side that is already a rated row (tokenize makes a pair of a prompt's thumbs-up and thumbs-down
+    answers, for the reward model) is not added again: each rating counts once."""
     from datasets import Dataset
 
     rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in unpaired]
+    seen = {sha256_json([r["prompt"], r["completion"], r["label"]]) for r in rows}
     for p in pairs:
-        rows.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True})
-        rows.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False})
+        for side, label in ((p["chosen"], True), (p["rejected"], False)):
+            if sha256_json([p["prompt"], side, label]) not in seen:
+                rows.append({"prompt": p["prompt"], "completion": side, "label": label})
     return Dataset.from_list(rows).shuffle(seed=seed) if rows else Dataset.from_list(rows)
 
 
