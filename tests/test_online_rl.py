@@ -102,7 +102,9 @@ def test_each_loss_runs_end_to_end_and_registers(loss: str, prefect_server: None
         # reward.pairs: disjoint (the default): the judge learned the other half of the prompts, feedback included
         assert 0 < dpo["metrics"]["kto_unpaired_rows"] < tokenized["preference.unpaired"]
         assert 0 < dpo["metrics"]["trained_pairs"] < tokenized["preference.pairs"]
-        assert dpo["metrics"]["kto_rows"] == dpo["metrics"]["kto_unpaired_rows"] + 2 * dpo["metrics"]["trained_pairs"]
+        # each rating once: every rating of this feedback is also a side of a pair made from it (each prompt is
+        # rated up and down), so the rows are the pairs' two sides, not those plus the ratings again
+        assert dpo["metrics"]["kto_rows"] == 2 * dpo["metrics"]["trained_pairs"]
         judge = read_manifest(Path(result["stages"]["reward"]["folder"]))["trained_pair_hashes"]
         assert dpo["trained_pair_hashes"] and judge and not set(dpo["trained_pair_hashes"]) & set(judge)
         assert evaluated["judge_independent"] is True
@@ -137,6 +139,62 @@ def test_each_loss_runs_end_to_end_and_registers(loss: str, prefect_server: None
         assert row["reward"] == pytest.approx(sum(w * r for w, r in parts), abs=1e-3)
         assert row["reward.regex"] == float(re.fullmatch(".*e.*", row["completion"].strip()) is not None)
     assert dpo["metrics"]["prompts"] > 0 and "reward_mean_last_quarter" in dpo["metrics"]
+
+
+# Data shapes on their own and together: `pairs` (the seed pairs), `thumbs` (data/thumbs.jsonl: 24 rated answers,
+# 10 prompts rated both up and down, 4 rated once) and `both`; each shape's curate ... reward stages are shared by
+# its losses. A pair loss on thumbs alone is refused at validation (test_pair_losses_refuse_...).
+SHAPES = {"pairs": "data/pairs.jsonl", "thumbs": "data/thumbs.jsonl", "both": "[data/pairs.jsonl, data/thumbs.jsonl]"}
+LIBRARY_WARNINGS = ("can be interpreted in multiple ways", "Add type hints to the `predict` method")
+
+
+@pytest.fixture(scope="module")
+def shape_work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {shape: tmp_path_factory.mktemp(f"shape-{shape}") for shape in SHAPES}
+
+
+@pytest.mark.parametrize("shape,loss", [("pairs", "kto"), ("thumbs", "kto"), ("pairs", "grpo"), ("thumbs", "rloo"),
+                                        ("both", "sigmoid"), ("pairs", "sigmoid")])
+def test_each_data_shape_runs_through_register(shape: str, loss: str, prefect_server: None, in_root: Path,
+                                               shape_work: dict[str, Path]) -> None:
+    """kto on pairs alone used to crash (an empty `unpaired` folder that datasets 5.2 cannot load) and kto on thumbs
+    alone stopped in tokenize (no held-out pair for the judge). Every shape now trains, is judged by a reward model
+    measured on held-out pairs, and registers; no run prints MLflow's two warnings about the dataset source and
+    the served model's `predict`."""
+    import warnings
+
+    from datasets import load_from_disk
+
+    overrides = [f"dpo.loss={loss}", f"data.preference={SHAPES[shape]}", *(ONLINE if loss in ("grpo", "rloo") else [])]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = pipeline(recipe=load_recipe(SMOKE, overrides), work_dir=str(shape_work[shape]))
+    said = [str(w.message) for w in seen if any(text in str(w.message) for text in LIBRARY_WARNINGS)]
+    assert not said, said
+    assert result["registered"]["version"] is not None
+    folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
+    tok = read_manifest(folders["tokenize"])["metrics"]
+    dpo = read_manifest(folders["dpo"])["metrics"]
+    judged = read_manifest(folders["evaluate"])["metrics"]
+    assert tok["preference.pairs"] >= 4 and tok["preference.heldout_pairs"] >= 2
+    assert judged["judge_heldout_pairs"] == tok["preference.heldout_pairs"] >= 2  # the judge was measured
+    assert read_manifest(folders["reward"])["metrics"]["heldout_pairs"] == tok["preference.heldout_pairs"]
+    rated = tok["preference.unpaired"] + tok["preference.unpaired_heldout"]
+    if shape == "pairs":
+        assert rated == 0 and tok["preference.pairs_from_unpaired"] == 0
+        assert len(load_from_disk(str(folders["tokenize"] / "unpaired"))) == 0  # empty, and it loads
+    else:
+        assert rated == 24 and tok["preference.pairs_from_unpaired"] == 10  # 10 prompts rated up and down
+    if loss == "kto":  # the policy's side of the prompts (reward.pairs: disjoint), each rating once
+        assert dpo["kto_unpaired_rows"] <= tok["preference.unpaired"] and dpo["trained_pairs"] > 0
+        assert dpo["kto_rows"] <= dpo["kto_unpaired_rows"] + 2 * dpo["trained_pairs"]
+        if shape == "pairs":
+            assert dpo["kto_unpaired_rows"] == 0 and dpo["kto_rows"] == 2 * dpo["trained_pairs"]
+        assert dpo["heldout_rated"] > 0 and dpo["global_step"] == 4
+    if loss in ("grpo", "rloo"):  # sampled from the shape's prompts (and the SFT prompts)
+        prompts = {p[-1]["content"] for p in load_from_disk(str(folders["tokenize"] / "prompts"))["prompt"]}
+        source = [r["prompt"] for r in map(json.loads, (ROOT / SHAPES[shape]).read_text().splitlines())]
+        assert prompts & set(source) and dpo["prompts"] == len(prompts)
 
 
 def test_a_regex_reward_gives_the_matching_completion_the_higher_advantage(tmp_path: Path) -> None:
