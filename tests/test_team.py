@@ -234,8 +234,11 @@ def test_job_variables_cannot_change_what_the_worker_runs(team: Team) -> None:
     """Issue 27: `--job-variable "command=..."` ran any script on the worker. The server now refuses the variable;
     a Prefect user who puts Prefect's default template back on the pool meets the worker's refusal; `up` puts
     the team template back."""
-    if not team.flow_runs:
-        pytest.skip("needs the deployments of the test above")
+    if not team.flow_runs:  # run alone (-k): deploy here
+        deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                                 "deployments/prefect.yaml", "--all"], cwd=ROOT, env=team.env, capture_output=True,
+                                text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     from prefect.workers.process import ProcessWorker
 
     from alignflow.worker import PROCESS_TEMPLATE
@@ -269,8 +272,6 @@ def test_job_variables_cannot_change_what_the_worker_runs(team: Team) -> None:
 
 def test_the_worker_holds_no_shell_secret_and_the_home_is_private(team: Team) -> None:
     """Issue 27: the worker had the whole environment of the shell that ran `up`; the home was 0755/0644."""
-    if not team.flow_runs:
-        pytest.skip("needs the pipeline runs of the test above")
     state = load_state(team.home)
     assert state is not None
     environ = {name: Path(f"/proc/{state.pids[name]}/environ").read_bytes()
@@ -287,7 +288,8 @@ def test_the_worker_holds_no_shell_secret_and_the_home_is_private(team: Team) ->
     readable = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in [team.home, *team.home.rglob("*")]
                 if not p.is_symlink() and p.lstat().st_mode & 0o077 and pg_data not in (p, *p.parents)]
     assert readable == []
-    assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))  # the pipelines' artifacts are in there
+    if team.flow_runs:  # the pipelines' artifacts are among what was checked
+        assert any((team.home / "mlflow-artifacts").rglob("manifest.json"))
     assert (team.home / "mlflow-auth.db").stat().st_mode & 0o777 == 0o600
 
 
