@@ -20,6 +20,7 @@ the `postgres` OS user that Debian's package creates, and lives under /var/lib/p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -223,17 +224,35 @@ def _ours(state: State, name: str) -> int | None:
 
 
 def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group (a server's own workers included), SIGKILL what is left after grace_s."""
+    """SIGTERM the process group (a server's own workers included) and every descendant in a session of its own
+    (Prefect's worker starts each flow run in a new session: killing the worker's group alone left a running
+    pipeline training on), SIGKILL what is left after grace_s."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
+        for child in descendants:  # psutil checks that each is still the process it listed (pid reuse)
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(sig)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and pid_alive(pid):
+        while time.monotonic() < deadline and (pid_alive(pid) or any(_running(c) for c in descendants)):
             time.sleep(0.2)
-        if not pid_alive(pid):
+        if not pid_alive(pid) and not any(_running(c) for c in descendants):
             return
+
+
+def _running(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # ---------------------------------------------------------------- PostgreSQL

@@ -230,3 +230,33 @@ def test_an_html_answer_from_mlflow_is_an_error_not_a_crash(html_404: str, tmp_p
     assert status == 404 and "404 Not Found" in answer["message"]
     with pytest.raises(ServerError, match="could not create the MLflow user alignflow-worker for the worker: HTTP 404"):
         _ensure_worker_user(state, ("admin", "pw"))
+
+
+def test_down_also_stops_the_workers_flow_runs_in_their_own_session(tmp_path: Path) -> None:
+    """Prefect's process worker starts each flow run in a new session; `down` signalled the worker's process group
+    only, and a running pipeline trained on after `down`."""
+    import sys
+
+    import psutil
+
+    from alignflow.server import State, _spawn, down
+
+    state = State(home=str(tmp_path), project_dir=str(ROOT))
+    code = ("import subprocess, time\n"
+            "subprocess.Popen(['sleep', '61'], start_new_session=True)\n"
+            "time.sleep(60)\n")
+    argv = [sys.executable, "-c", code]
+    pid = _spawn("prefect-worker", argv, {"PATH": os.environ["PATH"]}, state, tmp_path)
+    _exec_done(pid, argv)
+    deadline = time.monotonic() + 20
+    while not psutil.Process(pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (run,) = psutil.Process(pid).children()
+    assert os.getsid(run.pid) != os.getsid(pid)  # like a flow run: outside the worker's session and group
+    try:
+        assert down(tmp_path, say=lambda line: None)
+        assert not run.is_running() or run.status() == psutil.STATUS_ZOMBIE
+    finally:
+        for proc in (run, psutil.Process(pid)):
+            if proc.is_running():
+                proc.kill()
