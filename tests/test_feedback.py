@@ -196,7 +196,7 @@ def test_a_full_disk_outside_a_stage_is_said_by_the_command(in_root: Path, tmp_p
     import alignflow.flows.pipeline as flow
     from alignflow.cli import app
 
-    def convert_onto_a_full_disk(spec: str, dest: Path, corpus: list) -> None:
+    def convert_onto_a_full_disk(spec: str, dest: Path, corpus: list, **options: object) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         (dest / "model.safetensors").symlink_to("/dev/full")
         (dest / "model.safetensors").write_bytes(b"\0" * 1_000_000)
