@@ -30,7 +30,10 @@ TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low",
 
 
 class GateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: every threshold (and every max_regression / min_gain_vs_champion value) must be a finite
+    # number. A NaN (YAML `.nan`, JSON `NaN`, or the string "nan" a deployment form sends) compares False both ways,
+    # so it would silently pass its check and win over the model's policy in merge(): refused here, per dotted key.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     min_win_rate: float | None = Field(
         0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must exceed this "
         "(None: not checked). A reward model that is not independent of the policy (evaluate's judge_independent) "
@@ -106,6 +109,11 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
     """
     reasons: list[str] = []
     decided: list[str] = []
+    # Fail closed on a threshold that is not a finite number (GateConfig refuses them; a config built around the
+    # validation must still not pass): NaN compares False both ways, so every check below would be skipped.
+    for key, value in _thresholds(cfg):
+        if not math.isfinite(value):
+            reasons.append(f"register.gate.{key}={value} is not a finite number: the gate fails closed")
     selected = selection(metrics)
     if selected:  # a sweep's winner: said first, so every bound below is read at that level
         decided.append(selected)
@@ -188,6 +196,16 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
     if reasons and selected:
         reasons.append(selected)  # how the failed bounds above were taken
     return reasons, decided
+
+
+def _thresholds(cfg: GateConfig) -> list[tuple[str, float]]:
+    """(dotted key under register.gate, value) of every numeric threshold the gate config sets."""
+    found = [(key, float(getattr(cfg, key))) for key in
+             ("min_win_rate", "min_win_rate_vs_champion", "min_rougeL_gain", "min_judge_accuracy")
+             if getattr(cfg, key) is not None]
+    for rule in ("max_regression", "min_gain_vs_champion"):
+        found += [(f"{rule}.{metric}", float(value)) for metric, value in sorted(getattr(cfg, rule).items())]
+    return found
 
 
 def selection(metrics: dict[str, float]) -> str:

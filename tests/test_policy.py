@@ -77,6 +77,65 @@ def test_policy_tags_that_do_not_validate_are_problems_not_ignored() -> None:
     assert len(problems) == 3 and all("is not valid" in p for p in problems)
 
 
+# --- NaN / inf thresholds: refused at validation, and the gate fails closed on one (review finding 2) ----------
+
+# every numeric key of register.gate (dotted, as a recipe's --set names it), with a value the policy would check
+GATE_KEYS = ["min_win_rate", "min_win_rate_vs_champion", "min_rougeL_gain", "min_judge_accuracy",
+             "max_regression.rougeL", "min_gain_vs_champion.exact_match"]
+NON_FINITE = [(float("nan"), ".nan", "NaN"), ("nan", "nan", '"nan"'), (float("inf"), ".inf", "Infinity"),
+              ("inf", "inf", '"inf"'), (float("-inf"), "-.inf", "-Infinity")]  # (python, YAML, JSON tag text)
+
+
+def _nested(dotted: str, value: object) -> dict[str, object]:
+    key, _, metric = dotted.partition(".")
+    return {key: {metric: value} if metric else value}
+
+
+@pytest.mark.parametrize("key", GATE_KEYS)
+@pytest.mark.parametrize(("value", "yaml_text", "tag_text"), NON_FINITE)
+def test_a_non_finite_gate_threshold_is_refused_per_key(key: str, value: object, yaml_text: str,
+                                                        tag_text: str) -> None:
+    from alignflow.recipe import RecipeError, load_recipe
+
+    with pytest.raises(ValueError, match="finite number"):
+        GateConfig.model_validate(_nested(key, value))
+    # a recipe: one problem, at the key's dotted path (YAML `.nan` and the plain string a deployment form sends)
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(ROOT / "configs" / "smoke.yaml", [f"register.gate.{key}={yaml_text}"])
+    assert len(refused.value.problems) == 1, refused.value.problems
+    assert refused.value.problems[0].startswith(f"register.gate.{key}: Input should be a finite number")
+    # a policy tag: a problem (it fails the gate), never a value that merge() would compare
+    tag, _, metric = f"register.gate.{key}".rpartition(".") if "." in key else (f"register.gate.{key}", "", "")
+    text = f'{{"{metric}": {tag_text}}}' if metric else tag_text
+    policy, problems = policy_from_tags({tag: text})
+    assert policy == {} and len(problems) == 1 and "finite number" in problems[0], (policy, problems)
+
+
+# the candidate the reviewer's NaN recipe promoted over the policy: every check below fails on the policy alone
+FAILING = {"judge_heldout_accuracy_ci_low": 0.05, "win_rate_vs_base_ci_low": 0.1, "win_rate_vs_champion": 0.3,
+           "win_rate_vs_champion_ci_low": 0.1, "rougeL_gain_ci_low": -0.3, "rougeL_delta_ci_low": -0.4,
+           "rougeL_delta_ci_high": -0.1, "exact_match_delta_ci_low": -0.5, "exact_match_delta_ci_high": -0.2}
+
+
+@pytest.mark.parametrize("key", GATE_KEYS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_the_gate_fails_closed_on_a_non_finite_threshold(key: str, value: float) -> None:
+    """A config built around validation (model_construct) still cannot pass the gate with a NaN or inf threshold,
+    and merge() keeps the policy's value over it."""
+    fields = {"min_win_rate": None, "min_win_rate_vs_champion": None, "min_rougeL_gain": None,
+              "min_judge_accuracy": None, "max_regression": {}, "min_gain_vs_champion": {},
+              "require_decontaminated": False}
+    cfg = GateConfig.model_construct(**{**fields, **_nested(key, value)})
+    reasons, _ = gate(cfg, FAILING, True)
+    assert any(r.startswith(f"register.gate.{key}={value} is not a finite number") for r in reasons), reasons
+    floor = {"max_regression.rougeL": 0.02, "min_gain_vs_champion.exact_match": 0.0}.get(key, 0.5)
+    policy = _nested(key, floor)
+    merged, decided = merge(cfg, policy)
+    assert merged.model_dump() == GateConfig.model_validate({**fields, **policy}).model_dump()
+    assert decided == {key: f"register.gate.{key}={floor}"}
+    assert gate(merged, FAILING, True)[0], "the policy's check must fail this candidate"
+
+
 # --- a real tracking server with MLflow's basic-auth app -----------------------------------------------------
 
 @pytest.fixture(scope="module")

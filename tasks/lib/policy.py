@@ -13,6 +13,7 @@ Stricter, key by key:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from alignflow.tasks.register import GateConfig
@@ -46,23 +47,32 @@ def merge(recipe: GateConfig, policy: dict[str, Any]) -> tuple[GateConfig, dict[
     (its value is the one used: stricter than or equal to the recipe's), `key -> "register.gate.<key>=<value>"`."""
     merged = recipe.model_dump()
     decided: dict[str, str] = {}
+    # A recipe value that is not a finite number counts as absent where the policy sets the key (GateConfig refuses
+    # them; this guards a config built without validation): NaN would win every `>=` / `<=` below by comparing
+    # False. Where the policy is silent it stays, and the GateConfig.model_validate at the end refuses it.
     for key in THRESHOLDS:
         floor = policy.get(key)
-        if floor is not None and (merged[key] is None or float(floor) >= merged[key]):
+        if floor is not None and (_absent(merged[key]) or float(floor) >= merged[key]):
             merged[key] = float(floor)
             decided[key] = f"{PREFIX}{key}={floor}"
     for metric, allowed in (policy.get("max_regression") or {}).items():
-        if metric not in merged["max_regression"] or float(allowed) <= merged["max_regression"][metric]:
+        if _absent(merged["max_regression"].get(metric)) or float(allowed) <= merged["max_regression"][metric]:
             merged["max_regression"][metric] = float(allowed)
             decided[f"max_regression.{metric}"] = f"{PREFIX}max_regression.{metric}={allowed}"
     for metric, needed in (policy.get("min_gain_vs_champion") or {}).items():
-        if metric not in merged["min_gain_vs_champion"] or float(needed) >= merged["min_gain_vs_champion"][metric]:
+        if _absent(merged["min_gain_vs_champion"].get(metric)) or \
+                float(needed) >= merged["min_gain_vs_champion"][metric]:
             merged["min_gain_vs_champion"][metric] = float(needed)
             decided[f"min_gain_vs_champion.{metric}"] = f"{PREFIX}min_gain_vs_champion.{metric}={needed}"
     if policy.get("require_decontaminated"):
         merged["require_decontaminated"] = True
         decided["require_decontaminated"] = f"{PREFIX}require_decontaminated=true"
     return GateConfig.model_validate(merged), decided
+
+
+def _absent(value: float | None) -> bool:
+    """The recipe does not set this threshold: None, or a value that is not a finite number."""
+    return value is None or not math.isfinite(value)
 
 
 def cite(lines: list[str], decided: dict[str, str], model_name: str) -> list[str]:
