@@ -13,6 +13,15 @@ reason in its state message and the worker's log) a run that:
 - has no deployment, or a deployment whose entrypoint is not one of alignflow's flows (`ENTRYPOINTS`), or whose
   pull steps are anything but `set_working_directory` to the worker's project dir (`ALIGNFLOW_HOME`).
 
+Nothing after that check reads the deployment again. Left to itself, Prefect 3.8 starts each run through
+`prefect.runner._workspace_supervisor`, which reads the deployment from the API once more and runs that copy's pull
+steps and entrypoint: a Prefect user who edits the deployment between the check and the start runs any code as
+the worker's user. So the job sets its own `command` (the engine), `working_dir` (ALIGNFLOW_HOME: what the one
+allowed pull step did) and `PREFECT__FLOW_ENTRYPOINT` (the checked entrypoint: the engine then loads the flow from
+it and never from the deployment), and `TeamWorker.run` resolves the flow for on_crashed/on_cancellation hooks from
+that same entrypoint (Prefect's default for a set command, `load_flow_from_flow_run`, reads the deployment and runs
+its pull steps inside the worker itself).
+
 Run as `python -m alignflow.worker --pool NAME` (what `up` does); the environment is the one `up` gives it.
 """
 
@@ -22,9 +31,17 @@ import argparse
 import asyncio
 import os
 import warnings
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+import anyio
+import anyio.abc
+from prefect.flows import load_flow_from_entrypoint
+from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
+from prefect.runner._starter_engine import EngineCommandStarter
+from prefect.utilities.processutils import command_to_string, get_sys_executable
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -32,6 +49,8 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.flows import Flow
+    from prefect.runner._process_manager import ProcessHandle
 
 # Prefect 3.8's process template without `command`, `env` and `working_dir`: the run's command is the engine's,
 # its environment the worker's, its directory a fresh temporary one (the pull step then moves to the project).
@@ -83,7 +102,8 @@ def refusal(flow_run_vars: dict[str, Any], deployment: DeploymentResponse | None
 
 
 class TeamJobConfiguration(ProcessJobConfiguration):
-    """The process job configuration, built from PROCESS_TEMPLATE after the run passed `refusal`."""
+    """The process job configuration, built from PROCESS_TEMPLATE after the run passed `refusal`, with the command,
+    directory and flow entrypoint fixed here (nothing started from it reads the deployment again)."""
 
     @classmethod
     async def resolve_for_flow_run(cls, flow_run: FlowRun, *, client: PrefectClient, work_pool: WorkPool,
@@ -91,14 +111,42 @@ class TeamJobConfiguration(ProcessJobConfiguration):
                                    deployment: DeploymentResponse | None = None) -> TeamJobConfiguration:
         if deployment is None and flow_run.deployment_id:
             deployment = await client.read_deployment(flow_run.deployment_id)
-        why = refusal(flow_run.job_variables or {}, deployment, os.environ.get("ALIGNFLOW_HOME", ""))
+        home = os.environ.get("ALIGNFLOW_HOME", "")
+        why = refusal(flow_run.job_variables or {}, deployment, home)
+        if why is None and not home:
+            why = "the worker has no ALIGNFLOW_HOME (the project dir its flows run from)"
         if why:
             raise RefusedRun(f"alignflow's team worker refused this run: {why}")
+        assert deployment is not None  # refusal() refuses a run without one
+        # the checked entrypoint, as this worker spells it (not a later copy of the deployment's)
+        (entrypoint,) = ENTRYPOINTS & {deployment.entrypoint}
         # the worker's own template, whatever the pool on the server holds now (a Prefect user may have edited it)
         pinned = work_pool.model_copy(update={"base_job_template": PROCESS_TEMPLATE})
-        return await super().resolve_for_flow_run(flow_run, client=client, work_pool=pinned,
-                                                  worker_name=worker_name, worker_id=worker_id,
-                                                  deployment=deployment)
+        config = await super().resolve_for_flow_run(flow_run, client=client, work_pool=pinned,
+                                                    worker_name=worker_name, worker_id=worker_id,
+                                                    deployment=deployment)
+        # A set command makes ProcessWorker start the engine directly (EngineCommandStarter) instead of the
+        # workspace supervisor, which would read the deployment again and run its pull steps.
+        config.command = command_to_string([get_sys_executable(), "-m", "prefect.engine"])
+        config._command_configured = True
+        config.working_dir = Path(home)  # where the one allowed pull step (set_working_directory) moved to
+        # flow_engine.load_flow imports this entrypoint (relative to working_dir) and skips load_flow_from_flow_run
+        config.env = {**config.env, "PREFECT__FLOW_ENTRYPOINT": entrypoint}
+        return config
+
+
+def fixed_flow_resolver(configuration: ProcessJobConfiguration) -> Callable[[FlowRun], Awaitable[Flow[Any, Any]]]:
+    """The flow for a run's on_crashed/on_cancellation hooks, loaded in the worker from the entrypoint its job
+    configuration fixed (under its working_dir), never from the deployment on the server."""
+    entrypoint = str(configuration.env["PREFECT__FLOW_ENTRYPOINT"])
+    path, name = entrypoint.rsplit(":", 1)
+    absolute = f"{Path(str(configuration.working_dir)) / path}:{name}"
+
+    async def resolve(flow_run: FlowRun) -> Flow[Any, Any]:
+        # importing the flow module runs its top level: in a thread, off the worker's event loop
+        return await anyio.to_thread.run_sync(lambda: load_flow_from_entrypoint(absolute, use_placeholder_flow=False))
+
+    return resolve
 
 
 with warnings.catch_warnings():  # it takes the `process` type's place in Prefect's registry, in this process only
@@ -106,6 +154,40 @@ with warnings.catch_warnings():  # it takes the `process` type's place in Prefec
 
     class TeamWorker(ProcessWorker):
         job_configuration = TeamJobConfiguration
+
+        async def run(self, flow_run: FlowRun, configuration: ProcessJobConfiguration,
+                      task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
+            """ProcessWorker.run's set-command branch (Prefect 3.8.8), with the hooks' flow from the fixed entrypoint:
+            never the workspace supervisor, never load_flow_from_flow_run."""
+            if task_status is None:
+                task_status = anyio.TASK_STATUS_IGNORED
+            if not (configuration._command_configured and configuration.working_dir
+                    and configuration.env.get("PREFECT__FLOW_ENTRYPOINT") in ENTRYPOINTS):
+                raise RefusedRun("alignflow's team worker runs only job configurations TeamJobConfiguration built")
+            execution: FlowRunExecutionResult | None = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                async with FlowRunExecutorContext() as ctx:
+                    starter = EngineCommandStarter(command=configuration.command,
+                                                   cwd=Path(configuration.working_dir).resolve(),
+                                                   env=configuration.env, stream_output=configuration.stream_output,
+                                                   control_channel=ctx.control_channel)
+                    executor = ctx.create_executor(flow_run, starter, resolve_flow=fixed_flow_resolver(configuration),
+                                                   propose_submitting=False)
+
+                    async def execute(*, task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED
+                                      ) -> None:
+                        nonlocal execution
+                        execution = await executor.submit(task_status=task_status)
+
+                    async with anyio.create_task_group() as group:
+                        handle = await group.start(execute)
+                        if handle.pid is None:
+                            raise RuntimeError("Flow run process has no PID")
+                        task_status.started(handle.pid)
+            if execution is None or execution.status_code is None:
+                raise RuntimeError("Failed to start flow run process.")
+            return ProcessWorkerResult(status_code=execution.status_code, identifier=str(execution.handle.pid))
 
 
 async def _serve(pool: str) -> None:

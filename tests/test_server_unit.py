@@ -92,6 +92,121 @@ def test_the_worker_refuses_a_run_without_a_deployment() -> None:
     assert "has no deployment" in (refusal({}, None, "/srv/alignflow") or "")
 
 
+@pytest.fixture()
+def recording_api() -> Iterator[tuple[str, list[str]]]:
+    """A stand-in Prefect API that answers GET /api/flows/<id> (the one read the worker's job building makes besides
+    the deployment it is handed) and records every request path."""
+    import json
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(self.path)
+            if self.command == "GET" and self.path.startswith("/api/flows/"):
+                body = json.dumps({"id": self.path.rsplit("/", 1)[1], "name": "alignflow-pipeline", "labels": {},
+                                   "created": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z"}).encode()
+                self.send_response(200)
+            else:
+                body = b'{"detail": "not here"}'
+                self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api", seen
+    server.shutdown()
+
+
+def _job(api: str, template: dict[str, Any], deployment: Any, flow_run_vars: dict[str, Any] | None = None) -> Any:
+    """The job configuration the team worker builds for a run of `deployment` from a pool holding `template`."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+
+    from alignflow.worker import TeamJobConfiguration
+
+    flow_run = FlowRun(id=uuid4(), name="r", flow_id=deployment.flow_id, deployment_id=deployment.id,
+                       job_variables=flow_run_vars or {})
+    pool = WorkPool(name="alignflow", type="process", base_job_template=template)
+
+    async def build() -> Any:
+        async with PrefectClient(api=api) as client:
+            return await TeamJobConfiguration.resolve_for_flow_run(flow_run, client=client, work_pool=pool,
+                                                                   worker_name="w", deployment=deployment)
+
+    return asyncio.run(build())
+
+
+def test_the_worker_fixes_command_directory_and_entrypoint_and_reads_no_deployment_again(
+        recording_api: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27 finding 1: Prefect's workspace supervisor read the deployment again after the worker's check and ran
+    that copy's pull steps (and entrypoint). The job the worker builds must carry the engine's command, the project
+    dir and the checked entrypoint, so the started process never needs the deployment. The pool on the server
+    hard-codes another command, environment and directory (a Prefect user may edit it): none of that reaches the
+    job either."""
+    import copy
+    import shlex
+
+    from prefect.workers.process import ProcessWorker
+
+    api, seen = recording_api
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(ROOT))
+    monkeypatch.delenv("PREFECT__FLOW_ENTRYPOINT", raising=False)
+    hostile = copy.deepcopy(ProcessWorker.get_default_base_job_template())
+    hostile["job_configuration"].update(command="touch /tmp/pwned", env={"EVIL": "1"}, working_dir="/tmp")
+    for entry in ("flows/pipeline.py:pipeline", "flows/retrain.py:retrain"):
+        job = _job(api, hostile, _deployment(entrypoint=entry), {"stream_output": False})
+        # ProcessWorker.run starts the engine directly (EngineCommandStarter) only for a configured command; without
+        # one it starts the workspace supervisor, which reads the deployment and runs its pull steps
+        assert job._command_configured is True
+        assert shlex.split(job.command)[1:] == ["-m", "prefect.engine"]
+        assert Path(job.working_dir) == ROOT
+        assert job.env["PREFECT__FLOW_ENTRYPOINT"] == entry and job.env["ALIGNFLOW_HOME"] == str(ROOT)
+        assert "EVIL" not in job.env and job.stream_output is False
+    # building it read the flow, never the deployment (the worker hands over the copy it checked)
+    assert seen and all(path.startswith("/api/flows/") for path in seen), seen
+    # a run the check refuses gets no job at all
+    from alignflow.worker import RefusedRun
+
+    with pytest.raises(RefusedRun, match="pull steps must be"):
+        _job(api, hostile, _deployment(pull_steps=[{"prefect.deployments.steps.run_shell_script": {"script": "id"}}]))
+    monkeypatch.delenv("ALIGNFLOW_HOME")
+    with pytest.raises(RefusedRun, match="no ALIGNFLOW_HOME"):
+        _job(api, hostile, _deployment())
+
+
+def test_the_flow_and_its_hooks_load_from_the_fixed_entrypoint_without_the_api(
+        recording_api: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the started engine does with that job (flow_engine.load_flow, in the job's directory and environment)
+    and what the worker does for on_crashed/on_cancellation hooks (its resolver): both load the checked
+    entrypoint's flow and make no API call, so no later copy of the deployment is read or its pull steps run."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.flow_engine import load_flow
+
+    from alignflow.worker import fixed_flow_resolver
+
+    api, seen = recording_api
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(ROOT))
+    job = _job(api, {"job_configuration": {}, "variables": {}}, _deployment(entrypoint="flows/retrain.py:retrain"))
+    seen.clear()
+    monkeypatch.setenv("PREFECT_API_URL", api)  # any API call the loaders made would land here
+    flow_run = FlowRun(id=uuid4(), name="r", flow_id=uuid4(), deployment_id=uuid4())
+    monkeypatch.chdir(job.working_dir)
+    monkeypatch.setenv("PREFECT__FLOW_ENTRYPOINT", job.env["PREFECT__FLOW_ENTRYPOINT"])
+    assert load_flow(flow_run).name == "alignflow-retrain"
+    monkeypatch.chdir("/")  # the resolver does not depend on the worker's directory
+    assert asyncio.run(fixed_flow_resolver(job)(flow_run)).name == "alignflow-retrain"
+    assert seen == []
+
+
 def test_the_worker_gets_allowed_secrets_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from alignflow.server import State, _base_env, worker_secret_env
 
