@@ -238,6 +238,40 @@ def test_a_deployment_teacher_url_must_be_allowed_by_the_operator(monkeypatch: p
             load_recipe(recipe, [_url(url)])
 
 
+def test_a_bare_loopback_host_in_the_allow_list_opens_no_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 5: `127.0.0.1,localhost` listed without ports must not open this machine's services (the
+    team's Prefect, MLflow, PostgreSQL on any port, a worker's local listeners): loopback, link-local and
+    unspecified addresses, and the team's service ports, pass only as a literal host:port."""
+    from alignflow.tasks.lib.teacher import teacher_url_problem
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", "127.0.0.1,localhost,::1,0.0.0.0,169.254.169.254,teacher.lan")
+    for url in ("http://127.0.0.1:9999/v1", "http://127.0.0.1:5000/v1", "http://localhost:4200/v1",
+                "http://LOCALHOST:5433/v1", "http://localhost:6543/v1",  # a PostgreSQL moved by --pg-port
+                "http://[::1]:8000/v1", "http://0.0.0.0:8000/v1", "http://169.254.169.254/latest/v1"):
+        for resolve in (True, False):  # `localhost` is loopback without asking a resolver
+            problem = teacher_url_problem(url, resolve=resolve) or ""
+            assert "itself (host and port)" in problem or "team's own services" in problem, (url, resolve, problem)
+    # a bare ordinary host still opens its ordinary ports, never the team's service ports
+    assert teacher_url_problem("http://teacher.lan:8000/v1", resolve=False) is None
+    assert "team's own services" in (teacher_url_problem("http://teacher.lan:5000/v1", resolve=False) or "")
+    # named literally with the port, each one is the operator's choice
+    monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", "127.0.0.1:9999,localhost:4200,[::1]:8000,teacher.lan:5000")
+    for url in ("http://127.0.0.1:9999/v1", "http://LOCALHOST:4200/v1", "http://[::1]:8000/v1",
+                "http://teacher.lan:5000/v1"):
+        assert teacher_url_problem(url) is None, url
+    assert "not allowed" in (teacher_url_problem("http://127.0.0.1:9998/v1") or "")
+    # through the recipe, as a deployment run validates it
+    problems = ""
+    monkeypatch.setenv("ALIGNFLOW_TEACHER_URL_ALLOW", "127.0.0.1,localhost")
+    try:
+        load_recipe(ROOT / "configs" / "smoke.yaml", [_url("http://localhost:9999/v1")], confine=[ROOT])
+    except RecipeError as e:
+        problems = "\n".join(e.problems)
+    assert "synthesize.teacher.url:" in problems and "loopback" in problems and "'localhost:9999'" in problems
+
+
 def test_the_teacher_checks_its_url_again_where_the_request_is_made(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A Teacher built without validation (model_construct) sends nothing to a refused URL: no request reaches the

@@ -75,7 +75,11 @@ class TeacherEndpoint(BaseModel):
 
 
 # Ports of the team's own services (`alignflow server up` defaults: Prefect 4200, MLflow 5000, PostgreSQL 5433); the
-# ports of PREFECT_API_URL and MLFLOW_TRACKING_URI in the checking process's environment are added.
+# ports of PREFECT_API_URL and MLFLOW_TRACKING_URI in the checking process's environment are added. A non-default
+# PostgreSQL port (`up --pg-port`) is in neither: the worker's environment does not carry it, and state.json, which
+# does, also holds the database password and is not the worker's to read. `up` binds PostgreSQL (like Prefect and
+# MLflow) to 127.0.0.1 only, so it is reached only through a loopback address, which needs a literal host:port
+# listing whatever the port: that rule, not this list, keeps a teacher off a PostgreSQL on any port.
 TEAM_PORTS = (4200, 5000, 5433)
 
 
@@ -99,6 +103,8 @@ def _team_ports() -> set[int]:
 
 def _special(address: str) -> str | None:
     """Why an address needs an explicit listing (loopback, link-local such as cloud metadata, unspecified)."""
+    if _special_name(address):  # a name listed as such (never resolved)
+        return "loopback"
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -111,12 +117,19 @@ def _special(address: str) -> str | None:
     return None
 
 
+def _special_name(host: str) -> bool:
+    """`localhost` and names under `.localhost`: loopback without asking a resolver (RFC 6761)."""
+    name = host.rstrip(".")  # `localhost.` is the same name, fully qualified
+    return name == "localhost" or name.endswith(".localhost")
+
+
 def teacher_url_problem(url: str, *, resolve: bool = True, strict_resolve: bool = False) -> str | None:
     """Why a deployment run may not send requests (and its API key) to `url`, or None when it may.
 
     The host (or host:port) must match a pattern in ALIGNFLOW_TEACHER_URL_ALLOW (empty: no remote teacher). A
     loopback, link-local or unspecified address, and a port of the team's own services, pass only when the
-    operator names that host (or host:port) literally, without wildcards. A host name is resolved (`resolve`) and
+    operator names that host:port literally, without wildcards: a bare host (`127.0.0.1`, `localhost`) opens only
+    the ports of ordinary hosts, never every service on this machine. A host name is resolved (`resolve`) and
     each address it resolves to is checked the same way; `strict_resolve`: a name that does not resolve is
     refused (at request time), else left to the request to fail (at validation)."""
     parts = urlsplit(url)
@@ -127,20 +140,21 @@ def teacher_url_problem(url: str, *, resolve: bool = True, strict_resolve: bool 
         return f"'{url}' has no valid port"
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     patterns = url_allow_patterns()
-    if not any(fnmatch.fnmatchcase(host, p) or fnmatch.fnmatchcase(where, p) for p in patterns):
+    # equal, or matching as a pattern (an IPv6 `[::1]:8000` is only ever equal: fnmatch reads brackets as a set)
+    if not any(p in (host, where) or fnmatch.fnmatchcase(host, p) or fnmatch.fnmatchcase(where, p)
+               for p in patterns):
         return (f"teacher host '{where}' is not allowed for a deployment run (allowed: {', '.join(patterns) or 'none'}"
                 "; the operator lists hosts or host:port patterns in ALIGNFLOW_TEACHER_URL_ALLOW)")
-    literal = host in patterns or where in patterns  # named without wildcards
-    if literal:
+    if where in patterns:  # this host:port named literally, without wildcards: the operator meant it
         return None
     if port in _team_ports():
         return (f"teacher '{where}' uses port {port} of the team's own services (Prefect, MLflow, PostgreSQL); "
                 f"the operator must list '{where}' itself in ALIGNFLOW_TEACHER_URL_ALLOW")
-    addresses: list[str] = []
+    addresses: list[str] = [host] if _special_name(host) else []
     try:
         addresses = [str(ipaddress.ip_address(host))]  # an address literal (urlsplit drops IPv6's brackets)
     except ValueError:
-        if resolve:
+        if resolve and not addresses:
             try:
                 addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port)})
             except OSError:
@@ -149,8 +163,8 @@ def teacher_url_problem(url: str, *, resolve: bool = True, strict_resolve: bool 
     for address in addresses:
         why = _special(address)
         if why:
-            return (f"teacher host '{host}' is {why} ({address}); the operator must list '{host}' or '{where}' "
-                    "itself in ALIGNFLOW_TEACHER_URL_ALLOW")
+            return (f"teacher host '{host}' is {why} ({address}); the operator must list '{where}' itself (host "
+                    "and port) in ALIGNFLOW_TEACHER_URL_ALLOW")
     return None
 
 
