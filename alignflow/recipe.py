@@ -328,6 +328,17 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or ".." in Path(value).parts or Path(value).expanduser().exists()
 
 
+def outside_roots(key: str, paths: list[str], roots: list[Path]) -> list[str]:
+    """`key[i]: 'path' is outside ...` for each of `paths` (files, folders or globs, as data.* takes them) that does
+    not resolve inside `roots`; decided on the path alone, like every confinement check here."""
+    problems = []
+    for i, entry in enumerate(paths):
+        prefix = str(entry).split("*")[0].split("?")[0].split("[")[0]  # the part of a glob that is a path
+        if not _inside(Path(prefix or "."), roots):
+            problems.append(f"{key}[{i}]: '{entry}' {_outside(roots)}")
+    return problems
+
+
 def _reward_files(raw: dict[str, Any]) -> list[tuple[str, str]]:
     """(dotted key, file) for every file dpo.rewards names: JSON schemas and `python: file.py:function` modules."""
     dpo = raw.get("dpo") if isinstance(raw.get("dpo"), dict) else {}

@@ -53,6 +53,7 @@ from alignflow.recipe import (
     ScaleOutSection,
     allowed_roots,
     confinement_problems,
+    outside_roots,
     resolve_recipe,
 )
 from alignflow.tasks import curate, dpo, evaluate, quantize, register, reward, sft, synthesize, tokenize
@@ -379,12 +380,35 @@ def run_stage(ctx: Context, stage: Stage, fn: Callable[[Any, Any], dict[str, Any
     return folder
 
 
+# Tag names a caller of the deployment-facing flow may not set on the parent run: alignflow's own tags steer later
+# runs (a retrain reads `alignflow.base_corpus` and `alignflow.parent_run_id`'s lineage; orphan reaping reads
+# `alignflow.pid`), and MLflow's system tags say who ran it (`mlflow.user`) and where it is nested.
+RESERVED_TAG_PREFIXES = ("alignflow.", "mlflow.")
+
+
 @flow(name="alignflow-pipeline", log_prints=False)  # True would also capture print(file=...) inside libraries
 def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None, init_adapter: str | None = None,
-             tags: dict[str, str] | None = None, ancestors: str | None = None,
-             sft_unchanged: bool = False, selection_trials: int = 1,
-             base_corpus: list[str] | None = None) -> dict[str, Any]:
+             tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the recipe's nine stages (or up to `until`) with caching and MLflow tracking.
+
+    The deployment-facing flow (deployments/prefect.yaml): every parameter is one a user sets, and each that
+    names a path is confined for a deployment run (the recipe's paths, `work_dir`, `init_adapter`: inside the
+    worker's project dir or ALIGNFLOW_DATA_ROOTS). `init_adapter` makes sft continue that adapter; `tags` go onto
+    the parent run (not `alignflow.*` or `mlflow.*`, which are the pipeline's own). What retrain and sweep also
+    set is on `pipeline_internal`, which is no deployment's entrypoint."""
+    reserved = sorted(k for k in tags or {} if k.lower().startswith(RESERVED_TAG_PREFIXES))
+    if reserved:
+        raise StageError(f"tags: {', '.join(reserved)}: tags named alignflow.* or mlflow.* are the pipeline's own")
+    return pipeline_internal.fn(recipe, work_dir, until, init_adapter, tags)
+
+
+@flow(name="alignflow-pipeline", log_prints=False)
+def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
+                      init_adapter: str | None = None, tags: dict[str, str] | None = None,
+                      ancestors: str | None = None, sft_unchanged: bool = False, selection_trials: int = 1,
+                      base_corpus: list[str] | None = None) -> dict[str, Any]:
+    """The pipeline with the parameters only alignflow's own flows set (retrain, sweep): not a deployment's
+    entrypoint (the worker runs only `pipeline` and `retrain`), so a submitter cannot set these.
 
     `init_adapter` makes sft continue that adapter (retraining); `ancestors`: the lineage folder of what those
     weights already learned (flows/lineage.py), to which this run's curated data is added and logged;
@@ -392,7 +416,8 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
     `selection_trials` > 1: this recipe is the best of that many sweep trials, picked on the eval prompts, so
     evaluate takes its intervals at the familywise level 1 - 0.05/k; `base_corpus`: the files a `tiny:` test base
     is built from (default data.sft; a retrain passes the champion's, so its adapter fits the same base); `tags`
-    go onto the parent run."""
+    go onto the parent run. Inside a deployment run (retrain's) every path among them is confined all the same:
+    `ancestors` and `base_corpus` come from the registry, which more people write than the worker's operator."""
     from prefect.runtime import deployment, flow_run
 
     try:  # a deployment's form skips load_recipe: expand and check files the same way
@@ -403,6 +428,9 @@ def pipeline(recipe: Recipe, work_dir: str = "runs", until: Stage | None = None,
         raise StageError(str(e)) from None
     if ancestors and deployment.id and confinement_problems({}, None, allowed_roots(), None, ancestors):
         raise StageError(f"ancestors: '{ancestors}' is outside the folders this worker may read")
+    outside = outside_roots("base_corpus", base_corpus or [], allowed_roots()) if deployment.id else []
+    if outside:  # a `tiny:` base trains its tokenizer on these files, and register logs that base with the version
+        raise StageError("; ".join(outside))
     if sft_unchanged and not init_adapter:
         raise StageError("sft_unchanged: there are no weights to hand on (init_adapter is not set)")
     work = Path(work_dir).expanduser().resolve()

@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
 from alignflow.flows import lineage
-from alignflow.flows.pipeline import pipeline
+from alignflow.flows.pipeline import pipeline_internal
 from alignflow.flows.registry import download_model
 from alignflow.flows.tracking import tracking_uri
 from alignflow.recipe import DataSection, Recipe, RecipeError, allowed_roots, resolve_recipe
@@ -101,7 +101,7 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
     found = champion_data(client, name, work / "champions")
     if found is None:
         logger.info("%s has no champion yet: running the full pipeline", name)
-        return {"new_data": None, **pipeline(recipe=recipe, work_dir=work_dir)}
+        return {"new_data": None, **pipeline_internal(recipe=recipe, work_dir=work_dir)}
     version, used = found
 
     fresh: dict[str, list[dict[str, Any]]] = {}
@@ -149,10 +149,10 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
     logger.info("retraining %s from %s on %s%s", name, "champion v" + str(version.version) if init else "the base",
                 summary, " (no new SFT records: sft hands the champion's weights on)" if unchanged else "")
     # (a Ctrl-C that Prefect drops as this subflow ends, flows/interrupts.py, stops nothing: the work is done)
-    result = pipeline(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,
-                      init_adapter=str(init) if init else None,
-                      # the champion's lineage goes on with its weights; from the base, this run's data is all
-                      ancestors=str(used) if init else None, sft_unchanged=unchanged, base_corpus=corpus,
-                      tags={"alignflow.retrain_of": str(version.version),
-                            **{f"alignflow.retrain.{k}": str(v) for k, v in summary.items()}})
+    result = pipeline_internal(recipe=recipe.model_copy(update={"data": data}), work_dir=work_dir,
+                               init_adapter=str(init) if init else None,
+                               # the champion's lineage goes on with its weights; from the base, this run's data is all
+                               ancestors=str(used) if init else None, sft_unchanged=unchanged, base_corpus=corpus,
+                               tags={"alignflow.retrain_of": str(version.version),
+                                     **{f"alignflow.retrain.{k}": str(v) for k, v in summary.items()}})
     return {"new_data": True, "champion_version": str(version.version), "counts": summary, **result}

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 
 from alignflow.flows.interrupts import ctrl_c_remembered
 from alignflow.flows.keys import data_hashes
-from alignflow.flows.pipeline import pipeline
+from alignflow.flows.pipeline import pipeline_internal
 from alignflow.flows.tracking import Tracker, tracking_uri
 from alignflow.recipe import Recipe
 from alignflow.tasks.lib.errors import StageError
@@ -124,7 +124,7 @@ def storage_uri(work: Path) -> str:
 
 def _trial(recipe: Recipe, work_dir: str, tags: dict[str, str]) -> dict[str, Any]:
     """One trial: the pipeline up to evaluate, as a subflow."""
-    return pipeline.with_options(flow_run_name=f"trial-{tags['alignflow.sweep_trial']}")(
+    return pipeline_internal.with_options(flow_run_name=f"trial-{tags['alignflow.sweep_trial']}")(
         recipe=recipe, work_dir=work_dir, until="evaluate", tags=tags)
 
 
@@ -197,7 +197,7 @@ def sweep(recipe: Recipe, params: list[ParamSpec], trials: int, metric: str = "r
         best = study.best_trial
         best_overrides = {p.key: best.params[p.key] for p in params}
         # (a Ctrl-C that Prefect drops as this last subflow ends stops nothing: all that is left is the summary)
-        best_run = pipeline.with_options(flow_run_name=f"best-trial-{best.number}")(
+        best_run = pipeline_internal.with_options(flow_run_name=f"best-trial-{best.number}")(
             recipe=with_overrides(recipe, best_overrides), work_dir=str(work),
             selection_trials=len(finished),  # picked among these on the gate's prompts: familywise intervals
             tags={"mlflow.parentRunId": tracker.parent_run_id, "mlflow.runName": f"best-trial-{best.number}",

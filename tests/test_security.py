@@ -368,6 +368,124 @@ def test_a_deployment_reward_module_is_not_imported_before_the_recipe_is_decided
         elsewhere.unlink()
 
 
+# Every parameter of the deployment-facing flows (alignflow/worker.py's ENTRYPOINTS), by how it is kept safe. A
+# parameter that names a path, or changes what is read, is CONFINED (inside ALIGNFLOW_HOME / ALIGNFLOW_DATA_ROOTS
+# for a deployment run) and has a test below; SAFE ones name no path. A new parameter fails the test until it is
+# put in one of them (review finding 3: `base_corpus` was added to the pipeline's signature unchecked).
+CONFINED = {"flows/pipeline.py:pipeline": {"recipe", "work_dir", "init_adapter"},
+            "flows/retrain.py:retrain": {"recipe", "work_dir"}}
+SAFE = {"flows/pipeline.py:pipeline": {"until",  # a Stage name (a Literal)
+                                       "tags"},  # strings on the parent run; alignflow.* / mlflow.* refused
+        "flows/retrain.py:retrain": set()}
+
+
+def _deployment_flow(entrypoint: str) -> object:
+    import importlib
+
+    path, _, name = entrypoint.partition(":")
+    return getattr(importlib.import_module("alignflow." + path.removesuffix(".py").replace("/", ".")), name)
+
+
+def test_every_parameter_of_a_deployment_facing_flow_is_confined_or_safe() -> None:
+    import inspect
+
+    from prefect.utilities.callables import parameter_schema
+
+    from alignflow.worker import ENTRYPOINTS
+
+    assert set(CONFINED) == set(ENTRYPOINTS) == set(SAFE)
+    for entrypoint in ENTRYPOINTS:
+        flow = _deployment_flow(entrypoint)
+        names = set(inspect.signature(flow.fn).parameters)  # type: ignore[attr-defined]
+        # what `prefect deploy` puts on the deployment's form (and the server validates runs against)
+        assert set(parameter_schema(flow.fn).properties) == names, entrypoint  # type: ignore[attr-defined]
+        assert names == CONFINED[entrypoint] | SAFE[entrypoint], (entrypoint, sorted(names))
+        assert not CONFINED[entrypoint] & SAFE[entrypoint]
+    # the internal parameters retrain and sweep set are not on the public flow: a submitter cannot pass them
+    from alignflow.flows.pipeline import pipeline
+
+    for internal in ("base_corpus", "ancestors", "sft_unchanged", "selection_trials"):
+        with pytest.raises(Exception, match=internal):
+            pipeline.validate_parameters({"recipe": load_recipe(ROOT / "configs" / "smoke.yaml").model_dump(),
+                                          internal: ["/etc/passwd"] if internal == "base_corpus" else 1})
+
+
+def _as_deployment_run(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The flows' view of a run started from a deployment, confined to ROOT; returns the context token."""
+    import uuid
+
+    from prefect.context import _deployment_id
+
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(ROOT))
+    monkeypatch.delenv("ALIGNFLOW_DATA_ROOTS", raising=False)
+    return _deployment_id.set(uuid.uuid4())  # as the flow engine sets it for a run started from a deployment
+
+
+@pytest.mark.parametrize("entrypoint", ["flows/pipeline.py:pipeline", "flows/retrain.py:retrain"])
+@pytest.mark.parametrize("parameter", ["recipe", "work_dir"])
+def test_a_deployment_flows_path_parameters_are_confined(entrypoint: str, parameter: str, tmp_path: Path,
+                                                         in_root: Path, prefect_server: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONFINED above, one by one (init_adapter: the test after this one): outside the allowed folders, refused
+    before anything is read or written; the same call inside them is not refused for it."""
+    from prefect.context import _deployment_id
+
+    from alignflow.tasks.lib.errors import StageError
+
+    outside = tmp_path / "elsewhere"
+    recipe = load_recipe(ROOT / "configs" / "smoke.yaml")
+    work_dir = str(outside / "runs") if parameter == "work_dir" else str(ROOT / "runs")
+    if parameter == "recipe":  # a recipe's path: its data file (each recipe path has tests of its own above)
+        outside.mkdir()
+        (outside / "sft.jsonl").write_text((ROOT / "data" / "sft.jsonl").read_text())
+        data = recipe.data.model_copy(update={"sft": [str(outside / "sft.jsonl")]})
+        recipe = recipe.model_copy(update={"data": data})
+    flow = _deployment_flow(entrypoint)
+    token = _as_deployment_run(monkeypatch)
+    try:
+        with pytest.raises(StageError, match="is outside the allowed folders") as refused:
+            flow(recipe=recipe, work_dir=work_dir)  # type: ignore[operator]
+    finally:
+        _deployment_id.reset(token)
+    assert ("work_dir: " if parameter == "work_dir" else "data.sft") in str(refused.value)
+    assert not (outside / "runs").exists()
+
+
+def test_the_internal_flows_registry_paths_are_confined_in_a_deployment_run(tmp_path: Path, in_root: Path,
+                                                                            prefect_server: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrain (a deployment) hands the internal pipeline `base_corpus` from a run tag and `ancestors` from the
+    registry: a tiny base would train its tokenizer on any file named there, and register logs that base with
+    the version (review finding 3). Outside the allowed folders, refused before a base is built."""
+    from prefect.context import _deployment_id
+
+    from alignflow.flows.pipeline import pipeline_internal
+    from alignflow.tasks.lib.errors import StageError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRETtokenXy " * 50)
+    token = _as_deployment_run(monkeypatch)
+    try:
+        with pytest.raises(StageError, match=r"base_corpus\[0\]: '.*secret.txt' is outside the allowed folders"):
+            pipeline_internal(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(ROOT / "runs"),
+                              base_corpus=[str(secret)])
+    finally:
+        _deployment_id.reset(token)
+
+
+def test_the_pipelines_tags_cannot_set_the_pipelines_own(tmp_path: Path, in_root: Path, prefect_server: None) -> None:
+    """`tags` is safe only because alignflow.* (a retrain reads `alignflow.base_corpus` from the champion's run as
+    files to read) and mlflow.* (`mlflow.user`, `mlflow.parentRunId`) are refused on the public flow."""
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.tasks.lib.errors import StageError
+
+    for tag in ("alignflow.base_corpus", "mlflow.user", "MLflow.parentRunId"):
+        with pytest.raises(StageError, match="are the pipeline's own"):
+            pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(tmp_path / "w"),
+                     tags={tag: '["/etc/passwd"]'})
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_flows_init_adapter_is_confined_for_a_deployment_run(tmp_path: Path, in_root: Path,
                                                                  prefect_server: None,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:

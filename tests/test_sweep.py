@@ -179,7 +179,7 @@ def test_a_ctrl_c_that_prefect_drops_as_a_trial_ends_still_stops_the_sweep(
             raise AssertionError("the sweep went on to its best-trial run after Ctrl-C")
 
     monkeypatch.setattr(sweep_module, "_trial", trial)
-    monkeypatch.setattr(sweep_module, "pipeline", BestTrialRun())
+    monkeypatch.setattr(sweep_module, "pipeline_internal", BestTrialRun())
     work = tmp_path / "w"
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if pytest was not
     try:
