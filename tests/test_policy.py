@@ -111,6 +111,27 @@ def test_a_non_finite_gate_threshold_is_refused_per_key(key: str, value: object,
     assert policy == {} and len(problems) == 1 and "finite number" in problems[0], (policy, problems)
 
 
+def test_the_reviewers_nan_recipe_is_refused_at_the_cli_and_on_the_deployment_form() -> None:
+    """The review's repro: `--set register.gate.min_rougeL_gain=.nan --set 'register.gate.max_regression={rougeL:
+    .nan}'` made the gate pass over the policy. Refused by `alignflow validate` (two problems, each at its key), and
+    by the pipeline flow's own parameter validation (what a deployment form's "nan" strings meet)."""
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.recipe import load_recipe
+
+    done = _cli("validate", "configs/smoke.yaml", "--set", "register.gate.min_rougeL_gain=.nan",
+                "--set", "register.gate.max_regression={rougeL: .nan}")
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, said
+    assert "register.gate.min_rougeL_gain: Input should be a finite number" in said
+    assert "register.gate.max_regression.rougeL: Input should be a finite number" in said
+    form = load_recipe(ROOT / "configs" / "smoke.yaml").model_dump(mode="json")
+    form["register"]["gate"].update(min_rougeL_gain="nan", min_gain_vs_champion={"exact_match": "NaN"})
+    with pytest.raises(Exception, match="finite number"):
+        pipeline.validate_parameters({"recipe": form})
+    form["register"]["gate"].update(min_rougeL_gain=0.0, min_gain_vs_champion={"exact_match": 0.0})
+    assert pipeline.validate_parameters({"recipe": form})  # the control: finite values pass
+
+
 # the candidate the reviewer's NaN recipe promoted over the policy: every check below fails on the policy alone
 FAILING = {"judge_heldout_accuracy_ci_low": 0.05, "win_rate_vs_base_ci_low": 0.1, "win_rate_vs_champion": 0.3,
            "win_rate_vs_champion_ci_low": 0.1, "rougeL_gain_ci_low": -0.3, "rougeL_delta_ci_low": -0.4,
