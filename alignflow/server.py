@@ -273,8 +273,19 @@ def _as_pg_user(state: State, argv: list[str]) -> list[str]:
     return ["runuser", "-u", state.pg_os_user, "--", *argv] if state.pg_os_user else argv
 
 
+# What PostgreSQL's programs get from the caller's environment: where programs and libraries are, the locale and
+# time zone. `pg_ctl start` hands its environment to the postmaster (and `runuser -u` keeps the caller's), so
+# anything more (the admin's MLFLOW_TRACKING_PASSWORD, PREFECT_API_AUTH_STRING, AWS_*, PG*) would sit in
+# /proc/<postmaster>/environ for as long as the database runs.
+PG_PASS_ENV = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "LD_LIBRARY_PATH")
+
+
+def _pg_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in PG_PASS_ENV}
+
+
 def _pg_run(state: State, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(_as_pg_user(state, argv), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(_as_pg_user(state, argv), capture_output=True, text=True, timeout=120, env=_pg_env())
     if out.returncode != 0:
         raise ServerError(f"{' '.join(argv[:2])} failed ({out.returncode}):\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
     return out
@@ -282,7 +293,7 @@ def _pg_run(state: State, argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _pg_ready(state: State) -> bool:
     ready = Path(state.pg_bin) / "pg_isready"
-    out = subprocess.run([str(ready), "-h", "127.0.0.1", "-p", str(state.pg_port), "-q"], timeout=10)
+    out = subprocess.run([str(ready), "-h", "127.0.0.1", "-p", str(state.pg_port), "-q"], timeout=10, env=_pg_env())
     return out.returncode == 0
 
 

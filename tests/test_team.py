@@ -270,15 +270,104 @@ def test_job_variables_cannot_change_what_the_worker_runs(team: Team) -> None:
     assert _api(team, "/work_pools/alignflow")["base_job_template"] == PROCESS_TEMPLATE
 
 
+RACE = """
+import asyncio, json, sys, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
+
+SWD = "prefect.deployments.steps.set_working_directory"
+GOOD = [{SWD: {"directory": "{{ $ALIGNFLOW_HOME }}"}}]
+target, params = sys.argv[1], json.loads(sys.argv[2])
+EVIL = [{"prefect.deployments.steps.run_shell_script": {"script": f"touch {target}"}}, *GOOD]
+
+
+async def final(client, flow_run_id):
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        run = await client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            break
+        await asyncio.sleep(0.5)
+    return {"id": str(run.id), "type": run.state.type.value, "message": run.state.message or ""}
+
+
+async def main():
+    out = {}
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name("alignflow-pipeline")
+
+        async def deployment(name, entrypoint, steps):
+            return await client.create_deployment(flow_id=flow_id, name=name, entrypoint=entrypoint,
+                                                  work_pool_name="alignflow", pull_steps=steps, parameters=params,
+                                                  enforce_parameter_schema=False)
+
+        # controls: created that way, the worker's check refuses them
+        for name, entrypoint, steps in (("r27-steps", "flows/pipeline.py:pipeline", EVIL),
+                                        ("r27-entry", "evil.py:evil", GOOD)):
+            run = await client.create_flow_run_from_deployment(await deployment(name, entrypoint, steps))
+            out[name] = await final(client, run.id)
+        # the race: changed after the check (Submitting comes after it), before the run's process starts
+        dep = await deployment("r27-race", "flows/pipeline.py:pipeline", GOOD)
+        run = await client.create_flow_run_from_deployment(dep)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            now = await client.read_flow_run(run.id)
+            if now.state and (now.state.name in ("Submitting", "Running") or now.state.is_final()):
+                break
+            await asyncio.sleep(0.05)
+        out["patched_at"] = now.state.name
+        await client.update_deployment(dep, DeploymentUpdate(pull_steps=EVIL, entrypoint="evil.py:evil"))
+        out["r27-race"] = await final(client, run.id)
+    print(json.dumps(out))
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_deployment_changed_after_the_workers_check_runs_nothing_else(team: Team) -> None:
+    """Issue 27 finding 1: the worker checked the deployment it read; Prefect's workspace supervisor then read it
+    again and ran that copy's pull steps and entrypoint, so swapping them once the run was Submitting ran any
+    shell command as the worker's user. Created with a shell pull step or another entrypoint, a deployment is
+    refused; changed to them after the check, the run still runs alignflow's pipeline from the checked entrypoint
+    (here a recipe the flow refuses: the run FAILS inside the pipeline) and the shell step never runs."""
+    if not team.flow_runs:  # run alone (-k): deploy here (the flow alignflow-pipeline must exist)
+        deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                                 "deployments/prefect.yaml", "--all"], cwd=ROOT, env=team.env, capture_output=True,
+                                text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    recipe = load_recipe(ROOT / "configs" / "smoke.yaml", []).model_dump(mode="json")
+    recipe["data"]["sft"] = ["/etc/hostname"]  # refused by the pipeline itself, seconds after it starts
+    target = team.work / "PWNED-race"
+    params = {"recipe": recipe, "work_dir": str(team.work)}
+    raced = subprocess.run([sys.executable, "-c", RACE, str(target), json.dumps(params)], cwd=ROOT, env=team.env,
+                           capture_output=True, text=True, timeout=1500)
+    assert raced.returncode == 0, raced.stdout[-3000:] + raced.stderr[-3000:]
+    out = json.loads(raced.stdout.strip().splitlines()[-1])
+    assert out["r27-steps"]["type"] == "CRASHED" and "pull steps must be" in out["r27-steps"]["message"], out
+    assert out["r27-entry"]["type"] == "CRASHED" and "is not one of alignflow's flows" in out["r27-entry"]["message"]
+    assert out["patched_at"] in ("Submitting", "Running"), out  # after the worker's check
+    assert not target.exists(), "the pull steps of the deployment as changed after the check ran"
+    assert out["r27-race"]["type"] == "FAILED", out  # ran the checked entrypoint, not evil.py (a load error)
+    logs = _api(team, "/logs/filter", {"logs": {"flow_run_id": {"any_": [out["r27-race"]["id"]]}}})
+    said = " ".join(entry["message"] for entry in logs)
+    assert "data.sft[0]: '/etc/hostname' is outside the allowed folders" in said, said[-3000:]
+
+
 def test_the_worker_holds_no_shell_secret_and_the_home_is_private(team: Team) -> None:
     """Issue 27: the worker had the whole environment of the shell that ran `up`; the home was 0755/0644."""
     state = load_state(team.home)
     assert state is not None
     environ = {name: Path(f"/proc/{state.pids[name]}/environ").read_bytes()
                for name in ("prefect-worker", "prefect-server", "mlflow-server")}
+    # PostgreSQL's postmaster, started by pg_ctl (finding 4 of issue 27: it inherited the whole shell)
+    postmaster = int((Path(state.pg_data) / "postmaster.pid").read_text().splitlines()[0])
+    environ["postgres"] = Path(f"/proc/{postmaster}/environ").read_bytes()
     for name, raw in environ.items():  # as the kernel shows it
         assert team.shell_canary.encode() not in raw, name
         assert b"AWS_SECRET_ACCESS_KEY=" not in raw and b"TEAM_SHELL_CANARY=" not in raw, name
+    for secret in (team.password, team.prefect_auth):  # the admin's MLflow and Prefect credentials in `up`'s shell
+        assert secret.encode() not in environ["postgres"]
     worker = dict(entry.split(b"=", 1) for entry in environ["prefect-worker"].split(b"\0") if b"=" in entry)
     for secret in (team.password, state.db_password, state.flask_secret):  # the admin's, the database's, Flask's
         assert secret.encode() not in environ["prefect-worker"]
