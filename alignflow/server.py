@@ -359,13 +359,32 @@ def _base_env(state: State) -> dict[str, str]:
     return env
 
 
+# The worker's default allow list (ALIGNFLOW_SECRET_ENV_ALLOW unset in `up`'s shell): OPENAI_API_KEY alone, not the
+# recipe default's `*_API_KEY`, which handed every *_API_KEY of the operator's shell to every flow run.
+WORKER_SECRET_ENV_ALLOW = "OPENAI_API_KEY"
+
+
+def worker_secret_allow() -> str:
+    """The allow list the worker runs with (and validates recipes against): the caller's, else OPENAI_API_KEY."""
+    return os.environ.get("ALIGNFLOW_SECRET_ENV_ALLOW", WORKER_SECRET_ENV_ALLOW)
+
+
 def worker_secret_env() -> dict[str, str]:
-    """The caller's variables a recipe may name as its teacher's key: those ALIGNFLOW_SECRET_ENV_ALLOW allows
-    (default `OPENAI_API_KEY,*_API_KEY`), never a server's credentials (tasks/lib/secret_env.py decides both, as
-    it does when the worker validates a recipe). `ALIGNFLOW_SECRET_ENV_ALLOW=` (empty) hands the worker none."""
+    """The caller's variables a recipe may name as its teacher's key: those `worker_secret_allow()` allows (unset:
+    `OPENAI_API_KEY` only), never a server's credentials (tasks/lib/secret_env.py decides, as it does when the
+    worker validates a recipe). `ALIGNFLOW_SECRET_ENV_ALLOW=` (empty) hands the worker none."""
     from alignflow.tasks.lib.secret_env import secret_env_problem
 
-    return {k: v for k, v in os.environ.items() if k not in PASS_ENV and secret_env_problem(k) is None}
+    saved = os.environ.get("ALIGNFLOW_SECRET_ENV_ALLOW")
+    os.environ["ALIGNFLOW_SECRET_ENV_ALLOW"] = worker_secret_allow()  # secret_env_problem reads the environment
+    try:
+        return {k: v for k, v in os.environ.items()
+                if k not in PASS_ENV and k != "ALIGNFLOW_SECRET_ENV_ALLOW" and secret_env_problem(k) is None}
+    finally:
+        if saved is None:
+            del os.environ["ALIGNFLOW_SECRET_ENV_ALLOW"]
+        else:
+            os.environ["ALIGNFLOW_SECRET_ENV_ALLOW"] = saved
 
 
 def _make_private(home: Path, skip: Path | None) -> None:
@@ -480,6 +499,32 @@ def _worker_home(state: State) -> Path:
     return Path(f"/var/lib/alignflow/worker/{sha256(state.home.encode()).hexdigest()[:12]}")
 
 
+def _writable_code(user: str, project_dir: Path) -> str | None:
+    """The first file or folder of alignflow's code that `user` may write, or None: the checkout's top folder
+    (`python -m` from there puts it first on sys.path), its `alignflow/` and `flows/`, the installed package and the
+    virtual environment (its site-packages, `.pth` files and `bin/` scripts), all but the top folder searched
+    through. `find -writable` asks the kernel (access(2)) as that user."""
+    import site
+    import sysconfig
+
+    import alignflow
+
+    deep = [project_dir / "alignflow", project_dir / "flows", Path(alignflow.__file__).parent]
+    deep += [Path(sys.prefix)] if sys.prefix != sys.base_prefix else [Path(p) for p in site.getsitepackages()]
+    deep.append(Path(sysconfig.get_paths()["purelib"]))
+    seen: list[str] = []
+    for path in [p for p in deep if p.exists()]:
+        if str(path.resolve()) not in seen:
+            seen.append(str(path.resolve()))
+    top = subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(project_dir)], capture_output=True,
+                         timeout=30)
+    if top.returncode == 0:
+        return str(project_dir)
+    found = subprocess.run(["runuser", "-u", user, "--", "find", *seen, "-writable", "-print", "-quit"],
+                           capture_output=True, text=True, timeout=300)  # unreadable folders: errors, not writable
+    return (found.stdout.splitlines() or [None])[0]
+
+
 def _prepare_worker_user(state: State) -> dict[str, str]:
     """Check that --worker-user can run the worker, make its private home; the variables that point it there."""
     if os.geteuid() != 0:
@@ -496,7 +541,14 @@ def _prepare_worker_user(state: State) -> dict[str, str]:
                                state.project_dir], capture_output=True, timeout=30)
     if readable.returncode != 0:
         raise ServerError(f"--worker-user {user.pw_name} cannot read the project dir {state.project_dir}: give it "
-                          "read access (and write access to the work dirs its runs use)")
+                          "read access (not write access: see below) and write access to the work dirs its runs use")
+    writable = _writable_code(user.pw_name, Path(state.project_dir))
+    if writable:
+        raise ServerError(f"--worker-user {user.pw_name} can write {writable}: a flow run could then change code "
+                          "that `up` and every alignflow command (run as root) import. Make the checkout and the "
+                          "virtual environment read-only for that user; give it write access only to the work "
+                          "dirs its runs use (a folder it owns, e.g. runs/ inside the read-only checkout); "
+                          "nothing was started")
     # the interpreter (a venv's python may link into another user's home), the venv and the checkout
     runs = subprocess.run(["runuser", "-u", user.pw_name, "--", sys.executable, "-c", "import alignflow.worker"],
                           cwd=state.project_dir, env={"PATH": os.environ.get("PATH", ""), "HOME": "/"},
@@ -646,7 +698,8 @@ def _up(home: Path, project_dir: Path | None, pg_port: int, prefect_port: int, m
     # which may write experiments and models but is not the admin (a pipeline's code cannot create users or
     # change permissions); the admin's credentials stay with the caller.
     worker_env = {**env, **worker_secret_env(), **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
-                  "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", **worker_home_env}
+                  "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", **worker_home_env,
+                  "ALIGNFLOW_SECRET_ENV_ALLOW": worker_secret_allow()}  # the worker validates recipes with it
     if prefect_auth:
         worker_env["PREFECT_API_AUTH_STRING"] = prefect_auth
     if credentials:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -208,11 +209,12 @@ def test_the_flow_and_its_hooks_load_from_the_fixed_entrypoint_without_the_api(
 
 
 def test_the_worker_gets_allowed_secrets_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from alignflow.server import State, _base_env, worker_secret_env
+    from alignflow.server import State, _base_env, worker_secret_allow, worker_secret_env
 
     for name, value in {"AWS_SECRET_ACCESS_KEY": "canary-aws", "OPENAI_API_KEY": "sk-allowed",
                         "SOME_TOKEN": "canary-other", "PGPASSWORD": "canary-pg", "MLFLOW_TRACKING_PASSWORD": "admin",
-                        "DB_API_KEY": "canary-db", "ALIGNFLOW_DATA_ROOTS": "/data"}.items():
+                        "DB_API_KEY": "canary-db", "ALIGNFLOW_DATA_ROOTS": "/data",
+                        "OTHER_SERVICE_API_KEY": "canary-other-api"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("ALIGNFLOW_SECRET_ENV_ALLOW", raising=False)
     state = State(home=str(tmp_path), project_dir=str(ROOT))
@@ -220,13 +222,49 @@ def test_the_worker_gets_allowed_secrets_only(monkeypatch: pytest.MonkeyPatch, t
     assert not {"AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY", "SOME_TOKEN", "PGPASSWORD", "MLFLOW_TRACKING_PASSWORD",
                 "DB_API_KEY"} & set(base)
     assert base["ALIGNFLOW_DATA_ROOTS"] == "/data" and base["PATH"] == os.environ["PATH"]
-    assert worker_secret_env() == {"OPENAI_API_KEY": "sk-allowed"}  # the default allow list, minus DB_* names
+    # the worker's default allow list is OPENAI_API_KEY alone (issue 27 finding 7: `*_API_KEY` handed every
+    # *_API_KEY of the operator's shell to every flow run), whatever the recipe default says
+    assert worker_secret_env() == {"OPENAI_API_KEY": "sk-allowed"}
+    assert worker_secret_allow() == "OPENAI_API_KEY" and "ALIGNFLOW_SECRET_ENV_ALLOW" not in os.environ
+    monkeypatch.setenv("ALIGNFLOW_SECRET_ENV_ALLOW", "OPENAI_API_KEY,*_API_KEY")  # the operator opts in
+    assert worker_secret_env() == {"OPENAI_API_KEY": "sk-allowed", "OTHER_SERVICE_API_KEY": "canary-other-api"}
     monkeypatch.setenv("ALIGNFLOW_SECRET_ENV_ALLOW", "")
     assert worker_secret_env() == {}
     monkeypatch.setenv("ALIGNFLOW_SECRET_ENV_ALLOW", "*")  # even "everything" keeps the servers' credentials out
     wide = set(worker_secret_env())
     assert {"OPENAI_API_KEY", "SOME_TOKEN"} <= wide
-    assert not {"AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "MLFLOW_TRACKING_PASSWORD", "DB_API_KEY"} & wide
+    assert not {"AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "MLFLOW_TRACKING_PASSWORD", "DB_API_KEY",
+                "ALIGNFLOW_SECRET_ENV_ALLOW"} & wide
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="--worker-user needs root and runuser")
+def test_worker_user_that_can_write_the_code_is_refused() -> None:
+    """Issue 27 finding 7: --worker-user checked that the user could read the checkout, not that it could not write
+    it; a flow run could then edit alignflow/*.py, which root imports on the next `up`."""
+    import tempfile
+
+    from alignflow.server import ServerError, State, _prepare_worker_user, _writable_code
+
+    project = Path(tempfile.mkdtemp(prefix="alignflow-wu-", dir="/tmp"))  # reachable by nobody, unlike tmp_path
+    try:
+        for sub in ("alignflow/tasks", "flows"):
+            (project / sub).mkdir(parents=True)
+            (project / sub / "x.py").write_text("")
+        for path in [project, *project.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        assert _writable_code("nobody", project) is None  # root's, read-only for nobody (and so is this venv)
+        (project / "alignflow" / "tasks" / "x.py").chmod(0o666)  # deep inside the package
+        assert _writable_code("nobody", project) == str(project / "alignflow" / "tasks" / "x.py")
+        (project / "alignflow" / "tasks" / "x.py").chmod(0o644)
+        (project / "flows").chmod(0o777)
+        assert _writable_code("nobody", project) == str(project / "flows")
+        (project / "flows").chmod(0o755)
+        project.chmod(0o777)  # the top folder: a planted module shadows any import of `python -m` from there
+        assert _writable_code("nobody", project) == str(project)
+        with pytest.raises(ServerError, match=f"--worker-user nobody can write {project}: "):
+            _prepare_worker_user(State(home=str(project / "home"), project_dir=str(project), worker_os_user="nobody"))
+    finally:
+        shutil.rmtree(project)
 
 
 def test_make_private_takes_group_and_other_bits_off_but_not_the_cluster(tmp_path: Path) -> None:
