@@ -330,18 +330,37 @@ def test_a_deployment_changed_after_the_workers_check_runs_nothing_else(team: Te
     again and ran that copy's pull steps and entrypoint, so swapping them once the run was Submitting ran any
     shell command as the worker's user. Created with a shell pull step or another entrypoint, a deployment is
     refused; changed to them after the check, the run still runs alignflow's pipeline from the checked entrypoint
-    (here a recipe the flow refuses: the run FAILS inside the pipeline) and the shell step never runs."""
+    (here a recipe the flow refuses: the run FAILS inside the pipeline) and the shell step never runs. All of it
+    with a pool template that hard-codes a command and a directory (review finding 6: never tested end to end)."""
     if not team.flow_runs:  # run alone (-k): deploy here (the flow alignflow-pipeline must exist)
         deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
                                  "deployments/prefect.yaml", "--all"], cwd=ROOT, env=team.env, capture_output=True,
                                 text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    from prefect.workers.process import ProcessWorker
+
+    from alignflow.worker import PROCESS_TEMPLATE
+
     recipe = load_recipe(ROOT / "configs" / "smoke.yaml", []).model_dump(mode="json")
     recipe["data"]["sft"] = ["/etc/hostname"]  # refused by the pipeline itself, seconds after it starts
     target = team.work / "PWNED-race"
     params = {"recipe": recipe, "work_dir": str(team.work)}
-    raced = subprocess.run([sys.executable, "-c", RACE, str(target), json.dumps(params)], cwd=ROOT, env=team.env,
-                           capture_output=True, text=True, timeout=1500)
+    # meanwhile the pool's template hard-codes a command and a directory (no job variable needed to use them)
+    pool_target = team.work / "PWNED-pool"
+    hostile = ProcessWorker.get_default_base_job_template()
+    hostile["job_configuration"].update(command=f"touch {pool_target}", working_dir="/tmp")
+    template = team.work / "hostile-template.json"
+    template.write_text(json.dumps(hostile))
+    prefect = [sys.executable, "-m", "prefect", "work-pool", "update", "alignflow", "--base-job-template"]
+    subprocess.run([*prefect, str(template)], cwd=ROOT, env=team.env, check=True, capture_output=True, timeout=120)
+    try:
+        raced = subprocess.run([sys.executable, "-c", RACE, str(target), json.dumps(params)], cwd=ROOT,
+                               env=team.env, capture_output=True, text=True, timeout=1500)
+    finally:
+        template.write_text(json.dumps(PROCESS_TEMPLATE))
+        subprocess.run([*prefect, str(template)], cwd=ROOT, env=team.env, check=True, capture_output=True,
+                       timeout=120)
+    assert not pool_target.exists(), "the pool's hard-coded command ran"
     assert raced.returncode == 0, raced.stdout[-3000:] + raced.stderr[-3000:]
     out = json.loads(raced.stdout.strip().splitlines()[-1])
     assert out["r27-steps"]["type"] == "CRASHED" and "pull steps must be" in out["r27-steps"]["message"], out
