@@ -501,9 +501,9 @@ def _worker_home(state: State) -> Path:
 
 def _writable_code(user: str, project_dir: Path) -> str | None:
     """The first file or folder of alignflow's code that `user` may write, or None: the checkout's top folder
-    (`python -m` from there puts it first on sys.path), its `alignflow/` and `flows/`, the installed package and the
-    virtual environment (its site-packages, `.pth` files and `bin/` scripts), all but the top folder searched
-    through. `find -writable` asks the kernel (access(2)) as that user."""
+    (`python -m` from there puts it first on sys.path), its `alignflow/` and `flows/`, the installed package, the
+    virtual environment (its site-packages, `.pth` files and `bin/` scripts) and the interpreter's standard library,
+    all but the top folder searched through. `find -writable` asks the kernel (access(2)) as that user."""
     import site
     import sysconfig
 
@@ -511,7 +511,7 @@ def _writable_code(user: str, project_dir: Path) -> str | None:
 
     deep = [project_dir / "alignflow", project_dir / "flows", Path(alignflow.__file__).parent]
     deep += [Path(sys.prefix)] if sys.prefix != sys.base_prefix else [Path(p) for p in site.getsitepackages()]
-    deep.append(Path(sysconfig.get_paths()["purelib"]))
+    deep += [Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib", "stdlib", "platstdlib")]
     seen: list[str] = []
     for path in [p for p in deep if p.exists()]:
         if str(path.resolve()) not in seen:
