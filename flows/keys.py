@@ -306,7 +306,10 @@ def resolved_dtype(name: str, device: str) -> str:
 
 def stage_settings(stage: Stage, recipe: Any, device: str) -> dict[str, Any]:
     """The recipe settings in a stage's key, as the stage uses them (`model.dtype` resolved on this device)."""
-    settings = {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path) for path in SETTINGS[stage]}
+    paths = SETTINGS[stage]
+    if stage == "dpo" and recipe.dpo.loss in ONLINE:  # grpo / rloo sample prompts and read no pairs: which side
+        paths = tuple(p for p in paths if p != "reward.pairs")  # of the split dpo would take is report-only there
+    settings = {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path) for path in paths}
     if "model.dtype" in settings:
         settings["model.dtype"] = resolved_dtype(settings["model.dtype"], device)
     return settings

@@ -122,7 +122,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "reward.optim": (["reward.optim=sgd"], ("reward",)),
     "reward.save_steps": (["reward.save_steps=2"], NONE),
     # which training pairs the judge and the policy learn: disjoint halves by prompt, or both all of them
-    "reward.pairs": (["reward.pairs=shared"], ("reward", "dpo")),
+    "reward.pairs": (["reward.pairs=shared"], ("reward", "dpo")),  # grpo / rloo: reward only (a test below)
     "dpo.beta": (["dpo.beta=0.3"], ("dpo",)),
     "dpo.loss": (["dpo.loss=ipo"], ("dpo",)),
     "dpo.simpo_gamma": (["dpo.simpo_gamma=0.3"], ("dpo",)),
@@ -361,6 +361,17 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_p
     assert keys == {s: stage_key(s, stage_inputs(s, harness, folders, base)) for s in STAGES}
     (tmp_path / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
     assert [s for s in STAGES if stage_key(s, stage_inputs(s, harness, folders, base)) != keys[s]] == ["evaluate"]
+
+
+def test_reward_pairs_keys_the_policy_only_where_it_trains_on_pairs(baseline: dict[str, Any]) -> None:
+    """reward.pairs picks the policy's side of the training pairs: read by the pair losses and kto, report-only for
+    grpo / rloo (they sample prompts), where switching it re-trains the judge only (its weights reach dpo's key
+    through the reward files when a reward_model source asks for it)."""
+    for loss, dpo_rekeyed in (("sigmoid", True), ("kto", True), ("grpo", False), ("rloo", False)):
+        before = _keys(load_recipe(SMOKE, [f"dpo.loss={loss}"]), baseline)
+        after = _keys(load_recipe(SMOKE, [f"dpo.loss={loss}", "reward.pairs=shared"]), baseline)
+        changed = tuple(s for s in STAGES if before[s] != after[s])
+        assert changed == (("reward", "dpo") if dpo_rekeyed else ("reward",)), (loss, changed)
 
 
 def test_what_the_preference_stage_reads_follows_its_loss(baseline: dict[str, Any], tmp_path: Path) -> None:
