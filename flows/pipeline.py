@@ -61,6 +61,7 @@ from alignflow.tasks.lib.base_model import ResolvedBase, resolve_base
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_weights
 from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.losses import ONLINE, UNPAIRED
 from alignflow.tasks.lib.manifest import MANIFEST, changed_outputs, read_manifest
 from alignflow.tasks.lib.models import LOADS, device_kind
 from alignflow.tasks.lib.processes import folder_lock
@@ -467,7 +468,8 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
         if _reached(until, "tokenize"):
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
                 base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out,
-                heldout_fraction=r.reward.eval_fraction))
+                heldout_fraction=r.reward.eval_fraction, pairs=r.reward.pairs,
+                policy_pairs=r.dpo.loss not in (*ONLINE, *UNPAIRED)))
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))

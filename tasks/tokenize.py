@@ -13,7 +13,11 @@ Preference pairs stay conversational (prompt messages, chosen/rejected answers):
 apply the same template themselves. Pairs whose rendered prompt + longer answer exceed `max_length` tokens are
 dropped (`preference.dropped.too_long`). A share of the pairs (`reward.eval_fraction`, chosen by each pair's
 hash) goes to `preference_heldout/`: neither reward nor dpo trains on it; both are measured on it, and the
-manifest lists those pairs' hashes. Where that share is fewer than 2 pairs (a small data set), the prompts with
+manifest lists those pairs' hashes. Both that split and reward / dpo's judge / policy split are keyed on the
+*normalised* prompt (tasks/lib/pairs.prompt_key: lower-cased, white space folded, as curate's exact dedup), so
+case and spacing variants of one prompt land on one side (manifest `split_key`). Under `reward.pairs: disjoint`
+tokenize refuses data whose training pairs leave fewer than 2 on the judge's side, or (for dpo's pair losses)
+on the policy's, before anything trains. Where that share is fewer than 2 pairs (a small data set), the prompts with
 the next-lowest hashes are held out too, as a larger `reward.eval_fraction` would, while 4 stay for training.
 
 Unpaired feedback (curate's `unpaired.jsonl`: a prompt, one completion, a thumbs-up/down label) stays
@@ -42,6 +46,7 @@ from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
 from alignflow.tasks.lib.jsonl import read_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
+from alignflow.tasks.lib.pairs import MIN_SIDE_PAIRS, PairsMode, judge_side, prompt_key
 
 
 class TokenizeConfig(BaseModel):
@@ -59,6 +64,10 @@ class TokenizeInputs(BaseModel):
     curated: Path
     synthesized: Path
     out_dir: Path
+    # Checked here, not keyed: they decide a refusal only, never what tokenize writes (reward and dpo still check
+    # their own side when a cached tokenize made for another setting is reused)
+    pairs: PairsMode = Field("disjoint", description="the recipe's reward.pairs: disjoint needs each side's minimum")
+    policy_pairs: bool = Field(True, description="dpo trains on pairs (a pair loss; not kto, grpo or rloo)")
     heldout_fraction: float = Field(0.15, gt=0, lt=1, description="the recipe's reward.eval_fraction: preference "
                                     "pairs held out from reward and dpo training, to measure both on")
 
@@ -115,7 +124,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             too_long += 1
             continue
         kept.append((p, length))
-    held_keys = _held_out_prompts([sha256_json(p["prompt"]) for p, _ in kept], inputs.heldout_fraction)
+    held_keys = _held_out_prompts([prompt_key(p["prompt"]) for p, _ in kept], inputs.heldout_fraction)
     pairs: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
     heldout_hashes: list[str] = []
@@ -126,19 +135,30 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         # Held out by the hash of the pair's *prompt*, not its position: every pair of a prompt lands on the same
         # side (several pairs per prompt must not straddle the split), the same pairs stay held out when data is
         # added, and neither reward nor dpo trains on them, so the reward model's accuracy there is an honest check.
-        if sha256_json(p["prompt"]) in held_keys:
+        if prompt_key(p["prompt"]) in held_keys:
             heldout.append(pair)
             heldout_hashes.append(sha256_json([p["prompt"], p["chosen"], p["rejected"]]))
         else:
             pairs.append(pair)
     if len(pairs) < MIN_TRAIN_PAIRS or len(heldout) < MIN_HELDOUT_PAIRS:
-        both = len({sha256_json(p["prompt"]) for p in derived})
+        both = len({prompt_key(p["prompt"]) for p in derived})
         raise StageError(
             f"tokenize: {len(pairs)} training and {len(heldout)} held-out preference pairs fit "
             f"max_length={cfg.max_length}; the reward model (the judge of every method, kto and grpo / rloo "
             f"included) needs at least {MIN_TRAIN_PAIRS} to train on and {MIN_HELDOUT_PAIRS} held out. Unpaired "
             f"feedback makes a pair only where one prompt has both a thumbs-up and a thumbs-down completion "
             f"({both} prompt(s) here): add pairs, or rate both a liked and a disliked answer for more prompts")
+    judge_pairs = sum(judge_side(p["prompt"]) for p in pairs)  # the split reward / dpo make (tasks/lib/pairs.py)
+    policy_pairs = len(pairs) - judge_pairs
+    short = [f"{n} on the {side}'s side ({who})" for n, side, who, needed in (
+        (judge_pairs, "judge", "reward trains on it", True),
+        (policy_pairs, "policy", "dpo's pair loss trains on it", inputs.policy_pairs)) if needed and n < MIN_SIDE_PAIRS]
+    if inputs.pairs == "disjoint" and short:
+        raise StageError(
+            f"tokenize: reward.pairs=disjoint splits the {len(pairs)} training preference pairs by prompt into "
+            f"{judge_pairs} for the judge and {policy_pairs} for the policy; {' and '.join(short)} is fewer than "
+            f"{MIN_SIDE_PAIRS}. Add preference pairs on more distinct prompts (variants of one prompt in case or "
+            f"white space count once), or set reward.pairs: shared (the judge's win-rates are then not independent)")
     Dataset.from_list(pairs).save_to_disk(out / "preference")
     Dataset.from_list(heldout).save_to_disk(out / "preference_heldout")
 
@@ -146,14 +166,14 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     unpaired: list[dict[str, Any]] = []
     unpaired_heldout: list[dict[str, Any]] = []
     unpaired_too_long = 0
-    paired_keys = {sha256_json(p["prompt"]) for p, _ in kept}
+    paired_keys = {prompt_key(p["prompt"]) for p, _ in kept}
     for r in rated:
         if _n_tokens(tok, r["prompt"], r["completion"]) > cfg.max_length:
             unpaired_too_long += 1
             continue
         row = {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}],
                "label": bool(r["label"])}
-        key = sha256_json(r["prompt"])
+        key = prompt_key(r["prompt"])
         # a prompt with pairs is held out with them; one rated only (no pair) by its hash alone
         held = key in held_keys or (key not in paired_keys and _held_out(r["prompt"], inputs.heldout_fraction))
         (unpaired_heldout if held else unpaired).append(row)
@@ -161,14 +181,14 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     _save(unpaired_heldout, out / "unpaired_heldout", UNPAIRED_COLUMNS)
 
     # --- prompts for online RL: SFT prompts (with their answer as reference), then preference prompts -------
-    held_prompts = {sha256_json(r["prompt"]) for r in [*heldout, *unpaired_heldout]}
+    held_prompts = {prompt_key(r["prompt"]) for r in [*heldout, *unpaired_heldout]}
     prompts: dict[str, dict[str, Any]] = {}
     prompts_too_long = 0
     candidates = [(m["messages"][:-1], m["messages"][-1]["content"]) for m in sft
                   if m["messages"][-1]["role"] == "assistant"]
     candidates += [(p["prompt"], None) for p in [*pairs, *unpaired]]
     for prompt, reference in candidates:
-        key = sha256_json(prompt)
+        key = prompt_key(prompt)  # a variant of a held-out prompt is held out too; variants are sampled once
         if key in held_prompts:
             continue
         if key in prompts:  # each prompt once; an SFT answer is its reference
@@ -197,7 +217,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "preference.heldout_pairs": len(heldout),
         # prompts held out beyond reward.eval_fraction's share, so that the judge is measured on 2 pairs or more
         "preference.heldout_prompts_added": sum(not _held_out(p["prompt"], inputs.heldout_fraction)
-                                                for p in {sha256_json(h["prompt"]): h for h in heldout}.values()),
+                                                for p in {prompt_key(h["prompt"]): h for h in heldout}.values()),
+        "preference.judge_pairs": judge_pairs,  # the training pairs' sides under reward.pairs: disjoint
+        "preference.policy_pairs": policy_pairs,
         "preference.dropped.too_long": too_long,
         "preference.length_max": max(pair_lengths),
         "preference.pairs_from_unpaired": len(derived),
@@ -212,6 +234,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "tokenizer_hash": sha256_tree(out / "tokenizer"),
         "packing": cfg.packing,
         "max_length": cfg.max_length,
+        # what the held-out and judge / policy splits are keyed on (tasks/lib/pairs.prompt_key)
+        "split_key": "prompt messages (role, text lower-cased with white space folded, as curate's exact dedup)",
         "heldout_pair_hashes": sorted(heldout_hashes),  # sha256 of [prompt, chosen, rejected]: never trained on
         "outputs": ["sft", "preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
                     "lengths.png"],
@@ -229,11 +253,11 @@ MIN_HELDOUT_PAIRS = 2  # the held-out pairs the judge's accuracy is measured on 
 def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
     """Whether a prompt's pairs and rated completions are held out: by the hash of the prompt, so every record
     of a prompt lands on the same side and the split stays put when data is added."""
-    return int(sha256_json(prompt)[:8], 16) / 0x1_0000_0000 < fraction
+    return int(prompt_key(prompt)[:8], 16) / 0x1_0000_0000 < fraction
 
 
 def _held_out_prompts(keys: list[str], fraction: float) -> set[str]:
-    """The prompts (sha256 of their messages) whose pairs are held out: those whose hash falls below `fraction`
+    """The prompts (their `prompt_key`) whose pairs are held out: those whose hash falls below `fraction`
     (`_held_out`). When that leaves fewer than MIN_HELDOUT_PAIRS pairs (a small data set: two dozen thumbs-up /
     down records make a handful of pairs), the prompts with the next-lowest hashes join until it does, as long as
     MIN_TRAIN_PAIRS stay for training: the split a larger `reward.eval_fraction` would make. A split that already

@@ -61,6 +61,31 @@ def test_training_pairs_split_by_prompt_into_disjoint_judge_and_policy_sides() -
     assert pairs.pair_hash(rows[3]) == sha256_json([rows[3]["prompt"], "good 3", "bad 3"])
 
 
+def test_spellings_of_one_prompt_share_a_side_so_the_judge_stays_independent() -> None:
+    """Case and white space variants of a prompt (one prompt to curate's exact dedup) go to one side: split on the
+    raw messages, some of 30 prompts' three spellings went to the judge and others to the policy, and
+    judge_independence, which compares pair hashes, called the two independent."""
+    from datasets import Dataset
+
+    from alignflow.tasks.evaluate import judge_independence
+    from alignflow.tasks.lib import pairs
+
+    rows = [{"prompt": [{"role": "user", "content": spelling}],
+             "chosen": [{"role": "assistant", "content": f"good {i}"}],
+             "rejected": [{"role": "assistant", "content": f"bad {i}"}]}
+            for i in range(30) for spelling in (f"How do I reset password {i}?", f"How do I  reset password {i}?\n",
+                                                 f"HOW DO I RESET PASSWORD {i}?")]
+    data = Dataset.from_list(rows)
+    judge, policy = pairs.select(data, "judge", "disjoint"), pairs.select(data, "policy", "disjoint")
+
+    def prompts(rows: Dataset) -> set[str]:
+        return {" ".join(p[0]["content"].lower().split()) for p in rows["prompt"]}
+
+    assert 0 < len(judge) < 90 and len(judge) + len(policy) == 90 and not prompts(judge) & prompts(policy)
+    assert judge_independence({"trained_pair_hashes": pairs.hashes(judge)},
+                              {"trained_pair_hashes": pairs.hashes(policy)}) == (True, "")
+
+
 def test_a_judge_that_learned_the_policys_pairs_or_rewarded_it_is_not_independent() -> None:
     from alignflow.tasks.evaluate import judge_independence
 

@@ -67,7 +67,8 @@ def test_stage_drops_what_does_not_fit_and_holds_out_pairs(tmp_path: Path) -> No
     assert (tmp_path / "out" / "lengths.png").stat().st_size > 1000
 
 
-def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: float = 0.15) -> dict:
+def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: float = 0.15,
+              policy_pairs: bool = True) -> dict:
     base = resolve_base("tiny:llama", tmp_path / "base", [ROOT / "data" / "sft.jsonl"])
     curated, synth = tmp_path / "c", tmp_path / "s"
     curated.mkdir()
@@ -78,7 +79,8 @@ def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: fl
                                (synth, "preference.jsonl", [])):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run(TokenizeConfig(max_length=128), TokenizeInputs(base=base.path, curated=curated, synthesized=synth,
-                                                             out_dir=tmp_path / "out", heldout_fraction=fraction))
+                                                             out_dir=tmp_path / "out", heldout_fraction=fraction,
+                                                             policy_pairs=policy_pairs))
 
 
 def test_pairs_alone_write_empty_unpaired_folders_that_load(tmp_path: Path) -> None:
@@ -97,11 +99,17 @@ def test_thumbs_alone_hold_out_enough_pairs_for_the_judge(tmp_path: Path) -> Non
     """Thumbs alone: each prompt rated both ways makes a pair. Six pairs at eval_fraction 0.15 leave (here) none
     held out by hash, which stopped tokenize; the prompts with the lowest hashes are held out until 2 pairs are, 4
     stay to train, and the prompts' ratings go to the same side as their pairs."""
-    from alignflow.tasks.lib.hashing import sha256_json
+    from alignflow.tasks.lib.pairs import judge_side, prompt_key
+
+    def position(p: list[dict]) -> float:  # where the held-out split places a prompt
+        return int(prompt_key(p)[:8], 16) / 0x1_0000_0000
 
     candidates = [[{"role": "user", "content": f"Rate the shed colour number {i}."}] for i in range(40)]
-    # six prompts the plain split (eval_fraction 0.15) does not hold out: the case that used to stop
-    prompts = [p for p in candidates if int(sha256_json(p)[:8], 16) / 0x1_0000_0000 >= 0.15][:6]
+    # six prompts the plain split (eval_fraction 0.15) does not hold out: the case that used to stop; the four
+    # that stay for training are two on each side of the judge / policy split (each side's minimum)
+    eligible = sorted((p for p in candidates if position(p) >= 0.15), key=position)
+    rest = eligible[2:]
+    prompts = eligible[:2] + [p for p in rest if judge_side(p)][:2] + [p for p in rest if not judge_side(p)][:2]
     rated = [{"prompt": p, "completion": answer, "label": label} for p in prompts
              for answer, label in (("red", True), ("I would rather not say.", False))]
     lone = [{"prompt": [{"role": "user", "content": "A prompt rated only once."}], "completion": "blue", "label": True}]
@@ -109,7 +117,7 @@ def test_thumbs_alone_hold_out_enough_pairs_for_the_judge(tmp_path: Path) -> Non
     assert m["preference.pairs_from_unpaired"] == 6
     assert (m["preference.pairs"], m["preference.heldout_pairs"], m["preference.heldout_prompts_added"]) == (4, 2, 2)
     held = {json.dumps(p) for p in load_from_disk(str(tmp_path / "out" / "preference_heldout"))["prompt"]}
-    lowest = {json.dumps(p) for p in sorted(prompts, key=lambda p: int(sha256_json(p)[:8], 16))[:2]}
+    lowest = {json.dumps(p) for p in eligible[:2]}
     assert held == lowest  # the split a larger eval_fraction would make
     rated_held = {json.dumps(p) for p in load_from_disk(str(tmp_path / "out" / "unpaired_heldout"))["prompt"]}
     assert rated_held & held == held and m["preference.unpaired"] + m["preference.unpaired_heldout"] == 13
@@ -124,3 +132,79 @@ def test_too_few_pairs_for_the_judge_say_how_many_prompts_were_rated_both_ways(t
              for i in range(3) for c, up in (("good", True), ("bad", False))]
     with pytest.raises(StageError, match=r"needs at least 4 to train on and 2 held out.*\(3 prompt\(s\) here\)"):
         _tokenize(tmp_path, [], rated)
+
+
+def _variant_pairs(n_prompts: int) -> tuple[list[dict], list[str]]:
+    """Three pairs per prompt, each with another spelling of it: as written, with a trailing newline and doubled
+    spaces, and upper-cased. curate's exact dedup compares such texts as one."""
+    pairs, canonical = [], []
+    for i in range(n_prompts):
+        text = f"How do I reset my password on device {i}?"
+        canonical.append(text.lower())
+        for j, variant in enumerate((text, text.replace(" ", "  ") + "\n", text.upper())):
+            pairs.append({"prompt": [{"role": "user", "content": variant}], "chosen": f"Open settings {i}.{j}",
+                          "rejected": f"No idea {i}.{j}"})
+    return pairs, canonical
+
+
+def test_spelling_variants_of_a_prompt_land_on_one_side_of_both_splits(tmp_path: Path) -> None:
+    """The held-out split and the judge / policy split are keyed on the normalised prompt: no prompt, in any case or
+    white space spelling, is both held out and trained on, nor learned by both the judge and the policy. Keyed on
+    the raw messages (as before), 3 spellings of each of 16 prompts scatter over both sides of each split."""
+    from datasets import Dataset
+
+    from alignflow.tasks.lib import pairs as pair_split
+
+    pairs, _ = _variant_pairs(16)
+    manifest = _tokenize(tmp_path, pairs, [], fraction=0.3)
+
+    def prompts(rows: Dataset) -> set[str]:
+        return {" ".join(r[0]["content"].lower().split()) for r in rows["prompt"]}
+
+    train = load_from_disk(str(tmp_path / "out" / "preference"))
+    held = load_from_disk(str(tmp_path / "out" / "preference_heldout"))
+    assert len(train) + len(held) == 48 and len(train) % 3 == 0 and len(held) % 3 == 0  # whole prompts only
+    assert prompts(train) and prompts(held) and not prompts(train) & prompts(held)
+    judge, policy = pair_split.select(train, "judge", "disjoint"), pair_split.select(train, "policy", "disjoint")
+    assert len(judge) % 3 == 0 and len(policy) % 3 == 0 and not prompts(judge) & prompts(policy)
+    m = manifest["metrics"]
+    assert (m["preference.judge_pairs"], m["preference.policy_pairs"]) == (len(judge), len(policy))
+    assert "white space" in manifest["split_key"]
+    # the hashes keep their meaning: sha256 of [prompt as written, chosen, rejected]
+    assert manifest["heldout_pair_hashes"] == pair_split.hashes(held)
+    # the prompts online RL samples from: one per prompt, none a spelling of a held-out one
+    sampled = load_from_disk(str(tmp_path / "out" / "prompts"))
+    assert not prompts(sampled) & prompts(held)
+    assert len([p for p in sampled["prompt"] if "device" in p[0]["content"].lower()]) == len(prompts(train))
+
+
+def test_too_few_pairs_on_a_side_of_the_judge_policy_split_stop_tokenize(tmp_path: Path) -> None:
+    """Tokenize's own minimum (4 to train, 2 held out) passed data that left 1 pair on one side of the judge /
+    policy split; reward or dpo then refused after sft (and reward) had trained. Now tokenize refuses first, naming
+    the counts; with a loss that reads no pairs only the judge's side counts."""
+    import pytest
+
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.lib.pairs import judge_side, prompt_key
+
+    candidates = [[{"role": "user", "content": f"Name a colour, case {i}."}] for i in range(200)]
+    kept = [p for p in candidates if int(prompt_key(p)[:8], 16) / 0x1_0000_0000 >= 0.5]  # trained at fraction 0.5
+    held = [p for p in candidates if int(prompt_key(p)[:8], 16) / 0x1_0000_0000 < 0.5][:2]
+    judge, policy = [p for p in kept if judge_side(p)], [p for p in kept if not judge_side(p)]
+
+    def data(prompts: list[list[dict]]) -> list[dict]:
+        return [{"prompt": p, "chosen": "Blue.", "rejected": "I cannot say."} for p in prompts + held]
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(StageError, match=r"4 training preference pairs.* into 3 for the judge and 1 for the policy; "
+                                         r"1 on the policy's side .* fewer than 2.*Add preference pairs"):
+        _tokenize(tmp_path / "a", data(judge[:3] + policy[:1]), [], fraction=0.5)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(StageError, match=r"1 on the judge's side \(reward trains on it\)"):
+        _tokenize(tmp_path / "b", data(judge[:1] + policy[:3]), [], fraction=0.5, policy_pairs=False)
+    (tmp_path / "c").mkdir()  # grpo / rloo / kto: the policy's side may be short; the judge's has its two
+    m = _tokenize(tmp_path / "c", data(judge[:3] + policy[:1]), [], fraction=0.5, policy_pairs=False)["metrics"]
+    assert (m["preference.judge_pairs"], m["preference.policy_pairs"], m["preference.heldout_pairs"]) == (3, 1, 2)
+    (tmp_path / "d").mkdir()
+    m = _tokenize(tmp_path / "d", data(judge[:2] + policy[:2]), [], fraction=0.5)["metrics"]
+    assert (m["preference.judge_pairs"], m["preference.policy_pairs"]) == (2, 2)

@@ -6,8 +6,11 @@ With `reward.pairs: disjoint` (the default) those training pairs are split once 
 is learned by both, so the reward model's win-rates measure the policy on preferences it was not fitted to.
 With `shared` both train on every training pair (the judge's win-rates are then not independent evidence).
 
-The side is decided by bits 32-63 of sha256(prompt), independent of the held-out decision (bits 0-31 in
-tokenize), so every pair of one prompt lands on one side and the split stays put when data is added.
+The side is decided by bits 32-63 of `prompt_key(prompt)`, independent of the held-out decision (bits 0-31 in
+tokenize), so every pair of one prompt lands on one side and the split stays put when data is added. The key is
+the *normalised* prompt (each message's text lower-cased, white space runs folded, as curate's exact dedup
+compares text): "How do I reset my password?", the same with a trailing newline and with doubled spaces are one
+prompt, so its variants cannot land on both sides of a split (judge / policy, held-out / training).
 A pair is named by sha256 of [prompt, chosen text, rejected text], the same hash as tokenize's
 `heldout_pair_hashes`, so a manifest's `trained_pair_hashes` and `heldout_pair_hashes` compare directly.
 """
@@ -23,9 +26,24 @@ Side = Literal["judge", "policy"]
 JUDGE_SHARE = 0.5  # of the training prompts, on the judge's side under `disjoint`
 
 
+MIN_SIDE_PAIRS = 2  # training pairs each side needs under `disjoint`: reward (judge) and dpo's pair losses refuse fewer
+
+
+def normalised(text: str) -> str:
+    """`text` lower-cased with white space runs folded to one space and trimmed: the rule of curate's exact dedup
+    (tasks/records/dedup.exact_key), applied to the message text itself (exact_key folds the record's JSON, where a
+    newline is the escape `\\n`, not white space)."""
+    return " ".join(text.lower().split())
+
+
+def prompt_key(prompt: list[dict[str, str]]) -> str:
+    """sha256 of the prompt's messages (role, normalised text): what every split by prompt is keyed on."""
+    return sha256_json([[m["role"], normalised(m["content"])] for m in prompt])
+
+
 def judge_side(prompt: list[dict[str, str]]) -> bool:
     """Whether a prompt's pairs (and rated completions) belong to the judge under `disjoint`."""
-    return int(sha256_json(prompt)[8:16], 16) / 0x1_0000_0000 < JUDGE_SHARE
+    return int(prompt_key(prompt)[8:16], 16) / 0x1_0000_0000 < JUDGE_SHARE
 
 
 def on_side(prompt: list[dict[str, str]], side: Side, mode: PairsMode) -> bool:
