@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from alignflow.tasks.lib.errors import StageError
-from alignflow.tasks.lib.registry import ROLLED_BACK_TAG, move_champion, registry_alias
+from alignflow.tasks.lib.registry import clear_demoted, move_champion, registry_alias
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -23,49 +23,52 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if version is None else str(version.version)
 
 
-def _record(client: MlflowClient, name: str, version: str, action: str) -> str:
+def _stamp(action: str) -> str:
+    return f"{action} by {getpass.getuser()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
+
+
+def _record(client: MlflowClient, name: str, version: str, stamp: str) -> str:
     """Write who moved which alias when, on the version and on the registered model."""
-    stamp = f"{action} by {getpass.getuser()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
     client.set_model_version_tag(name, version, f"alignflow.alias_change.{int(time.time())}", stamp)
     client.set_registered_model_tag(name, "alignflow.last_alias_change", stamp)
     return stamp
 
 
 def promote(client: MlflowClient, name: str, version: str) -> str:
-    """Make `version` the champion by hand; the displaced champion becomes previous-champion."""
+    """Make `version` the champion by hand; the displaced champion becomes previous-champion and its weights are
+    marked demoted by a person (the gate does not make them champion again on its own). The promoted weights'
+    demotion mark, if any, is cleared: a person's decision."""
     try:
-        client.get_model_version(name, version)
+        mine = client.get_model_version(name, version)
     except MlflowException:
         raise StageError(f"promote: {name} has no version {version}") from None
     current = _alias_version(client, name, "champion")
     if current == version:
+        clear_demoted(client, name, mine)  # what a promote killed after its move left: completed here
         return f"{name} version {version} is already champion"
-    if not move_champion(client, name, expected=current, new=version):  # compare-and-set
+    stamp = _stamp(f"promote: champion v{current} -> v{version}")
+    if not move_champion(client, name, expected=current, new=version, by_person=stamp):  # compare-and-set
         raise StageError(f"promote: the champion of {name} moved while promoting (it was v{current}); try again")
-    _clear_rolled_back(client, name, version)  # a person's decision: the gate may treat it as any version again
-    return _record(client, name, version, f"promote: champion v{current} -> v{version}")
-
-
-def _clear_rolled_back(client: MlflowClient, name: str, version: str) -> None:
-    if ROLLED_BACK_TAG in client.get_model_version(name, version).tags:
-        client.delete_model_version_tag(name, version, ROLLED_BACK_TAG)
+    return _record(client, name, version, stamp)
 
 
 def rollback(client: MlflowClient, name: str) -> str:
-    """Swap champion and previous-champion. The demoted version is tagged `alignflow.rolled_back`: the gate never
-    makes it champion again on its own (re-running its recipe leaves the champion where it is and says why); only
-    `alignflow promote` does (or a later rollback back to it)."""
+    """Swap champion and previous-champion. The demoted weights are marked on the registered model
+    (`alignflow.demoted.<sha256>`, and `alignflow.rolled_back` on the version) before any alias moves, inside the
+    alias lock: the gate never makes them champion again on its own (re-running their recipe leaves the champion
+    where it is and says why); only `alignflow promote` does (or a later rollback back to them). A rollback killed
+    part-way is completed by running it again; a previous-champion equal to the champion is refused."""
     current = _alias_version(client, name, "champion")
     previous = _alias_version(client, name, "previous-champion")
     if previous is None:
         raise StageError(f"rollback: {name} has no previous-champion to roll back to")
-    if not move_champion(client, name, expected=current, new=previous):  # compare-and-set
+    if previous == current:
+        raise StageError(f"rollback: the previous-champion of {name} is the champion (v{current}): nothing to roll "
+                         f"back to; `alignflow promote {name} VERSION` names the version to serve")
+    stamp = _stamp(f"rollback: champion v{current} -> v{previous}")
+    if not move_champion(client, name, expected=current, new=previous, by_person=stamp):  # compare-and-set
         raise StageError(f"rollback: the champion of {name} moved while rolling back (it was v{current}); try again")
-    stamp = _record(client, name, previous, f"rollback: champion v{current} -> v{previous}")
-    if current is not None:
-        client.set_model_version_tag(name, current, ROLLED_BACK_TAG, stamp)
-    _clear_rolled_back(client, name, previous)  # rolled back to by hand: a person's decision, like promote
-    return stamp
+    return _record(client, name, previous, stamp)
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alignflow.tasks.lib.hashing import sha256_tree, sha256_weights
+from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
 LOWER_IS_BETTER = {"perplexity"}
@@ -265,7 +265,14 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
 
     from alignflow.tasks.lib.models import is_adapter, tuned_weights
     from alignflow.tasks.lib.policy import cite, gate_with_policy
-    from alignflow.tasks.lib.registry import ROLLED_BACK_TAG, alias_lock, find_version, move_champion, registry_alias
+    from alignflow.tasks.lib.registry import (
+        ROLLED_BACK_TAG,
+        alias_lock,
+        demotion,
+        find_version,
+        move_champion,
+        registry_alias,
+    )
 
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +309,9 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     # a version registered before the hash was of the weights carries the hash of the folder's bytes: found by
     # that once (hashed only when nothing else matched, so a cached run hashes no weights)
     version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt",
-                           legacy_hash=lambda: sha256_tree(weights))
+                           legacy_hash=lambda: [sha256_tree(weights),
+                                               sha256_weights(weights, LEGACY_SKIPPED_FIELDS)],
+                           base_key=inputs.base_key)
     if version is None:
         active = mlflow.active_run()
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
@@ -329,7 +338,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 input_example=["Say hello."],
             )  # logged, not yet registered: a kill here leaves a logged model and no version
         with alias_lock(client, cfg.model_name):  # two runs registering the same weights at once make one version
-            version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt")
+            version = find_version(client, cfg.model_name, adapter_hash, tags, out / "adopt",
+                                   base_key=inputs.base_key)
             if version is None:
                 # the tags are in the creating call: no version exists without the hash a re-run finds it by
                 # (with log_model(registered_model_name=...) a kill -9 before the tags left an orphan)
@@ -337,11 +347,13 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
 
     # --- the gate's verdict on this version, then the champion alias (compare-and-set) ---------------------
     mine = client.get_model_version(cfg.model_name, version)
-    rolled_back = mine.tags.get(ROLLED_BACK_TAG)
+    # a person's demotion (rollback, or promote of another version) is kept on the registered model by weights
+    # hash, so it outlives a deleted version; the version tag is what rollback wrote before that
+    demoted = demotion(client, cfg.model_name, adapter_hash) or mine.tags.get(ROLLED_BACK_TAG)
     previous = None if champion_version is None else str(champion_version.version)
-    if rolled_back and previous != version:
-        reasons.append(f"version {version} was demoted by rollback ({rolled_back}): the gate does not promote a "
-                       f"rolled-back version again; `alignflow promote {cfg.model_name} {version}` does")
+    if demoted and previous != version:
+        reasons.append(f"version {version} was demoted by {demoted}: the gate does not promote weights a person "
+                       f"demoted; `alignflow promote {cfg.model_name} {version}` does")
     if previous == version:
         pass  # re-submitted champion: nothing moves
     elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
@@ -354,15 +366,29 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
             reasons.append(f"the champion moved to version {getattr(now, 'version', None)} while this run was "
                            f"registering (it had compared with {previous or 'no champion'}): re-run to compare")
         client.set_registered_model_alias(cfg.model_name, "challenger", version)
-    client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
-    client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
-    # which bound decided: every check, with the interval end it compared
-    client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+    # The version's gate tags say why it holds what it holds. A champion re-submitted under a stricter gate or
+    # policy keeps champion (the gate moves aliases only to a new version; demoting is a person's `alignflow
+    # rollback` / `promote`): its tags keep the verdict that made it champion, this run's verdict goes on this run
+    # only, and the run says so.
+    # (A champion with no gate tag yet, what a kill before the tags left, takes this run's verdict.)
+    kept_champion = previous == version and bool(reasons) and "alignflow.gate" in mine.tags
+    if previous == version and reasons:
+        reasons.insert(0, f"version {version} already holds champion and keeps it (the gate never demotes; "
+                          f"`alignflow rollback` / `promote` do); this run's gate failed"
+                          + (f", recorded on this run only (the version's gate: {mine.tags['alignflow.gate']})"
+                             if kept_champion else ""))
+    if not kept_champion:
+        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
+        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
+        # which bound decided: every check, with the interval end it compared
+        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+        if selection(metrics):  # a sweep's winner: the correction and its k, on the version
+            client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
+    mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate", "passed" if not reasons else "failed")
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_reasons", "; ".join(reasons)[:5000] or "-")
-    if selection(metrics):  # a sweep's winner: the correction and its k, on the run and the version
+    if selection(metrics):  # a sweep's winner: the correction and its k, on the run
         mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_selection", selection(metrics))
-        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
 
     # --- what the registry holds now: that, and only that, is reported ------------------------------------
     held = client.get_registered_model(cfg.model_name).aliases  # alias -> version
@@ -372,14 +398,18 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         else (mine_aliases[0] if mine_aliases else "no alias")
 
     # the model card (tasks/lib/model_card.py): MODEL_CARD.md with the version's model, its description
-    from alignflow.tasks.lib.model_card import build_card, publish_card
+    from alignflow.tasks.lib.model_card import CARD, build_card, publish_card
 
     folders = {"curate": inputs.curated, "dpo": inputs.candidate, "evaluate": inputs.evaluation, **inputs.stages}
     card = build_card(model_name=cfg.model_name, version=version, alias=alias, reasons=reasons, bounds=decided,
                       gate=gate_cfg.model_dump(mode="json"), base=base_record(inputs.base_spec, inputs.base_path)[0],
                       weights=kind if kind == "adapter" else "full", adapter_sha256=adapter_hash, lineage=inputs.tags,
                       stages={s: read_manifest(f) for s, f in folders.items() if (Path(f) / "manifest.json").exists()})
-    publish_card(client, cfg.model_name, version, card, out, inputs.run_id)
+    if kept_champion:  # the version keeps the card of the verdict that made it champion; this one is the run's
+        (out / CARD).write_text(card, encoding="utf-8")
+        client.log_artifact(inputs.run_id, str(out / CARD))
+    else:
+        publish_card(client, cfg.model_name, version, card, out, inputs.run_id)
 
     return write_manifest(out, {
         "stage": "register",

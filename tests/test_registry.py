@@ -406,7 +406,8 @@ def test_the_registry_tells_the_truth_after_rollback_delete_and_a_killed_registe
     proc = _cli("run", "configs/smoke.yaml", *[x for o in opened for x in ("--set", o)], "--work-dir", str(work))
     said = " ".join(proc.stdout.split())  # rich wraps long lines
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "registered smoke-assistant version 2 as challenger (version 2 was demoted by rollback" in said
+    assert "registered smoke-assistant version 2 as challenger (version 2 was demoted by rollback: champion v2 -> v1" \
+        in said
     assert "`alignflow promote smoke-assistant 2` does); champion: version 1" in said
     aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     assert aliases["champion"] == "1" and aliases["challenger"] == "2"
@@ -543,3 +544,129 @@ def test_compare_says_when_evaluations_do_not_compare(tmp_path: Path) -> None:
                for line in lineage)
     assert rows[0].metrics == [("rougeL", 0.2, 0.4)]
     assert not any("eval_config_hash" in line for line in compare(client, a, c)[0])
+
+
+def _versions(tmp_path: Path, hashes: list[str], name: str = "m") -> MlflowClient:
+    """A registered model whose versions 1.. hold weights with these hashes (as register tags them); champion 1."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model(name)
+    for h in hashes:
+        client.create_model_version(name, str(tmp_path), tags={"alignflow.adapter_sha256": h})
+    client.set_registered_model_alias(name, "champion", "1")
+    return client
+
+
+def _aliases(client: MlflowClient, name: str = "m") -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_a_persons_demotion_is_kept_on_the_model_and_only_promote_clears_it(tmp_path: Path) -> None:
+    """Issue 26 findings 1, 2, 6: promote of another version and rollback mark the displaced weights on the
+    registered model (by hash: a deleted version does not undo it); promote clears the mark of what it promotes;
+    the version that becomes champion loses `challenger`."""
+    from alignflow.flows.registry import promote, rollback
+    from alignflow.tasks.lib.registry import demotion
+
+    client = _versions(tmp_path, ["h1", "h2", "h3"])
+    client.set_registered_model_alias("m", "challenger", "2")
+    promote(client, "m", "2")  # a challenger promoted by hand: champion only
+    assert _aliases(client) == {"champion": "2", "previous-champion": "1"}
+    assert "promote: champion v1 -> v2" in demotion(client, "m", "h1")
+    assert demotion(client, "m", "h2") is None
+    rollback(client, "m")  # back to 1: its mark cleared, 2's set
+    assert _aliases(client) == {"champion": "1", "previous-champion": "2"}
+    assert demotion(client, "m", "h1") is None
+    assert "rollback: champion v2 -> v1" in demotion(client, "m", "h2")
+    client.delete_model_version("m", "2")  # the mark lives on the model, not on the version
+    assert "rollback: champion v2 -> v1" in demotion(client, "m", "h2")
+    promote(client, "m", "3")
+    assert "promote: champion v1 -> v3" in demotion(client, "m", "h1")
+
+
+def test_an_interrupted_rollback_is_completed_or_refused_never_rolled_forward(tmp_path: Path) -> None:
+    """The states a kill inside `alignflow rollback` can leave now: (a) the demotion marked, no alias moved: running
+    rollback again completes it; (b) previous-champion moved onto the champion but the champion not yet moved (inside
+    move_champion): rollback refuses, it does not print "v1 -> v1" nor roll anywhere."""
+    from alignflow.flows.registry import rollback
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.lib.registry import demoted_key, demotion
+
+    client = _versions(tmp_path, ["h1", "h2"])
+    client.set_registered_model_alias("m", "champion", "2")
+    client.set_registered_model_alias("m", "previous-champion", "1")
+    # (a) killed after marking v2 demoted, before moving an alias
+    client.set_registered_model_tag("m", demoted_key("h2"), "rollback: champion v2 -> v1 by x at t")
+    client.set_model_version_tag("m", "2", "alignflow.rolled_back", "rollback: champion v2 -> v1 by x at t")
+    said = rollback(client, "m")
+    assert said.startswith("rollback: champion v2 -> v1")
+    assert _aliases(client) == {"champion": "1", "previous-champion": "2"}
+    assert demotion(client, "m", "h2") and demotion(client, "m", "h1") is None
+    # running it again is a rollback of that rollback (a person's choice), still consistent: no roll forward
+    # past what previous-champion says
+    # (b) previous-champion == champion
+    client.set_registered_model_alias("m", "previous-champion", "1")
+    with pytest.raises(StageError, match="is the champion"):
+        rollback(client, "m")
+    assert _aliases(client) == {"champion": "1", "previous-champion": "1"}
+
+
+def test_rerunning_after_promote_rollback_and_deletion_keeps_what_a_person_decided(
+        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+    """Issue 26 findings 1 and 6 through the pipeline, checking "printed = held" after every step: a champion
+    re-run under a stricter gate keeps champion and its tags, and says so; a challenger that later passes loses
+    `challenger`; weights demoted by rollback stay demoted after their version is deleted (re-registered as a new
+    version, challenger); weights demoted by promote of another version stay demoted on the next run."""
+    from alignflow.cli import _registered_line
+    from alignflow.flows.registry import promote, rollback
+
+    smoke = ROOT / "configs" / "smoke.yaml"
+    work = tmp_path / "work"
+    name = "smoke-assistant"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    a = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert (a["registered"]["version"], a["registered"]["alias"]) == ("1", "champion")
+    passed = client.get_model_version(name, "1").tags
+    assert passed["alignflow.gate"] == "passed"
+
+    # the champion's recipe under a stricter gate: champion stays (the gate never demotes), its tags stay, and the
+    # run says both
+    strict = pipeline(recipe=load_recipe(smoke, ["register.gate.min_rougeL_gain=5.0"]), work_dir=str(work))
+    _holds(client, strict["registered"])
+    line = _registered_line(strict["registered"])
+    assert "version 1 as [bold]champion[/] (version 1 already holds champion and keeps it" in line
+    assert "recorded on this run only (the version's gate: passed)" in line
+    assert "rougeL_gain_ci_low" in line
+    kept = client.get_model_version(name, "1").tags
+    assert {k: kept[k] for k in ("alignflow.gate", "alignflow.gate_reasons")} == \
+        {k: passed[k] for k in ("alignflow.gate", "alignflow.gate_reasons")}
+    register_run = client.search_runs([strict["experiment_id"]], filter_string=(
+        f"tags.mlflow.parentRunId = '{strict['parent_run_id']}' and tags.alignflow.stage = 'register'"))[0]
+    assert register_run.data.tags["alignflow.gate"] == "failed"
+
+    # B fails a gate (challenger), then passes it: champion, and no longer challenger
+    opened = ["dpo.beta=0.3", "register.gate.min_win_rate_vs_champion=null"]
+    b = pipeline(recipe=load_recipe(smoke, [*opened, "register.gate.min_rougeL_gain=5.0"]), work_dir=str(work))
+    assert (b["registered"]["version"], b["registered"]["alias"]) == ("2", "challenger")
+    _holds(client, b["registered"])
+    b = pipeline(recipe=load_recipe(smoke, opened), work_dir=str(work))
+    assert (b["registered"]["version"], b["registered"]["alias"]) == ("2", "champion")
+    assert _holds(client, b["registered"]) == {"champion": "2", "previous-champion": "1"}
+
+    # rollback, then delete the demoted version: the same weights come back as a new version, not champion
+    rollback(client, name)
+    client.delete_model_version(name, "2")
+    b = pipeline(recipe=load_recipe(smoke, opened), work_dir=str(work))
+    assert (b["registered"]["version"], b["registered"]["alias"], b["registered"]["champion"]) == \
+        ("3", "challenger", "1")
+    _holds(client, b["registered"])
+    assert "version 3 was demoted by rollback: champion v2 -> v1" in _registered_line(b["registered"])
+
+    # promote 3 (a person: clears its mark, ends its challenger alias), then promote 1: the next run leaves 1
+    promote(client, name, "3")
+    assert _aliases(client, name) == {"champion": "3", "previous-champion": "1"}
+    promote(client, name, "1")
+    b = pipeline(recipe=load_recipe(smoke, opened), work_dir=str(work))
+    assert (b["registered"]["version"], b["registered"]["alias"], b["registered"]["champion"]) == \
+        ("3", "challenger", "1")
+    _holds(client, b["registered"])
+    assert "version 3 was demoted by promote: champion v3 -> v1" in _registered_line(b["registered"])

@@ -50,11 +50,15 @@ def sha256_tree(path: Path, skip: tuple[str, ...] = ()) -> str:
 # Files that only describe provenance: PEFT's model card names the base by its absolute path.
 WEIGHTS_SKIP = frozenset({"README.md"})
 # JSON fields that say where the weights came from or how they were saved, never what they compute: the base's
-# path, the hub revision, the writing library's version, tokenizer loading flags. lora_dropout acts only while
-# training (off at inference), so two adapters with equal tensors and another dropout compute the same thing.
+# path, the hub revision, the writing library's version, tokenizer loading flags. lora_dropout is hashed: it is
+# off at inference, but these weights are trained further (sft's init adapter, dpo over sft's adapter), where it
+# acts, and sft's cache key reads this hash for its init adapter.
 PROVENANCE_FIELDS = frozenset({"base_model_name_or_path", "revision", "inference_mode", "peft_version",
                                "_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
-                               "is_local", "local_files_only", "lora_dropout"})
+                               "is_local", "local_files_only"})
+# What sha256_weights also left out before lora_dropout was hashed: a version registered then is found by that
+# hash once (tasks/lib/registry.find_version's legacy hashes) and re-tagged.
+LEGACY_SKIPPED_FIELDS = frozenset({"lora_dropout"})
 # JSON list fields that are sets (PEFT writes target_modules in no fixed order): compared sorted
 UNORDERED_FIELDS = frozenset({"target_modules", "modules_to_save", "exclude_modules", "layers_to_transform"})
 
@@ -88,25 +92,26 @@ def sha256_safetensors(path: Path) -> dict[str, str]:
     return found
 
 
-def _normalised_json(path: Path) -> Any:
+def _normalised_json(path: Path, skip: frozenset[str] = frozenset()) -> Any:
     HASHED_FILES[path.suffix] += 1
     value = json.loads(path.read_text())
     if not isinstance(value, dict):
         return value
-    value = {k: v for k, v in value.items() if k not in PROVENANCE_FIELDS}
+    value = {k: v for k, v in value.items() if k not in PROVENANCE_FIELDS | skip}
     for k in UNORDERED_FIELDS & value.keys():
         if isinstance(value[k], list):
             value[k] = sorted(value[k], key=str)
     return value
 
 
-def sha256_weights(path: Path) -> str:
+def sha256_weights(path: Path, skip_fields: frozenset[str] = frozenset()) -> str:
     """Hash of what a weights folder computes (a LoRA adapter or a full model, with its tokenizer files): the
     tensors of every .safetensors file by name, dtype, shape and bytes (shards merged: how the tensors are split
     into files does not matter), the JSON configs without their provenance fields and with their set-valued
     lists sorted, and the other files by content. Paths never enter: the same weights saved from two work dirs
     (adapter_config.json names the base's absolute path) hash the same. Recorded as the folder's hash in the
-    training stage's manifest and tagged `alignflow.adapter_sha256` on registered versions."""
+    training stage's manifest and tagged `alignflow.adapter_sha256` on registered versions. `skip_fields`: JSON
+    fields also left out (LEGACY_SKIPPED_FIELDS gives the hash of an older alignflow)."""
     path = Path(path)
     tensors: dict[str, str] = {}
     files: dict[str, str] = {}
@@ -119,7 +124,7 @@ def sha256_weights(path: Path) -> str:
             tensors.update({f"{folder}/{name}": digest for name, digest in sha256_safetensors(f).items()})
         elif f.suffix == ".json":
             try:
-                files[rel] = sha256_json(_normalised_json(f))
+                files[rel] = sha256_json(_normalised_json(f, skip_fields))
             except (ValueError, UnicodeDecodeError):  # not JSON after all: its bytes
                 files[rel] = sha256_file(f)
         else:

@@ -144,7 +144,7 @@ def build_card(*, model_name: str, version: str, alias: str, reasons: list[str],
     lines = [f"# {model_name} version {version}", ""]
     kind = "A LoRA adapter (PEFT)" if weights == "adapter" else "Full fine-tuned weights"
     lines += [f"{kind} over `{spec}`" + (f" ({hub} on the Hugging Face hub)" if hub else "")
-              + f", trained and registered by alignflow. Alias: **{alias}** "
+              + f", trained and registered by alignflow. Alias at registration: **{alias}** "
               f"(gate {'passed' if not reasons else 'failed'}). Weights hash `{adapter_sha256}`.", ""]
 
     # the lineage last: its training settings are the longest part, and the description keeps the card's start

@@ -19,6 +19,27 @@ HASH_TAG = "alignflow.adapter_sha256"  # what the weights compute (tasks/lib/has
 # On a version `alignflow rollback` demoted: who, when, from which champion to which. The gate never promotes it
 # again on its own; `alignflow promote` (a person's decision) does, and clears it.
 ROLLED_BACK_TAG = "alignflow.rolled_back"
+# On the registered model, one per demoted weights hash: `alignflow.demoted.<sha256>` = who demoted them, when, by
+# which action. Set whenever the champion leaves weights by a person's action (`alignflow rollback`, `alignflow
+# promote` of another version), never by the gate. A model tag, not a version tag: deleting the version (and the
+# same weights registering again as a new version) does not undo a person's decision. Only `alignflow promote` of
+# those weights (or a rollback back to them) clears it.
+DEMOTED_PREFIX = "alignflow.demoted."
+UNREADABLE = "unreadable"  # HASH_TAG of a register-made version whose weights could not be read: never adopted
+
+
+def demoted_key(weights_hash: str) -> str:
+    return DEMOTED_PREFIX + weights_hash
+
+
+def demotion(client: MlflowClient, model_name: str, weights_hash: str) -> str | None:
+    """Why these weights were demoted by a person (the stamp), or None; None also when the model does not exist."""
+    try:
+        return client.get_registered_model(model_name).tags.get(demoted_key(weights_hash))
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def registry_alias(client: MlflowClient, model_name: str, alias: str) -> Any:
@@ -129,22 +150,51 @@ def alias_lock(client: MlflowClient, model_name: str, timeout_s: float = 300.0) 
             client.delete_registered_model(lock)
 
 
-def move_champion(client: MlflowClient, model_name: str, expected: str | None, new: str) -> bool:
+def move_champion(client: MlflowClient, model_name: str, expected: str | None, new: str,
+                  by_person: str | None = None) -> bool:
     """Compare-and-set: make `new` the champion (the displaced one becomes previous-champion) only if the champion
-    is still `expected` (None: there is none). False, and nothing moved, when another run moved it first."""
+    is still `expected` (None: there is none). False, and nothing moved, when another run moved it first. The
+    version that becomes champion loses `challenger` (it is not one any more).
+
+    `by_person` (the stamp of `alignflow promote` / `rollback`): a person's decision. Inside the lock and before
+    any alias moves, the displaced champion's weights are marked demoted (DEMOTED_PREFIX on the model,
+    ROLLED_BACK_TAG on the version) and `new`'s weights are cleared of that mark; a kill part-way leaves marks that
+    re-running the same command completes, never an alias moved without its mark."""
     with alias_lock(client, model_name):
         current = registry_alias(client, model_name, "champion")
         current_version = None if current is None else str(current.version)
         if current_version != expected:
             return False
+        if by_person is not None:
+            if current is not None and current_version != new:
+                _mark_demoted(client, model_name, current, by_person)
+            clear_demoted(client, model_name, client.get_model_version(model_name, new))
         if current_version is not None and current_version != new:
             client.set_registered_model_alias(model_name, "previous-champion", current_version)
         client.set_registered_model_alias(model_name, "champion", new)
+        challenger = registry_alias(client, model_name, "challenger")
+        if challenger is not None and str(challenger.version) == new:
+            client.delete_registered_model_alias(model_name, "challenger")
         return True
 
 
+def _mark_demoted(client: MlflowClient, model_name: str, version: Any, stamp: str) -> None:
+    weights_hash = version.tags.get(HASH_TAG)
+    if weights_hash and weights_hash != UNREADABLE:
+        client.set_registered_model_tag(model_name, demoted_key(weights_hash), stamp)
+    client.set_model_version_tag(model_name, str(version.version), ROLLED_BACK_TAG, stamp)
+
+
+def clear_demoted(client: MlflowClient, model_name: str, version: Any) -> None:
+    weights_hash = version.tags.get(HASH_TAG)
+    if weights_hash and demoted_key(weights_hash) in client.get_registered_model(model_name).tags:
+        client.delete_registered_model_tag(model_name, demoted_key(weights_hash))
+    if ROLLED_BACK_TAG in version.tags:
+        client.delete_model_version_tag(model_name, str(version.version), ROLLED_BACK_TAG)
+
+
 def find_version(client: MlflowClient, model_name: str, weights_hash: str, tags: dict[str, str], scratch: Path,
-                 legacy_hash: Callable[[], str] | None = None) -> str | None:
+                 legacy_hash: Callable[[], list[str]] | None = None, base_key: str = "") -> str | None:
     """The version of `model_name` that holds weights with this hash (its tag HASH_TAG); None when there is none.
     Several (made before registration was idempotent): the champion if it is one of them, else the oldest.
 
@@ -153,8 +203,13 @@ def find_version(client: MlflowClient, model_name: str, weights_hash: str, tags:
     - an orphan: a version without HASH_TAG made by an alignflow register run (what a kill -9 between creating
       the version and tagging it left, before the tags went into the creating call). Its weights are downloaded
       into `scratch` and hashed; if they match it is adopted (given `tags`), else it gets its own hash;
-    - a version tagged with the hash alignflow used before sha256_weights (the folder's bytes, `legacy_hash()`,
-      computed only when nothing else matched): its tag is rewritten to the new hash."""
+    - a version tagged with a hash an older alignflow used (the folder's bytes before sha256_weights; the weights
+      hash without lora_dropout): `legacy_hash()` lists them, computed only when nothing else matched; its tag is
+      rewritten to the new hash.
+    A version whose weights cannot be read (a download error, no adapter/ or model/ folder) is tagged
+    HASH_TAG=unreadable and never downloaded again: one bad version does not block every later run.
+    A version tagged with another `alignflow.base_key` than `base_key` (both set) is not a match: an adapter's
+    tensors say nothing about the base they were trained over."""
     from alignflow.tasks.lib.hashing import sha256_weights
 
     versions = client.search_model_versions(f"name='{model_name}'")  # [] when there is no such model
@@ -167,22 +222,28 @@ def find_version(client: MlflowClient, model_name: str, weights_hash: str, tags:
                                                              dst_path=str(folder)))
             weights = next((local / "artifacts" / k for k in ("adapter", "model")
                             if (local / "artifacts" / k).is_dir()), None)
-            if weights is None:
-                continue
-            found = sha256_weights(weights)
+            found = UNREADABLE if weights is None else sha256_weights(weights)
+        except Exception:  # any failure to read it (artifact gone, store error, bad files)
+            found = UNREADABLE
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         adopt = tags if found == weights_hash else {HASH_TAG: found}
         for key, value in adopt.items():
             client.set_model_version_tag(model_name, str(v.version), key, value)
         v.tags.update(adopt)
+
+    def same_base(v: Any) -> bool:
+        theirs = v.tags.get("alignflow.base_key", "")
+        return not base_key or not theirs or theirs == base_key
+
+    versions = [v for v in versions if same_base(v)]
     matches = [v for v in versions if v.tags.get(HASH_TAG) == weights_hash]
     if not matches and legacy_hash is not None and versions:
-        old = legacy_hash()
-        matches = [v for v in versions if v.tags.get(HASH_TAG) == old]
+        olds = legacy_hash()
+        matches = [v for v in versions if v.tags.get(HASH_TAG) in olds]
         for v in matches:
+            client.set_model_version_tag(model_name, str(v.version), HASH_TAG + "_legacy", v.tags[HASH_TAG])
             client.set_model_version_tag(model_name, str(v.version), HASH_TAG, weights_hash)
-            client.set_model_version_tag(model_name, str(v.version), HASH_TAG + "_legacy", old)
     if not matches:
         return None
     champion = registry_alias(client, model_name, "champion")
