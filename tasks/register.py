@@ -12,6 +12,7 @@ the same content hash is reused, never duplicated (and a champion re-submitted k
 from __future__ import annotations
 
 import math
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,32 @@ def selection(metrics: dict[str, float]) -> str:
             f"familywise level 1 - 0.05/{k} = {metrics.get('interval_level')} (Bonferroni), not 95%")
 
 
+SELECTION_K_TAG = "alignflow.gate_selection_k"  # the k a version was selected among (a sweep winner), as a number
+
+
+def selected_among(tags: dict[str, str]) -> int:
+    """The number of sweep trials a registered version was selected among (1: none): its `alignflow.gate_selection_k`
+    tag, or the k in its `alignflow.gate_selection` text (versions tagged before the numeric tag existed)."""
+    if tags.get(SELECTION_K_TAG, "").isdigit():
+        return int(tags[SELECTION_K_TAG])
+    found = re.search(r"\bk=(\d+)", tags.get("alignflow.gate_selection", ""))
+    return int(found.group(1)) if found else 1
+
+
+def lower_level(metrics: dict[str, float], tags: dict[str, str], version: str) -> str:
+    """Why this run may not gate `version` ('' when it may): the version was selected as the best of more sweep
+    trials than this run's intervals are corrected for (a re-run of the winner's recipe gets every stage cached
+    and its intervals at 95%). The gate never re-gates weights at a lower level than they were selected at:
+    k = max(this run's k, the version's recorded k), and this run's intervals are only at the level of its own k."""
+    recorded, mine = selected_among(tags), int(metrics.get("selection_trials", 1) or 1)
+    if recorded <= mine:
+        return ""
+    return (f"version {version} was selected as the best of k={recorded} sweep trials (alignflow.gate_selection: its "
+            f"intervals at the familywise level 1 - 0.05/{recorded}); this run's intervals are at "
+            f"{metrics.get('interval_level', 0.95)} (k={mine}): the gate does not re-gate it at a lower level, and "
+            f"its verdict stays that of the sweep. Re-run the sweep, or `alignflow promote` it")
+
+
 def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
     """How a loader finds the base again (tasks/lib/served_model.py resolves it), and the folder to log with the
     version when that is the way: an embedded model by its package, a hub model by id and commit, anything else
@@ -354,6 +381,11 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     if demoted and previous != version:
         reasons.append(f"version {version} was demoted by {demoted}: the gate does not promote weights a person "
                        f"demoted; `alignflow promote {cfg.model_name} {version}` does")
+    # a sweep winner's weights are gated at the level they were selected at, or not at all (no tag written below)
+    relevel = lower_level(metrics, mine.tags, version)
+    if relevel:
+        reasons.append(relevel)
+        decided.append(relevel)
     if previous == version:
         pass  # re-submitted champion: nothing moves
     elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
@@ -377,13 +409,17 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                           f"`alignflow rollback` / `promote` do); this run's gate failed"
                           + (f", recorded on this run only (the version's gate: {mine.tags['alignflow.gate']})"
                              if kept_champion else ""))
-    if not kept_champion:
+    # a version selected among more trials keeps the verdict (and bounds) it was selected with
+    if not kept_champion and not relevel:
         client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
         client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
         # which bound decided: every check, with the interval end it compared
         client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
         if selection(metrics):  # a sweep's winner: the correction and its k, on the version
             client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
+            # the k it was gated at, as a number: never lowered (see `lower_level`)
+            client.set_model_version_tag(cfg.model_name, version, SELECTION_K_TAG,
+                                         str(int(metrics.get("selection_trials", 1))))
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate", "passed" if not reasons else "failed")
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_reasons", "; ".join(reasons)[:5000] or "-")

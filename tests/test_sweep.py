@@ -338,3 +338,26 @@ def test_the_winner_of_k_trials_is_gated_at_the_familywise_level() -> None:
     assert reasons[-1] == decided[0]  # a failed gate says how its bounds were taken
     assert not any(d.startswith("selection") for d in gate(GateConfig(), {**metrics, "selection_trials": 1},
                                                               True)[1])
+
+
+def test_a_sweep_winner_is_never_re_gated_at_a_lower_level() -> None:
+    """Re-running the winning recipe alone gets every stage cached and intervals at 95 %: register used to re-gate
+    the version the sweep selected among k=8 at 95 % and rewrite its gate tags. It now takes k from the version
+    (`alignflow.gate_selection_k`, or the k in `alignflow.gate_selection` on versions tagged before) and refuses a
+    lower level; the same or a larger k gates as before."""
+    from alignflow.tasks.lib.stats import familywise_level
+    from alignflow.tasks.register import SELECTION_K_TAG, lower_level, selected_among, selection
+
+    eight = {"selection_trials": 8, "interval_level": familywise_level(8)}
+    old_style = {"alignflow.gate_selection": selection(eight)}  # the text the sweep's register wrote
+    assert selected_among(old_style) == 8 and selected_among({SELECTION_K_TAG: "8", **old_style}) == 8
+    assert selected_among({}) == 1 and selected_among({"alignflow.gate_selection": ""}) == 1
+    assert selected_among({"alignflow.gate_selection": selection({"selection_trials": 12})}) == 12  # two digits
+    alone = {"interval_level": 0.95}  # `alignflow run` with the winner's params: no selection_trials
+    for tags in (old_style, {SELECTION_K_TAG: "8"}):
+        why = lower_level(alone, tags, "3")
+        assert why.startswith("version 3 was selected as the best of k=8 sweep trials") and "0.95 (k=1)" in why
+        assert "k=4" in lower_level({"selection_trials": 4, "interval_level": familywise_level(4)}, tags, "3")
+        assert lower_level(eight, tags, "3") == ""  # the sweep itself, resumed or re-run
+        assert lower_level({"selection_trials": 16}, tags, "3") == ""  # a larger sweep: a stricter level
+    assert lower_level(alone, {}, "3") == ""  # a version no sweep selected: gated as always
