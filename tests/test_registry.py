@@ -670,3 +670,44 @@ def test_rerunning_after_promote_rollback_and_deletion_keeps_what_a_person_decid
         ("3", "challenger", "1")
     _holds(client, b["registered"])
     assert "version 3 was demoted by promote: champion v3 -> v1" in _registered_line(b["registered"])
+
+
+def test_lora_dropout_is_part_of_the_weights_hash(tmp_path: Path) -> None:
+    """Issue 26 finding 11: weights trained further (sft's init adapter, dpo) behave otherwise under another
+    dropout, so the hash tells them apart; the older hash (without it) is still computable for old versions."""
+    import json
+
+    from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_weights
+
+    a = _tiny_adapter(tmp_path / "a", "/base")
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in a.iterdir():
+        (b / f.name).write_bytes(f.read_bytes())
+    config = json.loads((a / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": config["lora_dropout"] + 0.1}))
+    assert sha256_weights(a) != sha256_weights(b)
+    assert sha256_weights(a, LEGACY_SKIPPED_FIELDS) == sha256_weights(b, LEGACY_SKIPPED_FIELDS)
+
+
+def test_find_version_skips_unreadable_orphans_once_and_checks_the_base(tmp_path: Path) -> None:
+    """Issue 26 findings 10 and 11: a register-made version without a hash whose weights cannot be read is tagged
+    unreadable (not raised every run, not downloaded every run); a version with the same hash over another base is
+    not a match."""
+    import mlflow
+
+    from alignflow.tasks.lib.registry import HASH_TAG, UNREADABLE, find_version
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp, tags={"alignflow.stage": "register"})
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("m")
+    # an orphan of a register run whose artifacts are not there (the download fails)
+    client.create_model_version("m", str(tmp_path / "gone"), run_id=run.info.run_id)
+    client.create_model_version("m", str(tmp_path), tags={HASH_TAG: "h", "alignflow.base_key": "base-a"})
+    assert find_version(client, "m", "h", {}, tmp_path / "scratch", base_key="base-b") is None
+    assert client.get_model_version("m", "1").tags[HASH_TAG] == UNREADABLE
+    assert find_version(client, "m", "h", {}, tmp_path / "scratch", base_key="base-a") == "2"
+    assert find_version(client, "m", "h", {}, tmp_path / "scratch") == "2"  # no base given: by hash alone
