@@ -333,6 +333,10 @@ class Tracker:
             version = registry_alias(self.client, model_name, alias)
             if version is None:
                 return None, {}
+            if alias == "champion":
+                # before the weights are compared: the adapter hash leaves paths out, so the same training over a
+                # copy of the base (another model.base) gives the champion's very hash, and it must still be refused
+                check_same_base(model_name, version, base_spec, base_key, base_revision)
             if version.tags.get("alignflow.adapter_sha256", "") != candidate_sha:
                 break
         else:
