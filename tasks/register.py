@@ -402,13 +402,13 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     # policy keeps champion (the gate moves aliases only to a new version; demoting is a person's `alignflow
     # rollback` / `promote`): its tags keep the verdict that made it champion, this run's verdict goes on this run
     # only, and the run says so.
-    # (A champion with no gate tag yet, what a kill before the tags left, takes this run's verdict.)
-    kept_champion = previous == version and bool(reasons) and "alignflow.gate" in mine.tags
-    if previous == version and reasons:
+    # (A champion with no gate tag yet, what a kill before the tags left, keeps none: the gate never writes
+    # "failed" on the champion; a later passing run writes "passed".)
+    kept_champion = previous == version and bool(reasons)
+    if kept_champion:
         reasons.insert(0, f"version {version} already holds champion and keeps it (the gate never demotes; "
-                          f"`alignflow rollback` / `promote` do); this run's gate failed"
-                          + (f", recorded on this run only (the version's gate: {mine.tags['alignflow.gate']})"
-                             if kept_champion else ""))
+                          f"`alignflow rollback` / `promote` do); this run's gate failed, recorded on this run only "
+                          f"(the version's gate: {mine.tags.get('alignflow.gate', 'not recorded')})")
     # a version selected among more trials keeps the verdict (and bounds) it was selected with
     if not kept_champion and not relevel:
         client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")

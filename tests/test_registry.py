@@ -671,6 +671,18 @@ def test_rerunning_after_promote_rollback_and_deletion_keeps_what_a_person_decid
     _holds(client, b["registered"])
     assert "version 3 was demoted by promote: champion v3 -> v1" in _registered_line(b["registered"])
 
+    # the window a kill inside register can leave now: the version (tagged with its hash in the creating call)
+    # holds champion, but its gate tags were not written yet. A re-run of its recipe writes them.
+    for key in ("alignflow.gate", "alignflow.gate_reasons", "alignflow.gate_bounds"):
+        client.delete_model_version_tag(name, "1", key)
+    again = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert (again["registered"]["version"], again["registered"]["alias"]) == ("1", "champion")
+    _holds(client, again["registered"])
+    # (it is compared with itself as champion now, which a gate may fail: then no verdict goes on the champion)
+    said = again["registered"]["gate_reasons"]
+    assert client.get_model_version(name, "1").tags.get("alignflow.gate") == (None if said else "passed")
+    assert not said or "the version's gate: not recorded" in said[0]
+
 
 def test_lora_dropout_is_part_of_the_weights_hash(tmp_path: Path) -> None:
     """Issue 26 finding 11: weights trained further (sft's init adapter, dpo) behave otherwise under another
