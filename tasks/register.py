@@ -17,62 +17,21 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.py and users import it from here)
+    GATED_METRICS,
+    LOWER_IS_BETTER,
+    GateConfig,
+    _harness_metric,
+)
 from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 
-LOWER_IS_BETTER = {"perplexity"}
-GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
                                   "win_rate_vs_champion", "win_rate_vs_sft", "exact_match_gain_vs_sft",
                                   "judge_heldout_accuracy", "judge_heldout_accuracy_ci_low", "judge_independent"}
-
-
-class GateConfig(BaseModel):
-    # allow_inf_nan=False: every threshold (and every max_regression / min_gain_vs_champion value) must be a finite
-    # number. A NaN (YAML `.nan`, JSON `NaN`, or the string "nan" a deployment form sends) compares False both ways,
-    # so it would silently pass its check and win over the model's policy in merge(): refused here, per dotted key.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    min_win_rate: float | None = Field(
-        0.5, ge=0, le=1, description="the lower 95% bound of the reward-model win-rate vs the base must exceed this "
-        "(None: not checked). A reward model that is not independent of the policy (evaluate's judge_independent) "
-        "gives no evidence: the check then fails")
-    min_win_rate_vs_champion: float | None = Field(
-        0.5, ge=0, le=1, description="the lower 95% bound of the win-rate vs the current champion must exceed this "
-        "(checked when one exists): a candidate that is not measurably better never takes champion")
-    min_rougeL_gain: float | None = Field(
-        0.0, description="the lower 95% bound of rougeL - rougeL_base must exceed this (None: not checked)")
-    max_regression: dict[str, float] = Field(
-        {}, description="metric -> largest allowed loss vs the champion, checked on the loss's upper 95% bound, "
-        "e.g. {rougeL: 0.02, perplexity: 0.1, lm_eval.arc_easy.acc: 0.01} (lm_eval.<task>.<metric>: a metric of "
-        "evaluate.lm_eval)")
-    min_gain_vs_champion: dict[str, float] = Field(
-        {}, description="metric -> smallest gain over the current champion, by the references: the lower 95% bound "
-        "of the paired difference (candidate - champion; champion - candidate where lower is better) must exceed "
-        "it, e.g. {exact_match: 0.0} (checked when a champion exists). Every rule set must pass: to decide against "
-        "the champion by references instead of the reward model, also set min_win_rate_vs_champion: null")
-    require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
-    min_judge_accuracy: float | None = Field(
-        0.6, ge=0, le=1, description="the lower 95% (Wilson) bound of the reward model's accuracy on held-out pairs "
-        "that neither reward nor dpo trained on, below which its win-rates are not trusted and the gate fails "
-        "(None: not checked)")
-
-    @field_validator("max_regression", "min_gain_vs_champion")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = {k for k in v if k not in GATED_METRICS and not _harness_metric(k)}
-        if unknown:
-            raise ValueError(f"unknown metric(s) {sorted(unknown)}; gateable: {sorted(GATED_METRICS)} and "
-                             "lm_eval.<task>.<metric> for a task of evaluate.lm_eval")
-        return v
-
-
-def _harness_metric(name: str) -> bool:
-    """`lm_eval.<task>.<metric>[.<filter>]`: a metric of the lm-evaluation-harness tasks evaluate runs."""
-    parts = name.split(".")
-    return len(parts) >= 3 and parts[0] == "lm_eval" and all(parts[1:])
 
 
 class RegisterConfig(BaseModel):

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from alignflow.tasks.register import GateConfig
+from alignflow.tasks.lib.gate_config import GateConfig
 
 PREFIX = "register.gate."
 THRESHOLDS = ("min_win_rate", "min_win_rate_vs_champion", "min_rougeL_gain", "min_judge_accuracy")
