@@ -598,3 +598,29 @@ def test_up_with_auth_over_open_servers_refuses_and_down_stops_them(tmp_path: Pa
             assert not pid_alive(state.pids[name])
     finally:
         t.cli("server", "down", "--home", str(home), "--purge", timeout=120)
+
+
+def test_the_models_policy_holds_against_a_looser_recipe_through_the_worker(team: Team) -> None:
+    """Issue 27 item 4 on the team server: the smoke champion's owner (here the admin) sets
+    min_win_rate_vs_champion=0.5; a run submitted with the recipe's gate at 0.0 and another dpo.beta is not
+    promoted, and its gate reasons name the policy. Needs the champion of test_two_pipelines_at_once_*."""
+    name = "smoke-assistant"
+    client = team.mlflow()
+    champion = client.get_model_version_by_alias(name, "champion").version
+    done = team.cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=0.5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    loose = load_recipe(ROOT / "configs" / "smoke.yaml", ["register.gate.min_win_rate_vs_champion=0.0",
+                                                          "dpo.beta=0.5"])
+    proc = _run_deployment(team, {"recipe": loose.model_dump(mode="json"), "work_dir": str(team.work)})
+    out, errs = proc.communicate(timeout=900)
+    assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", errs[-3000:]
+    versions = client.search_model_versions(f"name = '{name}'")
+    newest = max(versions, key=lambda v: int(v.version))
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+    assert newest.tags["alignflow.gate"] == "failed"
+    assert f"[policy of {name}: register.gate.min_win_rate_vs_champion=0.5]" in newest.tags["alignflow.gate_reasons"]
+    # the worker read the policy and wrote none
+    tags = client.get_registered_model(name).tags
+    assert {k: v for k, v in tags.items() if k.startswith("register.gate.")} == \
+        {"register.gate.min_win_rate_vs_champion": "0.5"}
+    assert tags["alignflow.policy.set_by"].startswith("admin at ")
