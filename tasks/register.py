@@ -123,16 +123,22 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
         decided.append(f"rougeL_gain_ci_low={low} > min_rougeL_gain={cfg.min_rougeL_gain}")
         if low is None or low <= cfg.min_rougeL_gain:
             reasons.append(f"rougeL_gain_ci_low={low} does not exceed min_rougeL_gain={cfg.min_rougeL_gain}")
+    def vs_champion(name: str) -> tuple[float, float] | None:
+        """(lower bound of the gain, upper bound of the loss) of `name` against the champion, None if not measured.
+        delta = candidate - champion: the gain is the delta, or its negative where lower is better."""
+        low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
+        if low is None or high is None:
+            return None
+        lower_is_better = name in LOWER_IS_BETTER or metrics.get(f"{name}_higher_is_better") == 0
+        return (-high, high) if lower_is_better else (low, -low)
+
     for name, needed in sorted(cfg.min_gain_vs_champion.items()):
         if not measured_champion:
             continue  # nothing to gain over
-        low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
-        if low is None or high is None:
+        if (measured := vs_champion(name)) is None:
             reasons.append(f"{name} was not measured against the champion, so its gain cannot be checked")
             continue
-        # delta = candidate - champion; the gain is the delta, or its negative where lower is better
-        lower_is_better = name in LOWER_IS_BETTER or metrics.get(f"{name}_higher_is_better") == 0
-        gain_low = -high if lower_is_better else low
+        gain_low = measured[0]
         decided.append(f"{name} gain vs champion lower bound={gain_low:.4f} > min_gain_vs_champion={needed}")
         if gain_low <= needed:
             reasons.append(f"{name} gain over the champion has a 95% lower bound of {gain_low:.4f}, which does not "
@@ -140,13 +146,10 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
     for name, allowed in sorted(cfg.max_regression.items()):
         if not measured_champion:
             continue  # nothing to regress from
-        low, high = bound(f"{name}_delta_ci_low"), bound(f"{name}_delta_ci_high")
-        if low is None or high is None:
+        if (measured := vs_champion(name)) is None:
             reasons.append(f"{name} was not measured against the champion, so its regression cannot be checked")
             continue
-        # delta = candidate - champion; the loss is its negative, or itself where lower is better
-        lower_is_better = name in LOWER_IS_BETTER or metrics.get(f"{name}_higher_is_better") == 0
-        worst = high if lower_is_better else -low
+        worst = measured[1]
         decided.append(f"{name} loss upper bound={worst:.4f} <= max_regression={allowed}")
         if worst > allowed:
             reasons.append(f"{name} may have regressed by up to {worst:.4f} vs the champion (95% upper bound; "
