@@ -221,7 +221,11 @@ def _travels(work: Path, tmp_path: Path, name: str) -> None:
     champion = client.get_model_version_by_alias(name, "champion")
     # the curated data is in MLflow: artifacts of the curate run and dataset inputs with digests
     parent = client.get_run(champion.tags["alignflow.parent_run_id"])
-    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"sft", "preference", "eval"}
+    names = {d.dataset.name for d in parent.inputs.dataset_inputs}
+    # this run's curated data, and the lineage (what it and its ancestors trained on, flows/lineage.py)
+    assert {"sft", "preference", "eval"} <= names and all(n.startswith("lineage-") for n in names
+                                                          - {"sft", "preference", "eval"}), names
+    assert {"lineage-sft", "lineage-preference"} <= names
     assert all(len(d.dataset.digest) == 32 for d in parent.inputs.dataset_inputs)
 
     shutil.rmtree(work / "stages")
