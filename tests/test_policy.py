@@ -287,8 +287,10 @@ def test_a_non_admins_refused_promote_is_one_line(auth_server: dict[str, str],
 
 def test_a_recipe_cannot_loosen_the_models_policy(prefect_server: None, in_root: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The issue's case: a v1 champion; its owner sets min_win_rate_vs_champion=0.5; a run with another dpo.beta
-    and `--set register.gate.min_win_rate_vs_champion=0.0` is not promoted, and its reasons name the policy."""
+    """The issue's case: a v1 champion; its owner sets min_win_rate_vs_champion=1.0; a run with another dpo.beta
+    and `--set register.gate.min_win_rate_vs_champion=0.0` is not promoted, and its reasons name the policy.
+    At 1.0 the policy fails any candidate (a lower bound never exceeds 1): at 0.5 the outcome would hang on the
+    win rate of a tiny random model against the champion."""
     from alignflow.flows.pipeline import pipeline
     from alignflow.recipe import load_recipe
 
@@ -301,16 +303,16 @@ def test_a_recipe_cannot_loosen_the_models_policy(prefect_server: None, in_root:
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     assert not any(k.startswith("register.gate.") for k in client.get_registered_model(name).tags)  # none yet
 
-    done = _cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=0.5", "--work-dir", str(work))
+    done = _cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=1.0", "--work-dir", str(work))
     assert done.returncode == 0, done.stderr
-    assert "register.gate.min_win_rate_vs_champion=0.5" in _cli("policy", "show", name, "--work-dir",
+    assert "register.gate.min_win_rate_vs_champion=1.0" in _cli("policy", "show", name, "--work-dir",
                                                                  str(work)).stdout
     loose = load_recipe(smoke, ["register.gate.min_win_rate_vs_champion=0.0", "dpo.beta=0.3"])
     second = pipeline(recipe=loose, work_dir=str(work))
     registered = second["registered"]
     assert registered["alias"] == "challenger" and registered["version"] == "2", registered
-    cited = [r for r in registered["gate_reasons"] if "min_win_rate_vs_champion=0.5" in r]
-    assert cited and cited[0].endswith(f"[policy of {name}: register.gate.min_win_rate_vs_champion=0.5]"), \
+    cited = [r for r in registered["gate_reasons"] if "min_win_rate_vs_champion=1.0" in r]
+    assert cited and cited[0].endswith(f"[policy of {name}: register.gate.min_win_rate_vs_champion=1.0]"), \
         registered["gate_reasons"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version = client.get_model_version(name, "2")
@@ -318,4 +320,4 @@ def test_a_recipe_cannot_loosen_the_models_policy(prefect_server: None, in_root:
     # the pipeline read the policy and never wrote it
     tags = client.get_registered_model(name).tags
     assert {k: v for k, v in tags.items() if k.startswith("register.gate.")} == \
-        {"register.gate.min_win_rate_vs_champion": "0.5"}
+        {"register.gate.min_win_rate_vs_champion": "1.0"}

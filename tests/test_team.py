@@ -602,12 +602,14 @@ def test_up_with_auth_over_open_servers_refuses_and_down_stops_them(tmp_path: Pa
 
 def test_the_models_policy_holds_against_a_looser_recipe_through_the_worker(team: Team) -> None:
     """Issue 27 item 4 on the team server: the smoke champion's owner (here the admin) sets
-    min_win_rate_vs_champion=0.5; a run submitted with the recipe's gate at 0.0 and another dpo.beta is not
-    promoted, and its gate reasons name the policy. Needs the champion of test_two_pipelines_at_once_*."""
+    min_win_rate_vs_champion=1.0; a run submitted with the recipe's gate at 0.0 and another dpo.beta is not
+    promoted, and its gate reasons name the policy. Needs the champion of test_two_pipelines_at_once_*.
+    1.0, not 0.5: the lower bound must exceed the threshold and never exceeds 1, so the policy fails the run on any
+    machine (at 0.5 the win rate of a tiny random candidate against the champion decided the outcome, by chance)."""
     name = "smoke-assistant"
     client = team.mlflow()
     champion = client.get_model_version_by_alias(name, "champion").version
-    done = team.cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=0.5")
+    done = team.cli("policy", "set", name, "register.gate.min_win_rate_vs_champion=1.0")
     assert done.returncode == 0, done.stdout + done.stderr
     loose = load_recipe(ROOT / "configs" / "smoke.yaml", ["register.gate.min_win_rate_vs_champion=0.0",
                                                           "dpo.beta=0.5"])
@@ -618,9 +620,9 @@ def test_the_models_policy_holds_against_a_looser_recipe_through_the_worker(team
     newest = max(versions, key=lambda v: int(v.version))
     assert client.get_model_version_by_alias(name, "champion").version == champion
     assert newest.tags["alignflow.gate"] == "failed"
-    assert f"[policy of {name}: register.gate.min_win_rate_vs_champion=0.5]" in newest.tags["alignflow.gate_reasons"]
+    assert f"[policy of {name}: register.gate.min_win_rate_vs_champion=1.0]" in newest.tags["alignflow.gate_reasons"]
     # the worker read the policy and wrote none
     tags = client.get_registered_model(name).tags
     assert {k: v for k, v in tags.items() if k.startswith("register.gate.")} == \
-        {"register.gate.min_win_rate_vs_champion": "0.5"}
+        {"register.gate.min_win_rate_vs_champion": "1.0"}
     assert tags["alignflow.policy.set_by"].startswith("admin at ")
