@@ -22,8 +22,8 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -234,9 +234,28 @@ def curate_fanned_out(scale: ScaleOutSection, cfg: curate.CurateConfig, inputs: 
                       ) -> dict[str, Any]:
     """Shards fanned out, then curate.run: it finds them finished and takes the dedup decisions in order."""
     if cfg.shards > 1:
-        with stop_after_subflow():
+        with stop_after_subflow(), environment_kept():
             curate_shards.with_options(task_runner=task_runner(scale, cpu_bound=True))(cfg, inputs)
     return curate.run(cfg, inputs)
+
+
+@contextmanager
+def environment_kept() -> Iterator[None]:
+    """Put this process's environment back as it was once the shards are done. A local Dask cluster's nannies
+    write their workers' settings (`distributed.nanny.pre-spawn-environ`: OMP_NUM_THREADS=1, MKL_NUM_THREADS=1,
+    OPENBLAS_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_) into the process that starts them and leave them there: every
+    process started afterwards (a training launch, a sweep trial) then ran torch on one thread, and its floating
+    point sums in another order than a run without Dask (a sweep trial's sft weights differed from the same recipe
+    run alone)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        for name, value in before.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def task_runner(scale: ScaleOutSection, cpu_bound: bool) -> TaskRunner[Any]:
@@ -259,7 +278,7 @@ def synthesize_fanned_out(scale: ScaleOutSection, cfg: synthesize.SynthesizeConf
     """Shards fanned out (a subflow, visible in the Prefect UI), then synthesize.run: it finds every shard
     finished and only merges."""
     if cfg.shards > 1:
-        with stop_after_subflow():
+        with stop_after_subflow(), environment_kept():
             synthesize_shards.with_options(task_runner=task_runner(scale, cpu_bound=cfg.teacher == "base"))(
                 cfg, inputs)
     return synthesize.run(cfg, inputs)

@@ -24,7 +24,12 @@ def test_curate_and_synthesize_shards_on_dask_processes_match_a_sequential_run(p
     recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [
         "curate.shards=2", "synthesize.shards=3", "synthesize.instructions=6", "synthesize.preference_prompts=6",
         "scale_out.task_runner=dask", "scale_out.workers=2"])
+    threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    environment = {name: os.environ.get(name) for name in threads}
     result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="synthesize")
+    # Dask's nannies set these (OMP_NUM_THREADS=1 ...) in the process that starts them: put back, or every process
+    # started afterwards runs torch on one thread (a sweep trial's weights then differed from a run alone)
+    assert {name: os.environ.get(name) for name in threads} == environment
     curated = Path(result["stages"]["curate"]["folder"])
     assert json.loads((curated / "manifest.json").read_text())["metrics"]["shards"] == 2
     one_pass = curate.run(recipe.curate.model_copy(update={"shards": 1}), curate.CurateInputs(
