@@ -23,6 +23,7 @@ from alignflow.tasks.dpo import DpoConfig
 from alignflow.tasks.evaluate import EvaluateConfig
 from alignflow.tasks.lib.launch import LaunchSpec
 from alignflow.tasks.lib.rewards import RewardSource
+from alignflow.tasks.lib.training import keep_problems
 from alignflow.tasks.quantize import QuantizeConfig
 from alignflow.tasks.register import RegisterConfig
 from alignflow.tasks.reward import RewardConfig
@@ -110,10 +111,18 @@ class Recipe(BaseModel):
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
         problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
             self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []) or \
-            _sharded_reward_model(self) or _non_positive_steps(self)
+            _sharded_reward_model(self) or _non_positive_steps(self) or _keep_problems(self)
         if problem:
             raise ValueError(problem)
         return self
+
+
+def _keep_problems(recipe: Recipe) -> str | None:
+    """keep / eval_steps / early_stopping_patience of the training stages, together (tasks/lib/training.py)."""
+    problems = [p for name in ("sft", "reward", "dpo") if hasattr(getattr(recipe, name), "keep")
+                for p in keep_problems(name, getattr(recipe, name).keep, getattr(recipe, name).eval_steps,
+                                       getattr(recipe, name).early_stopping_patience, getattr(recipe, name).max_steps)]
+    return "; ".join(problems) or None
 
 
 def _non_positive_steps(recipe: Recipe) -> str | None:
@@ -198,6 +207,12 @@ def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Pa
         clash = _full_but_quantized(sections["sft"].get("method"), sections["quantize"].get("bits"))
         if clash and not any(clash in error for error in errors):  # field errors stop the check above: add it
             errors.append(clash)
+        for stage in ("sft", "reward", "dpo"):  # keep / eval_steps / early_stopping_patience: listed with the rest
+            section = raw.get(stage) if isinstance(raw.get(stage), dict) else {}
+            defaults = Recipe.model_fields[stage].annotation.model_fields  # type: ignore[union-attr]
+            values = [section.get(k, defaults[k].default if k in defaults else None)
+                      for k in ("keep", "eval_steps", "early_stopping_patience", "max_steps")]
+            errors += [problem for problem in keep_problems(stage, *values) if not any(problem in e for e in errors)]
     rewards = None
     # checking a `python:` reward imports it (runs its top-level code): for a deployment only once every path and
     # value is decided and nothing else is wrong; at a shell, alongside the rest (all problems listed at once)

@@ -117,6 +117,17 @@ def setting(recipe: BaseModel, path: str) -> Any:
     return value
 
 
+# Settings of a training stage that only `keep: best` reads: under keep: last (no evaluation) they change nothing.
+KEEP_BEST_ONLY = ("eval_steps", "early_stopping_patience")
+
+
+def sft_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
+    """READS["sft"], and under sft.keep: best the rows tokenize holds out of SFT (trained on under keep: last)."""
+    if recipe.sft.keep != "best":
+        return READS["sft"]
+    return {**READS["sft"], "tokenize": (*READS["sft"]["tokenize"], "sft_heldout_rows")}
+
+
 def dpo_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
     """The part of READS["dpo"] the recipe's loss reads: a pair loss does not re-run when prompts or unpaired
     feedback change, nor an online loss when pairs do."""
@@ -310,6 +321,9 @@ def stage_settings(stage: Stage, recipe: Any, device: str) -> dict[str, Any]:
     if stage == "dpo" and recipe.dpo.loss in ONLINE:  # grpo / rloo sample prompts and read no pairs: which side
         paths = tuple(p for p in paths if p != "reward.pairs")  # of the split dpo would take is report-only there
     settings = {path: dpo_settings(recipe) if path == "dpo" else setting(recipe, path) for path in paths}
+    if stage in TRAINING and settings[stage].get("keep", "last") == "last":
+        for name in KEEP_BEST_ONLY:
+            settings[stage].pop(name, None)
     if "model.dtype" in settings:
         settings["model.dtype"] = resolved_dtype(settings["model.dtype"], device)
     return settings
@@ -319,7 +333,8 @@ def stage_inputs(stage: Stage, recipe: Any, folders: dict[str, Path], facts: Run
     """Everything the stage's key covers, as a JSON-able dict (also written into its manifest as `inputs`).
     `folders`: the finished upstream stage folders."""
     files: dict[str, Any] = {}
-    for upstream, names in (dpo_reads(recipe) if stage == "dpo" else READS[stage]).items():
+    reads = dpo_reads(recipe) if stage == "dpo" else sft_reads(recipe) if stage == "sft" else READS[stage]
+    for upstream, names in reads.items():
         manifest = read_manifest(folders[upstream])
         for name in names:
             files[f"{upstream}/{name}"] = upstream_value(manifest, name)

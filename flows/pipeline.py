@@ -488,7 +488,7 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
                 base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out,
                 heldout_fraction=r.reward.eval_fraction, pairs=r.reward.pairs,
-                policy_pairs=r.dpo.loss not in (*ONLINE, *UNPAIRED)))
+                policy_pairs=r.dpo.loss not in (*ONLINE, *UNPAIRED), sft_heldout=r.sft.keep == "best"))
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))

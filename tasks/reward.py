@@ -10,6 +10,11 @@ tokenize's held-out pairs (which neither this stage nor dpo trains on) measure i
 (`heldout_accuracy`, chosen scored higher) and the mean margin (chosen - rejected score); the manifest lists
 those pairs' hashes. The evaluate stage uses this model as the judge of tuned vs base answers, and the gate
 trusts it only when `heldout_accuracy` reaches `register.gate.min_judge_accuracy`.
+
+`keep: best` evaluates pairwise accuracy on those held-out pairs every `eval_steps` (RewardTrainer's
+`eval_accuracy`) and hands on the checkpoint where it was highest (the first such, on ties);
+`early_stopping_patience` stops after that many evaluations without a higher one. The manifest's `kept_step` /
+`kept_by` record the choice (`last` under keep: last) and loss.png marks it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from alignflow.tasks.lib.manifest import read_manifest, write_manifest
 from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
+    Keep,
     add_step_metrics,
+    keep_arguments,
+    keep_callbacks,
+    kept,
     plot_curves,
     run_loss,
     save_trained,
@@ -55,6 +64,12 @@ class RewardConfig(BaseModel):
     # shared: both on all of them, and evaluate tags the judge alignflow.judge_independent=false
     pairs: pair_split.PairsMode = Field("disjoint", description="training pairs of the judge vs the policy: "
                                         "disjoint (split by prompt) or shared (both train on all)")
+    keep: Keep = Field("last", description="last: the weights after the last step; best: the checkpoint with the "
+                       "highest pairwise accuracy on the held-out pairs")
+    eval_steps: int = Field(50, ge=1, description="keep: best: evaluate and checkpoint every this many optimizer "
+                            "steps (in place of save_steps)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="keep: best: stop after this many "
+                                                "evaluations without a higher held-out accuracy")
 
 
 class RewardInputs(BaseModel):
@@ -114,8 +129,9 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=False,
         logging_steps=1,
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=2,  # keep: best: the best checkpoint is never rotated away
+        **keep_arguments(cfg.keep, cfg.eval_steps, cfg.save_steps, "eval_accuracy", greater_is_better=True),
+        per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
@@ -123,9 +139,11 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         report_to=["none"],  # step metrics: tracking_callback, which never blocks training
         **train_precision(inputs.dtype),
     )
-    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=train,
+                                eval_dataset=held if cfg.keep == "best" else None, processing_class=tok,
                                 peft_config=cfg.lora.peft("SEQ_CLS"),
-                                callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out)])
+                                callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out),
+                                           *keep_callbacks(cfg.early_stopping_patience)])
     if quant and not (args.bf16 or args.fp16):
         # TRL casts a quantized model's trainable weights (LoRA and the score head) to bf16, which only works
         # under bf16 autocast; without it the fp32 hidden states meet a bf16 head. Keep them in fp32 then.
@@ -149,7 +167,9 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
     (out / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle (torch.save); the manifest has the args
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
-    plot_curves(out / "loss.png", history, ["loss", "accuracy", "margin"], "reward")
+    kept_at = kept(trainer, cfg.keep)
+    plot_curves(out / "loss.png", history, ["loss", "accuracy", "margin", "eval_accuracy"], "reward",
+                kept_step=kept_at["kept_step"] if cfg.keep == "best" else None)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     last = trainer_summary(history)
     metrics = {
@@ -163,10 +183,14 @@ def run(cfg: RewardConfig, inputs: RewardInputs) -> dict[str, Any]:
         "heldout_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
         "heldout_margin_mean": round(sum(margins) / len(margins), 4),
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+        "kept_step": kept_at["kept_step"],  # the step whose weights are the product
+        **({"kept_eval_accuracy": kept_at["kept_metric"]} if cfg.keep == "best" else {}),
     }
     return write_manifest(out, {
         "stage": "reward",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "kept_step": kept_at["kept_step"],
+        "kept_by": kept_at["kept_by"],  # eval_accuracy (keep: best), or last
         "quantized": bool(quant),
         "heldout_pair_hashes": tok_manifest["heldout_pair_hashes"],  # what heldout_accuracy was measured on
         "pairs": cfg.pairs,

@@ -7,6 +7,11 @@ bitsandbytes settings and prepared for k-bit training (QLoRA). Checkpoints go to
 optimizer, scheduler, RNG state and the data order). Output: `adapter/` (PEFT adapter + tokenizer), the
 loss curve, and the Trainer's log history.
 
+`keep: best` holds tokenize's held-out SFT rows (`sft_heldout_rows`) out of training, evaluates the loss on them
+every `eval_steps` and hands on the checkpoint with the lowest (`load_best_model_at_end`); `early_stopping_patience`
+stops after that many evaluations without a lower one. The manifest's `kept_step` / `kept_by` say which step was
+kept and by what (`last` under keep: last), and loss.png marks it.
+
 `method: full` trains every weight instead (small models: AdamW keeps ~16 bytes per parameter, so a 135M model
 needs ~2 GB, a 7B one ~110 GB) and writes `model/` (complete weights + tokenizer) in place of `adapter/`.
 Later stages then treat that model as the base: dpo trains a LoRA adapter over it (its reference is the same
@@ -32,7 +37,11 @@ from alignflow.tasks.lib.progress import progress_callback
 from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
+    Keep,
     add_step_metrics,
+    keep_arguments,
+    keep_callbacks,
+    kept,
     plot_curves,
     run_loss,
     save_trained,
@@ -62,6 +71,12 @@ class SftConfig(BaseModel):
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many optimizer steps (resume point)")
     logging_steps: int = Field(1, gt=0)
+    keep: Keep = Field("last", description="last: the weights after the last step; best: the checkpoint with the "
+                       "lowest loss on the held-out SFT rows (which it then does not train on)")
+    eval_steps: int = Field(50, ge=1, description="keep: best: evaluate and checkpoint every this many optimizer "
+                            "steps (in place of save_steps)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="keep: best: stop after this many "
+                                                "evaluations without a lower held-out loss")
 
 
 class SftInputs(BaseModel):
@@ -125,6 +140,14 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
             model = model.merge_and_unload()
         peft_config = None
     train = load_from_disk(str(inputs.tokenized / "sft"))
+    held = None
+    if cfg.keep == "best":  # the held-out rows are measured, never trained on
+        held_rows = set(tok_manifest.get("sft_heldout_rows") or [])
+        if not held_rows:
+            raise StageError("sft: keep: best needs held-out SFT rows, and tokenize held none out; add SFT data or "
+                             "set sft.keep: last")
+        held = train.select(sorted(held_rows))
+        train = train.select([i for i in range(len(train)) if i not in held_rows])
 
     args = trl.SFTConfig(
         output_dir=str(out / "checkpoints"),
@@ -138,8 +161,9 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=2,  # keep: best: the best checkpoint is never rotated away
+        **keep_arguments(cfg.keep, cfg.eval_steps, cfg.save_steps, "eval_loss", greater_is_better=False),
+        per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
@@ -150,14 +174,16 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         report_to=["none"],  # step metrics: tracking_callback, which never blocks training
         **train_precision(inputs.dtype),
     )
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held, processing_class=tok,
                              peft_config=peft_config,
-                             callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out)])
+                             callbacks=[progress_callback(), *tracking_callback(inputs.report_to, out),
+                                        *keep_callbacks(cfg.early_stopping_patience)])
     add_step_metrics(trainer)  # tokens/s and peak memory on every step's log
     result, resume = train_resuming(trainer, out / "checkpoints")  # after a crash: from the last checkpoint
 
     product = out / ("model" if cfg.method == "full" else "adapter")
-    save_trained(trainer, product)  # the adapter or the whole model; collective under FSDP / DeepSpeed
+    save_trained(trainer, product)  # the adapter or the whole model (keep: best: the best checkpoint's, loaded
+    # by the Trainer at the end of train()); collective under FSDP / DeepSpeed
     if not trainer.is_world_process_zero():  # launched processes: the main one writes the rest
         return {}
     tok.save_pretrained(product)
@@ -166,7 +192,9 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
     (product / "training_args.bin").unlink(missing_ok=True)
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
-    plot_curves(out / "loss.png", history, ["loss", "learning_rate", "grad_norm"], "sft")
+    kept_at = kept(trainer, cfg.keep)
+    plot_curves(out / "loss.png", history, ["loss", "eval_loss", "learning_rate", "grad_norm"], "sft",
+                kept_step=kept_at["kept_step"] if cfg.keep == "best" else None)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is the product; checkpoints were for resume
 
     last = trainer_summary(history)
@@ -183,10 +211,14 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "processes": trainer.args.world_size,
+        "kept_step": kept_at["kept_step"],  # the step whose weights are the product
+        **({"heldout_examples": len(held), "kept_eval_loss": kept_at["kept_metric"]} if held is not None else {}),
     }
     return write_manifest(out, {
         "stage": "sft",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "kept_step": kept_at["kept_step"],
+        "kept_by": kept_at["kept_by"],  # eval_loss (keep: best), or last
         "quantized": bool(quant),
         "method": cfg.method,
         "init_adapter": str(inputs.init_adapter) if inputs.init_adapter else None,

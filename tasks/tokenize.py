@@ -20,6 +20,10 @@ tokenize refuses data whose training pairs leave fewer than 2 on the judge's sid
 on the policy's, before anything trains. Where that share is fewer than 2 pairs (a small data set), the prompts with
 the next-lowest hashes are held out too, as a larger `reward.eval_fraction` would, while 4 stay for training.
 
+The SFT examples whose prompt is held out by the same rule (`sft_heldout_rows` in the manifest: row indices
+into `sft/`, which still holds every example) are what `sft.keep: best` measures held-out loss on; sft trains on
+them only under `keep: last`.
+
 Unpaired feedback (curate's `unpaired.jsonl`: a prompt, one completion, a thumbs-up/down label) stays
 conversational too, for KTO: `unpaired/` and `unpaired_heldout/`, split by the same prompt hash as the pairs.
 Where one prompt got both a thumbs-up and a thumbs-down completion, the two also make a pair
@@ -67,6 +71,7 @@ class TokenizeInputs(BaseModel):
     # Checked here, not keyed: they decide a refusal only, never what tokenize writes (reward and dpo still check
     # their own side when a cached tokenize made for another setting is reused)
     pairs: PairsMode = Field("disjoint", description="the recipe's reward.pairs: disjoint needs each side's minimum")
+    sft_heldout: bool = Field(False, description="sft.keep is best: refuse data that holds no SFT example out")
     policy_pairs: bool = Field(True, description="dpo trains on pairs (a pair loss; not kto, grpo or rloo)")
     heldout_fraction: float = Field(0.15, gt=0, lt=1, description="the recipe's reward.eval_fraction: preference "
                                     "pairs held out from reward and dpo training, to measure both on")
@@ -96,6 +101,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
 
     # --- SFT: input_ids + assistant-only labels --------------------------------------------------------
     rows: list[dict[str, list[int]]] = []
+    row_keys: list[str] = []  # each row's prompt (its messages before the last answer), as prompt_key names it
     truncated = template_mismatch = 0
     for record in sft:
         encoded = encode_conversation(tok, record["messages"])
@@ -108,6 +114,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             truncated += 1
             continue
         rows.append({"input_ids": ids, "labels": labels})
+        row_keys.append(prompt_key(record["messages"][:-1]))
     if not rows:
         raise StageError(f"tokenize: no SFT example fits tokenize.max_length={cfg.max_length} "
                          f"({truncated} longer ones dropped)")
@@ -125,6 +132,11 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             continue
         kept.append((p, length))
     held_keys = _held_out_prompts([prompt_key(p["prompt"]) for p, _ in kept], inputs.heldout_fraction)
+    sft_heldout = _sft_heldout_rows(row_keys, held_keys, inputs.heldout_fraction)
+    if inputs.sft_heldout and not sft_heldout:
+        raise StageError(f"tokenize: sft.keep: best measures held-out loss, but none of the {len(rows)} SFT examples "
+                         f"is held out (at least {MIN_SFT_HELDOUT + MIN_SFT_TRAIN} are needed); add SFT data, or set "
+                         "sft.keep: last")
     pairs: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
     heldout_hashes: list[str] = []
@@ -212,7 +224,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "sft.trainable_tokens": trainable,
         "sft.length_mean": round(sum(lengths) / len(lengths), 1),
         "sft.length_max": max(lengths),
-        "sft.dropped.too_long": truncated,  # the same examples as sft.truncated (kept for existing dashboards)
+        "sft.dropped.too_long": truncated,
+        "sft.heldout_examples": len(sft_heldout),  # the same examples as sft.truncated (kept for existing dashboards)
         "preference.pairs": len(pairs),
         "preference.heldout_pairs": len(heldout),
         # prompts held out beyond reward.eval_fraction's share, so that the judge is measured on 2 pairs or more
@@ -236,7 +249,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "max_length": cfg.max_length,
         # what the held-out and judge / policy splits are keyed on (tasks/lib/pairs.prompt_key)
         "split_key": "prompt messages (role, text lower-cased with white space folded, as curate's exact dedup)",
-        "heldout_pair_hashes": sorted(heldout_hashes),  # sha256 of [prompt, chosen, rejected]: never trained on
+        "heldout_pair_hashes": sorted(heldout_hashes),
+        # rows of sft/ held out by prompt (sft.keep: best trains on the others and keeps the lowest loss on these)
+        "sft_heldout_rows": sft_heldout,  # sha256 of [prompt, chosen, rejected]: never trained on
         "outputs": ["sft", "preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
                     "lengths.png"],
         "artifacts": ["lengths.png"],
@@ -248,6 +263,8 @@ UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 PROMPT_COLUMNS = ("prompt", "reference")
 MIN_TRAIN_PAIRS = 4  # the reward stage's training pairs: fewer train nothing worth judging with
 MIN_HELDOUT_PAIRS = 2  # the held-out pairs the judge's accuracy is measured on (reward, evaluate)
+MIN_SFT_HELDOUT = 2  # SFT rows held out for sft.keep: best's held-out loss, when the data has enough
+MIN_SFT_TRAIN = 2  # SFT rows that stay for training when more prompts are held out to reach MIN_SFT_HELDOUT
 
 
 def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
@@ -271,6 +288,23 @@ def _held_out_prompts(keys: list[str], fraction: float) -> set[str]:
             break
         held.add(key)
     return held
+
+
+def _sft_heldout_rows(keys: list[str], held_keys: set[str], fraction: float) -> list[int]:
+    """Indices of the SFT rows held out (sft.keep: best measures its loss on them and trains on the rest): a prompt
+    held out of the preference pairs is held out here too, any other by its hash, as `_held_out` places it (one
+    rule for every split by prompt, so a prompt is never trained on by one stage and measured on by another). When
+    that leaves fewer than MIN_SFT_HELDOUT rows, the prompts with the next-lowest hashes join while MIN_SFT_TRAIN
+    rows stay. They are rows of curate's SFT records, which its eval-overlap check (decontamination) covers."""
+    count = Counter(keys)
+    position = {k: int(k[:8], 16) / 0x1_0000_0000 for k in count}
+    held = {k for k in count if k in held_keys or position[k] < fraction}
+    for key in sorted(set(count) - held, key=lambda k: position[k]):
+        n_held = sum(count[k] for k in held)
+        if n_held >= MIN_SFT_HELDOUT or len(keys) - n_held - count[key] < MIN_SFT_TRAIN:
+            break
+        held.add(key)
+    return [i for i, k in enumerate(keys) if k in held]
 
 
 def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:

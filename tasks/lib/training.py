@@ -13,6 +13,10 @@ from typing import Any, Literal
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.models import torch_dtype
 
+# Which weights a training stage hands on: those after its last step, or the checkpoint that scored best on the
+# stage's held-out split (evaluated every `eval_steps`).
+Keep = Literal["last", "best"]
+
 # transformers' attention kernels. All three train packed (padding-free) rows: sdpa and eager through the
 # block-diagonal mask transformers 5 builds from position_ids, flash_attention_2 through its varlen kernel.
 Attention = Literal["sdpa", "flash_attention_2", "eager"]
@@ -55,6 +59,56 @@ def save_trained(trainer: Any, folder: Path) -> None:
     trainer.save_model(str(folder))
     if trainer.is_world_process_zero():  # the Trainer also pickles its arguments there; they are in MLflow already
         (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+def keep_problems(stage: str, keep: Any, eval_steps: Any, patience: Any, max_steps: Any) -> list[str]:
+    """What is wrong with a stage's `keep`, `eval_steps` and `early_stopping_patience` together (plain values, so
+    that a recipe whose other keys fail the schema still lists these problems too)."""
+    problems = []  # (eval_steps < 1 is the schema's: Field(ge=1))
+    if patience is not None and keep != "best":
+        problems.append(f"{stage}.early_stopping_patience: {patience} needs {stage}.keep: best (early stopping "
+                        "compares held-out evaluations, which only keep: best makes)")
+    if keep == "best" and isinstance(eval_steps, int) and isinstance(max_steps, int) and 0 < max_steps < eval_steps:
+        problems.append(f"{stage}.eval_steps: {eval_steps} is more than {stage}.max_steps ({max_steps}): keep: best "
+                        "would never evaluate; lower eval_steps")
+    return problems
+
+def keep_arguments(keep: Keep, eval_steps: int, save_steps: int, metric: str, greater_is_better: bool,
+                   ) -> dict[str, Any]:
+    """Trainer arguments for `keep`. last: checkpoints every `save_steps` only, no evaluation (no eval cost).
+    best: evaluate on the eval dataset every `eval_steps`, checkpoint at each evaluation (so every evaluated step
+    can be the one kept; `save_steps` then does not apply), and load the best checkpoint by `metric` at the end
+    (`load_best_model_at_end`; the Trainer never rotates that checkpoint away). The best metric, its step and its
+    checkpoint are in every checkpoint's trainer_state.json, so a run resumed after a kill goes on comparing
+    against the same best-so-far (as does EarlyStoppingCallback's count, a stateful callback)."""
+    if keep == "last":
+        return {"save_strategy": "steps", "save_steps": save_steps, "eval_strategy": "no"}
+    return {"eval_strategy": "steps", "eval_steps": eval_steps, "save_strategy": "steps", "save_steps": eval_steps,
+            "load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": greater_is_better}
+
+def keep_callbacks(patience: int | None) -> list[Any]:
+    """EarlyStoppingCallback when the recipe asks for early stopping (keep: best only; the recipe checks it)."""
+    if patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=patience)]
+
+def kept(trainer: Any, keep: Keep) -> dict[str, Any]:
+    """{"kept_step", "kept_by", "kept_metric"}: the step whose weights the stage hands on and the figure that chose
+    it. Under keep: best that is the checkpoint the Trainer loaded at the end (`best_model_checkpoint`), read from
+    its name rather than from `best_global_step`, which can name a step whose checkpoint is gone."""
+    import logging
+
+    state = trainer.state
+    if keep == "best" and state.best_model_checkpoint:
+        metric = str(trainer.args.metric_for_best_model)  # the Trainer compares `eval_<metric>`
+        return {"kept_step": int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[-1]),
+                "kept_by": metric if metric.startswith("eval_") else f"eval_{metric}",
+                "kept_metric": float(state.best_metric)}
+    if keep == "best":
+        logging.getLogger("alignflow").warning(
+            "keep: best, but no evaluated checkpoint was found (no evaluation ran): the last step's weights are kept")
+    return {"kept_step": int(state.global_step), "kept_by": "last", "kept_metric": None}
 
 def check_kernels(stage: str, attn_implementation: str, use_liger_kernel: bool) -> None:
     """flash-attention and Liger's Triton kernels need a CUDA GPU and their packages: say so before loading."""
@@ -123,8 +177,9 @@ def train_resuming(trainer: Any, checkpoints: Path) -> tuple[Any, str | None]:
 
     resume = last_complete_checkpoint(checkpoints, trainer.args.max_steps if trainer.args.max_steps > 0 else None)
     model = trainer.model
-    patched = resume is not None and hasattr(model, "load_adapter")
-    if patched:  # the Trainer calls model.load_adapter(checkpoint, name, is_trainable=...) on resume
+    # the Trainer calls model.load_adapter(checkpoint, name, ...) on resume, and for the best checkpoint at the end
+    patched = (resume is not None or trainer.args.load_best_model_at_end) and hasattr(model, "load_adapter")
+    if patched:
         model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
     try:
         return trainer.train(resume_from_checkpoint=resume), resume
@@ -179,8 +234,10 @@ def peak_memory_bytes() -> int:
                 return int(line.split()[1]) * 1024  # kB
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
-def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], title: str) -> list[str]:
-    """Plot the given Trainer `log_history` keys against step into one PNG; returns the keys found."""
+def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], title: str,
+                kept_step: int | None = None) -> list[str]:
+    """Plot the given Trainer `log_history` keys against step into one PNG; returns the keys found. `kept_step`
+    (keep: best) is marked on every panel with a dashed vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -191,6 +248,9 @@ def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], titl
     for ax, key in zip(axes[0], found, strict=False):
         points = [(h["step"], h[key]) for h in history if key in h]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        if kept_step is not None:
+            ax.axvline(kept_step, color="tab:red", linestyle="--", label=f"kept step {kept_step}")
+            ax.legend(fontsize="small")
         ax.set_xlabel("step")
         ax.set_title(key)
     fig.suptitle(title)
