@@ -107,6 +107,12 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "sft.optim": (["sft.optim=sgd"], ("sft",)),
     "sft.save_steps": (["sft.save_steps=2"], NONE),  # checkpoint cadence: the same adapter
     "sft.logging_steps": (["sft.logging_steps=2"], NONE),
+    # keep: best trains on fewer rows (tokenize's held-out SFT rows are measured instead: sft reads them then); the
+    # smoke recipe's 6 steps need eval_steps <= 6. eval_steps and early_stopping_patience are read under keep: best
+    # only (see BASELINE; under keep: last they change no key, test_keep_best_settings_change_nothing_under_last)
+    "sft.keep": (["sft.keep=best", "sft.eval_steps=3"], ("sft",)),
+    "sft.eval_steps": (["sft.eval_steps=2"], ("sft",)),
+    "sft.early_stopping_patience": (["sft.early_stopping_patience=1"], ("sft",)),
     "reward.lora.r": (["reward.lora.r=4"], ("reward",)),
     "reward.lora.alpha": (["reward.lora.alpha=8"], ("reward",)),
     "reward.lora.dropout": (["reward.lora.dropout=0.1"], ("reward",)),
@@ -121,6 +127,9 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "reward.eval_fraction": (["reward.eval_fraction=0.2"], ("tokenize",)),  # the held-out split, made in tokenize
     "reward.optim": (["reward.optim=sgd"], ("reward",)),
     "reward.save_steps": (["reward.save_steps=2"], NONE),
+    "reward.keep": (["reward.keep=best", "reward.eval_steps=2"], ("reward",)),
+    "reward.eval_steps": (["reward.eval_steps=1"], ("reward",)),
+    "reward.early_stopping_patience": (["reward.early_stopping_patience=1"], ("reward",)),
     # which training pairs the judge and the policy learn: disjoint halves by prompt, or both all of them
     "reward.pairs": (["reward.pairs=shared"], ("reward", "dpo")),  # grpo / rloo: reward only (a test below)
     "dpo.beta": (["dpo.beta=0.3"], ("dpo",)),
@@ -175,7 +184,9 @@ BASELINE: dict[str, list[str]] = {
     "model.revision": ["model.base=@hub"],
     **{k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.") and k != "launch.num_processes"},
     **{f"dpo.{k}": ["dpo.loss=grpo"] for k in ("num_generations", "max_completion_length", "temperature", "rewards",
-                                                "sample_every")}}
+                                                "sample_every")},
+    **{f"sft.{k}": ["sft.keep=best", "sft.eval_steps=3"] for k in ("eval_steps", "early_stopping_patience")},
+    **{f"reward.{k}": ["reward.keep=best", "reward.eval_steps=2"] for k in ("eval_steps", "early_stopping_patience")}}
 # Extra rows: what lies outside the recipe.
 OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
@@ -320,6 +331,13 @@ def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(base
     after = load_recipe(SMOKE, filled(BASELINE.get(key, []) + overrides))
     changed, unchanged = _keys(after, baseline), _keys(before, baseline)
     assert tuple(s for s in STAGES if changed[s] != unchanged[s]) == expected
+
+
+def test_keep_best_settings_change_nothing_under_last(baseline: dict[str, Any]) -> None:
+    """eval_steps and early_stopping_patience do nothing under keep: last (no evaluation): no stage re-runs."""
+    plain = _keys(load_recipe(SMOKE), baseline)
+    for stage in ("sft", "reward"):
+        assert _keys(load_recipe(SMOKE, [f"{stage}.eval_steps=2"]), baseline) == plain, stage
 
 
 def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_path: Path) -> None:

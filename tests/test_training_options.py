@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,9 @@ CASES = {
     "qlora-fp4": (["quantize.bits=4", "quantize.quant_type=fp4", "quantize.double_quant=false"], "sft"),
     "int8": (["quantize.bits=8"], "sft"),
     "dora": (["quantize.bits=null", "sft.lora.use_dora=true"], "sft"),
-    "rslora-qv": (["sft.lora.use_rslora=true", "sft.lora.target_modules=[q_proj,v_proj]"], "sft"),
+    # with keep: best (the pipeline's wiring: the held-out SFT rows, MLflow's kept_step)
+    "rslora-qv": (["sft.lora.use_rslora=true", "sft.lora.target_modules=[q_proj,v_proj]", "sft.keep=best",
+                   "sft.eval_steps=3"], "sft"),
     "checkpointing-accum": (["sft.gradient_checkpointing=true", "sft.grad_accum=2"], "sft"),
     "packing-eager-cosine": (["tokenize.packing=true", "sft.attn_implementation=eager", "sft.scheduler=cosine",
                               "sft.warmup_ratio=0.2"], "sft"),
@@ -55,6 +58,21 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
     if case == "rslora-qv":
         assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert sft["quantized"] == (recipe.quantize.bits is not None)
+    history = json.loads((Path(result["stages"]["sft"]["folder"]) / "log_history.json").read_text())
+    losses = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    if recipe.sft.keep == "last":  # today's behaviour: no evaluation, the last step's weights
+        assert not losses and (sft["kept_step"], sft["kept_by"]) == (recipe.sft.max_steps, "last")
+    else:  # evaluated at steps 3 and 6; the lower held-out loss chose the step, and MLflow's run records it
+        from mlflow import MlflowClient
+
+        assert sorted(losses) == [3, 6] and sft["kept_step"] == min(losses, key=losses.get)
+        assert sft["kept_by"] == "eval_loss" and sft["metrics"]["heldout_examples"] > 0
+        run = MlflowClient(result["tracking_uri"]).search_runs(
+            [result["experiment_id"]], f"tags.mlflow.parentRunId = '{result['parent_run_id']}' and "
+            "attributes.run_name = 'sft'")[0]
+        assert run.data.metrics["kept_step"] == sft["kept_step"]
+        assert [m.step for m in MlflowClient(result["tracking_uri"]).get_metric_history(run.info.run_id,
+                                                                                       "eval_loss")] == [3, 6]
     if until == "evaluate":  # every prompt judged in both orders; each scores 0, 1/2 (orders disagree) or 1
         from alignflow.tasks.lib.teacher import JUDGE_PROMPT
 
@@ -192,3 +210,169 @@ def test_full_fine_tune_goes_through_every_stage(prefect_server: None, in_root: 
     with pytest.raises(Exception, match="holds full weights"):  # a LoRA recipe cannot continue full weights
         pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml", ["quantize.bits=null"]), work_dir=str(work),
                  until="sft", init_adapter=str(champion))
+
+
+# --- keep: best (issue 29): the stages' own run() on the tiny model, no pipeline -------------------------------
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What the training stages read, made without a pipeline: the tiny base, tokenize's folder (the first 120 SFT
+    records and 80 pairs of data/) and a quantize folder asking for no quantization."""
+    from alignflow.tasks import tokenize
+    from alignflow.tasks.lib.base_model import resolve_base
+
+    tmp = tmp_path_factory.mktemp("keep")
+    base = resolve_base("tiny:llama", tmp / "base", [ROOT / "data" / "sft.jsonl"]).path
+    curated, synthesized, quantized = tmp / "curated", tmp / "synthesized", tmp / "quantized"
+    for folder in (curated, synthesized, quantized):
+        folder.mkdir()
+    (curated / "sft.jsonl").write_text("".join((ROOT / "data" / "sft.jsonl").read_text().splitlines(True)[:120]))
+    pairs = [json.loads(line) for line in (ROOT / "data" / "pairs.jsonl").read_text().splitlines()[:80]]
+    (curated / "preference.jsonl").write_text("".join(
+        json.dumps({**p, "prompt": [{"role": "user", "content": p["prompt"]}]}) + "\n" for p in pairs))
+    for name in ("sft.jsonl", "preference.jsonl"):
+        (synthesized / name).write_text("")
+    (quantized / "quantization.json").write_text("{}")
+    tokenize.run(tokenize.TokenizeConfig(max_length=128), tokenize.TokenizeInputs(
+        base=base, curated=curated, synthesized=synthesized, out_dir=tmp / "tokenized", sft_heldout=True))
+    return {"base": base, "tokenized": tmp / "tokenized", "quantized": quantized}
+
+
+# Full fine-tuning of the tiny model, warming up to a learning rate it diverges at: the held-out loss falls for the
+# first steps, then climbs far above (measured: lowest at step 2 of 8, 5.5 nats, then 9-11)
+DIVERGING = {"method": "full", "max_steps": 8, "batch_size": 8, "lr": 0.5, "scheduler": "constant_with_warmup",
+             "warmup_ratio": 0.5, "keep": "best", "eval_steps": 1}
+
+
+def _sft_inputs(upstream: dict[str, Path], out: Path) -> Any:
+    from alignflow.tasks import sft
+
+    return sft.SftInputs(base=upstream["base"], dtype="float32", tokenized=upstream["tokenized"],
+                         quantized=upstream["quantized"], out_dir=out, seed=0)
+
+
+def _evals(folder: Path, key: str) -> dict[int, float]:
+    return {h["step"]: h[key] for h in json.loads((folder / "log_history.json").read_text()) if key in h}
+
+
+@pytest.fixture(scope="module")
+def best_sft(upstream: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted keep: best run with the diverging learning rate; its checkpoints are kept for comparison."""
+    from types import SimpleNamespace
+
+    from alignflow.tasks import sft
+
+    out = tmp_path_factory.mktemp("best") / "sft"
+    with pytest.MonkeyPatch.context() as m:  # the stage deletes its checkpoints at the end: not this once
+        m.setattr(sft, "shutil", SimpleNamespace(rmtree=lambda *a, **k: None))
+        manifest = sft.run(sft.SftConfig(**DIVERGING), _sft_inputs(upstream, out))
+    return {"manifest": manifest, "folder": out}
+
+
+def test_sft_keep_best_hands_on_the_best_held_out_step_not_the_last(best_sft: dict[str, Any],
+                                                                    upstream: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    manifest, folder = best_sft["manifest"], best_sft["folder"]
+    losses = _evals(folder, "eval_loss")
+    last = manifest["metrics"]["global_step"]
+    assert sorted(losses) == list(range(1, last + 1))  # evaluated every eval_steps (1)
+    kept = manifest["kept_step"]
+    assert kept == min(losses, key=losses.get) and kept != last and losses[kept] < losses[last] - 1.0
+    assert manifest["kept_by"] == "eval_loss" and manifest["metrics"]["kept_step"] == kept
+    assert manifest["metrics"]["kept_eval_loss"] == pytest.approx(losses[kept])
+    # the product is the kept checkpoint's weights, not the last step's
+    product = load_file(str(folder / "model" / "model.safetensors"))
+    at_kept = load_file(str(folder / "checkpoints" / f"checkpoint-{kept}" / "model.safetensors"))
+    at_last = load_file(str(folder / "checkpoints" / f"checkpoint-{last}" / "model.safetensors"))
+    assert sorted(product) == sorted(at_kept)
+    assert all(torch_equal(product[k], at_kept[k]) for k in product)
+    assert not all(torch_equal(product[k], at_last[k]) for k in product)
+    # the held-out rows were measured, not trained on
+    held = read_manifest(upstream["tokenized"])["sft_heldout_rows"]
+    assert manifest["metrics"]["heldout_examples"] == len(held) > 0
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_kill_9_during_a_keep_best_sft_run_then_rerun_keeps_the_same_step(
+        best_sft: dict[str, Any], upstream: dict[str, Path], tmp_path: Path) -> None:
+    """Killed after a checkpoint past the best step: the re-run resumes there and still keeps the best step, which
+    only the checkpoint's trainer state remembers (the steps after it are all worse)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alignflow.tasks import sft
+    from alignflow.tasks.lib.training import last_complete_checkpoint
+
+    kept = best_sft["manifest"]["kept_step"]
+    out = tmp_path / "sft"
+    cfg, inputs = sft.SftConfig(**DIVERGING), _sft_inputs(upstream, out)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    (tmp_path / "inputs.json").write_text(inputs.model_dump_json())
+    proc = subprocess.Popen([sys.executable, "-m", "alignflow.tasks.lib.launch", "alignflow.tasks.sft",
+                             str(tmp_path / "cfg.json"), str(tmp_path / "inputs.json")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    past_best = kept + 2
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = last_complete_checkpoint(out / "checkpoints")
+        if found and int(found.rsplit("-", 1)[-1]) >= past_best:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a checkpoint past the best step was written"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    manifest = sft.run(cfg, inputs)
+    assert manifest["resumed_from"] is not None and manifest["resumed_from"] >= past_best
+    assert manifest["kept_step"] == kept and manifest["kept_by"] == "eval_loss"
+    losses = _evals(out, "eval_loss")  # the history before the kill came back with the checkpoint
+    assert sorted(losses) == list(range(1, DIVERGING["max_steps"] + 1)) and min(losses, key=losses.get) == kept
+
+
+def test_reward_keep_best_hands_on_the_most_accurate_step(upstream: dict[str, Path], tmp_path: Path) -> None:
+    from alignflow.tasks import reward
+
+    out = tmp_path / "reward"
+    manifest = reward.run(reward.RewardConfig(max_steps=6, batch_size=8, lr=5e-3, keep="best", eval_steps=2),
+                          reward.RewardInputs(base=upstream["base"], dtype="float32", tokenized=upstream["tokenized"],
+                                              quantized=upstream["quantized"], out_dir=out, seed=0))
+    accuracy, margin = _evals(out, "eval_accuracy"), _evals(out, "eval_margin")
+    assert sorted(accuracy) == [2, 4, 6]
+    kept = manifest["kept_step"]
+    assert kept == max(accuracy, key=accuracy.get)  # the first of the most accurate (ties keep the earlier)
+    assert manifest["kept_by"] == "eval_accuracy" and manifest["metrics"]["kept_step"] == kept
+    # the product is the kept step's model: its held-out margin, scored after training, is that step's evaluation
+    # (measured: kept step 2 with margin 0.24, the last step 1.31)
+    assert kept != 6
+    assert abs(manifest["metrics"]["heldout_margin_mean"] - margin[kept]) < 0.02 < abs(
+        manifest["metrics"]["heldout_margin_mean"] - margin[6])
+
+
+def test_the_recipe_refuses_keep_settings_that_make_no_sense_listing_every_problem(in_root: Path) -> None:
+    from alignflow.recipe import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe(ROOT / "configs" / "smoke.yaml", ["sft.eval_steps=0", "sft.early_stopping_patience=2",
+                                                      "reward.keep=best", "reward.eval_steps=10", "seed=x"])
+    problems = "\n".join(e.value.problems)
+    assert "sft.eval_steps: Input should be greater than or equal to 1" in problems
+    assert "sft.early_stopping_patience: 2 needs sft.keep: best" in problems
+    assert "reward.eval_steps: 10 is more than reward.max_steps (4)" in problems  # keep: best would never evaluate
+    assert "seed:" in problems  # listed with the rest of the recipe's problems
+    # the same checks when every key is valid on its own (the recipe-wide check, as a deployment's form meets it)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(ROOT / "configs" / "smoke.yaml", ["reward.early_stopping_patience=1", "sft.keep=best"])
+    assert "reward.early_stopping_patience: 1 needs reward.keep: best" in e.value.problems[0]
+    assert "sft.eval_steps: 50 is more than sft.max_steps (6)" in e.value.problems[0]
+    assert load_recipe(ROOT / "configs" / "smoke.yaml", ["sft.keep=best", "sft.eval_steps=2",
+                                                         "sft.early_stopping_patience=2"]).sft.keep == "best"
