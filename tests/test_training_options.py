@@ -288,6 +288,14 @@ def test_sft_keep_best_hands_on_the_best_held_out_step_not_the_last(best_sft: di
     assert sorted(product) == sorted(at_kept)
     assert all(torch_equal(product[k], at_kept[k]) for k in product)
     assert not all(torch_equal(product[k], at_last[k]) for k in product)
+    # loss.png marks the kept step: the same curves drawn without the mark make another picture
+    from alignflow.tasks.lib.training import plot_curves
+
+    history = json.loads((folder / "log_history.json").read_text())
+    unmarked, marked = folder / "unmarked.png", folder / "marked.png"
+    plot_curves(unmarked, history, ["loss", "eval_loss", "learning_rate", "grad_norm"], "sft")
+    plot_curves(marked, history, ["loss", "eval_loss", "learning_rate", "grad_norm"], "sft", kept_step=kept)
+    assert (folder / "loss.png").read_bytes() == marked.read_bytes() != unmarked.read_bytes()
     # the held-out rows were measured, not trained on
     held = read_manifest(upstream["tokenized"])["sft_heldout_rows"]
     assert manifest["metrics"]["heldout_examples"] == len(held) > 0
