@@ -247,7 +247,7 @@ class Tracker:
         if stage == "curate":
             self.log_curated(run_id, folder, manifest)
         for table in sorted((folder / "samples").glob("step_*.json")) if (folder / "samples").is_dir() else []:
-            # online RL's sampled completions (tasks/dpo.py writes them while it trains; logged here, after
+            # online RL's sampled completions (tasks/dpo/online.py writes them while it trains; logged here, after
             # training, so that a tracking server that is away never holds a training step up)
             rows = json.loads(table.read_text())
             if rows:

@@ -46,10 +46,33 @@ def _imported(path: Path) -> set[str]:
     return names
 
 
+def _stage_files(stage: str) -> list[Path]:
+    """A stage's source files: tasks/<stage>.py, or every module of the package tasks/<stage>/."""
+    single = ROOT / "tasks" / f"{stage}.py"
+    return [single] if single.is_file() else sorted((ROOT / "tasks" / stage).glob("*.py"))
+
+
 def test_stages_do_not_import_each_other() -> None:
     stage_modules = {f"alignflow.tasks.{s}" for s in STAGE_MODULES}
     for stage in STAGE_MODULES:
-        others = _imported(ROOT / "tasks" / f"{stage}.py") & (stage_modules - {f"alignflow.tasks.{stage}"})
-        assert not others, f"tasks/{stage}.py imports the stage(s) {others}"
+        files = _stage_files(stage)
+        assert files, f"tasks/{stage}.py or tasks/{stage}/ holds no stage {stage}"
+        for path in files:
+            others = _imported(path) & (stage_modules - {f"alignflow.tasks.{stage}"})
+            assert not others, f"{path.relative_to(ROOT)} imports the stage(s) {others}"
     for shared in [*(ROOT / "tasks" / "lib").glob("*.py"), *(ROOT / "tasks" / "records").glob("*.py")]:
         assert not _imported(shared) & stage_modules, f"{shared} imports a stage"
+
+
+def test_every_module_of_a_stage_package_is_in_its_cache_key() -> None:
+    """A stage's code hash (flows/keys.py) follows its absolute imports of alignflow.tasks modules: a family module
+    of tasks/dpo/ it did not reach (a relative import, which the walk skips) would change training and leave
+    yesterday's dpo folder served from the cache."""
+    from alignflow.tasks.lib.hashing import package_modules
+
+    packages = [s for s in STAGE_MODULES if (ROOT / "tasks" / s / "__init__.py").is_file()]
+    assert "dpo" in packages
+    for stage in packages:
+        hashed = {p.resolve() for p in package_modules(f"alignflow.tasks.{stage}").values()}
+        missing = [p.name for p in (ROOT / "tasks" / stage).glob("*.py") if p.resolve() not in hashed]
+        assert not missing, f"tasks/{stage}/ modules outside {stage}'s cache key: {missing}"

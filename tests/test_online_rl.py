@@ -326,6 +326,7 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
     from peft import PeftModel
 
     from alignflow.tasks import dpo
+    from alignflow.tasks.dpo.judge import reward_model_scorer
     from alignflow.tasks.lib.inference import score_answers
     from alignflow.tasks.lib.models import load_causal_lm, load_reward_model, load_tokenizer
 
@@ -338,7 +339,7 @@ def test_the_reward_model_reward_shares_the_policys_base(prefect_server: None, i
     inputs = dpo.DpoInputs(base=base, dtype="float32", tokenized=folders["tokenize"], quantized=folders["quantize"],
                            sft=folders["sft"], reward=folders["reward"], out_dir=shared_work / "unused", seed=0)
     params = sum(p.numel() for p in policy.parameters())
-    score = dpo._reward_model_scorer(cfg, inputs, quant, policy, full=False)
+    score = reward_model_scorer(cfg, inputs, quant, policy, full=False)
     assert policy.active_adapters == ["default"] and policy.training  # the policy is left as it was
     from safetensors.torch import load_file
 
