@@ -146,6 +146,9 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "dpo.use_liger_kernel": (["dpo.use_liger_kernel=true"], ("dpo",)),
     "dpo.optim": (["dpo.optim=sgd"], ("dpo",)),
     "dpo.save_steps": (["dpo.save_steps=3"], NONE),
+    "dpo.keep": (["dpo.keep=best", "dpo.eval_steps=2"], ("dpo",)),
+    "dpo.eval_steps": (["dpo.eval_steps=1"], ("dpo",)),
+    "dpo.early_stopping_patience": (["dpo.early_stopping_patience=1"], ("dpo",)),
     "dpo.precompute_ref_log_probs": (["dpo.precompute_ref_log_probs=true"], ("dpo",)),
     # online RL settings; these rows compare grpo runs (see BASELINE): a pair loss does not read them
     "dpo.num_generations": (["dpo.num_generations=2"], ("dpo",)),
@@ -186,7 +189,8 @@ BASELINE: dict[str, list[str]] = {
     **{f"dpo.{k}": ["dpo.loss=grpo"] for k in ("num_generations", "max_completion_length", "temperature", "rewards",
                                                 "sample_every")},
     **{f"sft.{k}": ["sft.keep=best", "sft.eval_steps=3"] for k in ("eval_steps", "early_stopping_patience")},
-    **{f"reward.{k}": ["reward.keep=best", "reward.eval_steps=2"] for k in ("eval_steps", "early_stopping_patience")}}
+    **{f"reward.{k}": ["reward.keep=best", "reward.eval_steps=2"] for k in ("eval_steps", "early_stopping_patience")},
+    **{f"dpo.{k}": ["dpo.keep=best", "dpo.eval_steps=2"] for k in ("eval_steps", "early_stopping_patience")}}
 # Extra rows: what lies outside the recipe.
 OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "the machine (CPU, or a GPU with or without bf16)": ("synthesize", "quantize", "sft", "reward", "dpo",
@@ -336,7 +340,7 @@ def test_changing_a_key_changes_exactly_the_keys_of_the_stages_that_read_it(base
 def test_keep_best_settings_change_nothing_under_last(baseline: dict[str, Any]) -> None:
     """eval_steps and early_stopping_patience do nothing under keep: last (no evaluation): no stage re-runs."""
     plain = _keys(load_recipe(SMOKE), baseline)
-    for stage in ("sft", "reward"):
+    for stage in ("sft", "reward", "dpo"):
         assert _keys(load_recipe(SMOKE, [f"{stage}.eval_steps=2"]), baseline) == plain, stage
 
 

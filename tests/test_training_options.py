@@ -384,3 +384,43 @@ def test_the_recipe_refuses_keep_settings_that_make_no_sense_listing_every_probl
     assert "sft.eval_steps: 50 is more than sft.max_steps (6)" in e.value.problems[0]
     assert load_recipe(ROOT / "configs" / "smoke.yaml", ["sft.keep=best", "sft.eval_steps=2",
                                                          "sft.early_stopping_patience=2"]).sft.keep == "best"
+
+
+def test_dpo_keep_best_hands_on_the_step_with_the_best_held_out_reward_accuracy(upstream: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    import shutil
+    from types import SimpleNamespace
+
+    from alignflow.recipe import RecipeError
+    from alignflow.tasks import dpo, sft
+
+    sft.run(sft.SftConfig(lora={"r": 8, "alpha": 16, "dropout": 0.0}, max_steps=1, batch_size=8),
+            _sft_inputs(upstream, tmp_path / "sft"))
+    out = tmp_path / "dpo"
+    with pytest.MonkeyPatch.context() as m:  # keep the checkpoints (the stage deletes them at its end)
+        m.setattr(dpo, "shutil", SimpleNamespace(rmtree=lambda path, **k: None if Path(path).name == "checkpoints"
+                                                 else shutil.rmtree(path, **k)))
+        manifest = dpo.run(dpo.DpoConfig(max_steps=6, batch_size=4, lr=5e-3, keep="best", eval_steps=2),
+                           dpo.DpoInputs(base=upstream["base"], dtype="float32", tokenized=upstream["tokenized"],
+                                         quantized=upstream["quantized"], sft=tmp_path / "sft", out_dir=out, seed=0))
+    accuracy = _evals(out, "eval_rewards/accuracies")
+    assert sorted(accuracy) == [2, 4, 6]  # evaluated every eval_steps; no extra evaluation after training
+    kept = manifest["kept_step"]
+    assert kept == max(accuracy, key=accuracy.get)  # the first of the most accurate (ties keep the earlier)
+    assert manifest["kept_by"] == "eval_rewards/accuracies" and manifest["metrics"]["kept_step"] == kept
+    assert kept != 6  # measured: accuracy 1.0 at step 2, 0.94 at steps 4 and 6
+    # the product is the kept checkpoint's adapter, not the last step's
+    from safetensors.torch import load_file
+
+    product = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    at_kept, at_last = (load_file(str(out / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors"))
+                        for step in (kept, 6))
+    assert sorted(product) == sorted(at_kept) and all(torch_equal(product[k], at_kept[k]) for k in product)
+    assert not all(torch_equal(product[k], at_last[k]) for k in product)
+    # the held-out metrics are the kept step's evaluation, not the last step's
+    margins = _evals(out, "eval_rewards/margins")
+    assert manifest["metrics"]["reward_accuracy"] == pytest.approx(accuracy[kept], abs=1e-5)
+    assert manifest["metrics"]["reward_margin"] == pytest.approx(margins[kept], abs=1e-5)
+    # online losses have no held-out pairs to choose by: refused
+    with pytest.raises(RecipeError, match="keep: best chooses a checkpoint by held-out pairs"):
+        load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.loss=grpo", "dpo.keep=best", "dpo.eval_steps=2"])

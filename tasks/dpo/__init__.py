@@ -28,6 +28,13 @@ side (tasks/lib/pairs.py). The manifest lists the pairs trained on (`trained_pai
 which sample from prompts) and whether the policy was optimised against the reward model itself
 (`optimised_against_reward_model`: grpo / rloo with `reward_model` among dpo.rewards).
 
+`keep: best` (pair losses and kto; not grpo / rloo, which have no held-out set) evaluates on the held-out pairs
+(kto: the held-out rated completions) every `eval_steps` and hands on the checkpoint with the highest held-out
+reward accuracy (`eval_rewards/accuracies`, the first such on ties; kto, which has no accuracy: the highest reward
+margin, `eval_rewards/margins`); `early_stopping_patience` stops after that many evaluations without improvement.
+The held-out metrics in the manifest are then the kept step's evaluation; `kept_step` / `kept_by` record the choice
+(`last` under keep: last) and rewards.png marks it.
+
 Every module of this package imports its siblings by absolute name (`from alignflow.tasks.dpo import online`):
 the stage's cache key hashes the sources it finds that way (flows/keys.py `code_hash`).
 """
@@ -43,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignflow.tasks.dpo import grpo, kto, preference, rloo
 from alignflow.tasks.lib import pairs as pair_split
+from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json
 from alignflow.tasks.lib.launch import LaunchSpec, distributed, launched
 from alignflow.tasks.lib.lora import LoraSpec
@@ -53,7 +61,11 @@ from alignflow.tasks.lib.rewards import RewardSource
 from alignflow.tasks.lib.step_metrics import tracking_callback
 from alignflow.tasks.lib.training import (
     Attention,
+    Keep,
     add_step_metrics,
+    keep_arguments,
+    keep_callbacks,
+    kept,
     plot_curves,
     run_loss,
     save_trained,
@@ -87,6 +99,12 @@ class DpoConfig(BaseModel):
                                    "cross-entropy): less memory on GPUs; needs liger-kernel (the gpu extra)")
     optim: str = Field("adamw_torch", description="Trainer optimizer, e.g. adamw_torch, paged_adamw_8bit (CUDA)")
     save_steps: int = Field(50, gt=0)
+    keep: Keep = Field("last", description="last: the weights after the last step; best: the checkpoint with the "
+                       "highest held-out reward accuracy (kto: reward margin); not for grpo / rloo")
+    eval_steps: int = Field(50, ge=1, description="keep: best: evaluate and checkpoint every this many optimizer "
+                            "steps (in place of save_steps)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="keep: best: stop after this many "
+                                                "evaluations without improvement")
     precompute_ref_log_probs: bool = Field(False, description="compute reference log-probs once and cache them")
     # online RL (loss: grpo | rloo) only: grpo.py, rloo.py and what they share, online.py
     num_generations: int = Field(4, ge=2, description="grpo / rloo: completions sampled per prompt (the group)")
@@ -107,6 +125,9 @@ class DpoConfig(BaseModel):
             raise ValueError(f"precompute_ref_log_probs is for DPOTrainer's pair losses; {self.loss!r} is not one "
                              "(kto, grpo and rloo compute their reference log-probs as they go)")
         if self.loss in ONLINE:
+            if self.keep == "best":
+                raise ValueError(f"keep: best chooses a checkpoint by held-out pairs; loss {self.loss!r} samples "
+                                 "from prompts and has none (use keep: last)")
             if not self.rewards:
                 raise ValueError(f"loss {self.loss!r} needs at least one reward source in dpo.rewards")
             if (self.batch_size * self.grad_accum) % self.num_generations:
@@ -116,6 +137,7 @@ class DpoConfig(BaseModel):
         return self
 
 
+KEPT_BY = {False: "eval_rewards/accuracies", True: "eval_rewards/margins"}  # keep: best's figure, by loss == kto
 PAIRED_WITH_REFERENCE = tuple(a for a in DpoConfig.model_fields["loss"].annotation.__args__  # type: ignore[union-attr]
                               if a not in (*REFERENCE_FREE, *ONLINE, *UNPAIRED))
 
@@ -184,8 +206,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1,
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=2,  # keep: best: the best checkpoint is never rotated away
+        # keep: best: by held-out reward accuracy; kto logs no accuracy, so by its held-out reward margin
+        **keep_arguments(cfg.keep, cfg.eval_steps, cfg.save_steps, KEPT_BY[cfg.loss == "kto"],
+                         greater_is_better=True),
+        per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,
@@ -194,7 +219,10 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         **train_precision(inputs.dtype),
     )
     max_length = read_manifest(inputs.tokenized)["max_length"]
-    callbacks = [progress_callback(), *tracking_callback(inputs.report_to, out)]
+    if cfg.keep == "best" and cfg.loss in ONLINE:  # the recipe refuses it; a stage run on its own must as well
+        raise StageError(f"dpo: keep: best needs held-out pairs, and loss {cfg.loss!r} has none")
+    callbacks = [progress_callback(), *tracking_callback(inputs.report_to, out),
+                 *keep_callbacks(cfg.early_stopping_patience)]
     ref_cached = False  # reference log-probs read from the cache (preference.py, precompute_ref_log_probs)
     heldout = None  # what the held-out metrics are measured on (none for grpo / rloo)
     kto_counts: dict[str, int] = {}
@@ -213,7 +241,13 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     result, resume = train_resuming(trainer, out / "checkpoints")  # after a crash: from the last checkpoint
     # Means over the held-out pairs / rated completions (not the last training batch): margin, accuracy, loss.
     # Online losses have none: their measure is the reward of what they sample, logged every step.
-    heldout_metrics = trainer.evaluate() if heldout is not None and len(heldout) else {}
+    # keep: best: the kept step's evaluation, from the history (the kept weights were measured there already)
+    kept_at = kept(trainer, cfg.keep)
+    if cfg.keep == "best" and kept_at["kept_by"] != "last":
+        heldout_metrics = next(h for h in trainer.state.log_history
+                               if h.get("step") == kept_at["kept_step"] and kept_at["kept_by"] in h)
+    else:
+        heldout_metrics = trainer.evaluate() if heldout is not None and len(heldout) else {}
     save_trained(trainer, out / "adapter")  # collective under FSDP / DeepSpeed; the main process writes
     if not trainer.is_world_process_zero():  # launched processes: the main one writes everything else
         return {}
@@ -226,7 +260,10 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     curves = ["loss", "reward_mean", "kl", "completion_length_mean"] if cfg.loss in ONLINE else \
         ["loss", "rewards/margins", "rewards/accuracies"] if cfg.loss != "kto" else ["loss", "rewards/margins", "kl"]
-    plot_curves(out / "rewards.png", history, curves, f"dpo ({cfg.loss})")
+    if cfg.keep == "best":
+        curves.append(kept_at["kept_by"])
+    plot_curves(out / "rewards.png", history, curves, f"dpo ({cfg.loss})",
+                kept_step=kept_at["kept_step"] if cfg.keep == "best" else None)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     last = trainer_summary(history)
@@ -237,6 +274,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         "train_loss": run_loss(history, result),  # every step's, also after a resume
         "final_loss": last.get("loss", float("nan")),
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+        "kept_step": kept_at["kept_step"],  # the step whose weights are the product
     }
     if cfg.loss in ONLINE:
         rewards = [h["reward_mean"] for h in history if h.get("reward_mean") is not None]
@@ -270,6 +308,8 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     return write_manifest(out, {
         "stage": "dpo",
         "resumed_from": int(resume.rsplit("-", 1)[-1]) if resume else None,
+        "kept_step": kept_at["kept_step"],
+        "kept_by": kept_at["kept_by"],  # eval_rewards/accuracies or eval_rewards/margins (keep: best), or last
         "ref_logprobs_cached": ref_cached,
         "pairs": inputs.pairs,
         "trained_pair_hashes": (trained := pair_split.hashes(trained_pairs)),  # as tokenize's heldout_pair_hashes
