@@ -125,7 +125,7 @@ def sft_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:
     """READS["sft"], and under sft.keep: best the rows tokenize holds out of SFT (trained on under keep: last)."""
     if recipe.sft.keep != "best":
         return READS["sft"]
-    return {**READS["sft"], "tokenize": (*READS["sft"]["tokenize"], "sft_heldout_rows")}
+    return {**READS["sft"], "tokenize": (*READS["sft"]["tokenize"], "sft_heldout_rows_sha256")}
 
 
 def dpo_reads(recipe: Any) -> dict[Stage, tuple[str, ...]]:

@@ -249,9 +249,10 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "max_length": cfg.max_length,
         # what the held-out and judge / policy splits are keyed on (tasks/lib/pairs.prompt_key)
         "split_key": "prompt messages (role, text lower-cased with white space folded, as curate's exact dedup)",
-        "heldout_pair_hashes": sorted(heldout_hashes),
+        "heldout_pair_hashes": sorted(heldout_hashes),  # sha256 of [prompt, chosen, rejected]: never trained on
         # rows of sft/ held out by prompt (sft.keep: best trains on the others and keeps the lowest loss on these)
-        "sft_heldout_rows": sft_heldout,  # sha256 of [prompt, chosen, rejected]: never trained on
+        "sft_heldout_rows": sft_heldout,
+        "sft_heldout_rows_sha256": sha256_json(sft_heldout),  # their digest (sft's cache key reads it under best)
         "outputs": ["sft", "preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
                     "lengths.png"],
         "artifacts": ["lengths.png"],

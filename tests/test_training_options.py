@@ -424,3 +424,21 @@ def test_dpo_keep_best_hands_on_the_step_with_the_best_held_out_reward_accuracy(
     # online losses have no held-out pairs to choose by: refused
     with pytest.raises(RecipeError, match="keep: best chooses a checkpoint by held-out pairs"):
         load_recipe(ROOT / "configs" / "smoke.yaml", ["dpo.loss=grpo", "dpo.keep=best", "dpo.eval_steps=2"])
+
+
+def test_sft_holds_out_the_prompts_the_pairs_hold_out_and_at_least_two_rows() -> None:
+    from alignflow.tasks.lib.pairs import prompt_key
+    from alignflow.tasks.tokenize import MIN_SFT_HELDOUT, _held_out, _sft_heldout_rows
+
+    def key(i: int) -> str:
+        return prompt_key([{"role": "user", "content": f"question {i}"}])
+
+    keys = [key(i) for i in range(40)] + [key(3)]  # two rows of prompt 3
+    by_hash = [i for i in range(41) if _held_out([{"role": "user", "content": f"question {i % 40}"}], 0.15)]
+    held = _sft_heldout_rows(keys, {key(3)}, 0.15)
+    assert {3, 40} <= set(held) and set(by_hash) <= set(held)  # the pairs' held-out prompt, every row of it
+    assert set(held) == set(by_hash) | {3, 40}  # and otherwise the prompt-hash rule, nothing more
+    # a small data set: the prompts with the next-lowest hashes join until MIN_SFT_HELDOUT rows, while 2 train
+    few = [key(i) for i in range(5)]
+    assert len(_sft_heldout_rows(few, set(), 0.01)) == MIN_SFT_HELDOUT
+    assert _sft_heldout_rows(few[:2], set(), 0.01) == []  # nothing to spare: tokenize refuses keep: best then
