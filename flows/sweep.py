@@ -255,6 +255,8 @@ def _run_trials(study: Any, recipe: Recipe, params: list[ParamSpec], trials: int
             trial.set_user_attr("parent_run_id", result["parent_run_id"])
             trial.set_user_attr("stages", {s: [i["folder"], i["cached"], i["seconds"]]
                                            for s, i in result["stages"].items()})
+            # seconds this trial waited for a stage another trial was still building (see _cache_savings)
+            trial.set_user_attr("waited", {s: i.get("waited_seconds", 0.0) for s, i in result["stages"].items()})
             tracker.client.log_batch(result["parent_run_id"], params=[
                 _param(k, v) for k, v in overrides.items()])
             study.tell(trial.number, value)
@@ -298,7 +300,8 @@ def _param(key: str, value: Any) -> Any:
 def _cache_savings(finished: list[Any], client: Any) -> dict[str, float]:
     """Stage runs the cache served across the sweep's trials, and the seconds they took where they did run: in
     another trial of this sweep, or before the sweep (the run that made the folder, named in its manifest, logged
-    them as `stage_seconds`; 0 where that run or its figure is gone)."""
+    them as `stage_seconds`; 0 where that run or its figure is gone). A trial that waited for a stage another
+    trial was still building (`--parallel`) saved only what was left after its wait: the wait is taken off."""
     ran_seconds: dict[str, float] = {}
     for t in finished:
         for folder, cached, seconds in t.user_attrs.get("stages", {}).values():
@@ -307,13 +310,14 @@ def _cache_savings(finished: list[Any], client: Any) -> dict[str, float]:
     total = saved = 0
     saved_seconds = 0.0
     for t in finished:
-        for folder, cached, _ in t.user_attrs.get("stages", {}).values():
+        waited = t.user_attrs.get("waited", {})
+        for stage, (folder, cached, _) in t.user_attrs.get("stages", {}).items():
             total += 1
             if cached:
                 saved += 1
                 if folder not in ran_seconds:  # made before the sweep: ask the run that made it, once
                     ran_seconds[folder] = _producer_seconds(Path(folder), client)
-                saved_seconds += ran_seconds[folder]
+                saved_seconds += max(0.0, ran_seconds[folder] - waited.get(stage, 0.0))
     return {"stage_runs": total, "cache_saved_stage_runs": saved, "cache_saved_seconds": round(saved_seconds, 1)}
 
 

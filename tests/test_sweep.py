@@ -229,6 +229,9 @@ def test_cache_savings_count_stages_made_before_the_sweep(tmp_path: Path) -> Non
     saved = _cache_savings(trials, client)
     # sft twice from before the sweep (2 x 95 s), dpo once from trial 0 (40 s), `gone` counted but 0 s
     assert saved == {"stage_runs": 6, "cache_saved_stage_runs": 5, "cache_saved_seconds": 230.0}
+    # --parallel: trial 1 waited 30 s for trial 0's dpo, which it then found made: it saved 10 s of it, not 40
+    trials[1].user_attrs["waited"] = {"sft": 0.0, "reward": 0.0, "dpo": 30.0}
+    assert _cache_savings(trials, client)["cache_saved_seconds"] == 200.0
 
 
 def test_the_parallel_coordinates_plot_draws_every_trial_visibly(tmp_path: Path) -> None:
