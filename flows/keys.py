@@ -222,6 +222,9 @@ class RunFacts:
     champion: dict[str, str] = field(default_factory=dict)  # the registry version evaluate compares with
     init_adapter: str | None = None  # content hash of the weights sft continues (retraining), if any
     sft_unchanged: bool = False  # sft hands init_adapter on untrained (a retrain with no new SFT records)
+    # content hash of the lineage of the weights a retrain continues (flows/lineage.py), if any: tokenize never
+    # holds out what it trained on, and evaluate's judge_independent reads its sides
+    ancestors: str | None = None
     selection_trials: int = 1  # a sweep's winner among k trials: evaluate's intervals at the familywise level
     device: str = ""  # cpu, or cuda with bf16 or not: decides `model.dtype: auto` and the training precision
 
@@ -236,6 +239,8 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
     if stage == "synthesize":  # a judge reward model from an earlier run: its weights are an input
         judge = recipe.synthesize.reward_model
         return {"judge_reward_model": weights_hash(Path(judge), "adapter") if judge else None, **embedding}
+    if stage == "tokenize":  # (only when set: a run that continues no weights keeps its key)
+        return {"trained_before": facts.ancestors} if facts.ancestors else {}
     if stage == "sft":
         return {"init_adapter": facts.init_adapter, **({"unchanged": True} if facts.sft_unchanged else {})}
     if stage == "dpo":  # grpo / rloo: the reward sources' files (a JSON schema, a python module), by content
@@ -247,6 +252,7 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
     if stage == "evaluate":  # the optional LLM judge is the recipe's teacher
         return {"champion": facts.champion,
                 **({"selection_trials": facts.selection_trials} if facts.selection_trials > 1 else {}),
+                **({"ancestors": facts.ancestors} if facts.ancestors else {}),
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None,
                 **({"lm_eval": harness_identity(recipe.evaluate.lm_eval.include_path)} if recipe.evaluate.lm_eval
                    else {})}

@@ -431,7 +431,8 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
     entrypoint (the worker runs only `pipeline` and `retrain`), so a submitter cannot set these.
 
     `init_adapter` makes sft continue that adapter (retraining); `ancestors`: the lineage folder of what those
-    weights already learned (flows/lineage.py), to which this run's curated data is added and logged;
+    weights already learned (flows/lineage.py), to which what this run trains on is added and logged (tokenize
+    never holds out what it lists; evaluate reads its judge / policy sides);
     `sft_unchanged`: sft hands `init_adapter` on untrained (a retrain with no new SFT records);
     `selection_trials` > 1: this recipe is the best of that many sweep trials, picked on the eval prompts, so
     evaluate takes its intervals at the familywise level 1 - 0.05/k; `base_corpus`: the files a `tiny:` test base
@@ -458,9 +459,11 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
     data = data_hashes(recipe)  # files or `datasets` folders: content hashes
     tracker = Tracker.start(recipe, work, data, str(flow_run.id or "local"), tags or {})
     init = Path(init_adapter) if init_adapter else None
+    before = Path(ancestors) if ancestors else None  # the lineage of the weights this run continues
     ctx = Context(recipe, work, tracker, str(flow_run.id), RunFacts(
         data=data, tracking_uri=tracking_uri(work), init_adapter=sha256_weights(init) if init else None,
-        sft_unchanged=sft_unchanged, selection_trials=selection_trials, device=device_kind()))
+        sft_unchanged=sft_unchanged, selection_trials=selection_trials, device=device_kind(),
+        ancestors=lineage.digest(before) if before else None))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     try:
         base: ResolvedBase | None = None
@@ -475,9 +478,6 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
 
         run_stage(ctx, "curate", partial(curate_fanned_out, r.scale_out), r.curate, lambda out, _: curate.CurateInputs(
             sft=r.data.sft, preference=r.data.preference, eval=r.data.eval, out_dir=out))
-        # what these weights will have learned: the ancestors' data and this run's curated data, on the parent run
-        trained_on = lineage.union(Path(ancestors) if ancestors else None, ctx.folders["curate"], work / "lineage")
-        lineage.log(tracker.client, tracker.parent_run_id, trained_on)
         if base is None:
             raise _Stop
         run_stage(ctx, "synthesize", partial(synthesize_fanned_out, r.scale_out), r.synthesize,
@@ -488,7 +488,8 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
             run_stage(ctx, "tokenize", tokenize.run, r.tokenize, lambda out, _: tokenize.TokenizeInputs(
                 base=base.path, curated=ctx.folders["curate"], synthesized=ctx.folders["synthesize"], out_dir=out,
                 heldout_fraction=r.reward.eval_fraction, pairs=r.reward.pairs,
-                policy_pairs=r.dpo.loss not in (*ONLINE, *UNPAIRED), sft_heldout=r.sft.keep == "best"))
+                policy_pairs=r.dpo.loss not in (*ONLINE, *UNPAIRED), sft_heldout=r.sft.keep == "best",
+                trained_before=before))
         if _reached(until, "quantize"):
             run_stage(ctx, "quantize", quantize.run, r.quantize, lambda out, _: quantize.QuantizeInputs(
                 base=base.path, dtype=dtype, curated=ctx.folders["curate"], out_dir=out))
@@ -507,6 +508,14 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                 quantized=ctx.folders["quantize"], sft=ctx.folders["sft"], out_dir=out, seed=seed,
                 report_to=["mlflow"], launch=r.launch, ref_cache=work / "cache" / "ref_logps", lora=r.sft.lora,
                 reward=ctx.folders["reward"], pairs=r.reward.pairs))
+        if _reached(until, "tokenize"):
+            # what these weights learned: the ancestors' lineage and what this run's training stages read (cached
+            # ones as they read it; sft handing the weights on adds nothing), on the parent run
+            ran = {s: read_manifest(ctx.folders[s]) if s in ctx.folders else None for s in ("sft", "reward", "dpo")}
+            trained_on = lineage.union(before, ctx.folders["curate"], lineage.trained(
+                ctx.folders["tokenize"], ran["sft"], ran["reward"], ran["dpo"], kto=r.dpo.loss in UNPAIRED),
+                work / "lineage")
+            lineage.log(tracker.client, tracker.parent_run_id, trained_on)
         if _reached(until, "evaluate"):
             candidate_sha = upstream_value(read_manifest(ctx.folders["dpo"]), "weights")  # hashed when written
             champion, champion_id = ctx.tracker.champion_adapter(r.register.model_name, candidate_sha,
@@ -518,7 +527,7 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                 candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
                 champion=champion, champion_sha=champion_id.get("adapter_sha256"), base_key=base.key,
                 answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed,
-                selection_trials=selection_trials))
+                selection_trials=selection_trials, ancestors=before))
         if _reached(until, "register"):
             version_tags = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                             **lineage.version_tags(trained_on),  # digests and record counts of what it learned

@@ -2,16 +2,18 @@
 
 1. Find the registry's `champion` for the recipe's model name (none yet: run the full pipeline instead).
 2. Find everything it was trained on: the lineage its pipeline run logged (version tag
-   `alignflow.parent_run_id` -> that run's `lineage/` artifacts, flows/lineage.py): its own curated data and
-   all its ancestors'. (A version logged before lineage existed: the curate data of that run.)
+   `alignflow.parent_run_id` -> that run's `lineage/` artifacts, flows/lineage.py): what it and all its
+   ancestors trained on, and every record they had at hand (`seen/`: held-out pairs too).
+   (A version logged before lineage existed: the curate data of that run.)
 3. Curate the recipe's current data and keep only records not already used: exact and near duplicates of
-   the lineage's records are dropped, and eval overlap is removed (`tasks.records.checks.new_records`).
+   the lineage's seen records are dropped, and eval overlap is removed (`tasks.records.checks.new_records`).
 4. Nothing new: end now, saying so, and register nothing.
 5. Otherwise run the pipeline on all preference pairs, old and new (the reward model is retrained from
    scratch), and, for SFT (`retrain.start_from`):
    - champion: continue the champion's weights on the new SFT records only; with none, sft hands the champion's
      weights on untrained (they learned every old record already). The run's lineage is the champion's plus
-     the new records, so the next retrain finds only what arrived after it.
+     what this run trained on, so the next retrain finds only what arrived after it; tokenize never holds out
+     a pair the lineage trained on, and evaluate's judge independence reads the lineage's sides.
    - base: train from the base on every SFT record, the lineage's and the new ones.
    Evaluate compares with the champion and the gate decides: champion or challenger.
 Wiring only: the ML is in the stages.
@@ -106,9 +108,10 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
 
     fresh: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, int] = {}
+    seen = lineage.seen_folder(used)  # every record the lineage had (held out too): none of it is new
     for dataset in ("sft", "preference"):
         files = [Path(f) for f in getattr(recipe.data, dataset)]
-        fresh[dataset], dropped = new_records(dataset, files, recipe.curate, used)  # type: ignore[arg-type]
+        fresh[dataset], dropped = new_records(dataset, files, recipe.curate, seen)  # type: ignore[arg-type]
         summary[f"{dataset}.new"] = len(fresh[dataset])
         summary[f"{dataset}.already_used"] = dropped.get("duplicate", 0) + dropped.get("near_duplicate", 0)
     if not fresh["sft"] and not fresh["preference"]:
@@ -126,8 +129,9 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
     folder = work / "retrain" / sha256_json([fresh, str(used), from_champion])[:16]
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "sft.jsonl", fresh["sft"] if from_champion and fresh["sft"] else old_sft + fresh["sft"])
-    rated = list(read_jsonl(used / "unpaired.jsonl")) if (used / "unpaired.jsonl").exists() else []
-    write_jsonl(folder / "preference.jsonl", list(read_jsonl(used / "preference.jsonl")) + rated + fresh["preference"])
+    # the old pairs the lineage had, held-out ones too (tokenize holds out none that an ancestor trained on)
+    rated = list(read_jsonl(seen / "unpaired.jsonl")) if (seen / "unpaired.jsonl").exists() else []
+    write_jsonl(folder / "preference.jsonl", list(read_jsonl(seen / "preference.jsonl")) + rated + fresh["preference"])
     data = DataSection(sft=[str(folder / "sft.jsonl")], preference=[str(folder / "preference.jsonl")],
                        eval=recipe.data.eval)
     init = None

@@ -19,7 +19,9 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
 - whether that judge is independent of the policy (`judge_independent`, 1/0; tag `alignflow.judge_independent`):
   not when reward and dpo trained on common pairs (`reward.pairs: shared`; their manifests'
   `trained_pair_hashes` intersect), nor when dpo optimised the policy against the reward model itself (grpo /
-  rloo with `reward_model` among dpo.rewards). The gate does not count a dependent judge's win-rates;
+  rloo with `reward_model` among dpo.rewards), nor in a retrain when the judge learned pairs an ancestor's policy
+  learned or the policy pairs an ancestor's judge learned (the lineage's `pairs.json`, flows/lineage.py);
+  `judge_dependence` in the manifest says which. The gate does not count a dependent judge's win-rates;
 - 95 % intervals from a paired bootstrap over the prompts (tasks/lib/stats.py): `<win rate>_ci_low/_ci_high`,
   `rougeL_gain_ci_low/_ci_high`, `exact_match_gain_vs_sft_ci_low/_ci_high`, and for each metric vs the champion
   `<metric>_delta_ci_low/_ci_high` (delta = candidate - champion). The gate decides on these bounds;
@@ -113,6 +115,9 @@ class EvaluateInputs(BaseModel):
     # >1: this candidate is the best of that many sweep trials, picked on these eval prompts: every interval is
     # taken at the familywise level 1 - 0.05/k (Bonferroni), so that the selection does not inflate a pass
     selection_trials: int = Field(1, ge=1)
+    # a retrain: the lineage of the weights dpo continued (flows/lineage.py); its `pairs.json` lists the pairs the
+    # history's judges and policies trained on (absent there: a lineage logged before sides were recorded)
+    ancestors: Path | None = None
 
 
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
@@ -271,7 +276,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                                                        level))
 
     # --- the reward model as judge: is it independent of the policy? then win-rates with intervals ---------
-    independent, why = judge_independence(read_manifest(inputs.reward), read_manifest(inputs.candidate))
+    independent, why = judge_independence(read_manifest(inputs.reward), read_manifest(inputs.candidate),
+                                          _lineage_sides(inputs.ancestors))
     metrics["judge_independent"] = float(independent)
     nan = [float("nan")] * len(records)
     rewards: dict[str, list[float]] = {name: nan for name in answers}
@@ -345,10 +351,26 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                                 "outputs": outputs, "artifacts": outputs, "metrics": metrics})
 
 
-def judge_independence(reward: dict[str, Any], dpo: dict[str, Any]) -> tuple[bool, str]:
+def _lineage_sides(ancestors: Path | None) -> dict[str, list[str]] | None:
+    """The pair hashes per side (`judge`, `policy`) of the lineage the candidate's weights continue: none without
+    one; None for a lineage that does not record them (logged before they were, or a curated folder)."""
+    if ancestors is None:
+        return NO_ANCESTORS
+    sides = ancestors / "pairs.json"
+    return json.loads(sides.read_text()) if sides.exists() else None
+
+
+NO_ANCESTORS: dict[str, list[str]] = {"judge": [], "policy": []}  # a run that continues no lineage (read only)
+
+
+def judge_independence(reward: dict[str, Any], dpo: dict[str, Any],
+                       lineage: dict[str, list[str]] | None = NO_ANCESTORS) -> tuple[bool, str]:
     """(whether the reward model judges the policy independently, why not). From what the two stages say they
     trained on: the pairs both learned (hashes as tokenize's heldout_pair_hashes), and whether dpo's own reward was
-    the reward model. Manifests without the lists (made before they existed) trained both on every pair."""
+    the reward model. Manifests without the lists (made before they existed) trained both on every pair.
+    `lineage`: the pairs the ancestors' judges and policies trained on (a retrain continues the champion's
+    weights, so its policy learned theirs too): the judge must not have learned a pair any ancestor's policy
+    learned, nor the policy one any ancestor's judge learned; None: a lineage whose sides are unknown."""
     if dpo.get("optimised_against_reward_model"):
         return False, "dpo optimised the policy against this reward model (dpo.rewards has reward_model)"
     judge, policy = reward.get("trained_pair_hashes"), dpo.get("trained_pair_hashes")
@@ -358,6 +380,17 @@ def judge_independence(reward: dict[str, Any], dpo: dict[str, Any]) -> tuple[boo
     if common:
         return False, (f"reward and dpo trained on {len(common)} common preference pairs "
                        f"(reward.pairs={reward.get('pairs', 'shared')})")
+    if lineage is None:
+        return False, ("the lineage of the weights dpo continued does not list the pairs its judges and policies "
+                       "trained on (logged before it did)")
+    inherited = set(judge) & set(lineage.get("policy", []))
+    if inherited:
+        return False, (f"reward trained on {len(inherited)} preference pairs that an ancestor's policy trained on "
+                       f"(the lineage of the weights dpo continued)")
+    taught = set(policy) & set(lineage.get("judge", []))
+    if taught:
+        return False, (f"dpo trained on {len(taught)} preference pairs that an ancestor's judge trained on "
+                       f"(the lineage of the weights dpo continued)")
     return True, ""
 
 

@@ -19,6 +19,10 @@ case and spacing variants of one prompt land on one side (manifest `split_key`).
 tokenize refuses data whose training pairs leave fewer than 2 on the judge's side, or (for dpo's pair losses)
 on the policy's, before anything trains. Where that share is fewer than 2 pairs (a small data set), the prompts with
 the next-lowest hashes are held out too, as a larger `reward.eval_fraction` would, while 4 stay for training.
+A retrain continues weights that already learned pairs (`trained_before`: the champion's lineage,
+flows/lineage.py): a prompt any of whose pairs or rated completions that lineage trained on (judge or policy) is
+never held out, whatever its hash says, so the judge's held-out accuracy is measured on pairs no weights of the
+history learned (`preference.heldout_trained_before` counts the pairs kept for training so).
 
 The SFT examples whose prompt is held out by the same rule (`sft_heldout_rows` in the manifest: row indices
 into `sft/`, which still holds every example) are what `sft.keep: best` measures held-out loss on; sft trains on
@@ -35,6 +39,13 @@ of every method. Either folder may be empty (pairs only): it is still written, w
 each once; never an eval prompt (curate keeps those apart) nor a held-out preference prompt.
 
 The tokenizer itself (with the template actually used) is saved in `tokenizer/`: later stages load it from here.
+
+`records/` holds the records behind the training rows, as curate (or synthesize) wrote them, for the lineage
+(flows/lineage.py, what a version trained on): `sft.jsonl` the SFT records that became `sft/` rows;
+`preference.jsonl` the training pairs (not held out, not made from feedback), with their `pair_hash` (`pairs`);
+`unpaired.jsonl` every rated completion with the hashes of the training pairs it made (`pairs`) and whether it is
+in `unpaired/` (`kto`). Each line is `{"record": ..., "pairs": [...], "kto": ...}`; which of them a stage trained
+on is decided by reward's and dpo's `trained_pair_hashes` (flows/lineage.py), not here.
 """
 
 from __future__ import annotations
@@ -48,9 +59,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from alignflow.tasks.lib.chat import encode_conversation
 from alignflow.tasks.lib.errors import StageError
 from alignflow.tasks.lib.hashing import sha256_json, sha256_tree
-from alignflow.tasks.lib.jsonl import read_jsonl
+from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import write_manifest
-from alignflow.tasks.lib.pairs import MIN_SIDE_PAIRS, PairsMode, judge_side, prompt_key
+from alignflow.tasks.lib.pairs import MIN_SIDE_PAIRS, PairsMode, judge_side, pair_hash, prompt_key
 
 
 class TokenizeConfig(BaseModel):
@@ -75,6 +86,10 @@ class TokenizeInputs(BaseModel):
     policy_pairs: bool = Field(True, description="dpo trains on pairs (a pair loss; not kto, grpo or rloo)")
     heldout_fraction: float = Field(0.15, gt=0, lt=1, description="the recipe's reward.eval_fraction: preference "
                                     "pairs held out from reward and dpo training, to measure both on")
+    # keyed through the run's facts (flows/keys.py `ancestors`): it decides which pairs are held out
+    trained_before: Path | None = Field(None, description="a lineage folder (flows/lineage.py) whose "
+                                        "preference.jsonl / unpaired.jsonl prompts an ancestor trained on: never "
+                                        "held out")
 
 
 def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
@@ -102,6 +117,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     # --- SFT: input_ids + assistant-only labels --------------------------------------------------------
     rows: list[dict[str, list[int]]] = []
     row_keys: list[str] = []  # each row's prompt (its messages before the last answer), as prompt_key names it
+    sft_records: list[dict[str, Any]] = []  # the records behind `rows` (records/sft.jsonl)
     truncated = template_mismatch = 0
     for record in sft:
         encoded = encode_conversation(tok, record["messages"])
@@ -115,6 +131,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             continue
         rows.append({"input_ids": ids, "labels": labels})
         row_keys.append(prompt_key(record["messages"][:-1]))
+        sft_records.append({"record": record})
     if not rows:
         raise StageError(f"tokenize: no SFT example fits tokenize.max_length={cfg.max_length} "
                          f"({truncated} longer ones dropped)")
@@ -131,7 +148,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             too_long += 1
             continue
         kept.append((p, length))
-    held_keys = _held_out_prompts([prompt_key(p["prompt"]) for p, _ in kept], inputs.heldout_fraction)
+    before = _trained_prompts(inputs.trained_before)
+    held_keys = _held_out_prompts([prompt_key(p["prompt"]) for p, _ in kept], inputs.heldout_fraction, before)
     sft_heldout = _sft_heldout_rows(row_keys, held_keys, inputs.heldout_fraction)
     if inputs.sft_heldout and not sft_heldout:
         raise StageError(f"tokenize: sft.keep: best measures held-out loss, but none of the {len(rows)} SFT examples "
@@ -140,6 +158,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     pairs: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
     heldout_hashes: list[str] = []
+    pair_records: list[dict[str, Any]] = []  # records/preference.jsonl
+    row_pairs: dict[int, list[str]] = {}  # rated completion (index in `rated`) -> training pairs it made
     pair_lengths = [length for _, length in kept]
     for p, _ in kept:
         pair = {"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -152,6 +172,11 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             heldout_hashes.append(sha256_json([p["prompt"], p["chosen"], p["rejected"]]))
         else:
             pairs.append(pair)
+            if "_rows" in p:  # made from two rated completions: they are what the lineage records
+                for i in p["_rows"]:
+                    row_pairs.setdefault(i, []).append(pair_hash(pair))
+            else:
+                pair_records.append({"record": p, "pairs": [pair_hash(pair)]})
     if len(pairs) < MIN_TRAIN_PAIRS or len(heldout) < MIN_HELDOUT_PAIRS:
         both = len({prompt_key(p["prompt"]) for p in derived})
         raise StageError(
@@ -179,7 +204,10 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
     unpaired_heldout: list[dict[str, Any]] = []
     unpaired_too_long = 0
     paired_keys = {prompt_key(p["prompt"]) for p, _ in kept}
-    for r in rated:
+    rated_records: list[dict[str, Any]] = []  # records/unpaired.jsonl
+    for i, r in enumerate(rated):
+        entry = {"record": r, "pairs": row_pairs.get(i, []), "kto": False}
+        rated_records.append(entry)
         if _n_tokens(tok, r["prompt"], r["completion"]) > cfg.max_length:
             unpaired_too_long += 1
             continue
@@ -187,8 +215,10 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
                "label": bool(r["label"])}
         key = prompt_key(r["prompt"])
         # a prompt with pairs is held out with them; one rated only (no pair) by its hash alone
-        held = key in held_keys or (key not in paired_keys and _held_out(r["prompt"], inputs.heldout_fraction))
+        held = key in held_keys or (key not in paired_keys and key not in before
+                                    and _held_out(r["prompt"], inputs.heldout_fraction))
         (unpaired_heldout if held else unpaired).append(row)
+        entry["kto"] = not held
     _save(unpaired, out / "unpaired", UNPAIRED_COLUMNS)
     _save(unpaired_heldout, out / "unpaired_heldout", UNPAIRED_COLUMNS)
 
@@ -212,6 +242,10 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
             continue
         prompts[key] = {"prompt": prompt, "reference": reference}
     _save(list(prompts.values()), out / "prompts", PROMPT_COLUMNS)
+    (out / "records").mkdir(exist_ok=True)
+    write_jsonl(out / "records" / "sft.jsonl", sft_records)
+    write_jsonl(out / "records" / "preference.jsonl", pair_records)
+    write_jsonl(out / "records" / "unpaired.jsonl", rated_records)
 
     lengths = [len(r["input_ids"]) for r in rows]
     trainable = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
@@ -231,6 +265,9 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         # prompts held out beyond reward.eval_fraction's share, so that the judge is measured on 2 pairs or more
         "preference.heldout_prompts_added": sum(not _held_out(p["prompt"], inputs.heldout_fraction)
                                                 for p in {prompt_key(h["prompt"]): h for h in heldout}.values()),
+        # pairs whose prompt the split would hold out but the lineage of the continued weights trained on
+        "preference.heldout_trained_before": sum(prompt_key(p["prompt"]) in before
+                                                 and _held_out(p["prompt"], inputs.heldout_fraction) for p, _ in kept),
         "preference.judge_pairs": judge_pairs,  # the training pairs' sides under reward.pairs: disjoint
         "preference.policy_pairs": policy_pairs,
         "preference.dropped.too_long": too_long,
@@ -254,7 +291,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "sft_heldout_rows": sft_heldout,
         "sft_heldout_rows_sha256": sha256_json(sft_heldout),  # their digest (sft's cache key reads it under best)
         "outputs": ["sft", "preference", "preference_heldout", "unpaired", "unpaired_heldout", "prompts", "tokenizer",
-                    "lengths.png"],
+                    "records", "lengths.png"],
         "artifacts": ["lengths.png"],
         "metrics": metrics,
     })
@@ -274,16 +311,17 @@ def _held_out(prompt: list[dict[str, str]], fraction: float) -> bool:
     return int(prompt_key(prompt)[:8], 16) / 0x1_0000_0000 < fraction
 
 
-def _held_out_prompts(keys: list[str], fraction: float) -> set[str]:
+def _held_out_prompts(keys: list[str], fraction: float, before: set[str] | frozenset[str] = frozenset()) -> set[str]:
     """The prompts (their `prompt_key`) whose pairs are held out: those whose hash falls below `fraction`
     (`_held_out`). When that leaves fewer than MIN_HELDOUT_PAIRS pairs (a small data set: two dozen thumbs-up /
     down records make a handful of pairs), the prompts with the next-lowest hashes join until it does, as long as
     MIN_TRAIN_PAIRS stay for training: the split a larger `reward.eval_fraction` would make. A split that already
-    holds enough out is the plain one, unchanged."""
+    holds enough out is the plain one, unchanged. A prompt in `before` (trained on by the lineage of the weights
+    this run continues) is never held out."""
     count = Counter(keys)  # pairs per prompt
     position = {k: int(k[:8], 16) / 0x1_0000_0000 for k in count}  # as `_held_out` places a prompt
-    held = {k for k in count if position[k] < fraction}
-    for key in sorted(set(count) - held, key=lambda k: position[k]):
+    held = {k for k in count if position[k] < fraction and k not in before}
+    for key in sorted(set(count) - held - set(before), key=lambda k: position[k]):
         n_held = sum(count[k] for k in held)
         if n_held >= MIN_HELDOUT_PAIRS or len(keys) - n_held - count[key] < MIN_TRAIN_PAIRS:
             break
@@ -308,17 +346,27 @@ def _sft_heldout_rows(keys: list[str], held_keys: set[str], fraction: float) -> 
     return [i for i, k in enumerate(keys) if k in held]
 
 
+def _trained_prompts(lineage: Path | None) -> set[str]:
+    """`prompt_key` of every pair and rated completion in a lineage folder's preference.jsonl / unpaired.jsonl (what
+    the judges and policies of that history trained on); empty without one."""
+    if lineage is None:
+        return set()
+    files = [lineage / "preference.jsonl", lineage / "unpaired.jsonl"]
+    return {prompt_key(r["prompt"]) for f in files if f.exists() for r in read_jsonl(f)}
+
+
 def _pairs_from_feedback(rated: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pairs from unpaired feedback: where one prompt has a thumbs-up and a thumbs-down completion, the two make a
     pair (up chosen), in order, each completion used once. The reward stage learns only from pairs, so feedback
-    alone can still train the judge."""
-    up: dict[str, list[dict[str, Any]]] = {}
-    down: dict[str, list[dict[str, Any]]] = {}
-    for r in rated:
-        (up if r["label"] else down).setdefault(sha256_json(r["prompt"]), []).append(r)
-    return [{"prompt": u["prompt"], "chosen": u["completion"], "rejected": d["completion"]}
+    alone can still train the judge. `_rows`: the two completions' positions in `rated` (for records/)."""
+    up: dict[str, list[int]] = {}
+    down: dict[str, list[int]] = {}
+    for i, r in enumerate(rated):
+        (up if r["label"] else down).setdefault(sha256_json(r["prompt"]), []).append(i)
+    return [{"prompt": rated[u]["prompt"], "chosen": rated[u]["completion"], "rejected": rated[d]["completion"],
+             "_rows": [u, d]}
             for key, ups in up.items() for u, d in zip(ups, down.get(key, []), strict=False)
-            if u["completion"].strip() != d["completion"].strip()]
+            if rated[u]["completion"].strip() != rated[d]["completion"].strip()]
 
 
 def _save(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) -> None:

@@ -2,7 +2,9 @@
 `python -m alignflow.cli ...` process, and the same invariants checked after every step:
 - the registry's champion is what the last command printed;
 - every version's lineage (its parent run's `lineage/sft.jsonl`, and the version's `alignflow.lineage.*` tags)
-  holds exactly the SFT records it and its ancestors trained on;
+  holds exactly the SFT records it and its ancestors trained on (the curated and the synthesized ones), and its
+  `lineage/preference.jsonl` exactly the pairs their judges and policies trained on: never a held-out pair, and a
+  retrain holds out none that an ancestor trained on;
 - every version has tags, and one version per weights hash (`alignflow.adapter_sha256`);
 - `champion` is never on a version the gate refused or a rollback demoted, unless promoted by hand
   (`challenger` and `previous-champion` are where such versions are meant to go);
@@ -25,6 +27,7 @@ from mlflow import MlflowClient
 
 from alignflow.tasks.lib.hashing import sha256_tree
 from alignflow.tasks.lib.manifest import read_manifest
+from alignflow.tasks.lib.pairs import pair_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smoke-assistant"
@@ -97,6 +100,8 @@ class History:
         self.uri = f"sqlite:///{work / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
         self.lineage: dict[str, set[str]] = {}  # version -> prompts it and its ancestors trained on
+        self.pairs: dict[str, set[str]] = {}  # version -> pairs (pair_hash) its and its ancestors' judges and
+        # policies learned
         self.by_hand: set[str] = set()  # versions promoted by hand
         self.steps: list[str] = []
 
@@ -137,16 +142,31 @@ class History:
                                                          tracking_uri=self.uri))
         records = _records(local)
         prompts = [_key(r) for r in records]
-        assert len(prompts) == len(set(prompts)), (where, version, "a record twice in the lineage")
+        assert len({json.dumps(r, sort_keys=True) for r in records}) == len(records), (where, version, "a record twice")
         assert set(prompts) == self.lineage[version], (where, version, set(prompts) ^ self.lineage[version])
         assert tags["alignflow.lineage.sft_records"] == str(len(records)), (where, version)
         assert tags["alignflow.lineage.sft_sha256"] == sha256_tree(local), (where, version)
+        local = Path(mlflow.artifacts.download_artifacts(run_id=tags["alignflow.parent_run_id"],
+                                                         artifact_path="lineage/preference.jsonl", dst_path=str(dest),
+                                                         tracking_uri=self.uri))
+        pairs = [pair_hash(r) for r in _records(local)]  # (the smoke data has no rated completions)
+        assert len(pairs) == len(set(pairs)), (where, version, "a pair twice in the lineage")
+        assert set(pairs) == self.pairs[version], (where, version, len(set(pairs) ^ self.pairs[version]))
 
-    def registered(self, said: str, trained: set[str]) -> str:
-        """The version the run printed; it must hold `trained` (a version found again holds what it held)."""
+    def registered(self, said: str, trained: set[str], continued: str | None = None) -> str:
+        """The version the run printed; it must hold `trained` and the pairs its run's (and, for a retrain that
+        `continued` a version, that version's lineage's) judge and policy trained on: a version found again holds
+        what it held. The run held out none of those pairs."""
         version = REGISTERED.findall(said)[-1][1]
+        stages = _stages(self.client, _parent_run(said))
+        learned = {h for s in ("reward", "dpo") for h in read_manifest(stages[s])["trained_pair_hashes"]}
+        pairs = learned | (self.pairs[continued] if continued else set())
+        held = set(read_manifest(stages["tokenize"])["heldout_pair_hashes"])
+        assert not held & pairs, (version, "held out a pair its judge, policy or their ancestors' trained on")
         self.lineage.setdefault(version, trained)
         assert self.lineage[version] == trained, (version, self.lineage[version] ^ trained)
+        self.pairs.setdefault(version, pairs)
+        assert self.pairs[version] == pairs, (version, len(self.pairs[version] ^ pairs))
         return version
 
 
@@ -156,6 +176,22 @@ def _curated_prompts(client: MlflowClient, parent_run_id: str, tmp: Path) -> set
         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`alignflow.stage` = 'curate'"))[0]
     local = Path(client.download_artifacts(curate.info.run_id, "data", str(tmp / f"curated-{parent_run_id}")))
     return {_key(r) for f in sorted(local.rglob("sft*.jsonl")) for r in _records(f)}
+
+
+def _stages(client: MlflowClient, parent_run_id: str) -> dict[str, Path]:
+    """The stage folders of a pipeline run (its child runs' `alignflow.stage_dir`, cached stages too)."""
+    parent = client.get_run(parent_run_id)
+    return {r.data.tags["alignflow.stage"]: Path(r.data.tags["alignflow.stage_dir"]) for r in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")}
+
+
+def _synthesized_prompts(client: MlflowClient, parent_run_id: str) -> set[str]:
+    """The teacher-written SFT records of the run's synthesize stage; sft trained on every one (tokenize dropped
+    no SFT record: checked), so the version's lineage holds them beside the curated ones."""
+    stages = _stages(client, parent_run_id)
+    metrics = read_manifest(stages["tokenize"])["metrics"]
+    assert metrics["sft.dropped.too_long"] == metrics["sft.dropped.template_mismatch"] == 0, metrics
+    return {_key(r) for r in _records(stages["synthesize"] / "sft.jsonl")}
 
 
 def _parent_run(said: str) -> str:
@@ -190,8 +226,9 @@ def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> 
 
     # 1. run A: version 1, champion; its lineage is what its own curate kept
     said = _cli("run", "configs/smoke.yaml", *wd)
-    base = _curated_prompts(c, _parent_run(said), tmp_path)
-    assert len(base) > 100
+    curated = _curated_prompts(c, _parent_run(said), tmp_path)
+    assert len(curated) > 100
+    base = curated | _synthesized_prompts(c, _parent_run(said))  # what run A's weights learned
     assert h.registered(said, base) == "1"
     assert h.check("run A", said)["champion"] == "1"
 
@@ -222,6 +259,7 @@ def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> 
     # 6. delete the registered model; re-run A: a new version 1, champion (no champion left to compare with)
     c.delete_registered_model(NAME)
     h.lineage.clear()
+    h.pairs.clear()
     h.by_hand.clear()
     assert h.check("delete the registered model", None) == {}
     said = _cli("run", "configs/smoke.yaml", *wd)
@@ -254,7 +292,8 @@ def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> 
                                                     {"role": "assistant", "content": a}]}) + "\n"
                            for p, a in NEW_1))
     said = _cli("retrain", "configs/smoke.yaml", *_sets(grown), *wd)
-    first = h.registered(said, h.lineage[champion] | {p for p, _ in NEW_1})
+    first = h.registered(said, h.lineage[champion] | {p for p, _ in NEW_1} | _synthesized_prompts(c, _parent_run(said)),
+                         continued=champion)
     assert h.check("retrain on 6 new records", said)["champion"] == first
     assert c.get_run(_parent_run(said)).data.tags["alignflow.retrain.sft.new"] == "6"
 
@@ -263,17 +302,21 @@ def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> 
                                                                       {"role": "assistant", "content": a}]}) + "\n"
                                              for p, a in NEW_2))
     said = _cli("retrain", "configs/smoke.yaml", *_sets(grown), *wd)
-    second = h.registered(said, h.lineage[first] | {p for p, _ in NEW_2})
+    second = h.registered(said, h.lineage[first] | {p for p, _ in NEW_2} | _synthesized_prompts(c, _parent_run(said)),
+                          continued=first)
     assert second != first
     assert h.check("second retrain on 6 more", said)["champion"] == second
     parent = c.get_run(_parent_run(said))
     assert parent.data.tags["alignflow.retrain.sft.new"] == "6"
     assert parent.data.tags["alignflow.retrain_of"] == first
-    stages = {r.data.tags["alignflow.stage"]: Path(r.data.tags["alignflow.stage_dir"]) for r in c.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    stages = _stages(c, parent.info.run_id)
     judge = set(read_manifest(stages["reward"])["trained_pair_hashes"])
     policy = set(read_manifest(stages["dpo"])["trained_pair_hashes"])
     assert judge and policy and not judge & policy  # the judge never learned the policy's pairs
+    # nor any pair the policies of the weights it continued (first's and its ancestors') learned, nor its policy
+    # one their judges learned: evaluate compares with the lineage's sides
+    evaluation = read_manifest(stages["evaluate"])
+    assert evaluation["judge_independent"] is True, evaluation["judge_dependence"]
 
     # 11. two runs at once on the work dir (A and B): both finish, and the invariants hold
     procs = [subprocess.Popen(_argv("run", "configs/smoke.yaml", *extra, *wd), cwd=ROOT, env=_env(),

@@ -68,7 +68,7 @@ def test_stage_drops_what_does_not_fit_and_holds_out_pairs(tmp_path: Path) -> No
 
 
 def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: float = 0.15,
-              policy_pairs: bool = True) -> dict:
+              policy_pairs: bool = True, trained_before: Path | None = None) -> dict:
     base = resolve_base("tiny:llama", tmp_path / "base", [ROOT / "data" / "sft.jsonl"])
     curated, synth = tmp_path / "c", tmp_path / "s"
     curated.mkdir()
@@ -80,7 +80,7 @@ def _tokenize(tmp_path: Path, pairs: list[dict], rated: list[dict], fraction: fl
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run(TokenizeConfig(max_length=128), TokenizeInputs(base=base.path, curated=curated, synthesized=synth,
                                                              out_dir=tmp_path / "out", heldout_fraction=fraction,
-                                                             policy_pairs=policy_pairs))
+                                                             policy_pairs=policy_pairs, trained_before=trained_before))
 
 
 def test_pairs_alone_write_empty_unpaired_folders_that_load(tmp_path: Path) -> None:
@@ -208,3 +208,42 @@ def test_too_few_pairs_on_a_side_of_the_judge_policy_split_stop_tokenize(tmp_pat
     (tmp_path / "d").mkdir()
     m = _tokenize(tmp_path / "d", data(judge[:2] + policy[:2]), [], fraction=0.5)["metrics"]
     assert (m["preference.judge_pairs"], m["preference.policy_pairs"]) == (2, 2)
+
+
+def test_a_prompt_the_lineage_trained_on_is_never_held_out(tmp_path: Path) -> None:
+    """A retrain continues weights whose judge and policy learned pairs (the champion's lineage, flows/lineage.py):
+    none of those prompts may be held out to measure the judge on, neither by its hash (here eval_fraction went up
+    from the ancestors' 0.15 to 0.5) nor when the split holds out more prompts to reach 2 pairs. The old split
+    ignored the lineage and held both out."""
+    from alignflow.tasks.lib.pairs import pair_hash, prompt_key
+
+    def position(p: list[dict]) -> float:
+        return int(prompt_key(p)[:8], 16) / 0x1_0000_0000
+
+    candidates = sorted(([{"role": "user", "content": f"Pick a tile colour, case {i}."}] for i in range(60)),
+                        key=position)
+    pairs = [{"prompt": p, "chosen": "Blue.", "rejected": "I cannot say."} for p in candidates]
+    lineage = tmp_path / "lineage"
+    lineage.mkdir()
+    trained = [pairs[0], pairs[5]]  # the lowest hashes: held out at any fraction, were it not for the lineage
+    (lineage / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trained))
+    (lineage / "unpaired.jsonl").write_text("")
+
+    for case, data, fraction in (("fraction", pairs, 0.5), ("added", pairs[:12], 0.001)):
+        (tmp_path / case).mkdir()
+        manifest = _tokenize(tmp_path / case, data, [], fraction=fraction, trained_before=lineage)
+        held = load_from_disk(str(tmp_path / case / "out" / "preference_heldout"))
+        train = load_from_disk(str(tmp_path / case / "out" / "preference"))
+        held_prompts = {json.dumps(p) for p in held["prompt"]}
+        assert len(held) >= 2 and not held_prompts & {json.dumps(r["prompt"]) for r in trained}, case
+        assert {json.dumps(r["prompt"]) for r in trained} <= {json.dumps(p) for p in train["prompt"]}, case
+        assert not set(manifest["heldout_pair_hashes"]) & {pair_hash(r) for r in trained}, case
+        if case == "added":  # the next-lowest prompts the lineage did not train on were held out instead
+            assert held_prompts == {json.dumps(p["prompt"]) for p in data[1:3]}
+        else:
+            assert manifest["metrics"]["preference.heldout_trained_before"] == 2
+    # what the lineage reads: each training pair with its hash (held-out ones are not there)
+    records = [json.loads(line) for line in (tmp_path / "fraction" / "out" / "records" / "preference.jsonl")
+               .read_text().splitlines()]
+    train = load_from_disk(str(tmp_path / "fraction" / "out" / "preference"))
+    assert sorted(h for r in records for h in r["pairs"]) == sorted(pair_hash(r) for r in train)
