@@ -348,8 +348,10 @@ def _sft_heldout_rows(keys: list[str], held_keys: set[str], fraction: float) -> 
 
 def _trained_prompts(lineage: Path | None) -> set[str]:
     """`prompt_key` of every pair and rated completion in a lineage folder's preference.jsonl / unpaired.jsonl (what
-    the judges and policies of that history trained on); empty without one."""
-    if lineage is None:
+    the judges and policies of that history trained on); empty without one, or for a lineage logged before it
+    wrote `pairs.json` (or a curated folder standing in for one): those listed held-out pairs too, so which were
+    trained on is unknown, and the split stays as it was (evaluate then counts the judge as not independent)."""
+    if lineage is None or not (lineage / "pairs.json").exists():
         return set()
     files = [lineage / "preference.jsonl", lineage / "unpaired.jsonl"]
     return {prompt_key(r["prompt"]) for f in files if f.exists() for r in read_jsonl(f)}

@@ -353,9 +353,11 @@ def test_outside_inputs_change_their_stages_keys(baseline: dict[str, Any], tmp_p
               "init_adapter": RunFacts(base.base_key, base.data, base.tracking_uri, {}, init_adapter="abc"),
               "device": RunFacts(base.base_key, base.data, base.tracking_uri, {}, device="cuda-bf16"),
               "sft_unchanged": RunFacts(base.base_key, base.data, base.tracking_uri, {}, sft_unchanged=True),
-              "selection_trials": RunFacts(base.base_key, base.data, base.tracking_uri, {}, selection_trials=8)}
+              "selection_trials": RunFacts(base.base_key, base.data, base.tracking_uri, {}, selection_trials=8),
+              # a retrain's lineage: tokenize's held-out split and evaluate's judge independence read it
+              "ancestors": RunFacts(base.base_key, base.data, base.tracking_uri, {}, ancestors="abc")}
     expected = {"tracking_uri": ("register",), "champion": ("evaluate", "register"), "init_adapter": ("sft",),
-                "sft_unchanged": ("sft",), "selection_trials": ("evaluate",),
+                "sft_unchanged": ("sft",), "selection_trials": ("evaluate",), "ancestors": ("tokenize", "evaluate"),
                 "device": ("synthesize", "quantize", "sft", "reward", "dpo", "evaluate", "register")}
     from alignflow.flows.keys import without_credentials
 

@@ -234,6 +234,12 @@ def test_lineage_is_what_the_training_stages_read_and_never_a_held_out_pair(tmp_
     handed = lineage.union(ancestors, curated, lineage.trained(tok, {"trained": False}, *stages[1:], kto=True),
                            tmp_path / "lineage")
     assert rows("sft.jsonl", handed) == old_sft
+    # sft.keep: best trained on every SFT row but the held-out ones, which it measured its loss on
+    measured = manifest["sft_heldout_rows"]
+    assert measured
+    best = lineage.union(ancestors, curated, lineage.trained(tok, {"trained": True, "kept_by": "eval_loss"},
+                                                             *stages[1:], kto=False), tmp_path / "lineage")
+    assert rows("sft.jsonl", best) == old_sft + [r for i, r in enumerate(sft + made) if i not in measured]
     lone_held = pair_split.prompt_key(rated[2]["prompt"]) in {pair_split.prompt_key(p) for p in load_from_disk(
         str(tok / "unpaired_heldout"))["prompt"]}
     lone_trained = pair_split.on_side(rated[2]["prompt"], "policy", "disjoint") and not lone_held

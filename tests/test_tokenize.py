@@ -228,6 +228,8 @@ def test_a_prompt_the_lineage_trained_on_is_never_held_out(tmp_path: Path) -> No
     trained = [pairs[0], pairs[5]]  # the lowest hashes: held out at any fraction, were it not for the lineage
     (lineage / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trained))
     (lineage / "unpaired.jsonl").write_text("")
+    sides = {"judge": [pair_hash(trained[0])], "policy": [pair_hash(trained[1])]}
+    (lineage / "pairs.json").write_text(json.dumps(sides))
 
     for case, data, fraction in (("fraction", pairs, 0.5), ("added", pairs[:12], 0.001)):
         (tmp_path / case).mkdir()
