@@ -351,11 +351,14 @@ def test_reward_keep_best_hands_on_the_most_accurate_step(upstream: dict[str, Pa
     from alignflow.tasks import reward
 
     out = tmp_path / "reward"
-    manifest = reward.run(reward.RewardConfig(max_steps=6, batch_size=8, lr=5e-3, keep="best", eval_steps=2),
+    # 10 steps asked; early stopping after 2 evaluations without a higher accuracy ends the run at step 6 (the
+    # accuracy was 1.0 at step 2 already: nothing can beat it)
+    manifest = reward.run(reward.RewardConfig(max_steps=10, batch_size=8, lr=5e-3, keep="best", eval_steps=2,
+                                              early_stopping_patience=2),
                           reward.RewardInputs(base=upstream["base"], dtype="float32", tokenized=upstream["tokenized"],
                                               quantized=upstream["quantized"], out_dir=out, seed=0))
     accuracy, margin = _evals(out, "eval_accuracy"), _evals(out, "eval_margin")
-    assert sorted(accuracy) == [2, 4, 6]
+    assert sorted(accuracy) == [2, 4, 6] and manifest["metrics"]["global_step"] == 6  # stopped early
     kept = manifest["kept_step"]
     assert kept == max(accuracy, key=accuracy.get)  # the first of the most accurate (ties keep the earlier)
     assert manifest["kept_by"] == "eval_accuracy" and manifest["metrics"]["kept_step"] == kept
