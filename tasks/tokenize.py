@@ -258,8 +258,8 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         "sft.trainable_tokens": trainable,
         "sft.length_mean": round(sum(lengths) / len(lengths), 1),
         "sft.length_max": max(lengths),
-        "sft.dropped.too_long": truncated,
-        "sft.heldout_examples": len(sft_heldout),  # the same examples as sft.truncated (kept for existing dashboards)
+        "sft.dropped.too_long": truncated,  # the same examples as sft.truncated (kept for existing dashboards)
+        "sft.heldout_examples": len(sft_heldout),  # sft_heldout_rows: measured, not trained on, under sft.keep: best
         "preference.pairs": len(pairs),
         "preference.heldout_pairs": len(heldout),
         # prompts held out beyond reward.eval_fraction's share, so that the judge is measured on 2 pairs or more

@@ -243,7 +243,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     # Online losses have none: their measure is the reward of what they sample, logged every step.
     # keep: best: the kept step's evaluation, from the history (the kept weights were measured there already)
     kept_at = kept(trainer, cfg.keep)
-    if cfg.keep == "best" and kept_at["kept_by"] != "last":
+    if kept_at["kept_metric"] is not None:
         heldout_metrics = next(h for h in trainer.state.log_history
                                if h.get("step") == kept_at["kept_step"] and kept_at["kept_by"] in h)
     else:
@@ -261,7 +261,7 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
     curves = ["loss", "reward_mean", "kl", "completion_length_mean"] if cfg.loss in ONLINE else \
         ["loss", "rewards/margins", "rewards/accuracies"] if cfg.loss != "kto" else ["loss", "rewards/margins", "kl"]
     if cfg.keep == "best":
-        curves.append(kept_at["kept_by"])
+        curves.append(KEPT_BY[cfg.loss == "kto"])
     plot_curves(out / "rewards.png", history, curves, f"dpo ({cfg.loss})",
                 kept_step=kept_at["kept_step"] if cfg.keep == "best" else None)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

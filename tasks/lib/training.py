@@ -105,9 +105,10 @@ def kept(trainer: Any, keep: Keep) -> dict[str, Any]:
         return {"kept_step": int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[-1]),
                 "kept_by": metric if metric.startswith("eval_") else f"eval_{metric}",
                 "kept_metric": float(state.best_metric)}
-    if keep == "best":
+    if keep == "best":  # (still trained without the held-out rows: not `last`, which the lineage reads as "all")
         logging.getLogger("alignflow").warning(
             "keep: best, but no evaluated checkpoint was found (no evaluation ran): the last step's weights are kept")
+        return {"kept_step": int(state.global_step), "kept_by": "last (no evaluation ran)", "kept_metric": None}
     return {"kept_step": int(state.global_step), "kept_by": "last", "kept_metric": None}
 
 def check_kernels(stage: str, attn_implementation: str, use_liger_kernel: bool) -> None:
