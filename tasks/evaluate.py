@@ -160,7 +160,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     answer_key = {"tokenizer": read_manifest(inputs.tokenized).get("outputs", {}).get("tokenizer"),
                   "records": records, "gen": gen, "perplexity": "perplexity" in cfg.metrics, "dtype": inputs.dtype,
                   "device": device_kind(), "base": inputs.base_key,
-                  "code": code_version("alignflow.tasks.lib.inference", "alignflow.tasks.lib.chat"),
+                  "code": code_version("alignflow.tasks.lib.inference", "alignflow.tasks.lib.served_model",
+                                      "alignflow.tasks.lib.chat"),
                   "libraries": {n: version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")}}
 
     def measure(name: str, model: Any) -> None:

@@ -96,6 +96,7 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     work = tmp_path / "work"
     first = pipeline(recipe=smoke, work_dir=str(work))
     assert first["registered"]["alias"] == "champion"
+    _served_answers_as_evaluated(first, work, smoke, tmp_path)
 
     # A different candidate (other dpo.beta) facing an impossible gate stays challenger; champion is unchanged.
     # The harness metric's rule (it must gain at least 0.01 over the champion: an allowed loss of -0.01) refuses
@@ -192,6 +193,68 @@ def test_challenger_promote_rollback_compare_export(prefect_server: None, in_roo
     said = " ".join((typo.stderr + typo.stdout).split())  # rich wraps long lines
     assert typo.returncode != 0 and "no registered model named 'smoke-asistant'" in said
     assert "did you mean 'smoke-assistant'?" in said
+
+
+def _served_answers_as_evaluated(result: dict, work: Path, recipe: Recipe, tmp_path: Path) -> None:
+    """A registered version, loaded with MLflow (its own code, tasks/lib/served_model.py), answers evaluate's
+    prompts exactly as evaluate's generation answers them for the same weights: one greedy implementation.
+
+    The pipeline's tiny model echoes the newline that ends the generation prompt (tied embeddings), so every
+    answer in evaluate's samples is "" and agrees with anything that also answers "". So a second candidate, a
+    random LoRA over the same base that answers each prompt with different text, goes through register.run and
+    is compared with evaluate's generation (tasks/lib/inference.generate, called as evaluate calls it, on the
+    model as evaluate loads it)."""
+    import json
+    import shutil
+
+    import mlflow
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from alignflow.tasks import register
+    from alignflow.tasks.lib.inference import generate
+    from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
+
+    stages = {name: Path(stage["folder"]) for name, stage in result["stages"].items()}
+    samples = [json.loads(line) for line in (stages["evaluate"] / "samples.jsonl").read_text().splitlines()]
+    conversations = [r["prompt"] for r in map(json.loads, (stages["curate"] / "eval.jsonl").read_text().splitlines())]
+    conversations = conversations[: len(samples)]
+    # one user message each: the served model's list-of-strings input makes the same conversations
+    assert conversations == [[{"role": "user", "content": s["prompt"]}] for s in samples]
+    prompts = [s["prompt"] for s in samples]
+    max_tokens = {"max_tokens": recipe.evaluate.max_new_tokens}
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    version = result["registered"]["version"]
+    served = mlflow.pyfunc.load_model(client.get_model_version_download_uri("smoke-assistant", version))
+    assert served.predict(prompts, params=max_tokens) == [s["tuned"] for s in samples]
+
+    # a candidate whose answers differ from prompt to prompt: a random LoRA (not the zero init) over the same base
+    base = next((work / "base").glob("tiny-*"))
+    candidate = tmp_path / "random-candidate"
+    shutil.copytree(stages["dpo"], candidate, ignore=shutil.ignore_patterns("adapter"))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(load_causal_lm(base, "float32"), lora).save_pretrained(candidate / "adapter")
+    tok = load_tokenizer(stages["tokenize"] / "tokenizer")
+    tok.save_pretrained(candidate / "adapter")  # as dpo saves it
+    manifest = read_manifest(candidate)
+    manifest.pop("outputs", None)  # register hashes these weights itself (not the pipeline's adapter's hash)
+    write_manifest(candidate, manifest)
+    model = PeftModel.from_pretrained(load_causal_lm(base, recipe.model.dtype), candidate / "adapter")
+    evaluated = [a[0] for a in generate(model, tok, conversations, max_new_tokens=recipe.evaluate.max_new_tokens,
+                                        batch_size=recipe.evaluate.batch_size)]
+    assert len(set(evaluated)) == len(evaluated) and all(evaluated), evaluated  # distinct, non-empty answers
+
+    mlflow.set_tracking_uri(uri)  # where the pipeline logged (register logs into the run below)
+    run_id = client.create_run(result["experiment_id"]).info.run_id
+    inputs = register.RegisterInputs(base_path=base, base_spec=recipe.model.base, dtype=recipe.model.dtype,
+                                     candidate=candidate, evaluation=stages["evaluate"], curated=stages["curate"],
+                                     run_id=run_id, out_dir=tmp_path / "random-register")
+    registered = register.run(recipe.register.model_copy(update={"model_name": "served-check"}), inputs)
+    client.set_terminated(run_id)
+    uri_of = client.get_model_version_download_uri("served-check", registered["version"])
+    assert mlflow.pyfunc.load_model(uri_of).predict(prompts, params=max_tokens) == evaluated
 
 
 LOAD_AND_PREDICT = """

@@ -87,6 +87,19 @@ def _builder_code() -> str:
                         version("transformers"), version("gguf")])
 
 
+def _conversion_code() -> str:
+    """The source of served_model.plain_from_gguf, which converts an embedded base: that function only, not the
+    whole file (a change to how a served version answers does not rebuild the base and re-run every stage)."""
+    import ast
+
+    source = Path(__file__).with_name("served_model.py").read_text()
+    found = [ast.get_source_segment(source, node) for node in ast.parse(source).body
+             if isinstance(node, ast.FunctionDef) and node.name == "plain_from_gguf"]
+    if len(found) != 1 or not found[0]:
+        raise RuntimeError("tasks/lib/served_model.py has no plain_from_gguf")
+    return sha256_json(found[0])
+
+
 def embedded_available(spec: str) -> bool:
     import importlib.metadata
 
@@ -105,26 +118,20 @@ def _embedded(spec: str, dest_root: Path) -> ResolvedBase:
     name = spec.removeprefix("embedded:")
     dist_name, pkg_dir, gguf = EMBEDDED[name]
     dist = importlib.metadata.distribution(dist_name)
-    key = sha256_json([spec, dist.version, _builder_code()])  # a changed conversion builds the folder anew
+    # a changed conversion builds the folder anew
+    key = sha256_json([spec, dist.version, _builder_code(), _conversion_code()])
     dest = dest_root / f"{name}-{key[:12]}"
     if (dest / "manifest.json").exists():
         return ResolvedBase(spec, dest, key)
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    # the registered model's own conversion (it rebuilds an embedded base where a version is loaded): one code
+    from alignflow.tasks.lib.served_model import plain_from_gguf
 
     src = Path(str(dist.locate_file(pkg_dir)))
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    # The GGUF-loaded model is flagged as quantized, and every Trainer refuses such a model. Rebuild a plain
-    # model from its config (without `quantization_config`) and the dequantized weights.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
+    model = plain_from_gguf(src, gguf, tok.pad_token_id)  # float32, without the GGUF quantization flag
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -22,34 +22,20 @@ def generate(
     num_return_sequences: int = 1,
     desc: str = "generating",
 ) -> list[list[str]]:
-    """Batched chat generation (left padding). Returns, per prompt, `num_return_sequences` completions."""
-    import torch
+    """Batched chat generation (left padding). Returns, per prompt, `num_return_sequences` completions.
+
+    The registered model's own code (tasks/lib/served_model.py `generate_chat`, which travels with every version
+    and cannot import alignflow): a served version answers exactly what evaluate measured."""
     from tqdm.auto import tqdm
 
-    tok.padding_side = "left"  # decoder-only generation continues from the right end of each row
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    out: list[list[str]] = []
-    model.eval()
-    for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
-        batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = batch.to(model.device)
-        with torch.no_grad():
-            ids = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None,
-                top_k=None,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=tok.pad_token_id,
-            )
-        new = ids[:, batch["input_ids"].shape[1] :]
-        decoded = tok.batch_decode(new, skip_special_tokens=True)
-        for j in range(0, len(decoded), num_return_sequences):
-            out.append([d.strip() for d in decoded[j : j + num_return_sequences]])
-    tok.padding_side = "right"
-    return out
+    from alignflow.tasks.lib.served_model import generate_chat
+
+    found = generate_chat(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          do_sample=do_sample, temperature=temperature, top_p=top_p,
+                          num_return_sequences=num_return_sequences,
+                          progress=lambda starts: tqdm(starts, desc=desc, unit="batch"))
+    return [[g.text for g in completions] for completions in found]
+
 
 def score_answers(
     model: Any, tok: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 16

