@@ -699,7 +699,12 @@ def _up(home: Path, project_dir: Path | None, pg_port: int, prefect_port: int, m
     # change permissions); the admin's credentials stay with the caller.
     worker_env = {**env, **worker_secret_env(), **state.client_env(), "ALIGNFLOW_HOME": state.project_dir,
                   "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", **worker_home_env,
-                  "ALIGNFLOW_SECRET_ENV_ALLOW": worker_secret_allow()}  # the worker validates recipes with it
+                  "ALIGNFLOW_SECRET_ENV_ALLOW": worker_secret_allow(),  # the worker validates recipes with it
+                  # the CLI's MLflow request settings (alignflow/cli.py): a request the server never answers fails
+                  # after 30 s and is retried (after 1, 2, 4, 8 s). MLflow's defaults (120 s, 7 retries, backoff
+                  # factor 2) held a flow run on the worker in one unanswered update_model_version for over 15 min
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     if prefect_auth:
         worker_env["PREFECT_API_AUTH_STRING"] = prefect_auth
     if credentials:

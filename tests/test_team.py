@@ -391,6 +391,8 @@ def test_the_worker_holds_no_shell_secret_and_the_home_is_private(team: Team) ->
     for secret in (team.password, state.db_password, state.flask_secret):  # the admin's, the database's, Flask's
         assert secret.encode() not in environ["prefect-worker"]
     assert worker[b"MLFLOW_TRACKING_USERNAME"] == b"alignflow-worker"  # its own credentials, those it needs
+    # its flow runs give up on an unanswered MLflow request after 30 s and retry, as the CLI's do
+    assert (worker[b"MLFLOW_HTTP_REQUEST_TIMEOUT"], worker[b"MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) == (b"30", b"4")
 
     pg_data = Path(state.pg_data)
     readable = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in [team.home, *team.home.rglob("*")]
