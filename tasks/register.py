@@ -306,6 +306,10 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         ctx = nullcontext() if active and active.info.run_id == inputs.run_id else mlflow.start_run(inputs.run_id)
         base, base_artifact = base_record(inputs.base_spec, inputs.base_path)
         pins = requirements(base)
+        # the served model answers as evaluate generated what the gate measured: its tokens per answer and batch
+        # size (the batch decides the left padding, and so, in float arithmetic, a greedy answer)
+        generation = {"max_new_tokens": int(evaluation.get("config", {}).get("max_new_tokens", 64)),
+                      "batch_size": int(evaluation.get("config", {}).get("batch_size", 8))}
         artifacts = {kind: str(weights)}
         if kind == "adapter" and base_artifact is not None:  # full weights need no base
             artifacts["base"] = str(base_artifact)
@@ -319,11 +323,13 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 artifacts=artifacts,
                 # the base by its spec, resolved where the model is loaded: no path of this machine in the model
                 model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
-                              "model_name": cfg.model_name},
+                              "model_name": cfg.model_name, **generation},
                 pip_requirements=pins,
                 # no input schema (the model takes prompts or a chat request, see served_model.py); `max_tokens`
-                # declared so that MLflow passes it through (64: the served model's own default, in new tokens)
-                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec("max_tokens", "long", 64)])),
+                # declared so that MLflow passes it through; its default (MLflow fills it in when a request has
+                # none) is evaluate's max_new_tokens, in new tokens
+                signature=ModelSignature(inputs=None, params=ParamSchema([
+                    ParamSpec("max_tokens", "long", generation["max_new_tokens"])])),
                 input_example=["Say hello."],
             )  # logged, not yet registered: a kill here leaves a logged model and no version
         with alias_lock(client, cfg.model_name):  # two runs registering the same weights at once make one version

@@ -163,7 +163,7 @@ def run(cfg: SftConfig, inputs: SftInputs) -> dict[str, Any]:
         logging_steps=cfg.logging_steps,
         save_total_limit=2,  # keep: best: the best checkpoint is never rotated away
         **keep_arguments(cfg.keep, cfg.eval_steps, cfg.save_steps, "eval_loss", greater_is_better=False),
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,  # keep: best's held-out loss: no larger batch than training's
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,

@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_curate_and_synthesize_shards_on_dask_processes_match_a_sequential_run(prefect_server: None, in_root: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [
         "curate.shards=2", "synthesize.shards=3", "synthesize.instructions=6", "synthesize.preference_prompts=6",
         "scale_out.task_runner=dask", "scale_out.workers=2"])
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    for name in threads:  # unset (tests/conftest.py sets OMP_NUM_THREADS=1, Dask's own value, in xdist workers)
+        monkeypatch.delenv(name, raising=False)
     environment = {name: os.environ.get(name) for name in threads}
     result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"), until="synthesize")
     # Dask's nannies set these (OMP_NUM_THREADS=1 ...) in the process that starts them: put back, or every process

@@ -207,10 +207,11 @@ def run(cfg: DpoConfig, inputs: DpoInputs) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1,
         save_total_limit=2,  # keep: best: the best checkpoint is never rotated away
+        # the held-out evaluation at the Trainer's eval batch size, as before keep: TRL averages per-batch means,
+        # so another size would change the held-out figures of the same weights
         # keep: best: by held-out reward accuracy; kto logs no accuracy, so by its held-out reward margin
         **keep_arguments(cfg.keep, cfg.eval_steps, cfg.save_steps, KEPT_BY[cfg.loss == "kto"],
                          greater_is_better=True),
-        per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         seed=inputs.seed,
         data_seed=inputs.seed,

@@ -163,7 +163,8 @@ def load_model(config: dict[str, Any], artifacts: dict[str, str]) -> tuple[Any, 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         cfg = context.model_config
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 64))  # evaluate's (register writes them; 64, 8: before)
+        self.batch_size = int(cfg.get("batch_size", 8))
         self.name = str(cfg.get("model_name", "alignflow"))
         self.model, self.tok = load_model(cfg, dict(context.artifacts))
 
@@ -186,11 +187,10 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         limit = int(params.get("max_tokens") or self.max_new_tokens)
         return [a[0] for a in self._generate([[{"role": "user", "content": p}] for p in prompts], limit)]
 
-    def _generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-                  batch_size: int = 8) -> list[Generated]:
-        """Greedy answers, by evaluate's own generation (batches of 8: evaluate.batch_size's default)."""
+    def _generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[Generated]:
+        """Greedy answers, by evaluate's own generation, in evaluate's batch size."""
         return [g[0] for g in generate_chat(self.model, self.tok, conversations, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size)]
+                                            batch_size=self.batch_size)]
 
 
 def _prompt_list(model_input: Any) -> list[str]:
