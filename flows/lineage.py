@@ -21,7 +21,8 @@ The three trained files are artifacts under `lineage/` and MLflow dataset inputs
 digests; the digests and record counts also become tags of the registered version (`alignflow.lineage.<name>`).
 `alignflow retrain` reads the champion's lineage back from its parent run, so the second retrain after a first
 one still knows every record the champion's ancestors trained on. A lineage logged before `pairs.json` and
-`seen/` existed held every curated record in its three files: it is read as both (its sides unknown).
+`seen/` existed held every curated record in its three files: it is read as both (its sides unknown), and every
+lineage continuing it says so (`"unknown": true` in `pairs.json`).
 Wiring only: records are compared as curated JSON (curation is deterministic), nothing is trained here.
 """
 
@@ -90,7 +91,8 @@ def sides(folder: Path | None) -> dict[str, list[str]] | None:
         return {"judge": [], "policy": []}
     if not (folder / SIDES).exists():
         return None
-    return json.loads((folder / SIDES).read_text())
+    recorded = json.loads((folder / SIDES).read_text())
+    return None if recorded.get("unknown") else recorded
 
 
 def seen_folder(folder: Path) -> Path:
@@ -120,9 +122,12 @@ def union(ancestors: Path | None, curated: Path, this_run: tuple[Rows, dict[str,
     """The ancestors' lineage plus what this run trained on (`trained`), in order; `seen/`: the ancestors' seen
     records, this run's curated ones and what it trained on; eval as curated. Written once per content."""
     rows, hashes = this_run
-    before = sides(ancestors) or {"judge": [], "policy": []}  # unknown sides: the pairs are in preference.jsonl
+    before = sides(ancestors)
     files = {name: _merged([_rows(ancestors / name) if ancestors else [], rows[name]]) for name in TRAINED}
-    pairs = {side: sorted(set(before[side]) | set(hashes[side])) for side in ("judge", "policy")}
+    pairs: dict[str, Any] = {side: sorted(set((before or {}).get(side, [])) | set(hashes[side]))
+                             for side in ("judge", "policy")}
+    if before is None:  # an ancestor's sides are unknown (logged before they were recorded): so are this lineage's,
+        pairs["unknown"] = True  # for good: this run's hashes alone would read as the whole history's
     seen = {name: _merged([_rows(seen_folder(ancestors) / name) if ancestors else [], _rows(curated / name),
                            files[name]]) for name in TRAINED}
     key = sha256_json([files, pairs, seen, sha256_tree(curated / "eval.jsonl")])

@@ -125,7 +125,7 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
     # and DPO start again from the SFT result.
     from_champion = recipe.retrain.start_from == "champion"
     unchanged = from_champion and not fresh["sft"]
-    old_sft = list(read_jsonl(used / "sft.jsonl"))
+    old_sft = base_sft(seen)
     folder = work / "retrain" / sha256_json([fresh, str(used), from_champion])[:16]
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "sft.jsonl", fresh["sft"] if from_champion and fresh["sft"] else old_sft + fresh["sft"])
@@ -160,3 +160,12 @@ def retrain(recipe: Recipe, work_dir: str = "runs") -> dict[str, Any]:
                                tags={"alignflow.retrain_of": str(version.version),
                                      **{f"alignflow.retrain.{k}": str(v) for k, v in summary.items()}})
     return {"new_data": True, "champion_version": str(version.version), "counts": summary, **result}
+
+
+def base_sft(seen: Path) -> list[dict[str, Any]]:
+    """The old SFT records a retrain from the base trains on again: every curated one the lineage had at hand
+    (`seen/`: a record `sft.keep: best` held out included, which the trained list leaves out), not the ones
+    synthesize wrote (`source: synthetic`): this run's synthesize writes its own, and fed back through curate they
+    would count as the user's data."""
+    return [r for r in read_jsonl(seen / "sft.jsonl") if r.get("source") != "synthetic"]
+

@@ -358,7 +358,8 @@ def _lineage_sides(ancestors: Path | None) -> dict[str, list[str]] | None:
     if ancestors is None:
         return NO_ANCESTORS
     sides = ancestors / "pairs.json"
-    return json.loads(sides.read_text()) if sides.exists() else None
+    recorded = json.loads(sides.read_text()) if sides.exists() else None
+    return None if recorded is None or recorded.get("unknown") else recorded  # unknown: carried down the lineage
 
 
 NO_ANCESTORS: dict[str, list[str]] = {"judge": [], "policy": []}  # a run that continues no lineage (read only)

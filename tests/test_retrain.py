@@ -245,6 +245,14 @@ def test_lineage_is_what_the_training_stages_read_and_never_a_held_out_pair(tmp_
     lone_trained = pair_split.on_side(rated[2]["prompt"], "policy", "disjoint") and not lone_held
     assert (rated[2] in rows("unpaired.jsonl", handed)) == lone_trained
 
+    # an ancestor logged before pairs.json: its sides are unknown, and so are those of every lineage continuing it
+    # (this run's hashes alone would read as the whole history's, and a judge look independent that is not)
+    (ancestors / "pairs.json").unlink()
+    old = lineage.union(ancestors, curated, lineage.trained(tok, *stages, kto=False), tmp_path / "lineage")
+    assert lineage.sides(old) is None and json.loads((old / "pairs.json").read_text())["unknown"] is True
+    later = lineage.union(old, curated, lineage.trained(tok, *stages, kto=False), tmp_path / "lineage")
+    assert lineage.sides(later) is None
+
 
 def test_a_judge_that_learned_an_ancestors_policy_pairs_is_not_independent() -> None:
     """A retrain's policy continues the champion's weights: its judge must not have learned a pair any ancestor's
@@ -260,3 +268,19 @@ def test_a_judge_that_learned_an_ancestors_policy_pairs_is_not_independent() -> 
     dependent, why = judge_independence(reward, dpo, {"judge": ["p1"], "policy": []})
     assert dependent is False and "an ancestor's judge" in why
     assert judge_independence(reward, dpo, None)[0] is False  # a lineage that does not say: not independent
+
+
+def test_a_retrain_from_the_base_trains_on_every_curated_sft_record_and_no_synthesized_one(tmp_path: Path) -> None:
+    """retrain.start_from: base takes the old SFT records from the lineage's `seen/` (a row sft.keep: best held out
+    included: the trained list leaves it out, and it would be lost for good) without what synthesize wrote (this
+    run's synthesize writes its own; fed back through curate it would count as the user's data)."""
+    from alignflow.flows.retrain import base_sft
+
+    curated = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "A."}]}
+               for i in range(3)]
+    made = {"messages": [{"role": "user", "content": "Teacher Q?"}, {"role": "assistant", "content": "A."}],
+            "source": "synthetic"}
+    (tmp_path / "seen").mkdir()
+    _jsonl(tmp_path / "seen" / "sft.jsonl", [curated[0], made, curated[1], curated[2]])
+    _jsonl(tmp_path / "sft.jsonl", [curated[0], made, curated[2]])  # trained: curated[1] was held out
+    assert base_sft(tmp_path / "seen") == curated
