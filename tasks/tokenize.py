@@ -150,7 +150,7 @@ def run(cfg: TokenizeConfig, inputs: TokenizeInputs) -> dict[str, Any]:
         kept.append((p, length))
     before = _trained_prompts(inputs.trained_before)
     held_keys = _held_out_prompts([prompt_key(p["prompt"]) for p, _ in kept], inputs.heldout_fraction, before)
-    sft_heldout = _sft_heldout_rows(row_keys, held_keys, inputs.heldout_fraction)
+    sft_heldout = _sft_heldout_rows(row_keys, held_keys, inputs.heldout_fraction, before)
     if inputs.sft_heldout and not sft_heldout:
         raise StageError(f"tokenize: sft.keep: best measures held-out loss, but none of the {len(rows)} SFT examples "
                          f"is held out (at least {MIN_SFT_HELDOUT + MIN_SFT_TRAIN} are needed); add SFT data, or set "
@@ -329,16 +329,19 @@ def _held_out_prompts(keys: list[str], fraction: float, before: set[str] | froze
     return held
 
 
-def _sft_heldout_rows(keys: list[str], held_keys: set[str], fraction: float) -> list[int]:
+def _sft_heldout_rows(keys: list[str], held_keys: set[str], fraction: float,
+                      before: set[str] | frozenset[str] = frozenset()) -> list[int]:
     """Indices of the SFT rows held out (sft.keep: best measures its loss on them and trains on the rest): a prompt
     held out of the preference pairs is held out here too, any other by its hash, as `_held_out` places it (one
     rule for every split by prompt, so a prompt is never trained on by one stage and measured on by another). When
     that leaves fewer than MIN_SFT_HELDOUT rows, the prompts with the next-lowest hashes join while MIN_SFT_TRAIN
-    rows stay. They are rows of curate's SFT records, which its eval-overlap check (decontamination) covers."""
+    rows stay. They are rows of curate's SFT records, which its eval-overlap check (decontamination) covers. A
+    prompt in `before` (the lineage of the weights being continued trained on it) is never held out: the loss
+    measured on it would be on what the weights already learned."""
     count = Counter(keys)
     position = {k: int(k[:8], 16) / 0x1_0000_0000 for k in count}
-    held = {k for k in count if k in held_keys or position[k] < fraction}
-    for key in sorted(set(count) - held, key=lambda k: position[k]):
+    held = {k for k in count if k in held_keys or (position[k] < fraction and k not in before)}
+    for key in sorted(set(count) - held - set(before), key=lambda k: position[k]):
         n_held = sum(count[k] for k in held)
         if n_held >= MIN_SFT_HELDOUT or len(keys) - n_held - count[key] < MIN_SFT_TRAIN:
             break
