@@ -510,18 +510,30 @@ def test_work_pool_templates_and_retrain_triggers_on_the_server(team: Team) -> N
     assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 * * *"]
 
     # New data landed: the event fires the automation, which creates a retrain flow run. The pool is paused
-    # first so that the worker leaves that run alone (it would train the demo model for minutes).
+    # first so that the worker leaves that run alone (it would train the demo model for minutes); the run is
+    # deleted and the pool resumed after (a paused pool left every later run of this module waiting for ever).
     subprocess.run([*prefect, "work-pool", "pause", "alignflow"], cwd=ROOT, env=team.env, check=True,
                    capture_output=True, timeout=60)
-    emitted = subprocess.run([sys.executable, "deployments/emit_data_landed.py", "data/sft.jsonl"], cwd=ROOT,
-                             env={**team.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
-    assert emitted.returncode == 0 and "emitted alignflow.data.landed" in emitted.stdout, emitted.stderr
-    deadline, triggered = time.monotonic() + 90, []
-    while time.monotonic() < deadline and not triggered:
-        runs = _api(team, "/flow_runs/filter", {"deployments": {"id": {"any_": [retrain["id"]]}}})
-        triggered = [r for r in runs if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
-        time.sleep(2)
-    assert triggered, "no retrain flow run was created by the alignflow.data.landed automation"
+    try:
+        emitted = subprocess.run([sys.executable, "deployments/emit_data_landed.py", "data/sft.jsonl"], cwd=ROOT,
+                                 env={**team.env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                 timeout=120)
+        assert emitted.returncode == 0 and "emitted alignflow.data.landed" in emitted.stdout, emitted.stderr
+        deadline, triggered = time.monotonic() + 90, []
+        while time.monotonic() < deadline and not triggered:
+            runs = _api(team, "/flow_runs/filter", {"deployments": {"id": {"any_": [retrain["id"]]}}})
+            triggered = [r for r in runs if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
+            time.sleep(2)
+        assert triggered, "no retrain flow run was created by the alignflow.data.landed automation"
+    finally:
+        time.sleep(5)  # a run the automation creates late is deleted too
+        for run in _api(team, "/flow_runs/filter", {"deployments": {"id": {"any_": [retrain["id"]]}}}):
+            if run["state_type"] in ("SCHEDULED", "PENDING"):
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{team.state.prefect_api_url}/flow_runs/{run['id']}", method="DELETE",
+                    headers={"Authorization": _basic(team.prefect_auth)}), timeout=30).close()
+        subprocess.run([*prefect, "work-pool", "resume", "alignflow"], cwd=ROOT, env=team.env, check=True,
+                       capture_output=True, timeout=60)
 
 
 def test_server_up_without_the_team_extra_says_so_and_starts_nothing(tmp_path: Path,
