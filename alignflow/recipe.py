@@ -9,6 +9,7 @@ form. Stage sections are the stages' own config models (in `tasks/<stage>.py`).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import warnings
 from pathlib import Path
@@ -111,10 +112,55 @@ class Recipe(BaseModel):
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
         problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
             self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []) or \
-            _sharded_reward_model(self) or _non_positive_steps(self) or _keep_problems(self)
+            _sharded_reward_model(self) or _non_positive_steps(self) or _keep_problems(self) or \
+            _shipped_problems(self)
         if problem:
             raise ValueError(problem)
         return self
+
+
+# evaluate.metrics entry -> the metrics it gives a shipped artifact (`shipped.<format>.<metric>`)
+SHIPPED_BY_METRIC = {"exact_match": ("exact_match",), "rouge": ("rouge1", "rouge2", "rougeL"), "bleu": ("bleu",),
+                     "perplexity": ("perplexity",)}
+
+
+def _shipped_problems(recipe: Recipe) -> str | None:
+    """register.ship and register.gate.max_shipped_regression together: a rule needs an artifact to measure and
+    the metric among evaluate.metrics; a GGUF needs an architecture the writer takes (known before any training
+    where the base names it: an embedded or tiny base, a local folder's config.json)."""
+    from alignflow.tasks.lib.gguf_file import ARCHITECTURES
+
+    problems = []
+    rules = recipe.register.gate.max_shipped_regression
+    if rules and not recipe.register.ship:
+        problems.append("register.gate.max_shipped_regression: nothing would be measured; list the artifacts in "
+                        "register.ship (e.g. [merged, {gguf: q8_0}])")
+    measured = {m for entry in recipe.evaluate.metrics for m in SHIPPED_BY_METRIC.get(entry, ())}
+    unmeasured = sorted(set(rules) - measured)
+    if unmeasured and recipe.register.ship:
+        problems.append(f"register.gate.max_shipped_regression: {', '.join(unmeasured)} is not among what "
+                        f"evaluate.metrics measures ({', '.join(recipe.evaluate.metrics)})")
+    if any(f.startswith("gguf_") for f in recipe.register.ship):
+        arch = _base_architecture(recipe.model.base)
+        if arch is not None and arch not in ARCHITECTURES:
+            problems.append(f"register.ship: a GGUF is written for {', '.join(sorted(ARCHITECTURES))} (Llama-family) "
+                            f"models; model.base is '{arch}'")
+    return "; ".join(problems) or None
+
+
+def _base_architecture(spec: str) -> str | None:
+    """The base's model_type where the recipe alone tells it (None: a hub id, known once it is resolved)."""
+    if spec.startswith("embedded:"):
+        return "llama"  # SmolLM2
+    if spec.startswith("tiny:"):
+        return spec.removeprefix("tiny:")
+    config = Path(spec).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            return str(json.loads(config.read_text()).get("model_type"))
+        except ValueError:
+            return None
+    return None
 
 
 def _keep_problems(recipe: Recipe) -> str | None:

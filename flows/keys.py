@@ -59,7 +59,8 @@ READS: dict[Stage, dict[Stage, tuple[str, ...]]] = {
     "evaluate": {"tokenize": ("tokenizer", "preference_heldout"), "curate": ("eval.jsonl",), "sft": ("weights",),
                  "dpo": ("weights", "trained_pairs_sha256", "optimised_against_reward_model"),
                  "reward": ("weights", "trained_pairs_sha256")},
-    "register": {"dpo": ("weights",), "evaluate": ("metrics", "eval_config_hash"),
+    # evaluate's `shipped`: each measured artifact's sha256 (tagged on the version) and file (register.log_shipped)
+    "register": {"dpo": ("weights",), "evaluate": ("metrics", "eval_config_hash", "shipped"),
                  "curate": ("metrics.decontaminated",)},
 }
 
@@ -76,7 +77,8 @@ SETTINGS: dict[Stage, tuple[str, ...]] = {
     # sft.lora: the adapter dpo trains over a fully fine-tuned SFT model; sft.method tells which
     # reward.pairs: which side of the training pairs dpo trains on (disjoint from the judge's, or all of them)
     "dpo": ("dpo", "sft.lora", "sft.method", "reward.pairs", "model.dtype", "seed"),
-    "evaluate": ("evaluate", "model.dtype", "seed"),
+    # register.ship: the artifacts evaluate builds and measures besides the adapter
+    "evaluate": ("evaluate", "register.ship", "model.dtype", "seed"),
     # model.base: the spec is written into the logged model (served over that base) and its version tags
     "register": ("register", "model.base", "model.dtype"),
 }

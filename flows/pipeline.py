@@ -527,7 +527,8 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                 candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
                 champion=champion, champion_sha=champion_id.get("adapter_sha256"), base_key=base.key,
                 answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed,
-                selection_trials=selection_trials, ancestors=before))
+                selection_trials=selection_trials, ancestors=before, ship=r.register.ship, base_spec=base.spec,
+                shipped_cache=work / "cache" / "shipped"))
         if _reached(until, "register"):
             version_tags = {"alignflow.parent_run_id": ctx.tracker.parent_run_id,
                             **lineage.version_tags(trained_on),  # digests and record counts of what it learned
@@ -553,7 +554,9 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
         for k, v in read_manifest(ctx.folders[stage]).get("metrics", {}).items():
             # with `--until curate` the data is the result: records in / kept / dropped by reason
             # the harness's scores of the tuned model and the base (lm_eval.<task>.<metric>[_base]) too
-            harness = k.startswith("lm_eval.") and not k.endswith(("_ci_low", "_ci_high", "_higher_is_better"))
+            # and what ships (shipped.<format>.<metric>), their point values
+            harness = k.startswith(("lm_eval.", "shipped.")) and not k.endswith(("_ci_low", "_ci_high",
+                                                                                 "_higher_is_better"))
             if k in HEADLINE or harness or (until == "curate" and (".records_" in k or ".dropped." in k)):
                 summary[k] = float(v)
     ctx.tracker.finish("FINISHED", summary)

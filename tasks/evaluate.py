@@ -60,6 +60,7 @@ from alignflow.tasks.lib.harness import HarnessResult, run_harness, task_manager
 from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.shipped_artifacts import ShipFormat
 from alignflow.tasks.lib.stats import (
     LEVEL,
     bootstrap_ci,
@@ -118,6 +119,11 @@ class EvaluateInputs(BaseModel):
     # a retrain: the lineage of the weights dpo continued (flows/lineage.py); its `pairs.json` lists the pairs the
     # history's judges and policies trained on (absent there: a lineage logged before sides were recorded)
     ancestors: Path | None = None
+    # register.ship: the artifacts the version ships as, each built from the tuned weights as `alignflow export`
+    # builds it, answering the same prompts (`shipped.<format>.*`); `base_spec` names the base in a GGUF's metadata
+    ship: list[ShipFormat] = []
+    base_spec: str = ""
+    shipped_cache: Path | None = None  # <work>/cache/shipped; None: built under out_dir/shipped, not kept
 
 
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
@@ -164,10 +170,10 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                                       "alignflow.tasks.lib.chat"),
                   "libraries": {n: version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")}}
 
-    def measure(name: str, model: Any) -> None:
-        answers[name] = [a[0] for a in generate(model, tok, prompts, desc=f"evaluate: {name}", **gen)]
+    def measure(name: str, model: Any, tokenizer: Any = tok) -> None:
+        answers[name] = [a[0] for a in generate(model, tokenizer, prompts, desc=f"evaluate: {name}", **gen)]
         if "perplexity" in cfg.metrics:
-            nlls[name] = answer_nlls(model, tok, prompts, references, batch_size=cfg.batch_size)
+            nlls[name] = answer_nlls(model, tokenizer, prompts, references, batch_size=cfg.batch_size)
 
     def cache_file(name: str) -> Path | None:
         if inputs.answers_cache is None or not identity.get(name) or not answer_key["tokenizer"]:
@@ -315,6 +321,30 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         metrics["changed_vs_sft"] = round(_mean([float(a != s) for a, s in zip(answers[tuned], answers["sft"],
                                                                                   strict=True)]), 4)
 
+    # --- what ships: each artifact of register.ship, built as export builds it, read back as users load it ------
+    shipped: dict[str, dict[str, Any]] = {}
+    if inputs.ship:
+        from alignflow.tasks.lib.shipped_artifacts import artifact, build_identity, read_back
+
+        del base_model  # not used after this point: one model in memory at a time
+        for fmt in inputs.ship:
+            built = artifact(fmt, others["tuned"], inputs.base, inputs.dtype, inputs.base_spec, inputs.shipped_cache,
+                             build_identity(fmt, identity["tuned"] or "", inputs.base_key, inputs.dtype,
+                                            inputs.base_spec, device_kind()),
+                             out / "shipped")
+            name = f"shipped.{fmt}"
+            identity[name] = f"{fmt}:{built.sha256}"  # its answers are cached under the artifact's own hash
+            shipped[fmt] = built.record()
+            if from_cache(name):
+                cached_answers.append(name)
+            else:
+                model, shipped_tok = read_back(fmt, built.path, inputs.dtype)
+                measure(name, model, shipped_tok)
+                to_cache(name)
+                del model
+        metrics.update(_shipped_metrics(inputs.ship, answers, nlls, per_example, references, shipped, inputs.seed,
+                                        level, cfg.metrics))
+
     if cfg.judge:
         from alignflow.tasks.lib.teacher import Teacher, teacher_scores
 
@@ -340,7 +370,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         {"prompt": p[-1]["content"], "reference": ref,
          **{name: answers[name][i] for name in compared}, "tuned": answers[tuned][i],
          **{f"reward_{name}": round(rewards[name][i], 4) for name in compared},
-         "reward_tuned": round(rewards[tuned][i], 4)}
+         "reward_tuned": round(rewards[tuned][i], 4),
+         **{f"shipped.{fmt}": answers[f"shipped.{fmt}"][i] for fmt in shipped}}
         for i, (p, ref) in enumerate(zip(prompts, references, strict=True))
     ))
     # What makes two evaluations comparable: the same prompts and references, sampling budget and base model.
@@ -349,7 +380,55 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                                 "judge_independent": independent, "judge_dependence": why,
                                 "interval_level": level, "selection_trials": inputs.selection_trials,
                                 "cached_answers": cached_answers,  # models whose answers came from the cache
+                                # register.ship: each artifact's path, sha256 (what export must reproduce), bytes
+                                "shipped": shipped,
                                 "outputs": outputs, "artifacts": outputs, "metrics": metrics})
+
+
+SHIPPED_METRICS = ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "perplexity")  # per artifact
+
+
+def _shipped_metrics(formats: list[str], answers: dict[str, list[str]], nlls: dict[str, list[tuple[float, int]]],
+                     per_example: dict[str, dict[str, list[float]]], references: list[str],
+                     shipped: dict[str, dict[str, Any]], seed: int, level: float,
+                     measured: list[str]) -> dict[str, float]:
+    """`shipped.<format>.<metric>` of each artifact's answers to the eval prompts, with the paired interval of its
+    difference from the adapter model's (`_delta_ci_low/_high`, delta = shipped - adapter), for the reference
+    metrics evaluate computes; `shipped.<format>.changed`: the share of prompts whose answer differs from the
+    adapter model's; `shipped.<format>.bytes`: the artifact's size."""
+    from importlib import resources
+
+    import evaluate as hf_evaluate
+
+    from alignflow.tasks.lib.inference import perplexity
+
+    module = resources.files("alignflow.metrics")
+    out: dict[str, float] = {}
+    for fmt in formats:
+        name, key = f"shipped.{fmt}", f"shipped.{fmt}."
+        mine: dict[str, list[float]] = {}
+        if "exact_match" in measured:
+            em = hf_evaluate.load(str(module / "exact_match"))
+            mine["exact_match"] = em.compute(predictions=answers[name], references=references,
+                                             per_example=True)["exact_match"]
+        if "rouge" in measured:
+            rouge = hf_evaluate.load(str(module / "rouge"))
+            scores = rouge.compute(predictions=answers[name], references=references, per_example=True)
+            mine.update({k: scores[k] for k in ("rouge1", "rouge2", "rougeL")})
+        for metric, values in mine.items():
+            out[key + metric] = round(_mean(values), 4)
+            _put(out, key + metric + "_delta", delta_ci(values, per_example[metric]["tuned"], seed, level))
+        if "bleu" in measured:
+            bleu = hf_evaluate.load(str(module / "bleu"))
+            out[key + "bleu"] = round(bleu.compute(predictions=answers[name], references=references)["bleu"], 4)
+            _put(out, key + "bleu_delta", _bleu_delta_ci(answers[name], answers["tuned"], references, seed, level))
+        if name in nlls and "tuned" in nlls:
+            out[key + "perplexity"] = round(perplexity(nlls[name]), 4)
+            _put(out, key + "perplexity_delta", perplexity_delta_ci(nlls[name], nlls["tuned"], seed, level))
+        out[key + "changed"] = round(_mean([float(a != b) for a, b in zip(answers[name], answers["tuned"],
+                                                                          strict=True)]), 4)
+        out[key + "bytes"] = float(shipped[fmt]["bytes"])
+    return out
 
 
 def _lineage_sides(ancestors: Path | None) -> dict[str, list[str]] | None:

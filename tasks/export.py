@@ -74,32 +74,30 @@ def _files(inputs: ExportInputs) -> dict[str, Any]:
 def _merged(inputs: ExportInputs, dtype: str) -> tuple[Any, Any]:
     """The registered model with its adapter folded in (or its full weights), and its tokenizer, in `dtype`; the
     base resolved from the spec the registry recorded (tasks/lib/served_model.py)."""
-    from alignflow.tasks.lib.served_model import load_model
+    from alignflow.tasks.lib.shipped_artifacts import build_model
 
-    config = {**inputs.config, "dtype": dtype}
+    config = dict(inputs.config)
     if "base" not in config:
         config["base"] = {"kind": "artifact", "spec": config.get("base_spec", "")}
     if not (inputs.artifacts / "adapter").exists():  # a full fine-tune: complete weights
-        return load_model(config, {"model": str(inputs.artifacts / "model")})
+        return build_model(config, {"model": str(inputs.artifacts / "model")}, dtype)
     artifacts = {"adapter": str(inputs.artifacts / "adapter")}
     logged = _logged_artifacts(inputs.artifacts.parent)
     if "base" in logged:
         artifacts["base"] = logged["base"]
     elif config["base"]["kind"] == "artifact" and config.get("base_path"):
         artifacts["base"] = str(config["base_path"])  # an older version: its base folder on this machine
-    model, tok = load_model(config, artifacts)
-    return model.merge_and_unload(), tok
+    return build_model(config, artifacts, dtype)  # the same merge evaluate measured (register.ship)
 
 
 def _gguf(inputs: ExportInputs) -> dict[str, Any]:
     """Merge in memory, then write one GGUF file. Merging happens in float32 whatever the recipe's dtype, so the
     file's f16 / q8_0 rounding happens once."""
-    from alignflow.tasks.lib.gguf_file import write_gguf
+    from alignflow.tasks.lib.shipped_artifacts import build_dtype, write_artifact
 
-    model, tok = _merged(inputs, "float32")
-    spec = str(inputs.config.get("base_spec", ""))
-    name = spec.removeprefix("embedded:").replace("/", "-") or model.config.model_type
-    written = write_gguf(model.cpu().eval(), tok, inputs.out_dir, inputs.gguf_type, name=name)
+    fmt = f"gguf_{inputs.gguf_type}"
+    model, tok = _merged(inputs, build_dtype(fmt, "float32"))
+    written = write_artifact(fmt, model, tok, inputs.out_dir, str(inputs.config.get("base_spec", "")))
     return {"kind": "gguf", "out_dir": str(inputs.out_dir), **written}
 
 

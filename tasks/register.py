@@ -15,9 +15,9 @@ import math
 import re
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.py and users import it from here)
     GATED_METRICS,
@@ -27,6 +27,7 @@ from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.
 )
 from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.shipped_artifacts import ShipFormat, ship_format
 
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
@@ -38,6 +39,19 @@ class RegisterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_name: str = Field(..., min_length=1, description="registered model name in MLflow")
     gate: GateConfig = GateConfig()
+    # what users serve instead of the adapter: evaluate builds each (as `alignflow export` would), answers the same
+    # eval prompts with it and logs `shipped.<format>.*`; the gate's max_shipped_regression reads those
+    ship: list[Annotated[ShipFormat, BeforeValidator(ship_format)]] = Field(
+        [], description="artifacts this version ships as, measured by evaluate: merged, {gguf: f32|f16|q8_0} "
+        "(written gguf_f32 / gguf_f16 / gguf_q8_0 too); [] measures the adapter only")
+
+    @field_validator("ship")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        twice = sorted({f for f in v if v.count(f) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {twice}")
+        return v
 
 
 class RegisterInputs(BaseModel):
@@ -154,6 +168,23 @@ def gate(cfg: GateConfig, metrics: dict[str, float], decontaminated: bool,
         if worst > allowed:
             reasons.append(f"{name} may have regressed by up to {worst:.4f} vs the champion (95% upper bound; "
                            f"max_regression {allowed})")
+    # what ships (register.ship): each artifact evaluate built and measured, against the adapter model it measured
+    shipped = sorted({k.split(".")[1] for k in metrics if k.startswith("shipped.") and k.count(".") >= 2})
+    if cfg.max_shipped_regression and not shipped:
+        reasons.append("max_shipped_regression is set but no shipped artifact was measured (register.ship is empty, "
+                       "or evaluate ran without it)")
+    for fmt in shipped:
+        for name, allowed in sorted(cfg.max_shipped_regression.items()):
+            low, high = bound(f"shipped.{fmt}.{name}_delta_ci_low"), bound(f"shipped.{fmt}.{name}_delta_ci_high")
+            if low is None or high is None:
+                reasons.append(f"shipped {fmt}: {name} was not measured (evaluate.metrics), so its loss vs the "
+                               "adapter cannot be checked")
+                continue
+            worst = high if name in LOWER_IS_BETTER else -low  # delta = shipped - adapter
+            decided.append(f"shipped {fmt} {name} loss upper bound={worst:.4f} <= max_shipped_regression={allowed}")
+            if worst > allowed:
+                reasons.append(f"shipped {fmt}: {name} may lose up to {worst:.4f} vs the adapter (95% upper bound; "
+                               f"allowed {allowed})")
     if cfg.require_decontaminated and not decontaminated:
         reasons.append("curate did not decontaminate the training data (curate.decontaminate.enabled=false)")
     if reasons and selected:
@@ -166,7 +197,7 @@ def _thresholds(cfg: GateConfig) -> list[tuple[str, float]]:
     found = [(key, float(getattr(cfg, key))) for key in
              ("min_win_rate", "min_win_rate_vs_champion", "min_rougeL_gain", "min_judge_accuracy")
              if getattr(cfg, key) is not None]
-    for rule in ("max_regression", "min_gain_vs_champion"):
+    for rule in ("max_regression", "min_gain_vs_champion", "max_shipped_regression"):
         found += [(f"{rule}.{metric}", float(value)) for metric, value in sorted(getattr(cfg, rule).items())]
     return found
 

@@ -170,6 +170,10 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "register.gate.min_gain_vs_champion": (["register.gate.min_gain_vs_champion={exact_match: 0.0}"], ("register",)),
     "register.gate.require_decontaminated": (["register.gate.require_decontaminated=true"], ("register",)),
     "register.gate.min_judge_accuracy": (["register.gate.min_judge_accuracy=0.7"], ("register",)),
+    # what ships: evaluate builds and measures each artifact; the rule on them (needs one, see BASELINE) is register's
+    "register.ship": (["register.ship=[merged, {gguf: q8_0}]"], ("evaluate", "register")),
+    "register.gate.max_shipped_regression": (["register.gate.max_shipped_regression={exact_match: 0.1}"],
+                                             ("register",)),
     "retrain.start_from": (["retrain.start_from=base"], NONE),  # read by `alignflow retrain` before the pipeline
     "scale_out.task_runner": (["scale_out.task_runner=dask"], NONE),  # where shards run, not what they make
     "scale_out.dask_address": (["scale_out.dask_address=tcp://127.0.0.1:8786"], NONE),
@@ -185,6 +189,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
 # Overrides applied to both sides of a row (the baseline of the comparison).
 BASELINE: dict[str, list[str]] = {
     "model.revision": ["model.base=@hub"],
+    "register.gate.max_shipped_regression": ["register.ship=[merged]"],
     **{k: ["launch.num_processes=2"] for k in TABLE if k.startswith("launch.") and k != "launch.num_processes"},
     **{f"dpo.{k}": ["dpo.loss=grpo"] for k in ("num_generations", "max_completion_length", "temperature", "rewards",
                                                 "sample_every")},

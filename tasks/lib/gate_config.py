@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
+# what evaluate measures on each artifact of register.ship (`shipped.<format>.<metric>`; no reward model there)
+SHIPPED_GATED = GATED_METRICS - {"reward_mean"}
 
 
 class GateConfig(BaseModel):
@@ -34,6 +36,10 @@ class GateConfig(BaseModel):
         "of the paired difference (candidate - champion; champion - candidate where lower is better) must exceed "
         "it, e.g. {exact_match: 0.0} (checked when a champion exists). Every rule set must pass: to decide against "
         "the champion by references instead of the reward model, also set min_win_rate_vs_champion: null")
+    max_shipped_regression: dict[str, float] = Field(
+        {}, description="metric -> largest allowed loss of each artifact of register.ship vs the adapter model "
+        "evaluate measured, checked on the loss's upper 95% bound (`shipped.<format>.<metric>_delta_ci_*`), e.g. "
+        "{exact_match: 0.02, perplexity: 0.5}; needs register.ship")
     require_decontaminated: bool = Field(False, description="fail unless curate removed eval overlap from training")
     min_judge_accuracy: float | None = Field(
         0.6, ge=0, le=1, description="the lower 95% (Wilson) bound of the reward model's accuracy on held-out pairs "
@@ -47,6 +53,15 @@ class GateConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; gateable: {sorted(GATED_METRICS)} and "
                              "lm_eval.<task>.<metric> for a task of evaluate.lm_eval")
+        return v
+
+
+    @field_validator("max_shipped_regression")
+    @classmethod
+    def _shipped_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(k for k in v if k not in SHIPPED_GATED)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; measured on a shipped artifact: {sorted(SHIPPED_GATED)}")
         return v
 
 

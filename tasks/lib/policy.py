@@ -6,6 +6,7 @@ The policy lives on the registered model as tags named like the recipe keys (`re
 Stricter, key by key:
   min_* thresholds          the larger wins; a recipe's None (unchecked) never disables a check the policy sets
   max_regression            union of the metrics; per metric the smaller allowed loss
+  max_shipped_regression    the same, for the artifacts of register.ship
   min_gain_vs_champion      union of the metrics; per metric the larger required gain
   require_decontaminated    either one asking for it
 """
@@ -55,10 +56,11 @@ def merge(recipe: GateConfig, policy: dict[str, Any]) -> tuple[GateConfig, dict[
         if floor is not None and (_absent(merged[key]) or float(floor) >= merged[key]):
             merged[key] = float(floor)
             decided[key] = f"{PREFIX}{key}={floor}"
-    for metric, allowed in (policy.get("max_regression") or {}).items():
-        if _absent(merged["max_regression"].get(metric)) or float(allowed) <= merged["max_regression"][metric]:
-            merged["max_regression"][metric] = float(allowed)
-            decided[f"max_regression.{metric}"] = f"{PREFIX}max_regression.{metric}={allowed}"
+    for rule in ("max_regression", "max_shipped_regression"):
+        for metric, allowed in (policy.get(rule) or {}).items():
+            if _absent(merged[rule].get(metric)) or float(allowed) <= merged[rule][metric]:
+                merged[rule][metric] = float(allowed)
+                decided[f"{rule}.{metric}"] = f"{PREFIX}{rule}.{metric}={allowed}"
     for metric, needed in (policy.get("min_gain_vs_champion") or {}).items():
         if _absent(merged["min_gain_vs_champion"].get(metric)) or \
                 float(needed) >= merged["min_gain_vs_champion"][metric]:
@@ -86,6 +88,8 @@ def cite(lines: list[str], decided: dict[str, str], model_name: str) -> list[str
             return line.startswith(f"{metric} ") and ("max_regression" in line or "regression cannot" in line)
         if rule == "min_gain_vs_champion":
             return line.startswith(f"{metric} ") and ("min_gain_vs_champion" in line or "gain cannot" in line)
+        if rule == "max_shipped_regression":  # "shipped <format>: <metric> may lose" / "... <metric> loss upper"
+            return line.startswith("shipped ") and f" {metric} " in line
         if rule == "require_decontaminated":
             return line.startswith("curate did not decontaminate")
         return f"{rule}=" in line

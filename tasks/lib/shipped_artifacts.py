@@ -1,0 +1,203 @@
+"""The artifacts a version ships as (`register.ship`): built from the tuned weights exactly as `alignflow export`
+builds them from a registered version, cached by what they are made from, and read back the way users load them.
+
+Formats (the names of `shipped.<format>.*` metrics and `alignflow.shipped.<format>.sha256` tags):
+- `merged`: the LoRA update folded into the base (PEFT `merge_and_unload`) in the recipe's dtype, saved as
+  safetensors + config + tokenizer (what vLLM or `AutoModelForCausalLM.from_pretrained` load); a full fine-tune's
+  weights as they are. Its hash is `sha256_weights` of the folder (tensors, configs without provenance fields):
+  the same hash for the folder `alignflow export --merged` writes, whose README.md (the model card) is left out.
+- `gguf_f32`, `gguf_f16`, `gguf_q8_0`: the merged weights (merged in float32 whatever the recipe's dtype, as
+  export merges them, so the file's rounding happens once) written by tasks/lib/gguf_file.py. Its hash is the
+  file's sha256. Read back through transformers' GGUF loader (the `gguf` package, pure Python from PyPI): q8_0
+  blocks are dequantized exactly as stored, so a wrong scale in the file shows in the answers.
+
+Both evaluate (which measures them) and export (which writes them for a registered version) call `build_model`
+and `write_artifact` here, so the file export writes later can be the very bytes evaluate measured.
+
+The cache (`<work>/cache/shipped/<key>/`): key = hash of the tuned weights' content hash, the base's identity, the
+format, the dtype, the GGUF name, this code's version, the libraries that merge and write, and the machine kind;
+never a path. Each entry holds the artifact and `artifact.json` with its sha256, written last; an entry is reused
+only when the artifact still hashes to that (a corrupted or half-written one is rebuilt, never measured). Entries
+are built in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from alignflow.tasks.lib.hashing import code_version, sha256_file, sha256_json, sha256_weights
+
+ShipFormat = Literal["merged", "gguf_f32", "gguf_f16", "gguf_q8_0"]
+SHIP_FORMATS: tuple[str, ...] = get_args(ShipFormat)
+# the libraries whose code decides the artifact's bytes (merge, cast, save, GGUF layout)
+BUILD_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "tokenizers")
+ARTIFACT_JSON = "artifact.json"
+GGUF_FILE = "model.gguf"
+MERGED_DIR = "merged"
+
+
+def ship_format(entry: Any) -> Any:
+    """A `register.ship` entry as a format name: `merged`, `{gguf: q8_0}` -> `gguf_q8_0` (or the name itself).
+    Anything else is returned as it is, for the Literal to refuse by name."""
+    if isinstance(entry, dict) and set(entry) == {"gguf"}:
+        return f"gguf_{entry['gguf']}"
+    return entry
+
+
+def gguf_type(fmt: str) -> str | None:
+    """`gguf_q8_0` -> `q8_0`; None for a format that is no GGUF file."""
+    return fmt.removeprefix("gguf_") if fmt.startswith("gguf_") else None
+
+
+def gguf_name(spec: str, model_type: str) -> str:
+    """The GGUF file's `general.name`, from the base's spec (as the registry records it): part of the bytes."""
+    return spec.removeprefix("embedded:").replace("/", "-") or model_type
+
+
+def build_model(config: dict[str, Any], artifacts: dict[str, str], dtype: str) -> tuple[Any, Any]:
+    """The tuned model with its adapter folded in (or its full weights), and its tokenizer, in `dtype`, loaded by
+    the registered model's own loader (tasks/lib/served_model.load_model) from a model config (`base` record,
+    `base_spec`) and the artifact paths (`adapter` + `base`, or `model`)."""
+    from alignflow.tasks.lib.served_model import load_model
+
+    model, tok = load_model({**config, "dtype": dtype}, artifacts)
+    if "adapter" in artifacts:
+        model = model.merge_and_unload()
+    return model, tok
+
+
+def write_artifact(fmt: str, model: Any, tok: Any, out: Path, spec: str,
+                   full_weights: Path | None = None) -> dict[str, Any]:
+    """Write `model` (merged) as format `fmt` at `out` (a .gguf file, or a folder for `merged`); `full_weights`: a
+    full fine-tune's folder, copied as it is for `merged`. Returns what the writer reports."""
+    kind = gguf_type(fmt)
+    if kind is not None:
+        from alignflow.tasks.lib.gguf_file import write_gguf
+
+        return write_gguf(model.cpu().eval(), tok, out, kind,  # type: ignore[arg-type]
+                          name=gguf_name(spec, model.config.model_type))
+    if full_weights is not None:
+        shutil.copytree(full_weights, out, dirs_exist_ok=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def artifact_sha256(fmt: str, path: Path) -> str:
+    """The artifact's hash: a GGUF file's sha256; a merged folder's `sha256_weights` (what it computes)."""
+    return sha256_file(path) if gguf_type(fmt) else sha256_weights(path)
+
+
+def build_dtype(fmt: str, dtype: str) -> str:
+    """The dtype the artifact is built in: GGUF from float32 (export's rule), merged in the recipe's dtype."""
+    return "float32" if gguf_type(fmt) else dtype
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """One built artifact."""
+
+    format: str
+    path: Path  # the .gguf file or the merged folder
+    sha256: str
+    bytes: int
+    reused: bool  # found in the cache (its hash checked), not built by this call
+
+    def record(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "bytes": self.bytes, "reused": self.reused}
+
+
+def build_identity(fmt: str, weights_sha256: str, base_key: str, dtype: str, spec: str, device: str) -> dict[str, Any]:
+    """Everything the artifact's bytes depend on: its cache key is the hash of this (recorded with the entry)."""
+    libraries = {}
+    for name in BUILD_LIBRARIES:
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            libraries[name] = "absent"
+    return {"format": fmt, "weights": weights_sha256, "base": base_key, "dtype": build_dtype(fmt, dtype),
+            "gguf_name_spec": spec, "device": device, "libraries": libraries,
+            "code": code_version("alignflow.tasks.lib.shipped_artifacts", "alignflow.tasks.lib.gguf_file",
+                                 "alignflow.tasks.lib.served_model")}
+
+
+def artifact(fmt: str, weights: Path, base: Path, dtype: str, spec: str, cache: Path | None,
+             identity: dict[str, Any], scratch: Path) -> Shipped:
+    """The artifact `fmt` of the tuned `weights` (an adapter over the base folder `base`, or full weights): from
+    `cache` when an entry for `identity` is there and still hashes to what it recorded, else built (into the cache
+    when there is one, else under `scratch`)."""
+    from alignflow.tasks.lib.models import is_adapter
+
+    key = sha256_json(identity)[:32]
+    name = GGUF_FILE if gguf_type(fmt) else MERGED_DIR
+    if cache is not None:
+        entry = cache / key
+        found = _valid(entry, fmt, name)
+        if found is not None:
+            return Shipped(fmt, entry / name, found, _size(entry / name), True)
+    root = cache if cache is not None else scratch
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    adapter = is_adapter(weights)
+    config = {"base": {"kind": "artifact", "spec": spec}, "base_spec": spec}
+    paths = {"adapter": str(weights), "base": str(base)} if adapter else {"model": str(weights)}
+    model, tok = build_model(config, paths, build_dtype(fmt, dtype))
+    write_artifact(fmt, model, tok, tmp / name, spec, full_weights=None if adapter else weights)
+    del model
+    sha = artifact_sha256(fmt, tmp / name)
+    # written last: an entry without it (a build killed half-way) is never reused
+    (tmp / ARTIFACT_JSON).write_text(json.dumps({"format": fmt, "sha256": sha, "identity": identity}, indent=2))
+    final = (cache if cache is not None else scratch) / key
+    shutil.rmtree(final, ignore_errors=True)  # a tampered entry (or scratch from before) goes
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process put the same entry in place first: use it if it is sound
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _valid(final, fmt, name) != sha:
+            raise
+    return Shipped(fmt, final / name, sha, _size(final / name), False)
+
+
+def _valid(entry: Path, fmt: str, name: str) -> str | None:
+    """The recorded sha256 of a cache entry when its artifact still hashes to it, else None."""
+    record = entry / ARTIFACT_JSON
+    if not record.exists() or not (entry / name).exists():
+        return None
+    try:
+        recorded = json.loads(record.read_text())["sha256"]
+    except (ValueError, KeyError):
+        return None
+    return recorded if artifact_sha256(fmt, entry / name) == recorded else None
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def read_back(fmt: str, path: Path, dtype: str) -> tuple[Any, Any]:
+    """(model, tokenizer) as a user loads the artifact: a GGUF file through transformers' GGUF loader (weights
+    dequantized to float32; tokenizer and chat template from the file's metadata), a merged folder with
+    `from_pretrained` in the recipe's dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignflow.tasks.lib.models import device, torch_dtype
+
+    if gguf_type(fmt):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device()).eval(), tok

@@ -1,0 +1,202 @@
+"""What ships is measured (`register.ship`): evaluate builds each artifact from the tuned weights as `alignflow export`
+does, answers the eval prompts with it read back as users load it, and logs `shipped.<format>.*` with a paired
+interval of its difference from the adapter model; the gate's `max_shipped_regression` refuses a version whose
+artifact may lose more than allowed.
+
+Cheap on purpose: a tiny Llama with a random LoRA, and `evaluate.run` called on stage folders built here (no
+pipeline run). The eval references are the adapter model's own greedy answers, so the adapter scores exact match
+1.0 and any damage the artifact does shows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alignflow.tasks.lib.manifest import write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = {"max_new_tokens": 12, "batch_size": 8}
+N_PROMPTS = 24
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Stage folders evaluate reads: tokenize's tokenizer, curate's eval.jsonl (references = the adapter's own
+    answers), dpo's adapter (a random LoRA over the tiny base), reward's manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from alignflow.tasks.lib.base_model import resolve_base
+    from alignflow.tasks.lib.inference import generate
+    from alignflow.tasks.lib.models import load_causal_lm, load_tokenizer
+
+    root = tmp_path_factory.mktemp("ship")
+    base = resolve_base("tiny:llama", root / "base", [ROOT / "data" / "sft.jsonl"])
+    tok = load_tokenizer(base.path)
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(base.path, "float32"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    dpo = root / "dpo"
+    model.save_pretrained(dpo / "adapter")
+    tok.save_pretrained(dpo / "adapter")
+    write_manifest(dpo, {"stage": "dpo", "outputs": ["adapter"], "trained_pair_hashes": []})
+    tokenized = root / "tokenize"
+    tok.save_pretrained(tokenized / "tokenizer")
+    write_manifest(tokenized, {"stage": "tokenize", "outputs": ["tokenizer"]})
+    (root / "reward").mkdir()
+    write_manifest(root / "reward", {"stage": "reward", "outputs": [], "trained_pair_hashes": []})
+
+    lines = [json.loads(line) for line in (ROOT / "data" / "eval.jsonl").read_text().splitlines()]
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in lines][:N_PROMPTS]
+    answers = generate(model.eval(), tok, prompts, **GEN)
+    curated = root / "curate"
+    curated.mkdir()
+    (curated / "eval.jsonl").write_text("".join(json.dumps({"prompt": p, "reference": a[0]}) + "\n"
+                                                for p, a in zip(prompts, answers, strict=True)))
+    return {"root": root, "base": base, "dpo": dpo, "tokenize": tokenized, "curate": curated,
+            "reward": root / "reward"}
+
+
+def _evaluate(stages: dict[str, Any], out: Path, ship: list[str], cache: Path | None = None) -> dict[str, Any]:
+    from alignflow.tasks import evaluate
+
+    cfg = evaluate.EvaluateConfig(metrics=["exact_match", "rouge", "bleu", "perplexity"], **GEN)
+    return evaluate.run(cfg, evaluate.EvaluateInputs(
+        base=stages["base"].path, dtype="float32", tokenized=stages["tokenize"], curated=stages["curate"],
+        candidate=stages["dpo"], reward=stages["reward"], base_key=stages["base"].key,
+        answers_cache=stages["root"] / "answers", out_dir=out, seed=0, ship=ship, base_spec="tiny:llama",
+        shipped_cache=cache))
+
+
+def _corrupt_q8_scales(path: Path, tensor: str, factor: float) -> None:
+    """Multiply every Q8_0 block scale of one tensor of a written GGUF file by `factor` (ggml's Q8_0 block: one
+    float16 scale, then 32 int8 values), in place: a writer bug that a reader loads without complaint."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    found = next(t for t in GGUFReader(path).tensors if t.name == tensor)
+    assert found.tensor_type == GGMLQuantizationType.Q8_0
+    with open(path, "r+b") as f:
+        f.seek(found.data_offset)
+        blocks = np.frombuffer(f.read(int(found.n_bytes)), dtype=np.uint8).copy().reshape(-1, 34)
+        scales = blocks[:, :2].copy().view(np.float16)
+        blocks[:, :2] = (scales.astype(np.float32) * factor).astype(np.float16).view(np.uint8)
+        f.seek(found.data_offset)
+        f.write(blocks.tobytes())
+
+
+def test_evaluate_measures_each_shipped_artifact_against_the_adapter(stages: dict[str, Any], tmp_path: Path) -> None:
+    result = _evaluate(stages, tmp_path / "evaluate", ["merged", "gguf_q8_0"], cache=tmp_path / "shipped")
+    m = result["metrics"]
+    print({k: v for k, v in m.items() if k.startswith("shipped.") or k in ("exact_match", "perplexity")})
+    assert m["exact_match"] == 1.0  # the references are the adapter's own answers
+    for fmt in ("merged", "gguf_q8_0"):
+        for metric in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "perplexity"):
+            assert f"shipped.{fmt}.{metric}" in m
+            low, high = m[f"shipped.{fmt}.{metric}_delta_ci_low"], m[f"shipped.{fmt}.{metric}_delta_ci_high"]
+            assert low <= high
+        assert 0 <= m[f"shipped.{fmt}.changed"] <= 1 and m[f"shipped.{fmt}.bytes"] > 0
+        record = result["shipped"][fmt]
+        assert Path(record["path"]).exists() and len(record["sha256"]) == 64 and not record["reused"]
+    # merged in float32 and saved: the adapter model's answers, to float rounding
+    assert m["shipped.merged.exact_match"] == 1.0 and m["shipped.merged.changed"] == 0.0
+    assert m["shipped.merged.exact_match_delta_ci_low"] == m["shipped.merged.exact_match_delta_ci_high"] == 0.0
+    assert abs(m["shipped.merged.perplexity"] - m["perplexity"]) < 1e-3
+    # the GGUF was read back through transformers' GGUF loader: a file, hashed as written
+    from alignflow.tasks.lib.hashing import sha256_file
+
+    gguf = Path(result["shipped"]["gguf_q8_0"]["path"])
+    assert gguf.suffix == ".gguf" and sha256_file(gguf) == result["shipped"]["gguf_q8_0"]["sha256"]
+    assert m["shipped.gguf_q8_0.bytes"] == gguf.stat().st_size
+    # the side-by-side table carries each artifact's answers
+    row = json.loads((tmp_path / "evaluate" / "samples.jsonl").read_text().splitlines()[0])
+    assert row["shipped.merged"] == row["tuned"]
+
+
+def test_a_corrupted_gguf_scores_lower_and_the_gate_refuses_it(stages: dict[str, Any], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignflow.tasks.lib import gguf_file
+    from alignflow.tasks.register import GateConfig, gate
+
+    honest = _evaluate(stages, tmp_path / "honest", ["gguf_q8_0"])["metrics"]
+    real = gguf_file.write_gguf
+
+    def broken(model: Any, tok: Any, out: Path, gguf_type: str = "f16", name: str = "") -> dict[str, Any]:
+        written = real(model, tok, out, gguf_type, name)  # type: ignore[arg-type]
+        _corrupt_q8_scales(out, "blk.0.ffn_down.weight", 30.0)
+        return written
+
+    monkeypatch.setattr(gguf_file, "write_gguf", broken)
+    damaged = _evaluate(stages, tmp_path / "broken", ["gguf_q8_0"])["metrics"]
+    print("honest", honest["shipped.gguf_q8_0.exact_match"], "broken", damaged["shipped.gguf_q8_0.exact_match"],
+          damaged["shipped.gguf_q8_0.exact_match_delta_ci_low"])
+    assert damaged["shipped.gguf_q8_0.exact_match"] < honest["shipped.gguf_q8_0.exact_match"]
+    assert damaged["shipped.gguf_q8_0.changed"] > honest["shipped.gguf_q8_0.changed"]
+
+    # loose on purpose: a random tiny model's logits are near ties, so honest 8-bit rounding already flips some
+    # greedy answers (measured: 6 of 24, loss upper bound 0.42); the broken file loses far more
+    loose = GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                       min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.5})
+    assert gate(loose, honest, True)[0] == []
+    reasons, decided = gate(loose, damaged, True)
+    assert len(reasons) == 1 and reasons[0].startswith("shipped gguf_q8_0: exact_match may lose up to ")
+    assert "vs the adapter (95% upper bound; allowed 0.5)" in reasons[0]
+    assert any(d.startswith("shipped gguf_q8_0 exact_match loss upper bound=") for d in decided)
+
+
+def test_gate_fails_closed_when_nothing_shipped_was_measured() -> None:
+    from alignflow.tasks.register import GateConfig, gate
+
+    cfg = GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None, min_judge_accuracy=None,
+                     max_shipped_regression={"perplexity": 1.0, "exact_match": 0.1})
+    reasons, _ = gate(cfg, {"exact_match": 1.0}, True)
+    assert reasons == ["max_shipped_regression is set but no shipped artifact was measured (register.ship is "
+                       "empty, or evaluate ran without it)"]
+    # perplexity: lower is better, so the loss is the upper end of (shipped - adapter)
+    measured = {"shipped.merged.perplexity_delta_ci_low": -0.5, "shipped.merged.perplexity_delta_ci_high": 1.5,
+                "shipped.merged.exact_match": 1.0}
+    reasons, _ = gate(cfg, measured, True)
+    assert reasons == ["shipped merged: exact_match was not measured (evaluate.metrics), so its loss vs the adapter "
+                       "cannot be checked",
+                       "shipped merged: perplexity may lose up to 1.5000 vs the adapter (95% upper bound; allowed 1.0)"]
+    with pytest.raises(ValueError, match="reward_mean"):
+        GateConfig(max_shipped_regression={"reward_mean": 0.1})
+
+
+def test_shipped_artifacts_are_cached_by_what_they_are_made_of(stages: dict[str, Any], tmp_path: Path) -> None:
+    """Same weights and format: reused, from any path; a tampered or half-written entry is rebuilt, never measured;
+    a rebuild writes the same bytes (the writer is deterministic, so export can reproduce the measured file)."""
+    from alignflow.tasks.lib.manifest import read_manifest
+    from alignflow.tasks.lib.shipped_artifacts import ARTIFACT_JSON, artifact, build_identity
+
+    cache = tmp_path / "cache"
+    sha = read_manifest(stages["dpo"])["outputs"]["adapter"]
+
+    def get(fmt: str, weights: Path) -> Any:
+        identity = build_identity(fmt, sha, stages["base"].key, "float32", "tiny:llama", "cpu")
+        return artifact(fmt, weights, stages["base"].path, "float32", "tiny:llama", cache, identity, tmp_path / "x")
+
+    first = get("gguf_q8_0", stages["dpo"] / "adapter")
+    assert not first.reused and first.path.parent.parent == cache
+    moved = tmp_path / "elsewhere" / "adapter"  # the same weights at another path: the same entry
+    shutil.copytree(stages["dpo"] / "adapter", moved)
+    again = get("gguf_q8_0", moved)
+    assert again.reused and again.path == first.path and again.sha256 == first.sha256
+    other = get("gguf_f16", moved)  # another format: another entry
+    assert not other.reused and other.path.parent != first.path.parent and other.sha256 != first.sha256
+
+    with open(first.path, "r+b") as f:  # one byte of the cached file changed
+        f.seek(first.bytes - 10)
+        byte = f.read(1)
+        f.seek(first.bytes - 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rebuilt = get("gguf_q8_0", moved)
+    assert not rebuilt.reused and rebuilt.sha256 == first.sha256  # built twice: the same bytes
+    (rebuilt.path.parent / ARTIFACT_JSON).unlink()  # a build killed before its record was written
+    assert not get("gguf_q8_0", moved).reused
+    assert not list(cache.glob("*.tmp"))  # nothing half-built left beside the entries
