@@ -522,7 +522,7 @@ def export(
     """Export a registered model as plain transformers files (merged), its PEFT adapter, or a GGUF file."""
     import tempfile
 
-    from alignflow.flows.registry import download_model
+    from alignflow.flows.registry import download_model, shipped_records
     from alignflow.tasks.export import ExportInputs
     from alignflow.tasks.export import run as do_export
 
@@ -538,11 +538,22 @@ def export(
     _client(work_dir)
     with tempfile.TemporaryDirectory() as tmp:
         weights, config = _user_error(download_model, model_uri, Path(tmp))  # the registry, nothing else
+        # the artifacts evaluate measured for this version (register.ship): a GGUF must be that very file
+        measured = _user_error(shipped_records, model_uri, f"gguf_{gguf_type}", Path(tmp) / "shipped") \
+            if kind == "gguf" else {}
         result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
-                                                     gguf_type=gguf_type))
+                                                     gguf_type=gguf_type, measured=measured))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
     readme = ", its model card as README.md" if result.get("readme") else ""
     console.print(f"exported {model_uri} ({result['kind']}{extra}{readme}) to {out}", markup=False)
+    if result.get("measured"):
+        console.print(f"the artifact evaluate measured for this version: sha256 {result['sha256']} "
+                      f"({'the file logged with it' if result['source'] == 'logged' else 'rebuilt, same bytes'})",
+                      markup=False, soft_wrap=True)
+    elif result.get("measured") is False:
+        console.print(f"not the measured artifact: this version was measured as "
+                      f"{', '.join(result['measured_formats'])}, not gguf_{gguf_type} (sha256 {result['sha256']})",
+                      markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -101,6 +101,38 @@ def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
     return (adapter if adapter.exists() else local / "artifacts" / "model"), config
 
 
+def shipped_records(model_uri: str, fmt: str, dest: Path) -> dict[str, dict[str, Any]]:
+    """The artifacts the version was measured as (its `alignflow.shipped.<format>.*` tags): format -> {sha256,
+    built_with}, and for `fmt`, when register logged its file (register.log_shipped), `logged`: that file downloaded
+    into `dest`. {} for a version measured as none, or a `runs:/` URI (no version)."""
+    client = MlflowClient()
+    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
+        model_uri = f"models:/{model_uri}@champion"
+    if not model_uri.startswith("models:/"):
+        return {}
+    name, _, rest = model_uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        tags = client.get_model_version_by_alias(name, alias).tags
+    else:
+        tags = client.get_model_version(name, rest.strip("/")).tags
+    found: dict[str, dict[str, Any]] = {}
+    for tag, value in tags.items():
+        parts = tag.split(".")
+        if len(parts) == 4 and tag.startswith("alignflow.shipped."):
+            found.setdefault(parts[2], {})[parts[3]] = value
+    records = {f: {"sha256": r["sha256"], "built_with": r.get("built_with", "")} for f, r in found.items()
+               if "sha256" in r}
+    uri = found.get(fmt, {}).get("artifact_uri")
+    if fmt in records and uri:
+        try:
+            records[fmt]["logged"] = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+        except MlflowException as e:
+            raise StageError(f"export: the {fmt} file logged with this version ({uri}) cannot be downloaded: "
+                             f"{e.message}") from None
+    return records
+
+
 @dataclass
 class StageRow:
     stage: str

@@ -324,7 +324,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     # --- what ships: each artifact of register.ship, built as export builds it, read back as users load it ------
     shipped: dict[str, dict[str, Any]] = {}
     if inputs.ship:
-        from alignflow.tasks.lib.shipped_artifacts import artifact, build_identity, read_back
+        from alignflow.tasks.lib.shipped_artifacts import artifact, build_identity, built_with, read_back
 
         del base_model  # not used after this point: one model in memory at a time
         for fmt in inputs.ship:
@@ -334,7 +334,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                              out / "shipped")
             name = f"shipped.{fmt}"
             identity[name] = f"{fmt}:{built.sha256}"  # its answers are cached under the artifact's own hash
-            shipped[fmt] = built.record()
+            shipped[fmt] = {**built.record(), "built_with": built_with(fmt, inputs.dtype, device_kind())}
             if from_cache(name):
                 cached_answers.append(name)
             else:

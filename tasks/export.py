@@ -29,12 +29,20 @@ from pydantic import BaseModel
 from alignflow.tasks.lib.errors import StageError
 
 
+class MeasuredArtifact(BaseModel):
+    sha256: str  # what evaluate measured: the file export must write
+    built_with: str = ""  # libraries, dtype and machine kind that built it
+    logged: Path | None = None  # its file as register logged it (register.log_shipped), downloaded
+
+
 class ExportInputs(BaseModel):
     artifacts: Path  # the version's downloaded `artifacts/` folder: adapter/ or model/, and base/ when logged
     config: dict[str, Any]  # the version's model config (base record, base spec, dtype)
     out_dir: Path
     kind: Literal["merged", "adapter", "gguf"] = "merged"
     gguf_type: Literal["f32", "f16", "q8_0"] = "f16"  # kind gguf: how the 2-D weights are stored
+    # the artifacts evaluate measured for this version (register.ship; its `alignflow.shipped.<format>.*` tags)
+    measured: dict[str, MeasuredArtifact] = {}
 
 
 def run(inputs: ExportInputs) -> dict[str, Any]:
@@ -93,12 +101,40 @@ def _merged(inputs: ExportInputs, dtype: str) -> tuple[Any, Any]:
 def _gguf(inputs: ExportInputs) -> dict[str, Any]:
     """Merge in memory, then write one GGUF file. Merging happens in float32 whatever the recipe's dtype, so the
     file's f16 / q8_0 rounding happens once."""
-    from alignflow.tasks.lib.shipped_artifacts import build_dtype, write_artifact
+    import os
+
+    from alignflow.tasks.lib.hashing import sha256_file
+    from alignflow.tasks.lib.models import device_kind
+    from alignflow.tasks.lib.shipped_artifacts import build_dtype, built_with, write_artifact
 
     fmt = f"gguf_{inputs.gguf_type}"
-    model, tok = _merged(inputs, build_dtype(fmt, "float32"))
-    written = write_artifact(fmt, model, tok, inputs.out_dir, str(inputs.config.get("base_spec", "")))
-    return {"kind": "gguf", "out_dir": str(inputs.out_dir), **written}
+    out = inputs.out_dir
+    want = inputs.measured.get(fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # renamed into place once checked
+    try:
+        if want is not None and want.logged is not None:  # the very file evaluate measured, as register logged it
+            shutil.copyfile(want.logged, partial)
+            written: dict[str, Any] = {"gguf_type": inputs.gguf_type, "source": "logged"}
+        else:
+            model, tok = _merged(inputs, build_dtype(fmt, "float32"))
+            written = {**write_artifact(fmt, model, tok, partial, str(inputs.config.get("base_spec", ""))),
+                       "source": "rebuilt"}
+        sha = sha256_file(partial)
+        if want is not None and sha != want.sha256:
+            here = built_with(fmt, "float32", device_kind())
+            raise StageError(
+                f"export --gguf: the {fmt} file written here (sha256 {sha[:16]}…) is not the artifact evaluate "
+                f"measured for this version (sha256 {want.sha256[:16]}…), so nothing was written to {out}. It was "
+                f"built with {want.built_with or 'unrecorded settings'}; here: {here}. Other library versions or "
+                "another machine kind merge or round differently: install the recorded versions, or set "
+                "register.log_shipped: true so that the measured file itself is kept with the version")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"kind": "gguf", "out_dir": str(out), **written, "bytes": out.stat().st_size, "sha256": sha,
+            # True: the file evaluate measured; False: the version was measured as other formats only; None: none
+            "measured": (want is not None) if inputs.measured else None, "measured_formats": sorted(inputs.measured)}
 
 
 def _logged_artifacts(model_dir: Path) -> dict[str, str]:

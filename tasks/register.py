@@ -45,6 +45,9 @@ class RegisterConfig(BaseModel):
         [], description="artifacts this version ships as, measured by evaluate: merged, {gguf: f32|f16|q8_0} "
         "(written gguf_f32 / gguf_f16 / gguf_q8_0 too); [] measures the adapter only")
 
+    log_shipped: bool = Field(False, description="also log each measured artifact's file(s) in the register run "
+                              "(its sha256 is tagged either way; `alignflow export` then copies the logged file)")
+
     @field_validator("ship")
     @classmethod
     def _once_each(cls, v: list[str]) -> list[str]:
@@ -238,6 +241,46 @@ def lower_level(metrics: dict[str, float], tags: dict[str, str], version: str) -
             f"its verdict stays that of the sweep. Re-run the sweep, or `alignflow promote` it")
 
 
+SHIPPED_TAG = "alignflow.shipped"  # alignflow.shipped.<format>.sha256 / .bytes / .built_with / .artifact_uri
+
+
+def _shipped_tags(shipped: dict[str, dict[str, Any]], metrics: dict[str, float]) -> dict[str, str]:
+    """The version's tags for each artifact evaluate measured: its sha256 (what `alignflow export` must write), size,
+    what built it (libraries, machine kind, dtype: why another machine may write other bytes), and its scores
+    (`alignflow.metric.shipped.<format>.<metric>`, point values)."""
+    tags: dict[str, str] = {}
+    for fmt, record in sorted(shipped.items()):
+        tags[f"{SHIPPED_TAG}.{fmt}.sha256"] = str(record["sha256"])
+        tags[f"{SHIPPED_TAG}.{fmt}.bytes"] = str(record["bytes"])
+        if record.get("built_with"):
+            tags[f"{SHIPPED_TAG}.{fmt}.built_with"] = str(record["built_with"])[:5000]
+    tags.update({f"alignflow.metric.{k}": str(v) for k, v in metrics.items()
+                 if k.startswith("shipped.") and not k.endswith(("_ci_low", "_ci_high"))})
+    return tags
+
+
+def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """register.log_shipped: each measured artifact's file(s) into the register run (`shipped/<format>/`), after
+    checking they still hash to what evaluate measured; returns the `alignflow.shipped.<format>.artifact_uri` tags."""
+    from alignflow.tasks.lib.errors import StageError
+    from alignflow.tasks.lib.shipped_artifacts import artifact_sha256
+
+    tags = {}
+    for fmt, record in sorted(shipped.items()):
+        path = Path(record["path"])
+        if not path.exists() or artifact_sha256(fmt, path) != record["sha256"]:
+            raise StageError(f"register.log_shipped: the {fmt} artifact at {path} is gone or no longer hashes to "
+                             f"{record['sha256']}, the one evaluate measured; re-run evaluate (e.g. change nothing "
+                             "and delete its stage folder) to rebuild it")
+        if path.is_file():
+            client.log_artifact(run_id, str(path), f"shipped/{fmt}")
+            tags[f"{SHIPPED_TAG}.{fmt}.artifact_uri"] = f"runs:/{run_id}/shipped/{fmt}/{path.name}"
+        else:
+            client.log_artifacts(run_id, str(path), f"shipped/{fmt}")
+            tags[f"{SHIPPED_TAG}.{fmt}.artifact_uri"] = f"runs:/{run_id}/shipped/{fmt}"
+    return tags
+
+
 def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
     """How a loader finds the base again (tasks/lib/served_model.py resolves it), and the folder to log with the
     version when that is the way: an embedded model by its package, a hub model by id and commit, anything else
@@ -371,6 +414,13 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 # (with log_model(registered_model_name=...) a kill -9 before the tags left an orphan)
                 version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
 
+    # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
+    shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
+    if cfg.log_shipped:
+        shipped.update(_log_shipped(client, inputs.run_id, evaluation.get("shipped", {})))
+    for key, value in shipped.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+
     # --- the gate's verdict on this version, then the champion alias (compare-and-set) ---------------------
     mine = client.get_model_version(cfg.model_name, version)
     # a person's demotion (rollback, or promote of another version) is kept on the registered model by weights
@@ -455,6 +505,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "gate_bounds": decided,
         "gate_selection": selection(metrics),  # '' unless a sweep's winner (the familywise correction and k)
         "adapter_sha256": adapter_hash,
+        "shipped_tags": shipped,  # alignflow.shipped.<format>.* set on the version
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],
         "previous_champion": previous,

@@ -174,6 +174,7 @@ TABLE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "register.ship": (["register.ship=[merged, {gguf: q8_0}]"], ("evaluate", "register")),
     "register.gate.max_shipped_regression": (["register.gate.max_shipped_regression={exact_match: 0.1}"],
                                              ("register",)),
+    "register.log_shipped": (["register.log_shipped=true"], ("register",)),
     "retrain.start_from": (["retrain.start_from=base"], NONE),  # read by `alignflow retrain` before the pipeline
     "scale_out.task_runner": (["scale_out.task_runner=dask"], NONE),  # where shards run, not what they make
     "scale_out.dask_address": (["scale_out.dask_address=tcp://127.0.0.1:8786"], NONE),

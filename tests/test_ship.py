@@ -90,8 +90,15 @@ def _corrupt_q8_scales(path: Path, tensor: str, factor: float) -> None:
         f.write(blocks.tobytes())
 
 
-def test_evaluate_measures_each_shipped_artifact_against_the_adapter(stages: dict[str, Any], tmp_path: Path) -> None:
-    result = _evaluate(stages, tmp_path / "evaluate", ["merged", "gguf_q8_0"], cache=tmp_path / "shipped")
+@pytest.fixture(scope="module")
+def evaluated(stages: dict[str, Any]) -> dict[str, Any]:
+    """evaluate with register.ship = [merged, {gguf: q8_0}], its artifacts cached under <root>/shipped."""
+    return _evaluate(stages, stages["root"] / "evaluate", ["merged", "gguf_q8_0"], cache=stages["root"] / "shipped")
+
+
+def test_evaluate_measures_each_shipped_artifact_against_the_adapter(stages: dict[str, Any],
+                                                                     evaluated: dict[str, Any]) -> None:
+    result = evaluated
     m = result["metrics"]
     print({k: v for k, v in m.items() if k.startswith("shipped.") or k in ("exact_match", "perplexity")})
     assert m["exact_match"] == 1.0  # the references are the adapter's own answers
@@ -114,7 +121,7 @@ def test_evaluate_measures_each_shipped_artifact_against_the_adapter(stages: dic
     assert gguf.suffix == ".gguf" and sha256_file(gguf) == result["shipped"]["gguf_q8_0"]["sha256"]
     assert m["shipped.gguf_q8_0.bytes"] == gguf.stat().st_size
     # the side-by-side table carries each artifact's answers
-    row = json.loads((tmp_path / "evaluate" / "samples.jsonl").read_text().splitlines()[0])
+    row = json.loads((stages["root"] / "evaluate" / "samples.jsonl").read_text().splitlines()[0])
     assert row["shipped.merged"] == row["tuned"]
 
 
@@ -200,3 +207,70 @@ def test_shipped_artifacts_are_cached_by_what_they_are_made_of(stages: dict[str,
     (rebuilt.path.parent / ARTIFACT_JSON).unlink()  # a build killed before its record was written
     assert not get("gguf_q8_0", moved).reused
     assert not list(cache.glob("*.tmp"))  # nothing half-built left beside the entries
+
+
+def test_the_version_carries_the_measured_hash_and_export_writes_that_file(
+        stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """register tags the measured artifacts' sha256 (and logs the files with log_shipped); `alignflow export --gguf`
+    of the version writes a file with that hash, refuses (writing nothing) where it would write other bytes, and
+    says so when the type asked for is not the one measured."""
+    import mlflow
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from alignflow.cli import app
+    from alignflow.tasks import register
+    from alignflow.tasks.lib.hashing import sha256_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    curated = tmp_path / "curate"
+    curated.mkdir()
+    write_manifest(curated, {"stage": "curate", "outputs": [], "metrics": {"decontaminated": 1}})
+    mlflow.set_experiment("ship")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    gate = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                               min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.5})
+    done = register.run(register.RegisterConfig(model_name="ship-test", gate=gate, ship=["merged", "gguf_q8_0"],
+                                                log_shipped=True),
+                        register.RegisterInputs(base_path=stages["base"].path, base_spec="tiny:llama",
+                                                base_key=stages["base"].key, dtype="float32",
+                                                candidate=stages["dpo"], evaluation=stages["root"] / "evaluate",
+                                                curated=curated, run_id=run_id, out_dir=tmp_path / "register"))
+    assert done["alias"] == "champion" and done["gate_reasons"] == []
+    client = MlflowClient(uri)
+    version = done["version"]
+    tags = client.get_model_version("ship-test", version).tags
+    measured = evaluated["shipped"]["gguf_q8_0"]["sha256"]
+    assert tags["alignflow.shipped.gguf_q8_0.sha256"] == measured
+    assert tags["alignflow.shipped.merged.sha256"] == evaluated["shipped"]["merged"]["sha256"]
+    assert "transformers==" in tags["alignflow.shipped.gguf_q8_0.built_with"]
+    assert tags["alignflow.metric.shipped.gguf_q8_0.exact_match"] == str(evaluated["metrics"][
+        "shipped.gguf_q8_0.exact_match"])
+    assert tags["alignflow.shipped.gguf_q8_0.artifact_uri"] == f"runs:/{run_id}/shipped/gguf_q8_0/model.gguf"
+    card = (tmp_path / "register" / "MODEL_CARD.md").read_text()
+    assert f"| `shipped.gguf_q8_0.exact_match` | {evaluated['metrics']['shipped.gguf_q8_0.exact_match']} |" in card
+
+    def export(out: Path, kind: str = "q8_0") -> Any:
+        return CliRunner().invoke(app, ["export", f"models:/ship-test/{version}", "--gguf", str(out), "--gguf-type",
+                                        kind, "--work-dir", str(work)])
+
+    logged = export(tmp_path / "logged.gguf")  # the file register logged, checked against the tag
+    assert logged.exit_code == 0, logged.output
+    assert sha256_file(tmp_path / "logged.gguf") == measured and "the file logged with it" in logged.output
+    client.delete_model_version_tag("ship-test", version, "alignflow.shipped.gguf_q8_0.artifact_uri")
+    rebuilt = export(tmp_path / "rebuilt.gguf")  # no file logged: rebuilt from the registry, the same bytes
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert sha256_file(tmp_path / "rebuilt.gguf") == measured and "rebuilt, same bytes" in rebuilt.output
+    other = export(tmp_path / "f16.gguf", "f16")  # a type that was not measured: written, and said so
+    assert other.exit_code == 0 and "not the measured artifact" in " ".join(other.output.split())
+    # a version measured at other bytes (another machine or library versions): refused, nothing written
+    client.set_model_version_tag("ship-test", version, "alignflow.shipped.gguf_q8_0.sha256", "0" * 64)
+    refused = export(tmp_path / "out" / "refused.gguf")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code != 0 and "is not the artifact evaluate measured" in said and "built with" in said
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -114,16 +114,27 @@ class Shipped:
         return {"path": str(self.path), "sha256": self.sha256, "bytes": self.bytes, "reused": self.reused}
 
 
-def build_identity(fmt: str, weights_sha256: str, base_key: str, dtype: str, spec: str, device: str) -> dict[str, Any]:
-    """Everything the artifact's bytes depend on: its cache key is the hash of this (recorded with the entry)."""
-    libraries = {}
+def built_with(fmt: str, dtype: str, device: str) -> str:
+    """What decides the artifact's bytes besides the weights, in words (tagged on the version; export names it when
+    it writes other bytes): the build libraries' versions, the dtype and the machine kind."""
+    return (", ".join(f"{name}=={v}" for name, v in _library_versions().items())
+            + f"; {build_dtype(fmt, dtype)}; {device}")
+
+
+def _library_versions() -> dict[str, str]:
+    found = {}
     for name in BUILD_LIBRARIES:
         try:
-            libraries[name] = version(name)
+            found[name] = version(name)
         except PackageNotFoundError:
-            libraries[name] = "absent"
+            found[name] = "absent"
+    return found
+
+
+def build_identity(fmt: str, weights_sha256: str, base_key: str, dtype: str, spec: str, device: str) -> dict[str, Any]:
+    """Everything the artifact's bytes depend on: its cache key is the hash of this (recorded with the entry)."""
     return {"format": fmt, "weights": weights_sha256, "base": base_key, "dtype": build_dtype(fmt, dtype),
-            "gguf_name_spec": spec, "device": device, "libraries": libraries,
+            "gguf_name_spec": spec, "device": device, "libraries": _library_versions(),
             "code": code_version("alignflow.tasks.lib.shipped_artifacts", "alignflow.tasks.lib.gguf_file",
                                  "alignflow.tasks.lib.served_model")}
 
