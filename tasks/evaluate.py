@@ -328,13 +328,17 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
 
         del base_model  # not used after this point: one model in memory at a time
         for fmt in inputs.ship:
-            built = artifact(fmt, others["tuned"], inputs.base, inputs.dtype, inputs.base_spec, inputs.shipped_cache,
+            # weights of unknown content (no recorded hash) are never cached: their key would name no weights
+            cache = inputs.shipped_cache if identity["tuned"] else None
+            built = artifact(fmt, others["tuned"], inputs.base, inputs.dtype, inputs.base_spec, cache,
                              build_identity(fmt, identity["tuned"] or "", inputs.base_key, inputs.dtype,
                                             inputs.base_spec, device_kind()),
                              out / "shipped")
             name = f"shipped.{fmt}"
             identity[name] = f"{fmt}:{built.sha256}"  # its answers are cached under the artifact's own hash
             shipped[fmt] = {**built.record(), "built_with": built_with(fmt, inputs.dtype, device_kind())}
+            if built.path.is_relative_to(out):  # built in this stage's folder (no cache): the flow renames it
+                shipped[fmt]["path"] = built.path.relative_to(out).as_posix()
             if from_cache(name):
                 cached_answers.append(name)
             else:

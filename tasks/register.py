@@ -259,15 +259,16 @@ def _shipped_tags(shipped: dict[str, dict[str, Any]], metrics: dict[str, float])
     return tags
 
 
-def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]], evaluation: Path) -> dict[str, str]:
     """register.log_shipped: each measured artifact's file(s) into the register run (`shipped/<format>/`), after
-    checking they still hash to what evaluate measured; returns the `alignflow.shipped.<format>.artifact_uri` tags."""
+    checking they still hash to what evaluate measured; returns the `alignflow.shipped.<format>.artifact_uri` tags.
+    A relative path lies in the evaluate stage's folder (built there when there was no cache)."""
     from alignflow.tasks.lib.errors import StageError
     from alignflow.tasks.lib.shipped_artifacts import artifact_sha256
 
     tags = {}
     for fmt, record in sorted(shipped.items()):
-        path = Path(record["path"])
+        path = evaluation / record["path"]  # an absolute path (the cache) stays as it is
         if not path.exists() or artifact_sha256(fmt, path) != record["sha256"]:
             raise StageError(f"register.log_shipped: the {fmt} artifact at {path} is gone or no longer hashes to "
                              f"{record['sha256']}, the one evaluate measured; re-run evaluate (e.g. change nothing "
@@ -417,7 +418,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
     shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
     if cfg.log_shipped:
-        shipped.update(_log_shipped(client, inputs.run_id, evaluation.get("shipped", {})))
+        shipped.update(_log_shipped(client, inputs.run_id, evaluation.get("shipped", {}), inputs.evaluation))
     for key, value in shipped.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
 

@@ -67,6 +67,9 @@ def build_model(config: dict[str, Any], artifacts: dict[str, str], dtype: str) -
     from alignflow.tasks.lib.served_model import load_model
 
     model, tok = load_model({**config, "dtype": dtype}, artifacts)
+    # merged on the CPU wherever it runs: a GPU's matmul sums in another order, and export on a machine without
+    # one must be able to write the bytes evaluate measured on a GPU (every writer saves from CPU memory anyway)
+    model = model.cpu()
     if "adapter" in artifacts:
         model = model.merge_and_unload()
     return model, tok
