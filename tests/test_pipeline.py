@@ -153,7 +153,8 @@ def test_unreachable_tracking_server_fails_fast_with_a_clear_message(in_root: Pa
 
 def test_a_datasets_folder_runs_through_the_whole_pipeline(prefect_server: None, in_root: Path,
                                                              tmp_path: Path) -> None:
-    """data.sft as a `datasets.save_to_disk` folder (it used to crash on hashing a directory)."""
+    """data.sft as a `datasets.save_to_disk` folder (it used to crash on hashing a directory). The same run ships a
+    q8_0 GGUF (register.ship): the pipeline hands it to evaluate and register (tests/test_ship.py has the rest)."""
     import json
 
     from datasets import Dataset
@@ -167,11 +168,23 @@ def test_a_datasets_folder_runs_through_the_whole_pipeline(prefect_server: None,
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
             rows.append({"messages": record["messages"]})
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "sft_ds"))
-    recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [f"data.sft={tmp_path / 'sft_ds'}"])
+    recipe = load_recipe(ROOT / "configs" / "smoke.yaml", [f"data.sft={tmp_path / 'sft_ds'}",
+                                                           "register.ship=[{gguf: q8_0}]"])
     result = pipeline(recipe=recipe, work_dir=str(tmp_path / "w"))
     assert result["registered"]["version"] == "1"
     curated = read_manifest(Path(result["stages"]["curate"]["folder"]))["metrics"]
     assert curated["sft.records_in"] == len(rows) and curated["sft.records_kept"] > 0.9 * len(rows)
+
+    # what ships: measured in evaluate (its MLflow run), its point value on the parent, its hash on the version
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    evaluated = client.get_run(_children(client, result)["evaluate"].info.run_id).data.metrics
+    assert evaluated["shipped.gguf_q8_0.exact_match_delta_ci_low"] <= evaluated["shipped.gguf_q8_0.exact_match"] - \
+        evaluated["exact_match"] <= evaluated["shipped.gguf_q8_0.exact_match_delta_ci_high"]
+    assert result["metrics"]["shipped.gguf_q8_0.exact_match"] == evaluated["shipped.gguf_q8_0.exact_match"]
+    shipped = read_manifest(Path(result["stages"]["evaluate"]["folder"]))["shipped"]["gguf_q8_0"]
+    assert Path(shipped["path"]).is_relative_to(tmp_path / "w" / "cache" / "shipped")
+    tags = client.get_model_version("smoke-assistant", "1").tags
+    assert tags["alignflow.shipped.gguf_q8_0.sha256"] == shipped["sha256"]
 
 
 def test_the_deployment_form_accepts_the_recipe_as_written(in_root: Path) -> None:
