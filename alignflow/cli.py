@@ -538,9 +538,10 @@ def export(
     _client(work_dir)
     with tempfile.TemporaryDirectory() as tmp:
         weights, config = _user_error(download_model, model_uri, Path(tmp))  # the registry, nothing else
-        # the artifacts evaluate measured for this version (register.ship): a GGUF must be that very file
-        measured = _user_error(shipped_records, model_uri, f"gguf_{gguf_type}", Path(tmp) / "shipped") \
-            if kind == "gguf" else {}
+        # the artifacts evaluate measured for this version (register.ship): a GGUF or merged folder must be those
+        # bytes (a logged GGUF file is downloaded and copied; a merged folder is rebuilt and checked)
+        measured = _user_error(shipped_records, model_uri, f"gguf_{gguf_type}" if gguf else "",
+                               Path(tmp) / "shipped") if kind != "adapter" else {}
         result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
                                                      gguf_type=gguf_type, measured=measured))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
@@ -548,12 +549,11 @@ def export(
     console.print(f"exported {model_uri} ({result['kind']}{extra}{readme}) to {out}", markup=False)
     if result.get("measured"):
         console.print(f"the artifact evaluate measured for this version: sha256 {result['sha256']} "
-                      f"({'the file logged with it' if result['source'] == 'logged' else 'rebuilt, same bytes'})",
+                      f"({'the file logged with it' if result.get('source') == 'logged' else 'rebuilt, same bytes'})",
                       markup=False, soft_wrap=True)
     elif result.get("measured") is False:
         console.print(f"not the measured artifact: this version was measured as "
-                      f"{', '.join(result['measured_formats'])}, not gguf_{gguf_type} (sha256 {result['sha256']})",
-                      markup=False, soft_wrap=True)
+                      f"{', '.join(result['measured_formats'])}, not {result['format']}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -103,8 +103,8 @@ def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
 
 def shipped_records(model_uri: str, fmt: str, dest: Path) -> dict[str, dict[str, Any]]:
     """The artifacts the version was measured as (its `alignflow.shipped.<format>.*` tags): format -> {sha256,
-    built_with}, and for `fmt`, when register logged its file (register.log_shipped), `logged`: that file downloaded
-    into `dest`. {} for a version measured as none, or a `runs:/` URI (no version)."""
+    built_with}, and for `fmt` ('' for none), when register logged its file (register.log_shipped), `logged`: that
+    file downloaded into `dest`. {} for a version measured as none, or a `runs:/` URI (no version)."""
     client = MlflowClient()
     if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
         model_uri = f"models:/{model_uri}@champion"

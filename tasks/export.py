@@ -48,11 +48,45 @@ class ExportInputs(BaseModel):
 def run(inputs: ExportInputs) -> dict[str, Any]:
     if inputs.kind == "gguf":
         return _gguf(inputs)
-    result = _files(inputs)
-    card = inputs.artifacts.parent / "MODEL_CARD.md"  # beside MLmodel; versions registered before cards have none
-    if card.exists():  # replaces the README.md PEFT writes into an adapter folder (a template naming no data)
-        shutil.copyfile(card, inputs.out_dir / "README.md")
-    return {**result, "readme": card.exists()}
+    import os
+
+    # a merged folder of a version measured as `merged` (register.ship) is written beside OUT, checked against the
+    # measured hash, and copied into OUT only then
+    want = inputs.measured.get("merged") if inputs.kind == "merged" else None
+    target = inputs.out_dir
+    staged = inputs.model_copy(update={"out_dir": target.with_name(f".{target.name}.{os.getpid()}.partial")}) \
+        if want is not None else inputs
+    try:
+        result = _files(staged)
+        card = inputs.artifacts.parent / "MODEL_CARD.md"  # beside MLmodel; versions registered before cards have none
+        if card.exists():  # replaces the README.md PEFT writes into an adapter folder (a template naming no data)
+            shutil.copyfile(card, staged.out_dir / "README.md")
+        sha = None
+        if want is not None:
+            from alignflow.tasks.lib.hashing import sha256_weights
+
+            sha = sha256_weights(staged.out_dir)  # the hash evaluate took (README.md, the card, left out)
+            if sha != want.sha256:
+                raise StageError(_not_measured("merged", sha, want, target, inputs.config.get("dtype", "float32")))
+            shutil.copytree(staged.out_dir, target, dirs_exist_ok=True)
+    finally:
+        if want is not None:
+            shutil.rmtree(staged.out_dir, ignore_errors=True)
+    return {**result, "out_dir": str(target), "readme": card.exists(), "sha256": sha, "format": "merged",
+            "measured": (want is not None) if inputs.measured and inputs.kind == "merged" else None,
+            "measured_formats": sorted(inputs.measured)}
+
+
+def _not_measured(fmt: str, sha: str, want: MeasuredArtifact, out: Path, dtype: str) -> str:
+    """Why export refuses: it built other bytes than the artifact evaluate measured for this version."""
+    from alignflow.tasks.lib.models import device_kind
+    from alignflow.tasks.lib.shipped_artifacts import built_with
+
+    return (f"export: the {fmt} artifact built here (sha256 {sha[:16]}…) is not the one evaluate measured for this "
+            f"version (sha256 {want.sha256[:16]}…), so nothing was written to {out}. It was built with "
+            f"{want.built_with or 'unrecorded settings'}; here: {built_with(fmt, dtype, device_kind())}. Other "
+            "library versions or another machine kind merge or round differently: install the recorded versions, "
+            "or set register.log_shipped: true so that the measured file itself is kept with the version")
 
 
 def _files(inputs: ExportInputs) -> dict[str, Any]:
@@ -104,8 +138,7 @@ def _gguf(inputs: ExportInputs) -> dict[str, Any]:
     import os
 
     from alignflow.tasks.lib.hashing import sha256_file
-    from alignflow.tasks.lib.models import device_kind
-    from alignflow.tasks.lib.shipped_artifacts import build_dtype, built_with, write_artifact
+    from alignflow.tasks.lib.shipped_artifacts import build_dtype, write_artifact
 
     fmt = f"gguf_{inputs.gguf_type}"
     out = inputs.out_dir
@@ -122,17 +155,11 @@ def _gguf(inputs: ExportInputs) -> dict[str, Any]:
                        "source": "rebuilt"}
         sha = sha256_file(partial)
         if want is not None and sha != want.sha256:
-            here = built_with(fmt, "float32", device_kind())
-            raise StageError(
-                f"export --gguf: the {fmt} file written here (sha256 {sha[:16]}…) is not the artifact evaluate "
-                f"measured for this version (sha256 {want.sha256[:16]}…), so nothing was written to {out}. It was "
-                f"built with {want.built_with or 'unrecorded settings'}; here: {here}. Other library versions or "
-                "another machine kind merge or round differently: install the recorded versions, or set "
-                "register.log_shipped: true so that the measured file itself is kept with the version")
+            raise StageError(_not_measured(fmt, sha, want, out, "float32"))
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    return {"kind": "gguf", "out_dir": str(out), **written, "bytes": out.stat().st_size, "sha256": sha,
+    return {"kind": "gguf", "out_dir": str(out), **written, "bytes": out.stat().st_size, "sha256": sha, "format": fmt,
             # True: the file evaluate measured; False: the version was measured as other formats only; None: none
             "measured": (want is not None) if inputs.measured else None, "measured_formats": sorted(inputs.measured)}
 

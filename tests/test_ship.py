@@ -220,7 +220,7 @@ def test_the_version_carries_the_measured_hash_and_export_writes_that_file(
 
     from alignflow.cli import app
     from alignflow.tasks import register
-    from alignflow.tasks.lib.hashing import sha256_file
+    from alignflow.tasks.lib.hashing import sha256_file, sha256_weights
 
     work = tmp_path / "work"
     work.mkdir()
@@ -268,9 +268,18 @@ def test_the_version_carries_the_measured_hash_and_export_writes_that_file(
     assert sha256_file(tmp_path / "rebuilt.gguf") == measured and "rebuilt, same bytes" in rebuilt.output
     other = export(tmp_path / "f16.gguf", "f16")  # a type that was not measured: written, and said so
     assert other.exit_code == 0 and "not the measured artifact" in " ".join(other.output.split())
+    merged = CliRunner().invoke(app, ["export", f"models:/ship-test/{version}", "--merged", str(tmp_path / "merged"),
+                                      "--work-dir", str(work)])  # the merged folder, checked the same way
+    assert merged.exit_code == 0, merged.output
+    assert "the artifact evaluate measured" in merged.output and (tmp_path / "merged" / "README.md").exists()
+    assert sha256_weights(tmp_path / "merged") == evaluated["shipped"]["merged"]["sha256"]
     # a version measured at other bytes (another machine or library versions): refused, nothing written
     client.set_model_version_tag("ship-test", version, "alignflow.shipped.gguf_q8_0.sha256", "0" * 64)
+    client.set_model_version_tag("ship-test", version, "alignflow.shipped.merged.sha256", "0" * 64)
     refused = export(tmp_path / "out" / "refused.gguf")
     said = " ".join(refused.output.split())
-    assert refused.exit_code != 0 and "is not the artifact evaluate measured" in said and "built with" in said
+    assert refused.exit_code != 0 and "is not the one evaluate measured" in said and "built with" in said
+    refused = CliRunner().invoke(app, ["export", f"models:/ship-test/{version}", "--merged",
+                                       str(tmp_path / "out" / "merged"), "--work-dir", str(work)])
+    assert refused.exit_code != 0 and "is not the one evaluate measured" in " ".join(refused.output.split())
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
