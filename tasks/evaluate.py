@@ -35,7 +35,13 @@ so its numbers are always comparable), and the tuned candidate (dpo's product). 
   bootstrap of tuned - champion over the same documents, `lm_eval.<task>.<metric>_delta_ci_low/_ci_high`, which
   `register.gate.max_regression` reads like any other metric's; `lm_eval.<task>.<metric>_higher_is_better` (1/0)
   tells the gate which way a loss goes. `lm_eval_results.json` holds each model's harness results per task,
-  `lm_eval_samples.jsonl` the per-document values.
+  `lm_eval_samples.jsonl` the per-document values;
+- what ships (`register.ship`): each artifact (merged folder, GGUF file) built from the tuned weights by the code
+  `alignflow export` runs (tasks/lib/shipped_artifacts.py), read back as users load it, answering the same prompts:
+  `shipped.<format>.<metric>` and the paired interval of shipped - adapter, `shipped.<format>.<metric>_delta_ci_low
+  /_ci_high`, which `register.gate.max_shipped_regression` reads; `shipped.<format>.changed` / `.bytes`. The
+  artifacts are cached in `<work>/cache/shipped/` by what they are made from; the manifest's `shipped` holds each
+  one's path and sha256.
 
 
 Every model's answers (and reference log-likelihoods) are cached in `<work>/cache/answers/` under a key of the

@@ -44,7 +44,6 @@ class RegisterConfig(BaseModel):
     ship: list[Annotated[ShipFormat, BeforeValidator(ship_format)]] = Field(
         [], description="artifacts this version ships as, measured by evaluate: merged, {gguf: f32|f16|q8_0} "
         "(written gguf_f32 / gguf_f16 / gguf_q8_0 too); [] measures the adapter only")
-
     log_shipped: bool = Field(False, description="also log each measured artifact's file(s) in the register run "
                               "(its sha256 is tagged either way; `alignflow export` then copies the logged file)")
 
@@ -271,8 +270,8 @@ def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]], e
         path = evaluation / record["path"]  # an absolute path (the cache) stays as it is
         if not path.exists() or artifact_sha256(fmt, path) != record["sha256"]:
             raise StageError(f"register.log_shipped: the {fmt} artifact at {path} is gone or no longer hashes to "
-                             f"{record['sha256']}, the one evaluate measured; re-run evaluate (e.g. change nothing "
-                             "and delete its stage folder) to rebuild it")
+                             f"{record['sha256']}, the one evaluate measured; delete the evaluate stage folder and "
+                             "re-run to rebuild it")
         if path.is_file():
             client.log_artifact(run_id, str(path), f"shipped/{fmt}")
             tags[f"{SHIPPED_TAG}.{fmt}.artifact_uri"] = f"runs:/{run_id}/shipped/{fmt}/{path.name}"
