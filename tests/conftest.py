@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +51,52 @@ def in_root(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run from the repo root, as the README's commands do (recipes name data/ relative to it)."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+# What a warm copy of the smoke seed holds: the stage folders, the built tiny base, the answers / reference
+# log-prob caches and Prefect's cache records. Not mlflow.db nor mlartifacts: each copy starts with an empty
+# MLflow store and registry of its own.
+WARM_PARTS = ("stages", "base", "cache", ".prefect-results")
+
+
+@pytest.fixture(scope="session")
+def smoke_seed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One cold run of configs/smoke.yaml per test session (about 60 s of CPU), for the tests whose check starts
+    after a first plain smoke run: `warm_copy` gives each its own work dir in which that run's stages come back
+    from the cache (their keys are content hashes, not paths), so only register runs.
+
+    Under xdist the workers share it: the first worker to need it runs it, holding a lock in the session's
+    common temporary folder; the others wait for it, then read it. The run's work dir is renamed to `snapshot`
+    afterwards, so that a copy that still read a path of the seed (rather than its own) fails instead of passing
+    on the seed's files. `result` is the cold run's result, its folders under `snapshot`."""
+    import json
+
+    import mlflow
+    from filelock import FileLock  # (a dependency of torch)
+
+    from alignflow.flows.pipeline import pipeline
+    from alignflow.recipe import load_recipe
+
+    # the session's own folder: with xdist, the parent of the worker's (pytest-N/popen-gwK); never an older run's
+    common = tmp_path_factory.getbasetemp()
+    common = common.parent if os.environ.get("PYTEST_XDIST_WORKER") else common
+    root = common / "smoke-seed"
+    with FileLock(str(common / "smoke-seed.lock")):
+        if not (root / "result.json").exists():
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                monkeypatch.chdir(ROOT)  # the recipe names data/ relative to the repository
+                result = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(root / "work"))
+            mlflow.set_tracking_uri(uri)  # the run pointed this process (and its children) at the seed's store
+            (root / "work").rename(root / "snapshot")
+            for info in result["stages"].values():
+                info["folder"] = str(root / "snapshot" / Path(info["folder"]).relative_to(root / "work"))
+            (root / "result.json").write_text(json.dumps(result))
+    return {"snapshot": root / "snapshot", "result": json.loads((root / "result.json").read_text())}
+
+
+def warm_copy(seed: dict[str, Any], work: Path) -> Path:
+    """A new work dir holding the smoke seed's stages and caches (WARM_PARTS) and nothing of its MLflow store."""
+    for part in WARM_PARTS:
+        shutil.copytree(seed["snapshot"] / part, work / part, symlinks=True)
+    return work

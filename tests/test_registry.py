@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import warm_copy  # tests/ is on sys.path under pytest
 from mlflow import MlflowClient
 
 from alignflow.flows.pipeline import pipeline
@@ -342,11 +344,12 @@ def _travels(work: Path, tmp_path: Path, name: str) -> None:
         server.wait(timeout=30)
 
 
-def test_a_champion_on_another_base_is_refused(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+def test_a_champion_on_another_base_is_refused(smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    work = tmp_path / "work"
+    work = warm_copy(smoke_seed, tmp_path / "work")  # the first run's stages are cached: it registers them
     first = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(work))
+    assert _rerun_stages(first) == {"register"}
     assert first["registered"]["alias"] == "champion"
     copy = tmp_path / "base-copy"  # the same weights, but another model.base: its adapter must not be mixed in
     shutil.copytree(next((work / "base").glob("tiny-*")), copy)
@@ -393,13 +396,17 @@ def test_adapter_hash_is_of_the_weights_not_of_paths(tmp_path: Path) -> None:
     assert sha256_weights(tmp_path / "d") != sha256_weights(a)  # the same tensors scaled otherwise
 
 
-def test_two_work_dirs_with_the_same_weights_share_keys(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+def test_two_work_dirs_with_the_same_weights_share_keys(smoke_seed: dict[str, Any], in_root: Path,
+                                                        tmp_path: Path) -> None:
     """sft's adapter names its base by the work dir's absolute path: keyed by that, dpo's key (it reads sft's
     weights hash) and everything after it differed between work dirs holding bit-identical weights."""
     from alignflow.tasks.lib.manifest import read_manifest
 
-    runs = [pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(tmp_path / w), until="dpo")
-            for w in ("one", "two")]
+    # two cold runs in two work dirs: the session's smoke seed (trained in its own work dir) and one here
+    two = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(tmp_path / "two"), until="dpo")
+    assert _rerun_stages(two) == {"curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo"}
+    assert not any(info["cached"] for info in smoke_seed["result"]["stages"].values())
+    runs = [smoke_seed["result"], two]
     sft, dpo = ([Path(r["stages"][s]["folder"]) for r in runs] for s in ("sft", "dpo"))
     assert (sft[0] / "adapter" / "adapter_config.json").read_text() != \
         (sft[1] / "adapter" / "adapter_config.json").read_text()  # the base's path differs
@@ -450,16 +457,17 @@ def _holds(client: MlflowClient, registered: dict, name: str = "smoke-assistant"
 
 
 def test_the_registry_tells_the_truth_after_rollback_delete_and_a_killed_register(
-        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+        smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path) -> None:
     """Run A, run B with the gate opened, rollback, re-run B: the champion stays where rollback put it and B says
     why. Delete the registered model, re-run A: a new version, champion. A version a killed register left without
     tags or alias is found by its weights, not registered twice. (Register was cached: the re-runs printed the
     registry as it had been.)"""
     smoke = ROOT / "configs" / "smoke.yaml"
-    work = tmp_path / "work"
+    work = warm_copy(smoke_seed, tmp_path / "work")  # run A's stages are cached: it registers them
     name = "smoke-assistant"
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     a = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert _rerun_stages(a) == {"register"}
     assert (a["registered"]["version"], a["registered"]["alias"]) == ("1", "champion")
     _holds(client, a["registered"])
     opened = ["dpo.beta=0.3", "register.gate.min_win_rate_vs_champion=null"]
@@ -680,7 +688,7 @@ def test_an_interrupted_rollback_is_completed_or_refused_never_rolled_forward(tm
 
 
 def test_rerunning_after_promote_rollback_and_deletion_keeps_what_a_person_decided(
-        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+        smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path) -> None:
     """Issue 26 findings 1 and 6 through the pipeline, checking "printed = held" after every step: a champion
     re-run under a stricter gate keeps champion and its tags, and says so; a challenger that later passes loses
     `challenger`; weights demoted by rollback stay demoted after their version is deleted (re-registered as a new
@@ -689,10 +697,11 @@ def test_rerunning_after_promote_rollback_and_deletion_keeps_what_a_person_decid
     from alignflow.flows.registry import promote, rollback
 
     smoke = ROOT / "configs" / "smoke.yaml"
-    work = tmp_path / "work"
+    work = warm_copy(smoke_seed, tmp_path / "work")  # run A's stages are cached: it registers them
     name = "smoke-assistant"
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     a = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert _rerun_stages(a) == {"register"}
     assert (a["registered"]["version"], a["registered"]["alias"]) == ("1", "champion")
     passed = client.get_model_version(name, "1").tags
     assert passed["alignflow.gate"] == "passed"
@@ -792,3 +801,7 @@ def test_find_version_skips_unreadable_orphans_once_and_checks_the_base(tmp_path
     assert client.get_model_version("m", "1").tags[HASH_TAG] == UNREADABLE
     assert find_version(client, "m", "h", {}, tmp_path / "scratch", base_key="base-a") == "2"
     assert find_version(client, "m", "h", {}, tmp_path / "scratch") == "2"  # no base given: by hash alone
+
+
+def _rerun_stages(result: dict[str, Any]) -> set[str]:
+    return {s for s, info in result["stages"].items() if not info["cached"]}
