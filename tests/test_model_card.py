@@ -155,16 +155,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-def test_registered_version_card_matches_mlflow_and_exports_as_readme(prefect_server: None, in_root: Path,
+def test_registered_version_card_matches_mlflow_and_exports_as_readme(smoke_seed: dict[str, Any], in_root: Path,
                                                                        tmp_path: Path) -> None:
     import mlflow
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
     from mlflow import MlflowClient
 
     from alignflow.flows.pipeline import pipeline
     from alignflow.recipe import load_recipe
 
-    work = tmp_path / "work"
+    # the session's smoke seed (tests/conftest.py) trained the stages: this run registers them in its own store
+    work = warm_copy(smoke_seed, tmp_path / "work")
     result = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(work))
+    assert {s for s, info in result["stages"].items() if not info["cached"]} == {"register"}
     name, version = result["registered"]["model_name"], result["registered"]["version"]
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri)

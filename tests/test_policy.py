@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -285,19 +286,23 @@ def test_a_non_admins_refused_promote_is_one_line(auth_server: dict[str, str],
 
 # --- the register stage on a local registry (no auth) --------------------------------------------------------
 
-def test_a_recipe_cannot_loosen_the_models_policy(prefect_server: None, in_root: Path, tmp_path: Path,
+def test_a_recipe_cannot_loosen_the_models_policy(smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The issue's case: a v1 champion; its owner sets min_win_rate_vs_champion=1.0; a run with another dpo.beta
     and `--set register.gate.min_win_rate_vs_champion=0.0` is not promoted, and its reasons name the policy.
     At 1.0 the policy fails any candidate (a lower bound never exceeds 1): at 0.5 the outcome would hang on the
     win rate of a tiny random model against the champion."""
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
+
     from alignflow.flows.pipeline import pipeline
     from alignflow.recipe import load_recipe
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    work = tmp_path / "work"
+    # the session's smoke seed (tests/conftest.py) trained the stages: v1 is registered in this work dir's store
+    work = warm_copy(smoke_seed, tmp_path / "work")
     smoke = ROOT / "configs" / "smoke.yaml"
     first = pipeline(recipe=load_recipe(smoke), work_dir=str(work))
+    assert {s for s, info in first["stages"].items() if not info["cached"]} == {"register"}
     assert first["registered"]["alias"] == "champion"
     name = first["registered"]["model_name"]
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -69,10 +70,14 @@ def _lineage_holds(client: MlflowClient, result: dict, version: str, parent: Pat
     return folder
 
 
-def test_retrain_on_nothing_new_then_on_new_data(prefect_server: None, in_root: Path, tmp_path: Path) -> None:
-    work = tmp_path / "w"
+def test_retrain_on_nothing_new_then_on_new_data(smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path) -> None:
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
+
+    # the session's smoke seed (tests/conftest.py) trained the stages: v1 is registered in this work dir's store
+    work = warm_copy(smoke_seed, tmp_path / "w")
     smoke = load_recipe(ROOT / "configs" / "smoke.yaml")
     first = pipeline(recipe=smoke, work_dir=str(work))
+    assert {s for s, info in first["stages"].items() if not info["cached"]} == {"register"}
     client = MlflowClient(first["tracking_uri"])
     assert first["registered"]["alias"] == "champion"
     v1_lineage = _lineage_holds(client, first, "1", None, tmp_path)
