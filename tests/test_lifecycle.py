@@ -9,7 +9,8 @@
 - `champion` is never on a version the gate refused or a rollback demoted, unless promoted by hand
   (`challenger` and `previous-champion` are where such versions are meant to go);
 - every MLflow run is FINISHED, FAILED or KILLED: none left RUNNING.
-The smoke recipe on a tiny model; a few minutes on two cores (most stages come from the cache after run A)."""
+The smoke recipe on a tiny model; a few minutes on two cores (run A's stages come from the session's smoke seed,
+most later ones from the cache)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from conftest import warm_copy  # tests/ is on sys.path under pytest
 from mlflow import MlflowClient
 
 from alignflow.tasks.lib.hashing import sha256_tree
@@ -215,8 +218,10 @@ def _wait_for_register(client: MlflowClient, known: set[str], proc: subprocess.P
     raise AssertionError(f"register did not start within {timeout_s:.0f} s")
 
 
-def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> None:
-    work = tmp_path / "work"
+def test_a_history_of_registry_actions_keeps_every_invariant(smoke_seed: dict[str, Any], tmp_path: Path) -> None:
+    # run A's stages come from the session's smoke seed (tests/conftest.py): its trained stages are cached, its
+    # register and every later step act on this work dir's own, empty MLflow store
+    work = warm_copy(smoke_seed, tmp_path / "work")
     wd = ["--work-dir", str(work)]
     h = History(work, tmp_path)
     c = h.client
@@ -226,6 +231,9 @@ def test_a_history_of_registry_actions_keeps_every_invariant(tmp_path: Path) -> 
 
     # 1. run A: version 1, champion; its lineage is what its own curate kept
     said = _cli("run", "configs/smoke.yaml", *wd)
+    cached = {r.data.tags["alignflow.stage"]: r.data.tags["alignflow.cached"] for r in c.search_runs(
+        [c.get_run(_parent_run(said)).info.experiment_id], f"tags.mlflow.parentRunId = '{_parent_run(said)}'")}
+    assert {s for s, v in cached.items() if v == "false"} == {"register"}, cached
     curated = _curated_prompts(c, _parent_run(said), tmp_path)
     assert len(curated) > 100
     base = curated | _synthesized_prompts(c, _parent_run(said))  # what run A's weights learned
