@@ -110,12 +110,15 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Recipe:  # also when a deployment's form builds the recipe, not load_recipe
-        problem = _full_but_quantized(self.sft.method, self.quantize.bits) or _gate_on_unmeasured_harness_task(
-            self.register.gate.max_regression, self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []) or \
-            _sharded_reward_model(self) or _non_positive_steps(self) or _keep_problems(self) or \
-            _shipped_problems(self)
-        if problem:
-            raise ValueError(problem)
+        # every group is checked, so that `alignflow validate` lists every problem at once (one a line)
+        problems = [p for p in (
+            _full_but_quantized(self.sft.method, self.quantize.bits),
+            _gate_on_unmeasured_harness_task(self.register.gate.max_regression,
+                                             self.evaluate.lm_eval.tasks if self.evaluate.lm_eval else []),
+            _sharded_reward_model(self), _non_positive_steps(self), _keep_problems(self)) if p]
+        problems += _shipped_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -124,7 +127,7 @@ SHIPPED_BY_METRIC = {"exact_match": ("exact_match",), "rouge": ("rouge1", "rouge
                      "perplexity": ("perplexity",)}
 
 
-def _shipped_problems(recipe: Recipe) -> str | None:
+def _shipped_problems(recipe: Recipe) -> list[str]:
     """register.ship and register.gate.max_shipped_regression together: a rule needs an artifact to measure and
     the metric among evaluate.metrics; a GGUF needs an architecture the writer takes (known before any training
     where the base names it: an embedded or tiny base, a local folder's config.json)."""
@@ -145,7 +148,7 @@ def _shipped_problems(recipe: Recipe) -> str | None:
         if arch is not None and arch not in ARCHITECTURES:
             problems.append(f"register.ship: a GGUF is written for {', '.join(sorted(ARCHITECTURES))} (Llama-family) "
                             f"models; model.base is '{arch}'")
-    return "; ".join(problems) or None
+    return problems
 
 
 def _base_architecture(spec: str) -> str | None:
@@ -248,7 +251,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None, confine: list[Pa
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        errors = [_format_error(err) for err in e.errors()]
+        # a check across keys may report several problems, one a line
+        errors = [line for err in e.errors() for line in _format_error(err).split("\n")]
         sections = {k: raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("sft", "quantize")}
         clash = _full_but_quantized(sections["sft"].get("method"), sections["quantize"].get("bits"))
         if clash and not any(clash in error for error in errors):  # field errors stop the check above: add it

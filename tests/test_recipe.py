@@ -174,3 +174,53 @@ def test_validate_refuses_what_the_issue_showed(tmp_path: Path, in_root: Path) -
     assert result.exit_code == 2, result.output
     said = "".join(result.output.split())  # Rich wraps for a narrow terminal, inside a long path too
     assert "sft.max_steps:-5" in said and "empty.jsonlisempty" in said, result.output
+
+
+def test_validate_lists_every_cross_key_problem_at_once(tmp_path: Path) -> None:
+    """The cross-key checks all run: a clash of sft with quantize does not hide a gate rule with nothing to measure."""
+    data = _base(tmp_path)
+    data["sft"] = {"method": "full"}
+    data["quantize"] = {"bits": 4}
+    data["register"]["gate"] = {"max_shipped_regression": {"exact_match": 0.1}}  # and register.ship is empty
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    assert len(e.value.problems) == 2, e.value.problems
+    assert "quantize.bits must be null (got 4)" in e.value.problems[0]
+    assert e.value.problems[1] == ("register.gate.max_shipped_regression: nothing would be measured; list the "
+                                   "artifacts in register.ship (e.g. [merged, {gguf: q8_0}])")
+
+
+def test_register_ship_and_its_gate_are_checked_together(tmp_path: Path) -> None:
+    """Each check of register.ship / max_shipped_regression, by its message; the dict form names the GGUF type."""
+    import json
+
+    from pydantic import ValidationError
+
+    from alignflow.recipe import Recipe
+
+    def problems(register: dict, metrics: list[str] | None = None, base: str = "tiny:llama") -> str:
+        data = {**_base(tmp_path), "model": {"base": base}, "register": {"model_name": "m", **register}}
+        if metrics is not None:
+            data["evaluate"] = {"metrics": metrics}
+        try:
+            Recipe.model_validate(data)
+        except ValidationError as e:
+            return str(e)
+        return ""
+
+    ok = Recipe.model_validate({**_base(tmp_path), "register": {"model_name": "m", "ship": [
+        "merged", {"gguf": "q8_0"}, "gguf_f16"], "gate": {"max_shipped_regression": {"exact_match": 0.1}}}})
+    assert ok.register.ship == ["merged", "gguf_q8_0", "gguf_f16"]
+    assert "is not among what evaluate.metrics measures (exact_match)" in problems(
+        {"ship": ["merged"], "gate": {"max_shipped_regression": {"bleu": 0.1}}}, metrics=["exact_match"])
+    assert problems({"ship": ["merged"], "gate": {"max_shipped_regression": {"rougeL": 0.1}}},
+                    metrics=["rouge"]) == ""  # `rouge` measures rouge1/2/L
+    assert "listed more than once: ['gguf_q8_0']" in problems({"ship": ["gguf_q8_0", {"gguf": "q8_0"}]})
+    assert "gguf_q4" in problems({"ship": [{"gguf": "q4"}]})  # no such type: refused by its name
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    said = problems({"ship": [{"gguf": "q8_0"}]}, base=str(folder))
+    assert "register.ship: a GGUF is written for llama, mistral, qwen2 (Llama-family) models; model.base is 'gpt2'" \
+        in said
+    assert problems({"ship": ["merged"]}, base=str(folder)) == ""  # a merged folder is written for any model
