@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.py and users import it from here)
     GATED_METRICS,
@@ -27,7 +27,7 @@ from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.
 )
 from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.shipped_artifacts import ShipFormat, ship_format
+from alignflow.tasks.lib.shipped_artifacts import SHIP_ENTRY_SCHEMA, ShipFormat, ship_format
 
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
@@ -41,7 +41,7 @@ class RegisterConfig(BaseModel):
     gate: GateConfig = GateConfig()
     # what users serve instead of the adapter: evaluate builds each (as `alignflow export` would), answers the same
     # eval prompts with it and logs `shipped.<format>.*`; the gate's max_shipped_regression reads those
-    ship: list[Annotated[ShipFormat, BeforeValidator(ship_format)]] = Field(
+    ship: list[Annotated[ShipFormat, BeforeValidator(ship_format), WithJsonSchema(SHIP_ENTRY_SCHEMA)]] = Field(
         [], description="artifacts this version ships as, measured by evaluate: merged, {gguf: f32|f16|q8_0} "
         "(written gguf_f32 / gguf_f16 / gguf_q8_0 too); [] measures the adapter only")
     log_shipped: bool = Field(False, description="also log each measured artifact's file(s) in the register run "

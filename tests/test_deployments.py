@@ -71,3 +71,23 @@ def test_the_deployment_forms_defaults_are_the_demo_recipe_as_it_is() -> None:
     retrain = dict(recipes["retrain"])
     assert retrain.pop("retrain") == {"start_from": "champion"}
     assert retrain == demo, "deployments/prefect.yaml's retrain form differs from configs/demo.yaml"
+
+
+def test_the_deployment_form_takes_register_ship_as_the_recipe_writes_it() -> None:
+    """The flow's parameter schema (the Prefect UI form, `deployment run --params`) takes `register.ship` in both
+    spellings the recipe documents, `gguf_q8_0` and `{gguf: q8_0}`, and refuses a type there is none of."""
+    import jsonschema
+    import pytest
+    from prefect.utilities.callables import parameter_schema
+
+    from alignflow.flows.pipeline import pipeline
+
+    schema = parameter_schema(pipeline.fn).model_dump_for_openapi()
+    recipe_schema = {**schema["properties"]["recipe"], "definitions": schema.get("definitions", {}),
+                     "$defs": schema.get("definitions", {})}
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    for ship in (["merged", "gguf_q8_0"], ["merged", {"gguf": "q8_0"}], [{"gguf": "f16"}]):
+        jsonschema.validate({**raw, "register": {**raw["register"], "ship": ship}}, recipe_schema)
+    for wrong in ([{"gguf": "q4"}], ["gguf"], [{"gguf": "q8_0", "name": "x"}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**raw, "register": {**raw["register"], "ship": wrong}}, recipe_schema)

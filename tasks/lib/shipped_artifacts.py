@@ -35,6 +35,13 @@ from alignflow.tasks.lib.hashing import code_version, sha256_file, sha256_json, 
 
 ShipFormat = Literal["merged", "gguf_f32", "gguf_f16", "gguf_q8_0"]
 SHIP_FORMATS: tuple[str, ...] = get_args(ShipFormat)
+GGUF_TYPES = tuple(f.removeprefix("gguf_") for f in SHIP_FORMATS if f.startswith("gguf_"))
+# a `register.ship` entry as the JSON schema states it (the deployment form, `deployment run --params` check it):
+# a format name, or the recipe's `{gguf: <type>}` that `ship_format` turns into one before validation
+SHIP_ENTRY_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "string", "enum": list(SHIP_FORMATS)},
+    {"type": "object", "properties": {"gguf": {"type": "string", "enum": list(GGUF_TYPES)}}, "required": ["gguf"],
+     "additionalProperties": False}]}
 # the libraries whose code decides the artifact's bytes (merge, cast, save, GGUF layout)
 BUILD_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "tokenizers")
 ARTIFACT_JSON = "artifact.json"
