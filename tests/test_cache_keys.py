@@ -277,15 +277,20 @@ def test_the_key_contract_imports_no_stage_module() -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One smoke run; its stage folders are the upstream files every row's keys are computed against."""
+def baseline(smoke_seed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One smoke run; its stage folders are the upstream files every row's keys are computed against. Its stages
+    are the session's smoke seed's (tests/conftest.py: a cold run, whose manifests the cold-run check reads),
+    served from the cache in this work dir, which has its own MLflow store."""
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
+
     from alignflow.flows.pipeline import pipeline
 
-    work = tmp_path_factory.mktemp("keys")
+    work = warm_copy(smoke_seed, tmp_path_factory.mktemp("keys"))
     cwd = Path.cwd()
     os.chdir(ROOT)  # the recipe names data/ relative to the repository
     try:
         result = pipeline(recipe=load_recipe(SMOKE), work_dir=str(work))
+        assert {s for s, info in result["stages"].items() if not info["cached"]} == {"register"}
     finally:
         os.chdir(cwd)
     folders = {s: Path(info["folder"]) for s, info in result["stages"].items()}
