@@ -281,6 +281,28 @@ def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]], e
     return tags
 
 
+def _tag_shipped(client: Any, name: str, version: str, current: dict[str, str], tags: dict[str, str],
+                 shipped: dict[str, dict[str, Any]], inputs: RegisterInputs, log_shipped: bool) -> dict[str, str]:
+    """Write the shipped tags on the version (this run's verdict is the version's). A format's logged file stays
+    where the version already names one with the same sha256 (not re-hashed nor re-uploaded each run); one that
+    no longer hashes to the new sha256 is untagged, as is a `built_with` this run did not record, so that no tag
+    describes another build than the one `sha256` names."""
+    same = {fmt for fmt, record in shipped.items()
+            if current.get(f"{SHIPPED_TAG}.{fmt}.sha256") == str(record["sha256"])
+            and current.get(f"{SHIPPED_TAG}.{fmt}.artifact_uri")}
+    if log_shipped:
+        tags = {**tags, **_log_shipped(client, inputs.run_id, {f: r for f, r in shipped.items() if f not in same},
+                                       inputs.evaluation)}
+    for fmt in shipped:
+        for field in ("artifact_uri", "built_with"):
+            key = f"{SHIPPED_TAG}.{fmt}.{field}"
+            if key in current and key not in tags and not (field == "artifact_uri" and fmt in same):
+                client.delete_model_version_tag(name, version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return tags
+
+
 def base_record(spec: str, path: Path) -> tuple[dict[str, Any], Path | None]:
     """How a loader finds the base again (tasks/lib/served_model.py resolves it), and the folder to log with the
     version when that is the way: an embedded model by its package, a hub model by id and commit, anything else
@@ -414,13 +436,6 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 # (with log_model(registered_model_name=...) a kill -9 before the tags left an orphan)
                 version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
 
-    # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
-    shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
-    if cfg.log_shipped:
-        shipped.update(_log_shipped(client, inputs.run_id, evaluation.get("shipped", {}), inputs.evaluation))
-    for key, value in shipped.items():
-        client.set_model_version_tag(cfg.model_name, version, key, value)
-
     # --- the gate's verdict on this version, then the champion alias (compare-and-set) ---------------------
     mine = client.get_model_version(cfg.model_name, version)
     # a person's demotion (rollback, or promote of another version) is kept on the registered model by weights
@@ -435,6 +450,21 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     if relevel:
         reasons.append(relevel)
         decided.append(relevel)
+    # a champion re-submitted with a failing gate keeps its verdict (below), and so does a sweep winner gated at a
+    # lower level: this run's verdict is not the version's
+    keeps_verdict = bool(relevel) or (previous == version and bool(reasons))
+
+    # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
+    # They go with the verdict: on the version only where this run's verdict is written to it (a kept champion's
+    # tags keep naming the artifact that passed its gate); otherwise on this run only.
+    shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
+    if keeps_verdict:
+        for key, value in shipped.items():
+            client.set_tag(inputs.run_id, key, value)
+        shipped_on_version: dict[str, str] = {}
+    else:
+        shipped_on_version = _tag_shipped(client, cfg.model_name, version, mine.tags, shipped,
+                                          evaluation.get("shipped", {}), inputs, cfg.log_shipped)
     if previous == version:
         pass  # re-submitted champion: nothing moves
     elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
@@ -453,7 +483,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
     # only, and the run says so.
     # (A champion with no gate tag yet, what a kill before the tags left, keeps none: the gate never writes
     # "failed" on the champion; a later passing run writes "passed".)
-    kept_champion = previous == version and bool(reasons)
+    kept_champion = previous == version and bool(reasons)  # (`keeps_verdict` above, as its reasons were final)
     if kept_champion:
         reasons.insert(0, f"version {version} already holds champion and keeps it (the gate never demotes; "
                           f"`alignflow rollback` / `promote` do); this run's gate failed, recorded on this run only "
@@ -505,7 +535,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
         "gate_bounds": decided,
         "gate_selection": selection(metrics),  # '' unless a sweep's winner (the familywise correction and k)
         "adapter_sha256": adapter_hash,
-        "shipped_tags": shipped,  # alignflow.shipped.<format>.* set on the version
+        "shipped_tags": shipped_on_version,  # alignflow.shipped.<format>.* set on the version ({}: on the run only)
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "outputs": [],
         "previous_champion": previous,
