@@ -522,7 +522,7 @@ def export(
     """Export a registered model as plain transformers files (merged), its PEFT adapter, or a GGUF file."""
     import tempfile
 
-    from alignflow.flows.registry import download_model, shipped_records
+    from alignflow.flows.registry import download_model, resolve_model_uri, shipped_records
     from alignflow.tasks.export import ExportInputs
     from alignflow.tasks.export import run as do_export
 
@@ -536,17 +536,20 @@ def export(
     assert out is not None
     kind = "merged" if merged else "adapter" if adapter else "gguf"
     _client(work_dir)
+    # one version, resolved once: an alias that moves meanwhile cannot mix one version's weights with another's tags
+    pinned = _user_error(resolve_model_uri, model_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        weights, config = _user_error(download_model, model_uri, Path(tmp))  # the registry, nothing else
+        weights, config = _user_error(download_model, pinned, Path(tmp))  # the registry, nothing else
         # the artifacts evaluate measured for this version (register.ship): a GGUF or merged folder must be those
         # bytes (a logged GGUF file is downloaded and copied; a merged folder is rebuilt and checked)
-        measured = _user_error(shipped_records, model_uri, f"gguf_{gguf_type}" if gguf else "",
+        measured = _user_error(shipped_records, pinned, f"gguf_{gguf_type}" if gguf else "",
                                Path(tmp) / "shipped") if kind != "adapter" else {}
         result = _user_error(do_export, ExportInputs(artifacts=weights.parent, config=config, out_dir=out, kind=kind,
                                                      gguf_type=gguf_type, measured=measured))
     extra = f", {result['gguf_type']}, {result['bytes'] / 2**20:.1f} MiB" if kind == "gguf" else ""
     readme = ", its model card as README.md" if result.get("readme") else ""
-    console.print(f"exported {model_uri} ({result['kind']}{extra}{readme}) to {out}", markup=False)
+    shown = model_uri if pinned == model_uri else f"{model_uri} ({pinned})"
+    console.print(f"exported {shown} ({result['kind']}{extra}{readme}) to {out}", markup=False)
     if result.get("measured"):
         console.print(f"the artifact evaluate measured for this version: sha256 {result['sha256']} "
                       f"({'the file logged with it' if result.get('source') == 'logged' else 'rebuilt, same bytes'})",

@@ -71,25 +71,44 @@ def rollback(client: MlflowClient, name: str) -> str:
     return _record(client, name, previous, stamp)
 
 
-def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """A registered model's weights folder (adapter, or full model) and its config (base path, spec, dtype).
+def resolve_model_uri(model_uri: str) -> str:
+    """`model_uri` pinned to one version, `models:/NAME/VERSION`, resolved once (an alias, `latest` or a stage as
+    MLflow resolves them; a bare registered NAME: its champion), so that everything export reads (weights, config,
+    shipped tags, logged files) comes from the same version even when an alias moves meanwhile. A `runs:/` URI,
+    or a logged model's id, is returned as it is (no version)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    `model_uri` is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, or a bare registered NAME (its champion)."""
     client = MlflowClient()
     if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
         model_uri = f"models:/{model_uri}@champion"  # a bare name: its champion
-    if model_uri.startswith("models:/"):
-        name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
-        try:
-            client.get_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            known = sorted(m.name for m in client.search_registered_models(max_results=1000))
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise StageError(f"export: no registered model named '{name}'{hint} Registered: "
-                             f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})") from None
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise StageError(f"export: no registered model named '{name}'{hint} Registered: "
+                         f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})") from None
+    try:
+        found = get_model_name_and_version(client, model_uri)
+    except MlflowException as e:
+        raise StageError(f"export: cannot resolve {model_uri}: {e.message}") from None
+    if len(found) != 2:  # models:/<logged model id>: not a registered version
+        return model_uri
+    return f"models:/{found[0]}/{found[1]}"
+
+
+def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """A registered model's weights folder (adapter, or full model) and its config (base path, spec, dtype).
+
+    `model_uri` is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, or a bare registered NAME (its champion); pinned
+    by `resolve_model_uri` first."""
+    model_uri = resolve_model_uri(model_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
     except MlflowException as e:
@@ -103,26 +122,25 @@ def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:
 
 def shipped_records(model_uri: str, fmt: str, dest: Path) -> dict[str, dict[str, Any]]:
     """The artifacts the version was measured as (its `alignflow.shipped.<format>.*` tags): format -> {sha256,
-    built_with}, and for `fmt` ('' for none), when register logged its file (register.log_shipped), `logged`: that
-    file downloaded into `dest`. {} for a version measured as none, or a `runs:/` URI (no version)."""
+    built_with, artifact_uri}, and for `fmt` ('' for none), when register logged its file (register.log_shipped),
+    `logged`: that file downloaded into `dest`. {} for a version measured as none, or a `runs:/` URI (no version).
+    Pass the URI `resolve_model_uri` pinned, so that the tags are those of the version whose weights are exported."""
     client = MlflowClient()
-    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
-        model_uri = f"models:/{model_uri}@champion"
-    if not model_uri.startswith("models:/"):
+    model_uri = resolve_model_uri(model_uri)
+    if not model_uri.startswith("models:/") or model_uri.count("/") != 2:
         return {}
-    name, _, rest = model_uri.removeprefix("models:/").partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        tags = client.get_model_version_by_alias(name, alias).tags
-    else:
-        tags = client.get_model_version(name, rest.strip("/")).tags
+    name, version = model_uri.removeprefix("models:/").split("/")
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException as e:
+        raise StageError(f"export: cannot read the tags of {model_uri}: {e.message}") from None
     found: dict[str, dict[str, Any]] = {}
     for tag, value in tags.items():
         parts = tag.split(".")
         if len(parts) == 4 and tag.startswith("alignflow.shipped."):
             found.setdefault(parts[2], {})[parts[3]] = value
-    records = {f: {"sha256": r["sha256"], "built_with": r.get("built_with", "")} for f, r in found.items()
-               if "sha256" in r}
+    records = {f: {"sha256": r["sha256"], "built_with": r.get("built_with", ""),
+                   "artifact_uri": r.get("artifact_uri", "")} for f, r in found.items() if "sha256" in r}
     uri = found.get(fmt, {}).get("artifact_uri")
     if fmt in records and uri:
         try:
