@@ -32,7 +32,8 @@ from alignflow.tasks.lib.errors import StageError
 class MeasuredArtifact(BaseModel):
     sha256: str  # what evaluate measured: the file export must write
     built_with: str = ""  # libraries, dtype and machine kind that built it
-    logged: Path | None = None  # its file as register logged it (register.log_shipped), downloaded
+    artifact_uri: str = ""  # where register logged it (register.log_shipped), '' when it did not
+    logged: Path | None = None  # that file, downloaded (a GGUF; a merged folder is rebuilt and checked instead)
 
 
 class ExportInputs(BaseModel):
@@ -54,6 +55,10 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     # measured hash, and copied into OUT only then
     want = inputs.measured.get("merged") if inputs.kind == "merged" else None
     target = inputs.out_dir
+    if want is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        # the measured folder is put in place whole (one rename), never mixed into files already there
+        raise StageError(f"export: {target} exists and is not empty; the merged folder this version was measured as "
+                         "is written whole into a new or empty folder: choose another OUT, or empty it")
     staged = inputs.model_copy(update={"out_dir": target.with_name(f".{target.name}.{os.getpid()}.partial")}) \
         if want is not None else inputs
     try:
@@ -67,8 +72,11 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
 
             sha = sha256_weights(staged.out_dir)  # the hash evaluate took (README.md, the card, left out)
             if sha != want.sha256:
-                raise StageError(_not_measured("merged", sha, want, target, inputs.config.get("dtype", "float32")))
-            shutil.copytree(staged.out_dir, target, dirs_exist_ok=True)
+                raise StageError(_not_measured("merged", sha, want, target, inputs.config.get("dtype", "float32"),
+                                               str(inputs.config.get("base_spec", ""))))
+            if target.exists():
+                target.rmdir()  # empty (checked above): the rename below replaces it
+            os.replace(staged.out_dir, target)  # the checked folder, whole, or nothing
     finally:
         if want is not None:
             shutil.rmtree(staged.out_dir, ignore_errors=True)
@@ -77,16 +85,39 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
             "measured_formats": sorted(inputs.measured)}
 
 
-def _not_measured(fmt: str, sha: str, want: MeasuredArtifact, out: Path, dtype: str) -> str:
-    """Why export refuses: it built other bytes than the artifact evaluate measured for this version."""
+def _not_measured(fmt: str, sha: str, want: MeasuredArtifact, out: Path, dtype: str, base_spec: str) -> str:
+    """Why export refuses: it built other bytes than the artifact evaluate measured for this version; what differs
+    between the recorded build and this one, and what to do (only what can work for this format)."""
     from alignflow.tasks.lib.models import device_kind
     from alignflow.tasks.lib.shipped_artifacts import built_with
 
-    return (f"export: the {fmt} artifact built here (sha256 {sha[:16]}…) is not the one evaluate measured for this "
-            f"version (sha256 {want.sha256[:16]}…), so nothing was written to {out}. It was built with "
-            f"{want.built_with or 'unrecorded settings'}; here: {built_with(fmt, dtype, device_kind())}. Other "
-            "library versions or another machine kind merge or round differently: install the recorded versions, "
-            "or set register.log_shipped: true so that the measured file itself is kept with the version")
+    here = built_with(fmt, dtype, device_kind())
+    said = (f"export: the {fmt} artifact rebuilt here (sha256 {sha[:16]}…) is not the one evaluate measured for "
+            f"this version (sha256 {want.sha256[:16]}…), so nothing was written to {out}. ")
+    if not want.built_with:
+        said += f"How it was built was not recorded; here: {here}. "
+    elif want.built_with == here:
+        said += (f"It was built with the same libraries, dtype and machine kind as here ({here}), so what differs "
+                 f"is an input: the base model resolved from the spec the version recorded ({base_spec!r}: a local "
+                 "folder or hub revision that changed since) is not the one evaluate merged with. ")
+    else:
+        said += (f"It was built with {want.built_with}; here: {here}. Other library versions, dtype or machine kind "
+                 "merge or round differently: export with the recorded ones. ")
+    if want.artifact_uri:
+        said += f"The measured {'file' if fmt.startswith('gguf') else 'folder'} was logged with the version: " \
+                f"`mlflow artifacts download -u {want.artifact_uri}` fetches it."
+    else:
+        said += "register.log_shipped: true keeps the measured artifact itself with the version when register next " \
+                "writes its verdict."
+    return said
+
+
+def _logged_differs(fmt: str, sha: str, want: MeasuredArtifact, out: Path) -> str:
+    """Why export refuses the file register logged with the version: it is not the one the version's sha256 names."""
+    return (f"export: the {fmt} file logged with this version ({want.artifact_uri}) hashes to {sha[:16]}…, not to "
+            f"the alignflow.shipped.{fmt}.sha256 recorded with it ({want.sha256[:16]}…): the version's tags do not "
+            f"agree with its logged file, so nothing was written to {out}. Deleting the version's tag "
+            f"alignflow.shipped.{fmt}.artifact_uri makes export rebuild the artifact and check it against the sha256")
 
 
 def _files(inputs: ExportInputs) -> dict[str, Any]:
@@ -155,7 +186,8 @@ def _gguf(inputs: ExportInputs) -> dict[str, Any]:
                        "source": "rebuilt"}
         sha = sha256_file(partial)
         if want is not None and sha != want.sha256:
-            raise StageError(_not_measured(fmt, sha, want, out, "float32"))
+            raise StageError(_logged_differs(fmt, sha, want, out) if written["source"] == "logged" else
+                             _not_measured(fmt, sha, want, out, "float32", str(inputs.config.get("base_spec", ""))))
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
