@@ -27,11 +27,13 @@ from alignflow.tasks.lib.policy import PREFIX, policy_from_tags
 from alignflow.tasks.register import GateConfig
 
 SET_BY = "alignflow.policy.set_by"  # who last changed the policy, when, and what
+PER_METRIC = ("max_regression", "max_shipped_regression", "min_gain_vs_champion")  # metric -> value rules
 
 
 def parse(items: list[str]) -> dict[str, Any]:
     """`register.gate.KEY=VALUE` items -> {KEY: value}, values read as YAML (numbers, true/false, null, {a: 1});
-    `register.gate.max_regression.METRIC=V` sets one metric of max_regression. Every problem listed at once."""
+    `register.gate.RULE.METRIC=V` sets one metric of a per-metric rule (max_regression, max_shipped_regression,
+    min_gain_vs_champion): the form gate bounds and reasons cite. Every problem listed at once."""
     values: dict[str, Any] = {}
     problems: list[str] = []
     for item in items:
@@ -46,17 +48,20 @@ def parse(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             value = text
         name = key.removeprefix(PREFIX)
-        if name.startswith("max_regression."):
-            regressions = values.setdefault("max_regression", {})
-            if not isinstance(regressions, dict):
-                problems.append(f"{item}: max_regression is already set as a whole")
+        rule, dot, metric = name.partition(".")
+        if dot and rule in PER_METRIC:
+            per_metric = values.setdefault(rule, {})
+            if not isinstance(per_metric, dict):
+                problems.append(f"{item}: {rule} is already set as a whole")
                 continue
-            regressions[name.removeprefix("max_regression.")] = value
+            per_metric[metric] = value
             continue
         values[name] = value
     for name, value in values.items():
         if value is None:
             continue  # null removes the key from the policy
+        if name in PER_METRIC and isinstance(value, dict):  # RULE.METRIC=null removes that metric (set_policy)
+            value = {metric: v for metric, v in value.items() if v is not None}
         try:
             GateConfig.model_validate({name: value})
         except ValidationError as e:
@@ -114,10 +119,10 @@ def set_policy(client: MlflowClient, name: str, items: list[str]) -> str:
         raise StageError(f"policy set: user {user!r} lacks MANAGE on registered model {name!r}; only its owner "
                          "(MANAGE) or an admin may change its promotion policy")
     current, _problems = policy_from_tags(tags)
-    if isinstance(values.get("max_regression"), dict) and any(i.partition("=")[0].strip().startswith(
-            f"{PREFIX}max_regression.") for i in items):  # one metric at a time: keep the others
-        values["max_regression"] = {k: v for k, v in {**current.get("max_regression", {}),
-                                                      **values["max_regression"]}.items() if v is not None}
+    for rule in PER_METRIC:
+        if isinstance(values.get(rule), dict) and any(i.partition("=")[0].strip().startswith(
+                f"{PREFIX}{rule}.") for i in items):  # one metric at a time: keep the others (null removes one)
+            values[rule] = {k: v for k, v in {**current.get(rule, {}), **values[rule]}.items() if v is not None}
     for key, value in values.items():
         if value is None or value == {}:
             if f"{PREFIX}{key}" in tags:

@@ -88,8 +88,10 @@ def cite(lines: list[str], decided: dict[str, str], model_name: str) -> list[str
             return line.startswith(f"{metric} ") and ("max_regression" in line or "regression cannot" in line)
         if rule == "min_gain_vs_champion":
             return line.startswith(f"{metric} ") and ("min_gain_vs_champion" in line or "gain cannot" in line)
-        if rule == "max_shipped_regression":  # "shipped <format>: <metric> may lose" / "... <metric> loss upper"
-            return line.startswith("shipped ") and f" {metric} " in line
+        if rule == "max_shipped_regression":  # "shipped <format>: <metric> may lose" / "... <metric> loss upper",
+            # or the fail-closed line when nothing shipped was measured (any metric the policy set decides it)
+            return (line.startswith("shipped ") and f" {metric} " in line) or \
+                line.startswith("max_shipped_regression is set but no shipped artifact")
         if rule == "require_decontaminated":
             return line.startswith("curate did not decontaminate")
         return f"{rule}=" in line
