@@ -283,3 +283,181 @@ def test_the_version_carries_the_measured_hash_and_export_writes_that_file(
                                        str(tmp_path / "out" / "merged"), "--work-dir", str(work)])
     assert refused.exit_code != 0 and "is not the one evaluate measured" in " ".join(refused.output.split())
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# --- register keeps the shipped tags with the verdict; export says what is true (review items 1, 2, 6, 9, 12) -----
+
+def _damaged_evaluation(evaluated: dict[str, Any], stages: dict[str, Any], out: Path, passes: bool) -> str:
+    """An evaluate folder like the fixture's, whose GGUF is another file (one byte flipped: other bytes, as another
+    writer or machine would make); `passes`: its scores are the honest ones, else it lost every answer. Returns its
+    sha256. (No evaluate run: register reads only the manifest and the file.)"""
+    from alignflow.tasks.lib.hashing import sha256_file
+    from alignflow.tasks.lib.manifest import read_manifest
+
+    manifest = read_manifest(stages["root"] / "evaluate")
+    out.mkdir(parents=True)
+    gguf = out / "model.gguf"
+    shutil.copyfile(evaluated["shipped"]["gguf_q8_0"]["path"], gguf)
+    with open(gguf, "r+b") as f:  # a byte of the last tensor's data
+        f.seek(gguf.stat().st_size - 10)
+        byte = f.read(1)
+        f.seek(gguf.stat().st_size - 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    sha = sha256_file(gguf)
+    manifest["shipped"]["gguf_q8_0"] = {**manifest["shipped"]["gguf_q8_0"], "path": str(gguf), "sha256": sha}
+    if not passes:
+        manifest["metrics"].update({"shipped.gguf_q8_0.exact_match": 0.0, "shipped.gguf_q8_0.changed": 1.0,
+                                    "shipped.gguf_q8_0.exact_match_delta_ci_low": -1.0,
+                                    "shipped.gguf_q8_0.exact_match_delta_ci_high": -1.0})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return sha
+
+
+def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_true_cause(
+        stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The champion re-submitted with an artifact that fails the gate keeps its verdict, and with it the shipped tags
+    of the artifact that passed (this run's go on the run); an unchanged artifact is not logged again; a passing
+    re-measure with other bytes drops the stale logged file. Export of `latest` resolves one version; its refusals
+    name the cause that holds (a logged file that disagrees with its tag; same build settings); --merged refuses a
+    non-empty OUT."""
+    import mlflow
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from alignflow.cli import app
+    from alignflow.tasks import register
+    from alignflow.tasks.lib.hashing import sha256_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    from alignflow.flows import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", uri)  # what MLFLOW_TRACKING_URI sets at import (the CLI's)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("ship-keep")
+    client = MlflowClient(uri)
+    curated = tmp_path / "curate"
+    curated.mkdir()
+    write_manifest(curated, {"stage": "curate", "outputs": [], "metrics": {"decontaminated": 1}})
+    gate = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                               min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.5})
+
+    def submit(evaluation: Path, log_shipped: bool) -> tuple[str, dict[str, Any]]:
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+        done = register.run(register.RegisterConfig(model_name="ship-keep", gate=gate, ship=["merged", "gguf_q8_0"],
+                                                    log_shipped=log_shipped),
+                            register.RegisterInputs(base_path=stages["base"].path, base_spec="tiny:llama",
+                                                    base_key=stages["base"].key, dtype="float32",
+                                                    candidate=stages["dpo"], evaluation=evaluation, curated=curated,
+                                                    run_id=run_id, out_dir=tmp_path / f"register-{run_id}"))
+        return run_id, done
+
+    honest = evaluated["shipped"]["gguf_q8_0"]["sha256"]
+    first, done = submit(stages["root"] / "evaluate", True)
+    assert done["alias"] == "champion" and done["gate_reasons"] == []
+    version = done["version"]
+    logged_uri = f"runs:/{first}/shipped/gguf_q8_0/model.gguf"
+    # the same artifact again: not logged again (the version already names a file with this sha256)
+    second, done = submit(stages["root"] / "evaluate", True)
+    assert done["version"] == version and done["gate_reasons"] == []
+    assert client.list_artifacts(second, "shipped") == []
+    assert client.get_model_version("ship-keep", version).tags[
+        "alignflow.shipped.gguf_q8_0.artifact_uri"] == logged_uri
+
+    # #1: the champion re-submitted with an artifact that fails the gate keeps champion, its verdict and its tags
+    damaged = _damaged_evaluation(evaluated, stages, tmp_path / "damaged", passes=False)
+    third, done = submit(tmp_path / "damaged", True)
+    assert done["alias"] == "champion" and done["gate_reasons"][0].startswith(f"version {version} already holds")
+    assert done["shipped_tags"] == {}
+    tags = client.get_model_version("ship-keep", version).tags
+    assert tags["alignflow.gate"] == "passed"
+    assert tags["alignflow.shipped.gguf_q8_0.sha256"] == honest
+    assert tags["alignflow.shipped.gguf_q8_0.artifact_uri"] == logged_uri
+    assert tags["alignflow.metric.shipped.gguf_q8_0.exact_match"] == str(evaluated["metrics"][
+        "shipped.gguf_q8_0.exact_match"])
+    assert client.get_run(third).data.tags["alignflow.shipped.gguf_q8_0.sha256"] == damaged  # on the run only
+    assert client.list_artifacts(third, "shipped") == []
+
+    def export(ref: str, *args: str) -> tuple[int, str]:
+        done = CliRunner().invoke(app, ["export", ref, *args, "--work-dir", str(work)])
+        return done.exit_code, " ".join(done.output.split())
+
+    # #9: `latest` is resolved to one version, whose tags and logged file export uses: the honest file
+    code, said = export("models:/ship-keep/latest", "--gguf", str(tmp_path / "latest.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    assert sha256_file(tmp_path / "latest.gguf") == honest
+
+    # #2: a logged file that is not the one its tag names is said to be that, not a rebuild on another machine
+    client.set_model_version_tag("ship-keep", version, "alignflow.shipped.gguf_q8_0.sha256", "0" * 64)
+    code, said = export(f"models:/ship-keep/{version}", "--gguf", str(tmp_path / "x.gguf"), "--gguf-type", "q8_0")
+    assert code != 0 and f"the gguf_q8_0 file logged with this version ({logged_uri}) hashes to" in said, said
+    assert "built here" not in said and "machine kind" not in said and not (tmp_path / "x.gguf").exists()
+    client.set_model_version_tag("ship-keep", version, "alignflow.shipped.gguf_q8_0.sha256", honest)
+
+    # a passing re-measure with other bytes (log_shipped off): the version's sha256 is the new one, and the logged
+    # file of the old bytes is no longer named (export rebuilds, and refuses: the rebuild is the honest bytes)
+    other = _damaged_evaluation(evaluated, stages, tmp_path / "other", passes=True)
+    _fourth, done = submit(tmp_path / "other", False)
+    assert done["gate_reasons"] == []
+    tags = client.get_model_version("ship-keep", version).tags
+    assert tags["alignflow.shipped.gguf_q8_0.sha256"] == other
+    assert "alignflow.shipped.gguf_q8_0.artifact_uri" not in tags
+    code, said = export(f"models:/ship-keep/{version}", "--gguf", str(tmp_path / "y.gguf"), "--gguf-type", "q8_0")
+    assert code != 0 and "rebuilt here" in said and "same libraries, dtype and machine kind" in said, said
+    assert "'tiny:llama'" in said and "install the recorded" not in said and not (tmp_path / "y.gguf").exists()
+
+    # #2 for merged: the measured folder, logged, is named where to fetch it; nothing written
+    client.set_model_version_tag("ship-keep", version, "alignflow.shipped.merged.sha256", "0" * 64)
+    code, said = export(f"models:/ship-keep/{version}", "--merged", str(tmp_path / "m"))
+    assert code != 0 and f"mlflow artifacts download -u runs:/{first}/shipped/merged" in said, said
+    assert "log_shipped" not in said and not (tmp_path / "m").exists()
+    client.set_model_version_tag("ship-keep", version, "alignflow.shipped.merged.sha256",
+                                 evaluated["shipped"]["merged"]["sha256"])
+    # #12: never mixed into a folder holding other files; an empty one is filled whole
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "old.txt").write_text("kept")
+    code, said = export(f"models:/ship-keep/{version}", "--merged", str(full))
+    assert code != 0 and "exists and is not empty" in said and [p.name for p in full.iterdir()] == ["old.txt"]
+    (tmp_path / "empty").mkdir()
+    code, said = export(f"models:/ship-keep/{version}", "--merged", str(tmp_path / "empty"))
+    assert code == 0 and "rebuilt, same bytes" in said, said
+    assert (tmp_path / "empty" / "model.safetensors").exists() and not list(tmp_path.glob(".empty.*"))
+
+
+def test_policy_sets_merges_and_cites_max_shipped_regression(tmp_path: Path) -> None:
+    """`policy set register.gate.max_shipped_regression.METRIC=V` (the form bounds cite) sets one metric, keeping the
+    others; merged with the recipe's, the smaller wins; the fail-closed reason (nothing shipped measured) names the
+    policy that asked for the check."""
+    from mlflow import MlflowClient
+
+    from alignflow.flows.policy import set_policy
+    from alignflow.tasks.lib.policy import cite, gate_with_policy
+    from alignflow.tasks.register import GateConfig, gate
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    set_policy(client, "m", ["register.gate.max_shipped_regression.exact_match=0.02"])
+    set_policy(client, "m", ["register.gate.max_shipped_regression.perplexity=1.0"])
+    assert json.loads(client.get_registered_model("m").tags["register.gate.max_shipped_regression"]) == {
+        "exact_match": 0.02, "perplexity": 1.0}
+    recipe = GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                        min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.1, "rougeL": 0.3})
+    merged, decided, problems = gate_with_policy(client, "m", recipe)
+    assert problems == [] and merged.max_shipped_regression == {"exact_match": 0.02, "perplexity": 1.0,
+                                                                "rougeL": 0.3}
+    assert set(decided) == {"max_shipped_regression.exact_match", "max_shipped_regression.perplexity"}
+    # a recipe without register.ship: the policy's rule fails closed, and the reason says whose rule it is
+    plain = GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                       min_judge_accuracy=None)
+    merged, decided, _ = gate_with_policy(client, "m", plain)
+    reasons = cite(gate(merged, {"exact_match": 1.0}, True)[0], decided, "m")
+    assert len(reasons) == 1 and reasons[0].startswith("max_shipped_regression is set but no shipped artifact")
+    assert reasons[0].endswith("register.gate.max_shipped_regression.exact_match=0.02, "
+                               "register.gate.max_shipped_regression.perplexity=1.0]"), reasons
+    set_policy(client, "m", ["register.gate.max_shipped_regression.perplexity=null"])  # null removes one metric
+    assert json.loads(client.get_registered_model("m").tags["register.gate.max_shipped_regression"]) == {
+        "exact_match": 0.02}
