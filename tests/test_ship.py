@@ -389,6 +389,24 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     code, said = export("models:/ship-keep/latest", "--gguf", str(tmp_path / "latest.gguf"), "--gguf-type", "q8_0")
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     assert sha256_file(tmp_path / "latest.gguf") == honest
+    # ... and an alias that moves while export runs does not mix versions: the tags (and logged file) are those of
+    # the version whose weights were downloaded (read by alias again, they would be another version's: none)
+    from alignflow.flows import registry
+
+    other_version = client.create_model_version("ship-keep", client.get_model_version("ship-keep", version).source)
+    real_download = registry.download_model
+
+    def download_then_move(model_uri: str, dest: Path) -> Any:
+        found = real_download(model_uri, dest)
+        client.set_registered_model_alias("ship-keep", "champion", other_version.version)
+        return found
+
+    monkeypatch.setattr(registry, "download_model", download_then_move)
+    code, said = export("models:/ship-keep@champion", "--gguf", str(tmp_path / "race.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and "the file logged with it" in said, said
+    monkeypatch.setattr(registry, "download_model", real_download)
+    client.set_registered_model_alias("ship-keep", "champion", version)
+    client.delete_model_version("ship-keep", other_version.version)
 
     # #2: a logged file that is not the one its tag names is said to be that, not a rebuild on another machine
     client.set_model_version_tag("ship-keep", version, "alignflow.shipped.gguf_q8_0.sha256", "0" * 64)
