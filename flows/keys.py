@@ -257,11 +257,29 @@ def outside(stage: Stage, recipe: Any, facts: RunFacts) -> dict[str, Any]:
                 **({"ancestors": facts.ancestors} if facts.ancestors else {}),
                 "judge_teacher": setting(recipe, "synthesize.teacher") if recipe.evaluate.judge else None,
                 **({"lm_eval": harness_identity(recipe.evaluate.lm_eval.include_path)} if recipe.evaluate.lm_eval
-                   else {})}
+                   else {}),
+                **({"ship": ship_identity(recipe)} if recipe.register.ship else {})}
     if stage == "register":  # a side effect: keyed on where it lands, so a new server gets its version; and on
         # the champion evaluate compared with (register refuses to promote over another one)
         return {"tracking_uri": without_credentials(facts.tracking_uri), "champion": facts.champion}
     return {}
+
+
+def ship_identity(recipe: Any) -> dict[str, Any]:
+    """What the artifacts of register.ship evaluate builds and reads back depend on beyond evaluate's own inputs:
+    the writers' and readers' libraries that are in no other key (the `gguf` package writes and dequantizes GGUF
+    files, `safetensors` saves a merged folder) and, where a GGUF is shipped, the base's spec, written into the
+    file as its `general.name` (`./base` and `base` are one base folder, but two GGUF files)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("gguf", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    gguf = any(f.startswith("gguf_") for f in recipe.register.ship)
+    return {"libraries": found, **({"gguf_name_spec": recipe.model.base} if gguf else {})}
 
 
 def embedding_identity(spec: str) -> dict[str, str]:
@@ -334,6 +352,11 @@ def stage_settings(stage: Stage, recipe: Any, device: str) -> dict[str, Any]:
             settings[stage].pop(name, None)
     if "model.dtype" in settings:
         settings["model.dtype"] = resolved_dtype(settings["model.dtype"], device)
+    # register.ship is a set: the artifacts are measured and tagged each on its own, so their order changes nothing
+    if "register.ship" in settings:
+        settings["register.ship"] = sorted(settings["register.ship"])
+    if stage == "register":
+        settings["register"]["ship"] = sorted(settings["register"]["ship"])
     return settings
 
 

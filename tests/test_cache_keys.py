@@ -206,6 +206,8 @@ OUTSIDE = {"the tracking server (MLFLOW_TRACKING_URI)": ("register",),
            "handing that adapter on untrained (a retrain with no new SFT records)": ("sft",),
            "a sweep's trial count (its winner's familywise intervals)": ("evaluate",),
            "the lm-eval version and the task files under its include_path": ("evaluate",),
+           "the gguf and safetensors versions, and the base's spec as a GGUF file names it (when anything ships)":
+               ("evaluate",),
            "semantic dedup's model (a local folder's files, an embedded one's package version), when it is on":
                ("curate", "synthesize"),
            "a python reward's module and the Python files of its folder, or an installed module's distribution "
@@ -766,3 +768,32 @@ def test_keys_hold_the_dtype_a_stage_computes_in_so_demo_and_demo_grpo_share_the
     assert stage_settings("dpo", demo, "cpu") != stage_settings("dpo", grpo, "cpu")  # (evaluate: through dpo's files)
     assert stage_settings("sft", demo, "cuda-bf16")["model.dtype"] == "bfloat16"
     assert stage_settings("sft", demo, "cuda-bf16") != stage_settings("sft", grpo, "cuda-bf16")
+
+
+def test_evaluates_key_holds_what_the_shipped_artifacts_are_made_with_and_not_their_order(in_root: Path) -> None:
+    """register.ship: the GGUF writer's and reader's libraries and (for a GGUF) the base's spec, written into the
+    file as its name, are in evaluate's key; the order the artifacts are listed in is not (issue 29 review item 8)."""
+    from alignflow.flows.keys import outside, stage_settings
+
+    recipe = load_recipe(SMOKE, ["register.ship=[merged, {gguf: q8_0}]"])
+    facts = RunFacts(base_key="b", data=data_hashes(recipe), tracking_uri="sqlite:///a.db", device="cpu")
+
+    def key(r: Recipe) -> str:
+        return stage_key("evaluate", {"settings": stage_settings("evaluate", r, "cpu"),
+                                      "outside": outside("evaluate", r, facts)})
+
+    def changed(**model: str) -> Recipe:
+        return recipe.model_copy(update={"model": recipe.model.model_copy(update=model)})
+
+    def shipping(*formats: str) -> Recipe:
+        return recipe.model_copy(update={"register": recipe.register.model_copy(update={"ship": list(formats)})})
+
+    assert set(outside("evaluate", recipe, facts)["ship"]["libraries"]) == {"gguf", "safetensors"}
+    # the same base folder named two ways (the same base identity, facts.base_key): two GGUF files, two keys
+    assert key(changed(base="./base")) != key(changed(base="base"))
+    merged_only = shipping("merged")
+    assert key(merged_only.model_copy(update={"model": changed(base="./base").model})) == \
+        key(merged_only.model_copy(update={"model": changed(base="base").model}))  # no GGUF: no name in the bytes
+    assert key(shipping("gguf_q8_0", "merged")) == key(shipping("merged", "gguf_q8_0"))
+    assert stage_settings("register", shipping("gguf_q8_0", "merged"), "cpu") == \
+        stage_settings("register", shipping("merged", "gguf_q8_0"), "cpu")
