@@ -45,7 +45,16 @@ from pydantic import BaseModel
 
 from alignflow.flows import lineage
 from alignflow.flows.interrupts import stop_after_subflow
-from alignflow.flows.keys import STAGES, RunFacts, Stage, data_hashes, stage_inputs, stage_key, upstream_value
+from alignflow.flows.keys import (
+    STAGES,
+    RunFacts,
+    Stage,
+    data_hashes,
+    resolved_dtype,
+    stage_inputs,
+    stage_key,
+    upstream_value,
+)
 from alignflow.flows.tracking import Tracker, tracking_uri
 from alignflow.recipe import (
     Recipe,
@@ -465,6 +474,10 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
         sft_unchanged=sft_unchanged, selection_trials=selection_trials, device=device_kind(),
         ancestors=lineage.digest(before) if before else None))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
+    # `model.dtype: auto` as this machine computes in it (as the stage keys hold it): what evaluate records a shipped
+    # artifact was built in, and what the registered model's config names, so a version measured on a bf16 GPU is
+    # loaded and exported in bfloat16 on a machine that would resolve `auto` to float32
+    computed = resolved_dtype(dtype, ctx.facts.device)
     try:
         base: ResolvedBase | None = None
         if _reached(until, "synthesize"):  # curate needs no model: `--until curate` converts nothing
@@ -523,7 +536,7 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                                                                  base_key=base.key, base_revision=base.revision)
             ctx.facts = replace(ctx.facts, champion=champion_id)
             run_stage(ctx, "evaluate", evaluate.run, r.evaluate, lambda out, _: evaluate.EvaluateInputs(
-                base=base.path, dtype=dtype, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
+                base=base.path, dtype=computed, tokenized=ctx.folders["tokenize"], curated=ctx.folders["curate"],
                 candidate=ctx.folders["dpo"], sft=ctx.folders["sft"], reward=ctx.folders["reward"],
                 champion=champion, champion_sha=champion_id.get("adapter_sha256"), base_key=base.key,
                 answers_cache=work / "cache" / "answers", teacher=r.synthesize.teacher, out_dir=out, seed=seed,
@@ -536,7 +549,7 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                             **{f"alignflow.data_hash.{k}": v for k, v in data.items()},
                             **({"alignflow.base_revision": base.revision} if base.revision else {})}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
-                base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
+                base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=computed,
                 compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],
                 evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=version_tags,
                 stages=dict(ctx.folders), out_dir=out))

@@ -66,7 +66,7 @@ from alignflow.tasks.lib.harness import HarnessResult, run_harness, task_manager
 from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.shipped_artifacts import ShipFormat
+from alignflow.tasks.lib.shipped_artifacts import ShipFormat, read_back_identity
 from alignflow.tasks.lib.stats import (
     LEVEL,
     bootstrap_ci,
@@ -138,6 +138,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.inference import answer_nlls, generate, perplexity, score_answers
     from alignflow.tasks.lib.models import (
         device_kind,
+        dtype_name,
         is_adapter,
         load_causal_lm,
         load_tokenizer,
@@ -148,6 +149,9 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     out = inputs.out_dir
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(inputs.seed)
+    # `auto` resolved once, here, to what every model below computes in: the answers' and artifacts' keys, and what
+    # a shipped artifact records it was built in, name that dtype (another machine resolves `auto` otherwise)
+    dtype = dtype_name(inputs.dtype)
     level = familywise_level(inputs.selection_trials)  # 0.95 for a run that was not selected among others
     records = list(read_jsonl(inputs.curated / "eval.jsonl"))[: cfg.max_samples]
     prompts = [r["prompt"] for r in records]
@@ -162,7 +166,8 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
               "tuned": tuned_weights(inputs.candidate)}
     answers: dict[str, list[str]] = {}
     nlls: dict[str, list[tuple[float, int]]] = {}
-    base_model = load_causal_lm(inputs.base, inputs.dtype)
+    base_model = load_causal_lm(inputs.base, dtype)
+    adapted: Any = None  # the last adapter model: it holds the base too
     # the weights' content hash names the answers, not the role: the candidate's answers are the champion's next
     # time, once it is promoted (the registry tag alignflow.adapter_sha256 is dpo's recorded hash of them)
     identity = {"base": inputs.base_key,
@@ -170,7 +175,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                 "champion": inputs.champion_sha,
                 "tuned": read_manifest(inputs.candidate).get("outputs", {}).get(others["tuned"].name)}
     answer_key = {"tokenizer": read_manifest(inputs.tokenized).get("outputs", {}).get("tokenizer"),
-                  "records": records, "gen": gen, "perplexity": "perplexity" in cfg.metrics, "dtype": inputs.dtype,
+                  "records": records, "gen": gen, "perplexity": "perplexity" in cfg.metrics, "dtype": dtype,
                   "device": device_kind(), "base": inputs.base_key,
                   "code": code_version("alignflow.tasks.lib.inference", "alignflow.tasks.lib.served_model",
                                       "alignflow.tasks.lib.chat"),
@@ -185,7 +190,9 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
         if inputs.answers_cache is None or not identity.get(name) or not answer_key["tokenizer"]:
             return None  # weights of unknown content are not cached
         weights = identity[name] if name != "base" else f"base:{identity[name]}"
-        return inputs.answers_cache / f"answers-{sha256_json({**answer_key, 'weights': weights})[:32]}.json"
+        # a shipped artifact's answers also depend on how it is read back (its loader's code, the gguf package)
+        read = {"read_back": read_back_identity()} if name.startswith("shipped.") else {}
+        return inputs.answers_cache / f"answers-{sha256_json({**answer_key, 'weights': weights, **read})[:32]}.json"
 
     def from_cache(name: str) -> bool:
         path = cache_file(name)
@@ -236,7 +243,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
             answer(name, adapted)
             base_model = adapted.unload()  # back to the plain base, without this adapter's layers
         else:  # a full fine-tune: its own complete weights
-            full = load_causal_lm(weights, inputs.dtype)
+            full = load_causal_lm(weights, dtype)
             answer(name, full)
             del full
     compared = [name for name in ("base", "sft", "champion") if name in answers]
@@ -330,25 +337,34 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     # --- what ships: each artifact of register.ship, built as export builds it, read back as users load it ------
     shipped: dict[str, dict[str, Any]] = {}
     if inputs.ship:
+        import gc
+
+        import torch
+
         from alignflow.tasks.lib.shipped_artifacts import artifact, build_identity, built_with, read_back
 
-        del base_model  # not used after this point: one model in memory at a time
+        # not used after this point: one model in memory at a time (the build loads its own on the CPU). The last
+        # adapter model holds the base as well, so both go before the memory is handed back
+        del base_model, adapted
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         for fmt in inputs.ship:
             # weights of unknown content (no recorded hash) are never cached: their key would name no weights
             cache = inputs.shipped_cache if identity["tuned"] else None
-            built = artifact(fmt, others["tuned"], inputs.base, inputs.dtype, inputs.base_spec, cache,
-                             build_identity(fmt, identity["tuned"] or "", inputs.base_key, inputs.dtype,
+            built = artifact(fmt, others["tuned"], inputs.base, dtype, inputs.base_spec, cache,
+                             build_identity(fmt, identity["tuned"] or "", inputs.base_key, dtype,
                                             inputs.base_spec, device_kind()),
                              out / "shipped")
             name = f"shipped.{fmt}"
             identity[name] = f"{fmt}:{built.sha256}"  # its answers are cached under the artifact's own hash
-            shipped[fmt] = {**built.record(), "built_with": built_with(fmt, inputs.dtype, device_kind())}
+            shipped[fmt] = {**built.record(), "built_with": built_with(fmt, dtype, device_kind())}
             if built.path.is_relative_to(out):  # built in this stage's folder (no cache): the flow renames it
                 shipped[fmt]["path"] = built.path.relative_to(out).as_posix()
             if from_cache(name):
                 cached_answers.append(name)
             else:
-                model, shipped_tok = read_back(fmt, built.path, inputs.dtype)
+                model, shipped_tok = read_back(fmt, built.path, dtype)
                 measure(name, model, shipped_tok)
                 to_cache(name)
                 del model
@@ -393,9 +409,6 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
                                 # register.ship: each artifact's path, sha256 (what export must reproduce), bytes
                                 "shipped": shipped,
                                 "outputs": outputs, "artifacts": outputs, "metrics": metrics})
-
-
-SHIPPED_METRICS = ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "perplexity")  # per artifact
 
 
 def _shipped_metrics(formats: list[str], answers: dict[str, list[str]], nlls: dict[str, list[tuple[float, int]]],

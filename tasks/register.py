@@ -27,6 +27,7 @@ from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.
 )
 from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
+from alignflow.tasks.lib.models import dtype_name
 from alignflow.tasks.lib.shipped_artifacts import SHIP_ENTRY_SCHEMA, ShipFormat, ship_format
 
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
@@ -418,7 +419,9 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 python_model=importlib.util.find_spec("alignflow.tasks.lib.served_model").origin,
                 artifacts=artifacts,
                 # the base by its spec, resolved where the model is loaded: no path of this machine in the model
-                model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
+                # the dtype evaluate computed in (`auto` resolved here as there): the version loads and exports
+                # merged in it on any machine, as evaluate built and measured it
+                model_config={"base": base, "base_spec": inputs.base_spec, "dtype": dtype_name(inputs.dtype),
                               "model_name": cfg.model_name, **generation},
                 pip_requirements=pins,
                 # no input schema (the model takes prompts or a chat request, see served_model.py); `max_tokens`

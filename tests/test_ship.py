@@ -62,12 +62,13 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "reward": root / "reward"}
 
 
-def _evaluate(stages: dict[str, Any], out: Path, ship: list[str], cache: Path | None = None) -> dict[str, Any]:
+def _evaluate(stages: dict[str, Any], out: Path, ship: list[str], cache: Path | None = None,
+              dtype: str = "float32") -> dict[str, Any]:
     from alignflow.tasks import evaluate
 
     cfg = evaluate.EvaluateConfig(metrics=["exact_match", "rouge", "bleu", "perplexity"], **GEN)
     return evaluate.run(cfg, evaluate.EvaluateInputs(
-        base=stages["base"].path, dtype="float32", tokenized=stages["tokenize"], curated=stages["curate"],
+        base=stages["base"].path, dtype=dtype, tokenized=stages["tokenize"], curated=stages["curate"],
         candidate=stages["dpo"], reward=stages["reward"], base_key=stages["base"].key,
         answers_cache=stages["root"] / "answers", out_dir=out, seed=0, ship=ship, base_spec="tiny:llama",
         shipped_cache=cache))
@@ -102,14 +103,24 @@ def test_evaluate_measures_each_shipped_artifact_against_the_adapter(stages: dic
     m = result["metrics"]
     print({k: v for k, v in m.items() if k.startswith("shipped.") or k in ("exact_match", "perplexity")})
     assert m["exact_match"] == 1.0  # the references are the adapter's own answers
+    rows = [json.loads(line) for line in (stages["root"] / "evaluate" / "samples.jsonl").read_text().splitlines()]
     for fmt in ("merged", "gguf_q8_0"):
         for metric in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "perplexity"):
-            assert f"shipped.{fmt}.{metric}" in m
+            # the interval is of shipped - adapter: it holds the difference of the two point values
             low, high = m[f"shipped.{fmt}.{metric}_delta_ci_low"], m[f"shipped.{fmt}.{metric}_delta_ci_high"]
-            assert low <= high
-        assert 0 <= m[f"shipped.{fmt}.changed"] <= 1 and m[f"shipped.{fmt}.bytes"] > 0
+            point = m[f"shipped.{fmt}.{metric}"] - m[metric]
+            assert low - 1e-3 <= point <= high + 1e-3, (fmt, metric, low, point, high)
+        # nothing scores above the adapter's own answers: the exact-match loss is never negative
+        assert m[f"shipped.{fmt}.exact_match_delta_ci_high"] <= 0.0
+        # `changed`: the share of the prompts whose answer differs from the adapter model's, as the table shows
+        differ = sum(row[f"shipped.{fmt}"] != row["tuned"] for row in rows)
+        assert m[f"shipped.{fmt}.changed"] == round(differ / N_PROMPTS, 4)
+        assert m[f"shipped.{fmt}.exact_match"] == round(1 - differ / N_PROMPTS, 4)
         record = result["shipped"][fmt]
         assert Path(record["path"]).exists() and len(record["sha256"]) == 64 and not record["reused"]
+        path = Path(record["path"])
+        size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        assert m[f"shipped.{fmt}.bytes"] == size
     # merged in float32 and saved: the adapter model's answers, to float rounding
     assert m["shipped.merged.exact_match"] == 1.0 and m["shipped.merged.changed"] == 0.0
     assert m["shipped.merged.exact_match_delta_ci_low"] == m["shipped.merged.exact_match_delta_ci_high"] == 0.0
@@ -207,6 +218,88 @@ def test_shipped_artifacts_are_cached_by_what_they_are_made_of(stages: dict[str,
     (rebuilt.path.parent / ARTIFACT_JSON).unlink()  # a build killed before its record was written
     assert not get("gguf_q8_0", moved).reused
     assert not list(cache.glob("*.tmp"))  # nothing half-built left beside the entries
+
+
+def test_a_second_evaluate_reuses_the_artifacts_by_evaluates_own_key_and_names_the_dtype_built_in(
+        stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another evaluate of the same weights, in another folder, with `model.dtype: auto` (float32 on a CPU): the
+    cached artifacts and answers are reused (keyed by content and the resolved dtype, never by path or by `auto`),
+    and what the artifact records it was built in names the dtype, not `auto`. How an artifact is read back is in
+    its answers' key: another reader answers again, from the same cached artifact."""
+    from alignflow.tasks import evaluate
+    from alignflow.tasks.lib.models import device_kind
+
+    if device_kind() != "cpu":
+        pytest.skip("`auto` is float32 on a CPU only")
+    ship, cache = ["gguf_q8_0", "merged"], stages["root"] / "shipped"
+    again = _evaluate(stages, tmp_path / "again", ship, cache=cache, dtype="auto")
+    for fmt in ship:
+        record, first = again["shipped"][fmt], evaluated["shipped"][fmt]
+        assert record["reused"] and (record["path"], record["sha256"]) == (first["path"], first["sha256"])
+        assert record["built_with"].endswith("; float32; cpu") and record["built_with"] == first["built_with"]
+    assert {"base", "tuned", "shipped.merged", "shipped.gguf_q8_0"} <= set(again["cached_answers"])
+    assert {k: v for k, v in again["metrics"].items() if k.startswith("shipped.")} == \
+        {k: v for k, v in evaluated["metrics"].items() if k.startswith("shipped.")}
+    monkeypatch.setattr(evaluate, "read_back_identity", lambda: {"code": "another reader"})
+    third = _evaluate(stages, tmp_path / "third", ["merged"], cache=cache)
+    assert third["shipped"]["merged"]["reused"] and "tuned" in third["cached_answers"]
+    assert "shipped.merged" not in third["cached_answers"]
+
+
+def test_the_build_never_puts_the_model_on_a_gpu(stages: dict[str, Any]) -> None:
+    """The artifact is loaded, merged and written on the CPU (export on a machine without a GPU must write the same
+    bytes): not one byte of it passes through the GPU evaluate measures on (a float32 copy of a 7B model is 28 GB)."""
+    import torch
+
+    from alignflow.tasks.lib.shipped_artifacts import build_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model, _ = build_model({"base": {"kind": "artifact", "spec": "tiny:llama"}, "base_spec": "tiny:llama"},
+                           {"adapter": str(stages["dpo"] / "adapter"), "base": str(stages["base"].path)}, "auto")
+    assert torch.cuda.max_memory_allocated() == before
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_a_second_builder_keeps_the_sound_entry_another_run_reads(stages: dict[str, Any], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run B looked the entry up before run A put it in place, then built it too (here: other bytes, as another
+    writer would): A's sound entry stays where A reads it, and B measures that one, not its own."""
+    from alignflow.tasks.lib import gguf_file
+    from alignflow.tasks.lib import shipped_artifacts as sa
+    from alignflow.tasks.lib.manifest import read_manifest
+
+    cache = tmp_path / "cache"
+    identity = sa.build_identity("gguf_q8_0", read_manifest(stages["dpo"])["outputs"]["adapter"], stages["base"].key,
+                                 "float32", "tiny:llama", "cpu")
+
+    def build() -> sa.Shipped:
+        return sa.artifact("gguf_q8_0", stages["dpo"] / "adapter", stages["base"].path, "float32", "tiny:llama",
+                           cache, identity, tmp_path / "x")
+
+    a = build()
+    inode = a.path.stat().st_ino
+    real_valid, real_write = sa._valid, gguf_file.write_gguf
+    looked: list[Path] = []
+
+    def late(entry: Path, fmt: str, name: str) -> str | None:  # B's lookup ran before A's entry was in place
+        looked.append(entry)
+        return None if len(looked) == 1 else real_valid(entry, fmt, name)
+
+    def other_bytes(model: Any, tok: Any, out: Path, gguf_type: str = "f16", name: str = "") -> dict[str, Any]:
+        written = real_write(model, tok, out, gguf_type, name)  # type: ignore[arg-type]
+        _corrupt_q8_scales(out, "blk.0.ffn_down.weight", 2.0)
+        return written
+
+    monkeypatch.setattr(sa, "_valid", late)
+    monkeypatch.setattr(gguf_file, "write_gguf", other_bytes)
+    b = build()
+    assert a.path.stat().st_ino == inode  # A's file: never deleted and replaced under its reader
+    assert b.path == a.path and b.sha256 == a.sha256 and b.reused
+    assert sorted(p.name for p in cache.iterdir()) == [a.path.parent.name]  # B's build and nothing else gone
 
 
 def test_the_version_carries_the_measured_hash_and_export_writes_that_file(
@@ -479,3 +572,38 @@ def test_policy_sets_merges_and_cites_max_shipped_regression(tmp_path: Path) -> 
     set_policy(client, "m", ["register.gate.max_shipped_regression.perplexity=null"])  # null removes one metric
     assert json.loads(client.get_registered_model("m").tags["register.gate.max_shipped_regression"]) == {
         "exact_match": 0.02}
+
+
+def test_the_registered_config_names_the_dtype_evaluate_built_in(stages: dict[str, Any], evaluated: dict[str, Any],
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.dtype: auto` is registered as what it resolved to where evaluate built and measured the artifacts
+    (float32 on this CPU): a machine that would resolve `auto` otherwise loads and merges the version in that dtype,
+    so `export --merged` there writes the bytes evaluate measured."""
+    import mlflow
+    from mlflow.models import Model
+
+    from alignflow.tasks import register
+    from alignflow.tasks.lib.models import device_kind
+
+    if device_kind() != "cpu":
+        pytest.skip("`auto` is float32 on a CPU only")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    curated = tmp_path / "curate"
+    curated.mkdir()
+    write_manifest(curated, {"stage": "curate", "outputs": [], "metrics": {"decontaminated": 1}})
+    mlflow.set_experiment("ship-dtype")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    gate = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                               min_judge_accuracy=None)
+    done = register.run(register.RegisterConfig(model_name="ship-dtype", gate=gate, ship=["merged", "gguf_q8_0"]),
+                        register.RegisterInputs(base_path=stages["base"].path, base_spec="tiny:llama",
+                                                base_key=stages["base"].key, dtype="auto",
+                                                candidate=stages["dpo"], evaluation=stages["root"] / "evaluate",
+                                                curated=curated, run_id=run_id, out_dir=tmp_path / "register"))
+    config = Model.load(f"models:/ship-dtype/{done['version']}").flavors["python_function"]["config"]
+    assert config["dtype"] == "float32"
+    assert evaluated["shipped"]["merged"]["built_with"].endswith("; float32; cpu")

@@ -2,7 +2,8 @@
 builds them from a registered version, cached by what they are made from, and read back the way users load them.
 
 Formats (the names of `shipped.<format>.*` metrics and `alignflow.shipped.<format>.sha256` tags):
-- `merged`: the LoRA update folded into the base (PEFT `merge_and_unload`) in the recipe's dtype, saved as
+- `merged`: the LoRA update folded into the base (PEFT `merge_and_unload`) on the CPU in the recipe's dtype
+  (`auto` resolved to what evaluate computes in, and recorded so: export merges in that dtype anywhere), saved as
   safetensors + config + tokenizer (what vLLM or `AutoModelForCausalLM.from_pretrained` load); a full fine-tune's
   weights as they are. Its hash is `sha256_weights` of the folder (tensors, configs without provenance fields):
   the same hash for the folder `alignflow export --merged` writes, whose README.md (the model card) is left out.
@@ -18,7 +19,8 @@ The cache (`<work>/cache/shipped/<key>/`): key = hash of the tuned weights' cont
 format, the dtype, the GGUF name, this code's version, the libraries that merge and write, and the machine kind;
 never a path. Each entry holds the artifact and `artifact.json` with its sha256, written last; an entry is reused
 only when the artifact still hashes to that (a corrupted or half-written one is rebuilt, never measured). Entries
-are built in a temporary folder and renamed into place.
+are built in a temporary folder and renamed into place; an unsound entry is renamed aside before it is removed, a
+sound one is never removed (a run reading it keeps it): a second builder of the same entry uses the one in place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -73,10 +76,10 @@ def build_model(config: dict[str, Any], artifacts: dict[str, str], dtype: str) -
     `base_spec`) and the artifact paths (`adapter` + `base`, or `model`)."""
     from alignflow.tasks.lib.served_model import load_model
 
-    model, tok = load_model({**config, "dtype": dtype}, artifacts)
-    # merged on the CPU wherever it runs: a GPU's matmul sums in another order, and export on a machine without
-    # one must be able to write the bytes evaluate measured on a GPU (every writer saves from CPU memory anyway)
-    model = model.cpu()
+    # loaded and merged on the CPU wherever it runs, never passing through a GPU (a float32 copy of a 7B model is
+    # 28 GB): a GPU's matmul sums in another order, and export on a machine without one must be able to write the
+    # bytes evaluate measured on a GPU (every writer saves from CPU memory anyway)
+    model, tok = load_model({**config, "dtype": build_dtype("merged", dtype)}, artifacts, device="cpu")
     if "adapter" in artifacts:
         model = model.merge_and_unload()
     return model, tok
@@ -106,8 +109,11 @@ def artifact_sha256(fmt: str, path: Path) -> str:
 
 
 def build_dtype(fmt: str, dtype: str) -> str:
-    """The dtype the artifact is built in: GGUF from float32 (export's rule), merged in the recipe's dtype."""
-    return "float32" if gguf_type(fmt) else dtype
+    """The dtype the artifact is built in: GGUF from float32 (export's rule), merged in the recipe's dtype with
+    `auto` resolved on this machine (a version registered before its config named the dtype says `auto`)."""
+    from alignflow.tasks.lib.models import dtype_name
+
+    return "float32" if gguf_type(fmt) else dtype_name(dtype)
 
 
 @dataclass(frozen=True)
@@ -177,14 +183,22 @@ def artifact(fmt: str, weights: Path, base: Path, dtype: str, spec: str, cache: 
     sha = artifact_sha256(fmt, tmp / name)
     # written last: an entry without it (a build killed half-way) is never reused
     (tmp / ARTIFACT_JSON).write_text(json.dumps({"format": fmt, "sha256": sha, "identity": identity}, indent=2))
-    final = (cache if cache is not None else scratch) / key
-    shutil.rmtree(final, ignore_errors=True)  # a tampered entry (or scratch from before) goes
+    final = root / key
+    if final.exists() and _valid(final, fmt, name) is None:
+        # a tampered or half-written entry (or scratch from before) goes: renamed aside first, so that a reader
+        # never finds half of it, and only when unsound (another run may be reading a sound one)
+        aside = root / f"{key}.{os.getpid()}.unsound"
+        with suppress(OSError):  # another process moved it first
+            os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         os.replace(tmp, final)
-    except OSError:  # another process put the same entry in place first: use it if it is sound
+    except OSError as e:  # another process put an entry in place while this one built (a folder is not replaced)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _valid(final, fmt, name) != sha:
-            raise
+        found = _valid(final, fmt, name)
+        if found is None:
+            raise RuntimeError(f"could not put the built {fmt} at {final}, and what is there is unsound: {e}") from e
+        return Shipped(fmt, final / name, found, _size(final / name), True)  # the same identity: its bytes count
     return Shipped(fmt, final / name, sha, _size(final / name), False)
 
 
@@ -202,6 +216,13 @@ def _valid(entry: Path, fmt: str, name: str) -> str | None:
 
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def read_back_identity() -> dict[str, Any]:
+    """What a shipped artifact's answers depend on besides its bytes and evaluate's own answer key: how `read_back`
+    loads it (this module's code; the `gguf` package, whose dequantization transformers' GGUF loader calls)."""
+    return {"code": code_version("alignflow.tasks.lib.shipped_artifacts"),
+            "libraries": {name: v for name, v in _library_versions().items() if name in ("gguf", "safetensors")}}
 
 
 def read_back(fmt: str, path: Path, dtype: str) -> tuple[Any, Any]:
