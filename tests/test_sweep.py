@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -275,11 +276,14 @@ def test_the_parallel_coordinates_plot_draws_every_trial_visibly(tmp_path: Path)
 
 
 def test_parallel_trials_run_in_processes_of_their_own_and_make_what_a_run_alone_makes(
-        prefect_server: None, in_root: Path, tmp_path: Path) -> None:
+        smoke_seed: dict[str, Any], in_root: Path, tmp_path: Path) -> None:
     """`--parallel 2`: each trial runs in its own process (threads shared torch's random generator, and two trials
     loading weights at once failed), so what it puts into the shared cache is what the same recipe makes alone: a
-    run of trial 0's recipe in a fresh work dir trains the same dpo weights, bit for bit."""
+    run of trial 0's recipe in another work dir trains the same weights, bit for bit. Its sft and reward are the
+    session's smoke seed's (tests/conftest.py: a cold run of the same stages in this pytest process, alone);
+    its dpo (trial 0's beta) it trains itself."""
     import optuna
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
 
     from alignflow.flows.keys import upstream_value
     from alignflow.flows.pipeline import pipeline
@@ -298,9 +302,11 @@ def test_parallel_trials_run_in_processes_of_their_own_and_make_what_a_run_alone
     study = optuna.load_study(study_name=f"alignflow-sweep-{result['sweep_id']}", storage=result["storage"])
     first = next(t for t in study.trials if t.number == 0)
     folders = {stage: Path(folder) for stage, (folder, _, _) in first.user_attrs["stages"].items()}
+    assert first.params["dpo.beta"] != load_recipe(smoke).dpo.beta  # the seed's dpo is not trial 0's
+    assert not any(info["cached"] for info in smoke_seed["result"]["stages"].values())  # the seed ran cold
     alone = pipeline(recipe=load_recipe(smoke, [f"dpo.beta={first.params['dpo.beta']}"]),
-                     work_dir=str(tmp_path / "alone"), until="dpo")
-    assert _rerun_stages(alone) == {"curate", "synthesize", "tokenize", "quantize", "sft", "reward", "dpo"}
+                     work_dir=str(warm_copy(smoke_seed, tmp_path / "alone")), until="dpo")
+    assert _rerun_stages(alone) == {"dpo"}
     for stage in ("sft", "reward", "dpo"):
         assert upstream_value(read_manifest(folders[stage]), "weights") == \
             upstream_value(read_manifest(Path(alone["stages"][stage]["folder"])), "weights"), stage
