@@ -122,15 +122,11 @@ class Recipe(BaseModel):
         return self
 
 
-# evaluate.metrics entry -> the metrics it gives a shipped artifact (`shipped.<format>.<metric>`)
-SHIPPED_BY_METRIC = {"exact_match": ("exact_match",), "rouge": ("rouge1", "rouge2", "rougeL"), "bleu": ("bleu",),
-                     "perplexity": ("perplexity",)}
-
-
 def _shipped_problems(recipe: Recipe) -> list[str]:
     """register.ship and register.gate.max_shipped_regression together: a rule needs an artifact to measure and
     the metric among evaluate.metrics; a GGUF needs an architecture the writer takes (known before any training
     where the base names it: an embedded or tiny base, a local folder's config.json)."""
+    from alignflow.tasks.lib.gate_config import SHIPPED_BY_METRIC
     from alignflow.tasks.lib.gguf_file import ARCHITECTURES
 
     problems = []

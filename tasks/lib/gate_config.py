@@ -9,8 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 LOWER_IS_BETTER = {"perplexity"}
 GATED_METRICS = {"perplexity", "rouge1", "rouge2", "rougeL", "bleu", "exact_match", "reward_mean"}
-# what evaluate measures on each artifact of register.ship (`shipped.<format>.<metric>`; no reward model there)
-SHIPPED_GATED = GATED_METRICS - {"reward_mean"}
+# what evaluate measures on each artifact of register.ship (`shipped.<format>.<metric>`; no reward model there):
+# evaluate.metrics entry -> the metrics it gives a shipped artifact (tasks/evaluate.py `_shipped_metrics`)
+SHIPPED_BY_METRIC: dict[str, tuple[str, ...]] = {
+    "exact_match": ("exact_match",), "rouge": ("rouge1", "rouge2", "rougeL"), "bleu": ("bleu",),
+    "perplexity": ("perplexity",)}
+SHIPPED_GATED = {m for metrics in SHIPPED_BY_METRIC.values() for m in metrics}
 
 
 class GateConfig(BaseModel):
