@@ -155,8 +155,10 @@ def load_model(config: dict[str, Any], artifacts: dict[str, str], device: str | 
     else:
         from peft import PeftModel
 
+        # torch_device: PEFT reads the adapter's tensors onto the GPU where there is one unless told (None: so)
         model = PeftModel.from_pretrained(
-            resolve_base({**config["base"], "dtype": dtype_name}, artifacts, tok.pad_token_id), weights)
+            resolve_base({**config["base"], "dtype": dtype_name}, artifacts, tok.pad_token_id), weights,
+            torch_device=device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
 
