@@ -22,6 +22,7 @@ from alignflow.tasks.lib.step_metrics import UNRECORDED, MetricBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS = 40  # long enough that the server goes away while sft still has steps to log
+GONE_STEPS = 20  # the server gone for good right after sft's first logged step: 19 steps are left to keep
 
 
 def _free_port() -> int:
@@ -70,13 +71,20 @@ def server(tmp_path: Path) -> Iterator[Server]:
         s.stop()
 
 
-def test_sft_trains_through_a_20_s_server_outage_and_every_step_metric_arrives(server: Server,
+def _session_prefect() -> dict[str, str]:
+    """The session's Prefect server for a CLI run (no temporary one started, with a fresh database, per command)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def test_sft_trains_through_a_20_s_server_outage_and_every_step_metric_arrives(server: Server, prefect_server: None,
                                                                              tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # MLflow's own retries would ride out 20 s by waiting (and a blocking logger with them): one retry here, so
     # that the run survives only if the buffer keeps the points and sends them later
     env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"),
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", **_session_prefect())
     cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(tmp_path / "w"),
            "--set", f"sft.max_steps={SFT_STEPS}", "--set", "sft.save_steps=20"]
     run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -195,12 +203,13 @@ def test_a_long_backlog_drains_once_the_server_answers_while_training_goes_on(tm
 
 
 def test_a_server_gone_for_good_ends_the_run_with_the_stage_kept_then_a_rerun_records_it(server: Server,
+                                                                                         prefect_server: None,
                                                                                          tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=server.url, PREFECT_HOME=str(tmp_path / "prefect"),
-               ALIGNFLOW_TRACKING_WAIT_S="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+               ALIGNFLOW_TRACKING_WAIT_S="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", **_session_prefect())
     cmd = [sys.executable, "-m", "alignflow.cli", "run", "configs/smoke.yaml", "--work-dir", str(tmp_path / "w"),
-           "--until", "sft", "--set", f"sft.max_steps={SFT_STEPS}", "--set", "sft.save_steps=20"]
+           "--until", "sft", "--set", f"sft.max_steps={GONE_STEPS}", "--set", "sft.save_steps=10"]
     run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(server.url)
     try:
@@ -232,7 +241,7 @@ def test_a_server_gone_for_good_ends_the_run_with_the_stage_kept_then_a_rerun_re
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     loss = client.get_metric_history(sft_run_id, "loss")
-    assert sorted(h.step for h in loss) == list(range(1, SFT_STEPS + 1))
+    assert sorted(h.step for h in loss) == list(range(1, GONE_STEPS + 1))
     assert not (folder / UNRECORDED).exists()
     sft_runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   filter_string="attributes.run_name = 'sft'")
