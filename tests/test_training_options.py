@@ -36,8 +36,13 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def shared_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("options")  # one work dir: curate/synthesize/tokenize are cached across cases
+def shared_work(smoke_seed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One work dir: curate/synthesize/tokenize are cached across cases. It starts as a warm copy of the session's
+    smoke seed (tests/conftest.py), so the plain smoke stages a case does not change (the dpo and evaluate cases'
+    sft and reward, for one) come from its cache; each case's own stage is trained here, and checked as before."""
+    from conftest import warm_copy  # tests/ is on sys.path under pytest
+
+    return warm_copy(smoke_seed, tmp_path_factory.mktemp("options"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
