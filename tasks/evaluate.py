@@ -66,7 +66,7 @@ from alignflow.tasks.lib.harness import HarnessResult, run_harness, task_manager
 from alignflow.tasks.lib.hashing import code_version, sha256_json
 from alignflow.tasks.lib.jsonl import read_jsonl, write_jsonl
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.shipped_artifacts import ShipFormat, read_back_identity
+from alignflow.tasks.lib.shipped_artifacts import ShipFormat, dtype_name, read_back_identity
 from alignflow.tasks.lib.stats import (
     LEVEL,
     bootstrap_ci,
@@ -138,7 +138,6 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.inference import answer_nlls, generate, perplexity, score_answers
     from alignflow.tasks.lib.models import (
         device_kind,
-        dtype_name,
         is_adapter,
         load_causal_lm,
         load_tokenizer,

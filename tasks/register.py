@@ -27,8 +27,7 @@ from alignflow.tasks.lib.gate_config import (  # noqa: F401 (GateConfig: recipe.
 )
 from alignflow.tasks.lib.hashing import LEGACY_SKIPPED_FIELDS, sha256_tree, sha256_weights
 from alignflow.tasks.lib.manifest import read_manifest, write_manifest
-from alignflow.tasks.lib.models import dtype_name
-from alignflow.tasks.lib.shipped_artifacts import SHIP_ENTRY_SCHEMA, ShipFormat, ship_format
+from alignflow.tasks.lib.shipped_artifacts import SHIP_ENTRY_SCHEMA, ShipFormat, dtype_name, ship_format
 
 # Copied onto every registered version as `alignflow.metric.<name>` (the gate's main metric and its interval too).
 TAGGED_METRICS = GATED_METRICS | {"win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",

@@ -52,16 +52,6 @@ def device_kind() -> str:
     return "cuda-bf16" if torch.cuda.is_bf16_supported() else "cuda"
 
 
-def dtype_name(name: str) -> str:
-    """`model.dtype` as a stage computes with it here: `auto` resolved as `torch_dtype` resolves it (bfloat16 on a
-    CUDA device that has it, float32 elsewhere; flows/keys.resolved_dtype keys it the same way). What a stage
-    records (a shipped artifact's build, the registered model's config) names this, never `auto`, which another
-    machine would resolve otherwise."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device_kind() == "cuda-bf16" else "float32"
-
-
 def torch_dtype(name: str) -> Any:
     import torch
 

@@ -137,9 +137,8 @@ def resolve_base(base: dict[str, Any], artifacts: dict[str, str], pad_token_id: 
     raise RuntimeError(f"unknown base model record {base!r}")
 
 
-def load_model(config: dict[str, Any], artifacts: dict[str, str], device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a registered version from its model config and local artifact paths, on `device`
-    (None: the GPU where there is one, else the CPU)."""
+def load_model(config: dict[str, Any], artifacts: dict[str, str]) -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered version from its model config and local artifact paths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,11 +154,9 @@ def load_model(config: dict[str, Any], artifacts: dict[str, str], device: str | 
     else:
         from peft import PeftModel
 
-        # torch_device: PEFT reads the adapter's tensors onto the GPU where there is one unless told (None: so)
         model = PeftModel.from_pretrained(
-            resolve_base({**config["base"], "dtype": dtype_name}, artifacts, tok.pad_token_id), weights,
-            torch_device=device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            resolve_base({**config["base"], "dtype": dtype_name}, artifacts, tok.pad_token_id), weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tok
 
 

@@ -70,19 +70,46 @@ def gguf_name(spec: str, model_type: str) -> str:
     return spec.removeprefix("embedded:").replace("/", "-") or model_type
 
 
-def build_model(config: dict[str, Any], artifacts: dict[str, str], dtype: str) -> tuple[Any, Any]:
-    """The tuned model with its adapter folded in (or its full weights), and its tokenizer, in `dtype`, loaded by
-    the registered model's own loader (tasks/lib/served_model.load_model) from a model config (`base` record,
-    `base_spec`) and the artifact paths (`adapter` + `base`, or `model`)."""
-    from alignflow.tasks.lib.served_model import load_model
+def dtype_name(name: str) -> str:
+    """`model.dtype` as evaluate computes with it here: `auto` resolved as `torch_dtype` resolves it (bfloat16 on a
+    CUDA device that has it, float32 elsewhere; flows/keys.resolved_dtype keys it the same way). What a shipped
+    artifact records it was built in (and the registered config's `merge_dtype`) names this, never `auto`, which
+    another machine would resolve otherwise. (Here, not in tasks/lib/models.py: every stage imports that module, and
+    its code is in each stage's cache key.)"""
+    from alignflow.tasks.lib.models import device_kind
 
-    # loaded and merged on the CPU wherever it runs, never passing through a GPU (a float32 copy of a 7B model is
-    # 28 GB): a GPU's matmul sums in another order, and export on a machine without one must be able to write the
-    # bytes evaluate measured on a GPU (every writer saves from CPU memory anyway)
-    model, tok = load_model({**config, "dtype": build_dtype("merged", dtype)}, artifacts, device="cpu")
-    if "adapter" in artifacts:
-        model = model.merge_and_unload()
-    return model, tok
+    if name != "auto":
+        return name
+    return "bfloat16" if device_kind() == "cuda-bf16" else "float32"
+
+
+def build_model(config: dict[str, Any], artifacts: dict[str, str], dtype: str) -> tuple[Any, Any]:
+    """The tuned model with its adapter folded in (or its full weights), and its tokenizer, in `dtype`, from a model
+    config (`base` record, `base_spec`) and the artifact paths (`adapter` + `base`, or `model`): loaded as the
+    registered model's own loader loads it (tasks/lib/served_model.load_model: the same base resolution, tokenizer
+    and PEFT load), but on the CPU.
+
+    Loaded and merged on the CPU wherever it runs, never passing through a GPU (a float32 copy of a 7B model is
+    28 GB): a GPU's matmul sums in another order, and export on a machine without one must be able to write the
+    bytes evaluate measured on a GPU (every writer saves from CPU memory anyway)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignflow.tasks.lib.served_model import resolve_base
+
+    name = build_dtype("merged", dtype)
+    weights = Path(artifacts.get("adapter") or artifacts["model"])
+    tok = AutoTokenizer.from_pretrained(weights)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if "adapter" not in artifacts:  # a full fine-tune: complete weights
+        return AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, name)).eval(), tok
+    from peft import PeftModel
+
+    # torch_device: PEFT reads the adapter's tensors onto the GPU where there is one unless told
+    model = PeftModel.from_pretrained(resolve_base({**config["base"], "dtype": name}, artifacts, tok.pad_token_id),
+                                      weights, torch_device="cpu")
+    return model.to("cpu").eval().merge_and_unload(), tok
 
 
 def write_artifact(fmt: str, model: Any, tok: Any, out: Path, spec: str,
@@ -111,8 +138,6 @@ def artifact_sha256(fmt: str, path: Path) -> str:
 def build_dtype(fmt: str, dtype: str) -> str:
     """The dtype the artifact is built in: GGUF from float32 (export's rule), merged in the recipe's dtype with
     `auto` resolved on this machine (a version registered before its config named the dtype says `auto`)."""
-    from alignflow.tasks.lib.models import dtype_name
-
     return "float32" if gguf_type(fmt) else dtype_name(dtype)
 
 
