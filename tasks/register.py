@@ -284,20 +284,21 @@ def _log_shipped(client: Any, run_id: str, shipped: dict[str, dict[str, Any]], e
 def _tag_shipped(client: Any, name: str, version: str, current: dict[str, str], tags: dict[str, str],
                  shipped: dict[str, dict[str, Any]], inputs: RegisterInputs, log_shipped: bool) -> dict[str, str]:
     """Write the shipped tags on the version (this run's verdict is the version's). A format's logged file stays
-    where the version already names one with the same sha256 (not re-hashed nor re-uploaded each run); one that
-    no longer hashes to the new sha256 is untagged, as is a `built_with` this run did not record, so that no tag
-    describes another build than the one `sha256` names."""
+    where the version already names one with the same sha256 (not re-hashed nor re-uploaded each run). Every other
+    `alignflow.shipped.*` / `alignflow.metric.shipped.*` tag the version holds and this run does not set goes: a
+    format this run did not measure (dropped from register.ship: its artifact, maybe one a gate refused, is not
+    what this verdict passed), a metric it did not measure, a logged file of other bytes, a `built_with` it did not
+    record. So the version names exactly the artifacts this verdict was given on."""
     same = {fmt for fmt, record in shipped.items()
             if current.get(f"{SHIPPED_TAG}.{fmt}.sha256") == str(record["sha256"])
             and current.get(f"{SHIPPED_TAG}.{fmt}.artifact_uri")}
     if log_shipped:
         tags = {**tags, **_log_shipped(client, inputs.run_id, {f: r for f, r in shipped.items() if f not in same},
                                        inputs.evaluation)}
-    for fmt in shipped:
-        for field in ("artifact_uri", "built_with"):
-            key = f"{SHIPPED_TAG}.{fmt}.{field}"
-            if key in current and key not in tags and not (field == "artifact_uri" and fmt in same):
-                client.delete_model_version_tag(name, version, key)
+    kept = set(tags) | {f"{SHIPPED_TAG}.{fmt}.artifact_uri" for fmt in same}
+    for key in sorted(current):
+        if key.startswith((f"{SHIPPED_TAG}.", "alignflow.metric.shipped.")) and key not in kept:
+            client.delete_model_version_tag(name, version, key)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return tags

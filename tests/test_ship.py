@@ -406,6 +406,22 @@ def _damaged_evaluation(evaluated: dict[str, Any], stages: dict[str, Any], out: 
     return sha
 
 
+def _evaluation_without(src: Path, out: Path, formats: set[str], metrics: set[str]) -> Path:
+    """A copy of the evaluate folder `src`'s manifest that measured none of `formats` and no shipped `metrics`
+    (as evaluate writes it with those left out of register.ship / evaluate.metrics). Its artifacts' paths stay
+    absolute (the fixture's are in the cache)."""
+    from alignflow.tasks.lib.manifest import read_manifest
+
+    manifest = read_manifest(src)
+    manifest["shipped"] = {f: r for f, r in manifest["shipped"].items() if f not in formats}
+    manifest["metrics"] = {k: v for k, v in manifest["metrics"].items() if not k.startswith("shipped.")
+                           or (k.split(".")[1] not in formats and k.split(".")[2].removesuffix("_delta_ci_low")
+                               .removesuffix("_delta_ci_high") not in metrics)}
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_true_cause(
         stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The champion re-submitted with an artifact that fails the gate keeps its verdict, and with it the shipped tags
@@ -437,10 +453,11 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     gate = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
                                min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.5})
 
-    def submit(evaluation: Path, log_shipped: bool) -> tuple[str, dict[str, Any]]:
+    def submit(evaluation: Path, log_shipped: bool, ship: tuple[str, ...] = ("merged", "gguf_q8_0"),
+               rules: register.GateConfig = gate) -> tuple[str, dict[str, Any]]:
         with mlflow.start_run() as run:
             run_id = run.info.run_id
-        done = register.run(register.RegisterConfig(model_name="ship-keep", gate=gate, ship=["merged", "gguf_q8_0"],
+        done = register.run(register.RegisterConfig(model_name="ship-keep", gate=rules, ship=list(ship),
                                                     log_shipped=log_shipped),
                             register.RegisterInputs(base_path=stages["base"].path, base_spec="tiny:llama",
                                                     base_key=stages["base"].key, dtype="float32",
@@ -537,6 +554,27 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     code, said = export(f"models:/ship-keep/{version}", "--merged", str(tmp_path / "empty"))
     assert code == 0 and "rebuilt, same bytes" in said, said
     assert (tmp_path / "empty" / "model.safetensors").exists() and not list(tmp_path.glob(".empty.*"))
+
+    # a verdict written on the version names only what this run measured: the GGUF dropped from register.ship (and
+    # perplexity from evaluate.metrics) leaves no tag of it, so export does not call a file of it "measured"
+    fewer = _evaluation_without(stages["root"] / "evaluate", tmp_path / "fewer", {"gguf_q8_0"}, {"perplexity"})
+    _fifth, done = submit(fewer, False, ship=("merged",))
+    assert done["gate_reasons"] == [] and done["alias"] == "champion"
+    tags = client.get_model_version("ship-keep", version).tags
+    shipped_keys = {k for k in tags if k.startswith(("alignflow.shipped.", "alignflow.metric.shipped."))}
+    assert shipped_keys and not {k for k in shipped_keys if "gguf_q8_0" in k or "perplexity" in k}, shipped_keys
+    assert tags["alignflow.shipped.merged.sha256"] == evaluated["shipped"]["merged"]["sha256"]
+    assert tags["alignflow.shipped.merged.artifact_uri"] == f"runs:/{first}/shipped/merged"  # same bytes: kept
+    code, said = export(f"models:/ship-keep/{version}", "--gguf", str(tmp_path / "z.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and "not the measured artifact" in said and "evaluate measured" not in said, said
+    # nothing shipped measured (and no rule asking for it): no shipped tag at all
+    plain = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                                min_judge_accuracy=None)
+    none = _evaluation_without(stages["root"] / "evaluate", tmp_path / "none", {"gguf_q8_0", "merged"}, set())
+    _sixth, done = submit(none, False, ship=(), rules=plain)
+    assert done["gate_reasons"] == []
+    tags = client.get_model_version("ship-keep", version).tags
+    assert not [k for k in tags if k.startswith(("alignflow.shipped.", "alignflow.metric.shipped."))]
 
 
 def test_policy_sets_merges_and_cites_max_shipped_regression(tmp_path: Path) -> None:
