@@ -72,7 +72,7 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
 
             sha = sha256_weights(staged.out_dir)  # the hash evaluate took (README.md, the card, left out)
             if sha != want.sha256:
-                raise StageError(_not_measured("merged", sha, want, target, inputs.config.get("dtype", "float32"),
+                raise StageError(_not_measured("merged", sha, want, target, merge_dtype(inputs.config),
                                                str(inputs.config.get("base_spec", ""))))
             if target.exists():
                 target.rmdir()  # empty (checked above): the rename below replaces it
@@ -83,6 +83,13 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     return {**result, "out_dir": str(target), "readme": card.exists(), "sha256": sha, "format": "merged",
             "measured": (want is not None) if inputs.measured and inputs.kind == "merged" else None,
             "measured_formats": sorted(inputs.measured)}
+
+
+def merge_dtype(config: dict[str, Any]) -> str:
+    """The dtype a merged export is built in: the registered config's `merge_dtype` (what evaluate built and measured
+    the merged artifact in, `auto` resolved there); a version registered without one, its `dtype` (`auto` is then
+    resolved on this machine)."""
+    return str(config.get("merge_dtype") or config.get("dtype", "float32"))
 
 
 def _not_measured(fmt: str, sha: str, want: MeasuredArtifact, out: Path, dtype: str, base_spec: str) -> str:
@@ -138,7 +145,7 @@ def _files(inputs: ExportInputs) -> dict[str, Any]:
                                                          "base": config["base"]}, indent=2))
         return {"kind": "adapter", "out_dir": str(out)}
 
-    merged, tok = _merged(inputs, config.get("dtype", "float32"))
+    merged, tok = _merged(inputs, merge_dtype(config))
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}

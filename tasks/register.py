@@ -419,10 +419,12 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 python_model=importlib.util.find_spec("alignflow.tasks.lib.served_model").origin,
                 artifacts=artifacts,
                 # the base by its spec, resolved where the model is loaded: no path of this machine in the model
-                # the dtype evaluate computed in (`auto` resolved here as there): the version loads and exports
-                # merged in it on any machine, as evaluate built and measured it
-                model_config={"base": base, "base_spec": inputs.base_spec, "dtype": dtype_name(inputs.dtype),
-                              "model_name": cfg.model_name, **generation},
+                # dtype: what the served model computes in, as the recipe says it (`auto`: resolved where it is
+                # loaded, so a CPU host serves a version trained on a bf16 GPU in float32, not in slow bfloat16);
+                # merge_dtype: the dtype evaluate built and measured the merged artifact in (`auto` resolved here):
+                # export merges in it on any machine, so that it writes the measured bytes
+                model_config={"base": base, "base_spec": inputs.base_spec, "dtype": inputs.dtype,
+                              "merge_dtype": dtype_name(inputs.dtype), "model_name": cfg.model_name, **generation},
                 pip_requirements=pins,
                 # no input schema (the model takes prompts or a chat request, see served_model.py); `max_tokens`
                 # declared so that MLflow passes it through; its default (MLflow fills it in when a request has

@@ -612,22 +612,29 @@ def test_policy_sets_merges_and_cites_max_shipped_regression(tmp_path: Path) -> 
         "exact_match": 0.02}
 
 
-def test_the_registered_config_names_the_dtype_evaluate_built_in(stages: dict[str, Any], evaluated: dict[str, Any],
-                                                                  tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """`model.dtype: auto` is registered as what it resolved to where evaluate built and measured the artifacts
-    (float32 on this CPU): a machine that would resolve `auto` otherwise loads and merges the version in that dtype,
-    so `export --merged` there writes the bytes evaluate measured."""
+def test_the_registered_config_serves_in_the_recipes_dtype_and_merges_in_the_one_evaluate_built_in(
+        stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.dtype: auto` is registered as `auto` for serving (resolved where the version is loaded: a CPU host serves
+    a version trained on a bf16 GPU in float32) and, as `merge_dtype`, as what it resolved to where evaluate built and
+    measured the artifacts (float32 on this CPU): a machine that resolves `auto` otherwise (here: one that says it
+    has a bf16 GPU) merges in float32, so `export --merged` there writes the bytes evaluate measured."""
     import mlflow
     from mlflow.models import Model
+    from typer.testing import CliRunner
 
+    from alignflow.cli import app
+    from alignflow.flows import tracking
     from alignflow.tasks import register
-    from alignflow.tasks.lib.models import device_kind
+    from alignflow.tasks.lib import models
+    from alignflow.tasks.lib.hashing import sha256_weights
 
-    if device_kind() != "cpu":
+    if models.device_kind() != "cpu":
         pytest.skip("`auto` is float32 on a CPU only")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work = tmp_path / "work"
+    work.mkdir()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     curated = tmp_path / "curate"
     curated.mkdir()
@@ -643,5 +650,10 @@ def test_the_registered_config_names_the_dtype_evaluate_built_in(stages: dict[st
                                                 candidate=stages["dpo"], evaluation=stages["root"] / "evaluate",
                                                 curated=curated, run_id=run_id, out_dir=tmp_path / "register"))
     config = Model.load(f"models:/ship-dtype/{done['version']}").flavors["python_function"]["config"]
-    assert config["dtype"] == "float32"
-    assert evaluated["shipped"]["merged"]["built_with"].endswith("; float32; cpu")
+    assert config["dtype"] == "auto" and config["merge_dtype"] == "float32"
+    assert evaluated["shipped"]["merged"]["built_with"].split("; ")[1:3] == ["float32", "cpu"]
+    monkeypatch.setattr(models, "device_kind", lambda: "cuda-bf16")  # `auto` would be bfloat16 here
+    out = tmp_path / "merged"
+    exported = CliRunner().invoke(app, ["export", "ship-dtype", "--merged", str(out), "--work-dir", str(work)])
+    assert exported.exit_code == 0, exported.output
+    assert sha256_weights(out) == evaluated["shipped"]["merged"]["sha256"]
