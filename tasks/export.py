@@ -104,18 +104,30 @@ def _not_measured(fmt: str, sha: str, want: MeasuredArtifact, out: Path, dtype: 
     if not want.built_with:
         said += f"How it was built was not recorded; here: {here}. "
     elif want.built_with == here:
-        said += (f"It was built with the same libraries, dtype and machine kind as here ({here}), so what differs "
-                 f"is an input: the base model resolved from the spec the version recorded ({base_spec!r}: a local "
-                 "folder or hub revision that changed since) is not the one evaluate merged with. ")
+        # the recorded settings cannot tell which of these it is: each is named as a possibility, none as the cause
+        said += (f"It was built with the same libraries, dtype, machine kind and alignflow build code as here "
+                 f"({here}), so what differs is something that record does not cover, possibly: the base model "
+                 f"resolved from the spec the version recorded ({base_spec!r}: a local folder or hub revision that "
+                 "changed since); alignflow code outside the build code the record hashes, or a library outside "
+                 "its list; or the recorded sha256 itself (a tag edited since). ")
     else:
-        said += (f"It was built with {want.built_with}; here: {here}. Other library versions, dtype or machine kind "
-                 "merge or round differently: export with the recorded ones. ")
+        from itertools import zip_longest
+
+        # built_with is "libraries; dtype; machine kind; alignflow code <hash>" (a tag from before the code was
+        # recorded has three parts: its build code is unknown, so named as differing)
+        differ = [name for name, mine, theirs in zip_longest(("the libraries", "the dtype", "the machine kind",
+                                                              "alignflow's build code"),
+                                                             here.split("; "), want.built_with.split("; "))
+                  if name and mine != theirs]
+        said += (f"It was built with {want.built_with}; here: {here}. What differs: {', '.join(differ)}; other "
+                 "libraries, dtype, machine kind or build code merge, round or write differently: export where "
+                 "they match the recorded ones. ")
     if want.artifact_uri:
         said += f"The measured {'file' if fmt.startswith('gguf') else 'folder'} was logged with the version: " \
                 f"`mlflow artifacts download -u {want.artifact_uri}` fetches it."
     else:
-        said += "register.log_shipped: true keeps the measured artifact itself with the version when register next " \
-                "writes its verdict."
+        said += "The measured artifact was not logged with the version; register.log_shipped: true logs the " \
+                "measured file itself with a version from the next verdict register writes on it."
     return said
 
 

@@ -156,10 +156,18 @@ class Shipped:
 
 
 def built_with(fmt: str, dtype: str, device: str) -> str:
-    """What decides the artifact's bytes besides the weights, in words (tagged on the version; export names it when
-    it writes other bytes): the build libraries' versions, the dtype and the machine kind."""
+    """What decides the artifact's bytes besides the weights and the base, in words (tagged on the version; export
+    names it when it writes other bytes): the build libraries' versions, the dtype, the machine kind and the version
+    of alignflow's own build code (`alignflow code <hash>`, the first 12 hex digits of `build_code`)."""
     return (", ".join(f"{name}=={v}" for name, v in _library_versions().items())
-            + f"; {build_dtype(fmt, dtype)}; {device}")
+            + f"; {build_dtype(fmt, dtype)}; {device}; alignflow code {build_code()[:12]}")
+
+
+def build_code() -> str:
+    """The version of alignflow's code that loads, merges and writes an artifact (this module, the GGUF writer, the
+    registered model's base loader): in the cache key and in `built_with`."""
+    return code_version("alignflow.tasks.lib.shipped_artifacts", "alignflow.tasks.lib.gguf_file",
+                        "alignflow.tasks.lib.served_model")
 
 
 def _library_versions() -> dict[str, str]:
@@ -175,9 +183,7 @@ def _library_versions() -> dict[str, str]:
 def build_identity(fmt: str, weights_sha256: str, base_key: str, dtype: str, spec: str, device: str) -> dict[str, Any]:
     """Everything the artifact's bytes depend on: its cache key is the hash of this (recorded with the entry)."""
     return {"format": fmt, "weights": weights_sha256, "base": base_key, "dtype": build_dtype(fmt, dtype),
-            "gguf_name_spec": spec, "device": device, "libraries": _library_versions(),
-            "code": code_version("alignflow.tasks.lib.shipped_artifacts", "alignflow.tasks.lib.gguf_file",
-                                 "alignflow.tasks.lib.served_model")}
+            "gguf_name_spec": spec, "device": device, "libraries": _library_versions(), "code": build_code()}
 
 
 def artifact(fmt: str, weights: Path, base: Path, dtype: str, spec: str, cache: Path | None,
