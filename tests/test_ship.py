@@ -669,3 +669,55 @@ def test_the_registered_config_serves_in_the_recipes_dtype_and_merges_in_the_one
     exported = CliRunner().invoke(app, ["export", "ship-dtype", "--merged", str(out), "--work-dir", str(work)])
     assert exported.exit_code == 0, exported.output
     assert sha256_weights(out) == evaluated["shipped"]["merged"]["sha256"]
+
+
+def test_a_sweep_winner_re_gated_at_a_lower_level_keeps_the_shipped_tags_of_its_verdict(
+        stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's winner (k=3), refused for its GGUF and so a challenger, re-submitted by a plain run (k=1, its
+    intervals at 95%) with another artifact: the gate does not re-gate it at the lower level, so the version keeps
+    the verdict and the shipped tags of the sweep (this run's go on the run). Not the champion: only the sweep-winner
+    rule keeps them."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from alignflow.tasks import register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("ship-relevel")
+    client = MlflowClient(uri)
+    curated = tmp_path / "curate"
+    curated.mkdir()
+    write_manifest(curated, {"stage": "curate", "outputs": [], "metrics": {"decontaminated": 1}})
+    gate = register.GateConfig(min_win_rate=None, min_win_rate_vs_champion=None, min_rougeL_gain=None,
+                               min_judge_accuracy=None, max_shipped_regression={"exact_match": 0.5})
+
+    def submit(evaluation: Path) -> tuple[str, dict[str, Any]]:
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+        done = register.run(register.RegisterConfig(model_name="ship-relevel", gate=gate,
+                                                    ship=["merged", "gguf_q8_0"]),
+                            register.RegisterInputs(base_path=stages["base"].path, base_spec="tiny:llama",
+                                                    base_key=stages["base"].key, dtype="float32",
+                                                    candidate=stages["dpo"], evaluation=evaluation, curated=curated,
+                                                    run_id=run_id, out_dir=tmp_path / f"register-{run_id}"))
+        return run_id, done
+
+    refused = _damaged_evaluation(evaluated, stages, tmp_path / "sweep", passes=False)
+    manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())
+    manifest["metrics"].update({"selection_trials": 3.0, "interval_level": 0.9833})
+    (tmp_path / "sweep" / "manifest.json").write_text(json.dumps(manifest))
+    _sweep, done = submit(tmp_path / "sweep")
+    assert done["alias"] == "challenger" and done["gate_selection"]
+    version = done["version"]
+    assert client.get_model_version("ship-relevel", version).tags["alignflow.shipped.gguf_q8_0.sha256"] == refused
+
+    plain, done = submit(stages["root"] / "evaluate")  # k=1: the honest artifact, which would pass at 95%
+    assert done["version"] == version and done["shipped_tags"] == {}
+    assert any("does not re-gate it at a lower level" in r for r in done["gate_reasons"])
+    tags = client.get_model_version("ship-relevel", version).tags
+    assert tags["alignflow.gate"] == "failed" and tags["alignflow.shipped.gguf_q8_0.sha256"] == refused
+    assert tags["alignflow.metric.shipped.gguf_q8_0.exact_match"] == "0.0"
+    assert client.get_run(plain).data.tags["alignflow.shipped.gguf_q8_0.sha256"] == \
+        evaluated["shipped"]["gguf_q8_0"]["sha256"]
