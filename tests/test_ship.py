@@ -11,7 +11,9 @@ pipeline run). The eval references are the adapter model's own greedy answers, s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +270,8 @@ def test_the_build_never_puts_the_model_on_a_gpu(stages: dict[str, Any]) -> None
 def test_a_second_builder_keeps_the_sound_entry_another_run_reads(stages: dict[str, Any], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Run B looked the entry up before run A put it in place, then built it too (here: other bytes, as another
-    writer would): A's sound entry stays where A reads it, and B measures that one, not its own."""
+    writer would): A's sound entry stays where A reads it, and B measures that one, not its own. The lookup and the
+    replacement happen under the entry's lock; leftovers of killed builds are swept there."""
     from alignflow.tasks.lib import gguf_file
     from alignflow.tasks.lib import shipped_artifacts as sa
     from alignflow.tasks.lib.manifest import read_manifest
@@ -286,7 +289,20 @@ def test_a_second_builder_keeps_the_sound_entry_another_run_reads(stages: dict[s
     real_valid, real_write = sa._valid, gguf_file.write_gguf
     looked: list[Path] = []
 
+    def held(entry: Path) -> bool:
+        """Is the entry's lock held (by the build under test)? flock from another open file would block."""
+        import fcntl
+
+        with open(entry.with_name(entry.name + ".lock"), "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     def late(entry: Path, fmt: str, name: str) -> str | None:  # B's lookup ran before A's entry was in place
+        assert held(entry), "an entry is judged (and an unsound one replaced) only under its lock"
         looked.append(entry)
         return None if len(looked) == 1 else real_valid(entry, fmt, name)
 
@@ -295,12 +311,20 @@ def test_a_second_builder_keeps_the_sound_entry_another_run_reads(stages: dict[s
         _corrupt_q8_scales(out, "blk.0.ffn_down.weight", 2.0)
         return written
 
+    # leftovers of killed builds: this entry's (stale: its lock is free), another's from two days ago, and another's
+    # being written now (kept: its builder may be alive)
+    key = a.path.parent.name
+    mine, old, fresh = cache / f"{key}.99999.tmp", cache / f"{'0' * 32}.1.unsound", cache / f"{'1' * 32}.2.tmp"
+    for leftover in (mine, old, fresh):
+        (leftover / "merged").mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     monkeypatch.setattr(sa, "_valid", late)
     monkeypatch.setattr(gguf_file, "write_gguf", other_bytes)
     b = build()
     assert a.path.stat().st_ino == inode  # A's file: never deleted and replaced under its reader
     assert b.path == a.path and b.sha256 == a.sha256 and b.reused
-    assert sorted(p.name for p in cache.iterdir()) == [a.path.parent.name]  # B's build and nothing else gone
+    # B's build and the stale leftovers gone; the lock file stays (it is what is locked)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([key, f"{key}.lock", fresh.name])
 
 
 def test_the_version_carries_the_measured_hash_and_export_writes_that_file(

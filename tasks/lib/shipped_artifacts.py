@@ -19,8 +19,9 @@ The cache (`<work>/cache/shipped/<key>/`): key = hash of the tuned weights' cont
 format, the dtype, the GGUF name, this code's version, the libraries that merge and write, and the machine kind;
 never a path. Each entry holds the artifact and `artifact.json` with its sha256, written last; an entry is reused
 only when the artifact still hashes to that (a corrupted or half-written one is rebuilt, never measured). Entries
-are built in a temporary folder and renamed into place; an unsound entry is renamed aside before it is removed, a
-sound one is never removed (a run reading it keeps it): a second builder of the same entry uses the one in place.
+are built in a temporary folder and renamed into place, under a lock on the entry (`<key>.lock`: a second builder
+of the same entry waits, then uses the first's); an unsound entry is renamed aside and removed only under that lock,
+a sound one is never removed (a run reading it keeps it). Leftover build folders are swept under the lock.
 """
 
 from __future__ import annotations
@@ -190,18 +191,52 @@ def artifact(fmt: str, weights: Path, base: Path, dtype: str, spec: str, cache: 
              identity: dict[str, Any], scratch: Path) -> Shipped:
     """The artifact `fmt` of the tuned `weights` (an adapter over the base folder `base`, or full weights): from
     `cache` when an entry for `identity` is there and still hashes to what it recorded, else built (into the cache
-    when there is one, else under `scratch`)."""
-    from alignflow.tasks.lib.models import is_adapter
+    when there is one, else under `scratch`).
 
+    In the cache, the lookup, the build and the replacement of an unsound entry happen under a lock on the entry
+    (`<key>.lock`): two runs building the same entry take turns (the second finds the first's), and an entry is
+    judged unsound and removed only by the lock's holder, so never while another builder puts a sound one there.
+    Runs reading an entry hold no lock: a sound entry is never removed."""
     key = sha256_json(identity)[:32]
     name = GGUF_FILE if gguf_type(fmt) else MERGED_DIR
-    if cache is not None:
-        entry = cache / key
-        found = _valid(entry, fmt, name)
+    if cache is None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        return _build(fmt, weights, base, dtype, spec, identity, scratch, key, name)
+    from alignflow.tasks.lib.processes import folder_lock
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with folder_lock(cache / key):
+        _sweep(cache, key)
+        found = _valid(cache / key, fmt, name)
         if found is not None:
-            return Shipped(fmt, entry / name, found, _size(entry / name), True)
-    root = cache if cache is not None else scratch
-    root.mkdir(parents=True, exist_ok=True)
+            return Shipped(fmt, cache / key / name, found, _size(cache / key / name), True)
+        return _build(fmt, weights, base, dtype, spec, identity, cache, key, name)
+
+
+# A build's leftovers (`<key>.<pid>.tmp` of a killed build, `<key>.<pid>.unsound` of a removal cut short) of other
+# keys than the one locked are removed once older than this, in seconds: no build of one artifact takes a day, and
+# the lock of another key is not taken just to sweep (its builder may be writing into its .tmp now).
+STALE_AFTER_S = 24 * 3600
+
+
+def _sweep(root: Path, key: str) -> None:
+    """Remove leftover build folders: every one of `key` (its lock is held, so no build of it is running) and those
+    of other keys older than STALE_AFTER_S. GBs each for a large model's merged folder."""
+    import time
+
+    now = time.time()
+    for leftover in [*root.glob("*.tmp"), *root.glob("*.unsound")]:
+        with suppress(OSError):  # another sweeper removed it first
+            if leftover.name.startswith(f"{key}.") or now - leftover.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(leftover)
+
+
+def _build(fmt: str, weights: Path, base: Path, dtype: str, spec: str, identity: dict[str, Any], root: Path,
+           key: str, name: str) -> Shipped:
+    """Build the artifact in `<root>/<key>.<pid>.tmp` and rename it to `<root>/<key>` (in the cache: under the
+    entry's lock). An unsound entry in place is renamed aside and removed first; a sound one is kept and used."""
+    from alignflow.tasks.lib.models import is_adapter
+
     tmp = root / f"{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -215,21 +250,17 @@ def artifact(fmt: str, weights: Path, base: Path, dtype: str, spec: str, cache: 
     # written last: an entry without it (a build killed half-way) is never reused
     (tmp / ARTIFACT_JSON).write_text(json.dumps({"format": fmt, "sha256": sha, "identity": identity}, indent=2))
     final = root / key
-    if final.exists() and _valid(final, fmt, name) is None:
-        # a tampered or half-written entry (or scratch from before) goes: renamed aside first, so that a reader
-        # never finds half of it, and only when unsound (another run may be reading a sound one)
-        aside = root / f"{key}.{os.getpid()}.unsound"
-        with suppress(OSError):  # another process moved it first
-            os.replace(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    try:
-        os.replace(tmp, final)
-    except OSError as e:  # another process put an entry in place while this one built (a folder is not replaced)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists():
         found = _valid(final, fmt, name)
-        if found is None:
-            raise RuntimeError(f"could not put the built {fmt} at {final}, and what is there is unsound: {e}") from e
-        return Shipped(fmt, final / name, found, _size(final / name), True)  # the same identity: its bytes count
+        if found is not None:  # a sound entry of the same identity (put there by a builder without the lock): used
+            shutil.rmtree(tmp, ignore_errors=True)
+            return Shipped(fmt, final / name, found, _size(final / name), True)
+        # a tampered or half-written entry (or scratch from before) goes: renamed aside first, so that a reader
+        # never finds half of it
+        aside = root / f"{key}.{os.getpid()}.unsound"
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(tmp, final)
     return Shipped(fmt, final / name, sha, _size(final / name), False)
 
 
