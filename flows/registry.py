@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import getpass
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +74,19 @@ def rollback(client: MlflowClient, name: str) -> str:
 
 def resolve_model_uri(model_uri: str) -> str:
     """`model_uri` pinned to one version, `models:/NAME/VERSION`, resolved once (an alias, `latest` or a stage as
-    MLflow resolves them; a bare registered NAME: its champion), so that everything export reads (weights, config,
-    shipped tags, logged files) comes from the same version even when an alias moves meanwhile. A `runs:/` URI,
-    or a logged model's id, is returned as it is (no version)."""
+    MLflow resolves them; a bare registered NAME: its champion; NAME@ALIAS: that alias), so
+    that everything export reads (weights, config, shipped tags, logged files) comes from the same version even when
+    an alias moves meanwhile. `runs:/RUN/model` of the run that registered exactly one version: that version (its
+    shipped tags are checked like any other's); any other `runs:/` URI, or a logged model's id, is returned as it is
+    (no version)."""
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     client = MlflowClient()
     if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
-        model_uri = f"models:/{model_uri}@champion"  # a bare name: its champion
+        # a bare name: its champion; NAME@ALIAS: that alias
+        model_uri = f"models:/{model_uri}" if "@" in model_uri else f"models:/{model_uri}@champion"
+    if model_uri.startswith("runs:/"):
+        return _version_of_run(client, model_uri)
     if not model_uri.startswith("models:/"):
         return model_uri
     name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
@@ -101,6 +107,19 @@ def resolve_model_uri(model_uri: str) -> str:
     if len(found) != 2:  # models:/<logged model id>: not a registered version
         return model_uri
     return f"models:/{found[0]}/{found[1]}"
+
+
+def _version_of_run(client: MlflowClient, run_uri: str) -> str:
+    """`runs:/RUN/model` (the path register logs the model at) as `models:/NAME/VERSION` when exactly one registered
+    version was made from that run; otherwise the URI as it is."""
+    run_id, _, path = run_uri.removeprefix("runs:/").partition("/")
+    if path.strip("/") != "model" or not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        return run_uri
+    try:
+        found = client.search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException:  # a store that cannot search by run: no version known
+        return run_uri
+    return f"models:/{found[0].name}/{found[0].version}" if len(found) == 1 else run_uri
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:

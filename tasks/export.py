@@ -54,11 +54,15 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
     # a merged folder of a version measured as `merged` (register.ship) is written beside OUT, checked against the
     # measured hash, and copied into OUT only then
     want = inputs.measured.get("merged") if inputs.kind == "merged" else None
-    target = inputs.out_dir
+    target = inputs.out_dir.resolve()  # `.` has no name to write a sibling by; the absolute path has
     if want is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
         # the measured folder is put in place whole (one rename), never mixed into files already there
         raise StageError(f"export: {target} exists and is not empty; the merged folder this version was measured as "
                          "is written whole into a new or empty folder: choose another OUT, or empty it")
+    if want is not None and Path.cwd().resolve().is_relative_to(target):
+        # the empty folder is replaced by the checked one: the shell standing in it would stand in a deleted folder
+        raise StageError(f"export: {target} is the current directory (or holds it); the merged folder this version "
+                         "was measured as replaces OUT whole: name a new folder, e.g. --merged ./model")
     staged = inputs.model_copy(update={"out_dir": target.with_name(f".{target.name}.{os.getpid()}.partial")}) \
         if want is not None else inputs
     try:
@@ -191,7 +195,9 @@ def _gguf(inputs: ExportInputs) -> dict[str, Any]:
     from alignflow.tasks.lib.shipped_artifacts import build_dtype, write_artifact
 
     fmt = f"gguf_{inputs.gguf_type}"
-    out = inputs.out_dir
+    out = inputs.out_dir.resolve()
+    if out.is_dir():  # said before the build, not after it
+        raise StageError(f"export: {out} is a folder; --gguf writes one file: name it, e.g. {out / 'model.gguf'}")
     want = inputs.measured.get(fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # renamed into place once checked

@@ -524,6 +524,20 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     code, said = export("models:/ship-keep/latest", "--gguf", str(tmp_path / "latest.gguf"), "--gguf-type", "q8_0")
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     assert sha256_file(tmp_path / "latest.gguf") == honest
+    # #6: NAME@ALIAS and the register run's `runs:/RUN/model` are that version, checked the same way
+    code, said = export("ship-keep@champion", "--gguf", str(tmp_path / "alias.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    code, said = export(f"runs:/{first}/model", "--gguf", str(tmp_path / "run.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    # ... one error line, before any build, for a --gguf OUT that is a folder and a --merged OUT that is where the
+    # shell stands (replaced whole, it would leave the shell in a deleted folder)
+    (tmp_path / "adir").mkdir()
+    code, said = export(f"models:/ship-keep/{version}", "--gguf", str(tmp_path / "adir"), "--gguf-type", "q8_0")
+    assert code == 1 and "is a folder; --gguf writes one file" in said and not list((tmp_path / "adir").iterdir())
+    monkeypatch.chdir(tmp_path / "adir")
+    code, said = export(f"models:/ship-keep/{version}", "--merged", ".")
+    assert code == 1 and "is the current directory" in said and not list((tmp_path / "adir").iterdir()), said
+    monkeypatch.chdir(tmp_path)
     # ... and an alias that moves while export runs does not mix versions: the tags (and logged file) are those of
     # the version whose weights were downloaded (read by alias again, they would be another version's: none)
     from alignflow.flows import registry
