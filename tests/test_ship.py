@@ -243,6 +243,16 @@ def test_a_second_evaluate_reuses_the_artifacts_by_evaluates_own_key_and_names_t
     assert {"base", "tuned", "shipped.merged", "shipped.gguf_q8_0"} <= set(again["cached_answers"])
     assert {k: v for k, v in again["metrics"].items() if k.startswith("shipped.")} == \
         {k: v for k, v in evaluated["metrics"].items() if k.startswith("shipped.")}
+    # the reader's libraries are in it: `tokenizers` rebuilds a GGUF's tokenizer from the file's metadata
+    from alignflow.tasks.lib import shipped_artifacts
+
+    real_version = shipped_artifacts.version
+    before = shipped_artifacts.read_back_identity()
+    for name in ("tokenizers", "gguf", "safetensors"):
+        monkeypatch.setattr(shipped_artifacts, "version",
+                            lambda n, name=name: "0.0.1" if n == name else real_version(n))
+        assert shipped_artifacts.read_back_identity() != before, name
+    monkeypatch.setattr(shipped_artifacts, "version", real_version)
     monkeypatch.setattr(evaluate, "read_back_identity", lambda: {"code": "another reader"})
     third = _evaluate(stages, tmp_path / "third", ["merged"], cache=cache)
     assert third["shipped"]["merged"]["reused"] and "tuned" in third["cached_answers"]

@@ -282,9 +282,11 @@ def _size(path: Path) -> int:
 
 def read_back_identity() -> dict[str, Any]:
     """What a shipped artifact's answers depend on besides its bytes and evaluate's own answer key: how `read_back`
-    loads it (this module's code; the `gguf` package, whose dequantization transformers' GGUF loader calls)."""
+    loads it (this module's code; the `gguf` package, whose dequantization transformers' GGUF loader calls;
+    `tokenizers`, which rebuilds a GGUF's tokenizer from the file's metadata; `safetensors`)."""
     return {"code": code_version("alignflow.tasks.lib.shipped_artifacts"),
-            "libraries": {name: v for name, v in _library_versions().items() if name in ("gguf", "safetensors")}}
+            "libraries": {name: v for name, v in _library_versions().items()
+                          if name in ("gguf", "safetensors", "tokenizers")}}
 
 
 def read_back(fmt: str, path: Path, dtype: str) -> tuple[Any, Any]:
