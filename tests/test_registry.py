@@ -86,7 +86,11 @@ def test_a_candidate_that_ties_the_base_is_not_promoted() -> None:
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    from prefect.settings import PREFECT_API_URL
+
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if args[0] == "run" and PREFECT_API_URL.value():  # the session's server: no temporary one per command
+        env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     return subprocess.run([sys.executable, "-m", "alignflow.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
