@@ -475,8 +475,9 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
         ancestors=lineage.digest(before) if before else None))
     r, dtype, seed = recipe, recipe.model.dtype, recipe.seed
     # `model.dtype: auto` as this machine computes in it (as the stage keys hold it): what evaluate records a shipped
-    # artifact was built in, and what the registered model's config names, so a version measured on a bf16 GPU is
-    # loaded and exported in bfloat16 on a machine that would resolve `auto` to float32
+    # artifact was built in. register gets the recipe's dtype as it is: the version is served in it (`auto`
+    # resolved where it is loaded: float32 on a CPU host), and register records the resolved one as `merge_dtype`,
+    # which export merges in (a version measured on a bf16 GPU is exported in bfloat16 anywhere)
     computed = resolved_dtype(dtype, ctx.facts.device)
     try:
         base: ResolvedBase | None = None
@@ -549,7 +550,7 @@ def pipeline_internal(recipe: Recipe, work_dir: str = "runs", until: Stage | Non
                             **{f"alignflow.data_hash.{k}": v for k, v in data.items()},
                             **({"alignflow.base_revision": base.revision} if base.revision else {})}
             run_stage(ctx, "register", register.run, r.register, lambda out, run_id: register.RegisterInputs(
-                base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=computed,
+                base_path=base.path, base_spec=base.spec, base_key=base.key, dtype=dtype,
                 compared_champion=ctx.facts.champion.get("version"), candidate=ctx.folders["dpo"],
                 evaluation=ctx.folders["evaluate"], curated=ctx.folders["curate"], run_id=run_id, tags=version_tags,
                 stages=dict(ctx.folders), out_dir=out))

@@ -158,11 +158,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_registered_version_card_matches_mlflow_and_exports_as_readme(smoke_seed: dict[str, Any], in_root: Path,
                                                                        tmp_path: Path) -> None:
     import mlflow
+    import yaml
     from conftest import warm_copy  # tests/ is on sys.path under pytest
     from mlflow import MlflowClient
 
+    from alignflow.flows.keys import resolved_dtype
     from alignflow.flows.pipeline import pipeline
     from alignflow.recipe import load_recipe
+    from alignflow.tasks.lib.models import device_kind
 
     # the session's smoke seed (tests/conftest.py) trained the stages: this run registers them in its own store
     work = warm_copy(smoke_seed, tmp_path / "work")
@@ -180,6 +183,10 @@ def test_registered_version_card_matches_mlflow_and_exports_as_readme(smoke_seed
     mlflow.set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")))
     card = (local / "MODEL_CARD.md").read_text()
+    # served in the recipe's dtype as written (`auto`: resolved where it is loaded, float32 on a CPU host even for a
+    # version trained on a bf16 GPU); merged by export in the dtype evaluate computed in (float32 on this CPU)
+    config = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["config"]
+    assert (config["dtype"], config["merge_dtype"]) == ("auto", resolved_dtype("auto", device_kind()))
     assert "MODEL_CARD.md" in {a.path for a in client.list_artifacts(child("register").info.run_id)}
     held = client.get_model_version(name, version)
     assert held.description == description(card, f"the artifacts of models:/{name}/{version}")
