@@ -557,7 +557,7 @@ def export(
     elif result.get("measured") is False:
         console.print(f"not the measured artifact: this version was measured as "
                       f"{', '.join(result['measured_formats'])}, not {result['format']}", markup=False, soft_wrap=True)
-    elif kind != "adapter" and not pinned.startswith("models:/"):
+    elif kind != "adapter" and not (pinned.startswith("models:/") and pinned.count("/") == 2):  # no NAME/VERSION
         console.print(f"not checked against a measured artifact: {pinned} names no registered version (export "
                       "models:/NAME/VERSION to check against what evaluate measured)", markup=False, soft_wrap=True)
 

@@ -77,8 +77,8 @@ def resolve_model_uri(model_uri: str) -> str:
     MLflow resolves them; a bare registered NAME: its champion; NAME@ALIAS: that alias), so
     that everything export reads (weights, config, shipped tags, logged files) comes from the same version even when
     an alias moves meanwhile. `runs:/RUN/model` of the run that registered exactly one version: that version (its
-    shipped tags are checked like any other's); any other `runs:/` URI, or a logged model's id, is returned as it is
-    (no version)."""
+    shipped tags are checked like any other's), and so is `models:/<logged model id>`; any other `runs:/` URI or
+    logged model is returned as it is (no version)."""
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     client = MlflowClient()
@@ -95,6 +95,8 @@ def resolve_model_uri(model_uri: str) -> str:
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
+        if re.fullmatch(r"m-[0-9a-f]{32}", name) and model_uri == f"models:/{name}":  # a logged model's id (MLflow 3)
+            return _version_of_logged_model(client, model_uri, name)
         known = sorted(m.name for m in client.search_registered_models(max_results=1000))
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -120,6 +122,17 @@ def _version_of_run(client: MlflowClient, run_uri: str) -> str:
     except MlflowException:  # a store that cannot search by run: no version known
         return run_uri
     return f"models:/{found[0].name}/{found[0].version}" if len(found) == 1 else run_uri
+
+
+def _version_of_logged_model(client: MlflowClient, model_uri: str, model_id: str) -> str:
+    """`models:/<logged model id>` (a version's `source`) as `models:/NAME/VERSION` when exactly one registered
+    version was made from it; otherwise the URI as it is."""
+    try:
+        run_id = client.get_logged_model(model_id).source_run_id
+        found = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.source == model_uri]
+    except MlflowException:  # no such logged model, or a store that cannot say: no version known
+        return model_uri
+    return f"models:/{found[0].name}/{found[0].version}" if len(found) == 1 else model_uri
 
 
 def download_model(model_uri: str, dest: Path) -> tuple[Path, dict[str, Any]]:

@@ -539,6 +539,15 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     code, said = export(f"runs:/{first}/model", "--gguf", str(tmp_path / "run.gguf"), "--gguf-type", "q8_0")
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    # the version's source (the logged model's id) is the version too; a runs:/ path that is no registered model's
+    # is exported unchecked, and said to be
+    source = client.get_model_version("ship-keep", version).source
+    code, said = export(source, "--gguf", str(tmp_path / "src.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    twin = client.create_model_version("ship-keep", source, run_id=first)  # the run made two versions: which?
+    code, said = export(f"runs:/{first}/model", "--gguf", str(tmp_path / "run2.gguf"), "--gguf-type", "q8_0")
+    assert code == 0 and "not checked against a measured artifact" in said, said
+    client.delete_model_version("ship-keep", twin.version)
     # ... one error line, before any build, for a --gguf OUT that is a folder and a --merged OUT that is where the
     # shell stands (replaced whole, it would leave the shell in a deleted folder)
     (tmp_path / "adir").mkdir()
