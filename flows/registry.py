@@ -74,7 +74,7 @@ def rollback(client: MlflowClient, name: str) -> str:
 
 def resolve_model_uri(model_uri: str) -> str:
     """`model_uri` pinned to one version, `models:/NAME/VERSION`, resolved once (an alias, `latest` or a stage as
-    MLflow resolves them; a bare registered NAME: its champion; NAME@ALIAS: that alias), so
+    MLflow resolves them; a bare registered NAME or models:/NAME: its champion; NAME@ALIAS: that alias), so
     that everything export reads (weights, config, shipped tags, logged files) comes from the same version even when
     an alias moves meanwhile. `runs:/RUN/model` of the run that registered exactly one version: that version (its
     shipped tags are checked like any other's), and so is `models:/<logged model id>`; any other `runs:/` URI or
@@ -102,6 +102,8 @@ def resolve_model_uri(model_uri: str) -> str:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise StageError(f"export: no registered model named '{name}'{hint} Registered: "
                          f"{', '.join(known) or 'none'} (tracking store {mlflow.get_tracking_uri()})") from None
+    if model_uri == f"models:/{name}":  # a registered name without version or alias: its champion, as bare
+        model_uri += "@champion"
     try:
         found = get_model_name_and_version(client, model_uri)
     except MlflowException as e:

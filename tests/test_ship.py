@@ -535,8 +535,9 @@ def test_a_kept_champion_keeps_the_artifact_that_passed_and_export_names_the_tru
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     assert sha256_file(tmp_path / "latest.gguf") == honest
     # #6: NAME@ALIAS and the register run's `runs:/RUN/model` are that version, checked the same way
-    code, said = export("ship-keep@champion", "--gguf", str(tmp_path / "alias.gguf"), "--gguf-type", "q8_0")
-    assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
+    for i, ref in enumerate(("ship-keep@champion", "models:/ship-keep")):  # (the latter: its champion, as bare)
+        code, said = export(ref, "--gguf", str(tmp_path / f"alias{i}.gguf"), "--gguf-type", "q8_0")
+        assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     code, said = export(f"runs:/{first}/model", "--gguf", str(tmp_path / "run.gguf"), "--gguf-type", "q8_0")
     assert code == 0 and f"(models:/ship-keep/{version})" in said and "the file logged with it" in said, said
     # the version's source (the logged model's id) is the version too; a runs:/ path that is no registered model's
