@@ -76,7 +76,7 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
 
             sha = sha256_weights(staged.out_dir)  # the hash evaluate took (README.md, the card, left out)
             if sha != want.sha256:
-                raise StageError(_not_measured("merged", sha, want, target, merge_dtype(inputs.config),
+                raise StageError(_not_measured("merged", sha, want, target, merge_dtype(inputs.config, want),
                                                str(inputs.config.get("base_spec", ""))))
             if target.exists():
                 target.rmdir()  # empty (checked above): the rename below replaces it
@@ -89,10 +89,15 @@ def run(inputs: ExportInputs) -> dict[str, Any]:
             "measured_formats": sorted(inputs.measured)}
 
 
-def merge_dtype(config: dict[str, Any]) -> str:
-    """The dtype a merged export is built in: the registered config's `merge_dtype` (what evaluate built and measured
-    the merged artifact in, `auto` resolved there); a version registered without one, its `dtype` (`auto` is then
+def merge_dtype(config: dict[str, Any], measured: MeasuredArtifact | None = None) -> str:
+    """The dtype a merged export is built in: the dtype of the merged artifact the version's verdict measured (its
+    `alignflow.shipped.merged.built_with` tag, rewritten with every verdict, so it also holds for a version created
+    before register recorded `merge_dtype` and measured later); else the registered config's `merge_dtype` (what
+    evaluate built in when the version was created, `auto` resolved there); else its `dtype` (`auto` is then
     resolved on this machine)."""
+    recorded = measured.built_with.split("; ") if measured is not None else []
+    if len(recorded) >= 3 and recorded[1] in ("float32", "bfloat16", "float16"):  # "<libraries>; <dtype>; ..."
+        return recorded[1]
     return str(config.get("merge_dtype") or config.get("dtype", "float32"))
 
 
@@ -161,7 +166,7 @@ def _files(inputs: ExportInputs) -> dict[str, Any]:
                                                          "base": config["base"]}, indent=2))
         return {"kind": "adapter", "out_dir": str(out)}
 
-    merged, tok = _merged(inputs, merge_dtype(config))
+    merged, tok = _merged(inputs, merge_dtype(config, inputs.measured.get("merged")))
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {"kind": "merged", "out_dir": str(out), "params": sum(p.numel() for p in merged.parameters())}

@@ -729,6 +729,26 @@ def test_the_registered_config_serves_in_the_recipes_dtype_and_merges_in_the_one
     assert sha256_weights(out) == evaluated["shipped"]["merged"]["sha256"]
 
 
+
+def test_a_version_registered_before_merge_dtype_merges_in_the_dtype_its_verdict_measured() -> None:
+    """A version created by an older alignflow has `dtype: auto` and no `merge_dtype` in its config (the config is
+    written once, when the version is created); measured later (register.ship added after the upgrade, on a bf16
+    GPU) its verdict tags the merged artifact's `built_with` with the dtype it was built in. Export merges in that
+    dtype, not in what `auto` means on the exporting machine, so it can write the bytes that were measured."""
+    from alignflow.tasks.export import MeasuredArtifact, merge_dtype
+
+    old_config = {"dtype": "auto", "base_spec": "tiny:llama"}
+    libs = "torch==2.13.0+cpu, transformers==5.23.0"
+    on_gpu = MeasuredArtifact(sha256="0" * 64, built_with=f"{libs}; bfloat16; cuda-bf16; alignflow code 0123456789ab")
+    assert merge_dtype(old_config, on_gpu) == "bfloat16"
+    older_record = MeasuredArtifact(sha256="0" * 64, built_with=f"{libs}; float16; cuda")  # before the code part
+    assert merge_dtype(old_config, older_record) == "float16"
+    # nothing measured, or a record without a dtype: the config decides, as before
+    assert merge_dtype({**old_config, "merge_dtype": "float32"}) == "float32"
+    assert merge_dtype(old_config, MeasuredArtifact(sha256="0" * 64)) == "auto"
+    assert merge_dtype({"dtype": "bfloat16", "merge_dtype": "float32"},
+                       MeasuredArtifact(sha256="0" * 64, built_with="x")) == "float32"
+
 def test_a_sweep_winner_re_gated_at_a_lower_level_keeps_the_shipped_tags_of_its_verdict(
         stages: dict[str, Any], evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep's winner (k=3), refused for its GGUF and so a challenger, re-submitted by a plain run (k=1, its
