@@ -296,11 +296,13 @@ def _tag_shipped(client: Any, name: str, version: str, current: dict[str, str], 
         tags = {**tags, **_log_shipped(client, inputs.run_id, {f: r for f, r in shipped.items() if f not in same},
                                        inputs.evaluation)}
     kept = set(tags) | {f"{SHIPPED_TAG}.{fmt}.artifact_uri" for fmt in same}
+    # set first, then delete: a run killed in between leaves this verdict's tags plus some stale ones, never a
+    # version whose measured artifacts are missing
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     for key in sorted(current):
         if key.startswith((f"{SHIPPED_TAG}.", "alignflow.metric.shipped.")) and key not in kept:
             client.delete_model_version_tag(name, version, key)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
     return tags
 
 
@@ -442,68 +444,73 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs) -> dict[str, Any]:
                 version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=tags).version)
 
     # --- the gate's verdict on this version, then the champion alias (compare-and-set) ---------------------
-    mine = client.get_model_version(cfg.model_name, version)
-    # a person's demotion (rollback, or promote of another version) is kept on the registered model by weights
-    # hash, so it outlives a deleted version; the version tag is what rollback wrote before that
-    demoted = demotion(client, cfg.model_name, adapter_hash) or mine.tags.get(ROLLED_BACK_TAG)
-    previous = None if champion_version is None else str(champion_version.version)
-    if demoted and previous != version:
-        reasons.append(f"version {version} was demoted by {demoted}: the gate does not promote weights a person "
-                       f"demoted; `alignflow promote {cfg.model_name} {version}` does")
-    # a sweep winner's weights are gated at the level they were selected at, or not at all (no tag written below)
-    relevel = lower_level(metrics, mine.tags, version)
-    if relevel:
-        reasons.append(relevel)
-        decided.append(relevel)
-    # a champion re-submitted with a failing gate keeps its verdict (below), and so does a sweep winner gated at a
-    # lower level: this run's verdict is not the version's
-    keeps_verdict = bool(relevel) or (previous == version and bool(reasons))
+    # One verdict at a time on this model: two runs registering the same weights (two recipes that differ only in
+    # register.ship, say) would otherwise interleave their tag writes, and the version could say `passed` beside the
+    # shipped tags of the run whose gate refused. (The alias lock, taken inside by move_champion, is another one.)
+    with alias_lock(client, f"{cfg.model_name}.verdict"):
+        mine = client.get_model_version(cfg.model_name, version)
+        # a person's demotion (rollback, or promote of another version) is kept on the registered model by weights
+        # hash, so it outlives a deleted version; the version tag is what rollback wrote before that
+        demoted = demotion(client, cfg.model_name, adapter_hash) or mine.tags.get(ROLLED_BACK_TAG)
+        previous = None if champion_version is None else str(champion_version.version)
+        if demoted and previous != version:
+            reasons.append(f"version {version} was demoted by {demoted}: the gate does not promote weights a person "
+                           f"demoted; `alignflow promote {cfg.model_name} {version}` does")
+        # a sweep winner's weights are gated at the level they were selected at, or not at all (no tag written below)
+        relevel = lower_level(metrics, mine.tags, version)
+        if relevel:
+            reasons.append(relevel)
+            decided.append(relevel)
+        # a champion re-submitted with a failing gate keeps its verdict (below), and so does a sweep winner gated at a
+        # lower level: this run's verdict is not the version's
+        keeps_verdict = bool(relevel) or (previous == version and bool(reasons))
 
-    # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
-    # They go with the verdict: on the version only where this run's verdict is written to it (a kept champion's
-    # tags keep naming the artifact that passed its gate); otherwise on this run only.
-    shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
-    if keeps_verdict:
-        for key, value in shipped.items():
-            client.set_tag(inputs.run_id, key, value)
-        shipped_on_version: dict[str, str] = {}
-    else:
-        shipped_on_version = _tag_shipped(client, cfg.model_name, version, mine.tags, shipped,
-                                          evaluation.get("shipped", {}), inputs, cfg.log_shipped)
-    if previous == version:
-        pass  # re-submitted champion: nothing moves
-    elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
-        pass  # compare-and-set: the champion was still `previous` when it moved
-    elif not reasons and str(getattr(registry_alias(client, cfg.model_name, "champion"), "version", "")) == version:
-        pass  # another run with the same weights (sharing the work dir) promoted this very version first
-    else:
-        if not reasons:  # another run moved the champion between our read and our move: we did not win
-            now = registry_alias(client, cfg.model_name, "champion")
-            reasons.append(f"the champion moved to version {getattr(now, 'version', None)} while this run was "
-                           f"registering (it had compared with {previous or 'no champion'}): re-run to compare")
-        client.set_registered_model_alias(cfg.model_name, "challenger", version)
-    # The version's gate tags say why it holds what it holds. A champion re-submitted under a stricter gate or
-    # policy keeps champion (the gate moves aliases only to a new version; demoting is a person's `alignflow
-    # rollback` / `promote`): its tags keep the verdict that made it champion, this run's verdict goes on this run
-    # only, and the run says so.
-    # (A champion with no gate tag yet, what a kill before the tags left, keeps none: the gate never writes
-    # "failed" on the champion; a later passing run writes "passed".)
-    kept_champion = previous == version and bool(reasons)  # (`keeps_verdict` above, as its reasons were final)
-    if kept_champion:
-        reasons.insert(0, f"version {version} already holds champion and keeps it (the gate never demotes; "
-                          f"`alignflow rollback` / `promote` do); this run's gate failed, recorded on this run only "
-                          f"(the version's gate: {mine.tags.get('alignflow.gate', 'not recorded')})")
-    # a version selected among more trials keeps the verdict (and bounds) it was selected with
-    if not kept_champion and not relevel:
-        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate", "passed" if not reasons else "failed")
-        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
-        # which bound decided: every check, with the interval end it compared
-        client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
-        if selection(metrics):  # a sweep's winner: the correction and its k, on the version
-            client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
-            # the k it was gated at, as a number: never lowered (see `lower_level`)
-            client.set_model_version_tag(cfg.model_name, version, SELECTION_K_TAG,
-                                         str(int(metrics.get("selection_trials", 1))))
+        # --- what ships: the measured artifacts' hashes on the version (export reproduces or refuses by them) --------
+        # They go with the verdict: on the version only where this run's verdict is written to it (a kept champion's
+        # tags keep naming the artifact that passed its gate); otherwise on this run only.
+        shipped = _shipped_tags(evaluation.get("shipped", {}), metrics)
+        if keeps_verdict:
+            for key, value in shipped.items():
+                client.set_tag(inputs.run_id, key, value)
+            shipped_on_version: dict[str, str] = {}
+        else:
+            shipped_on_version = _tag_shipped(client, cfg.model_name, version, mine.tags, shipped,
+                                              evaluation.get("shipped", {}), inputs, cfg.log_shipped)
+        if previous == version:
+            pass  # re-submitted champion: nothing moves
+        elif not reasons and move_champion(client, cfg.model_name, expected=previous, new=version):
+            pass  # compare-and-set: the champion was still `previous` when it moved
+        elif not reasons and str(getattr(registry_alias(client, cfg.model_name, "champion"), "version", "")) == version:
+            pass  # another run with the same weights (sharing the work dir) promoted this very version first
+        else:
+            if not reasons:  # another run moved the champion between our read and our move: we did not win
+                now = registry_alias(client, cfg.model_name, "champion")
+                reasons.append(f"the champion moved to version {getattr(now, 'version', None)} while this run was "
+                               f"registering (it had compared with {previous or 'no champion'}): re-run to compare")
+            client.set_registered_model_alias(cfg.model_name, "challenger", version)
+        # The version's gate tags say why it holds what it holds. A champion re-submitted under a stricter gate or
+        # policy keeps champion (the gate moves aliases only to a new version; demoting is a person's `alignflow
+        # rollback` / `promote`): its tags keep the verdict that made it champion, this run's verdict goes on this run
+        # only, and the run says so.
+        # (A champion with no gate tag yet, what a kill before the tags left, keeps none: the gate never writes
+        # "failed" on the champion; a later passing run writes "passed".)
+        kept_champion = previous == version and bool(reasons)  # (`keeps_verdict` above, as its reasons were final)
+        if kept_champion:
+            reasons.insert(0, f"version {version} already holds champion and keeps it (the gate never demotes; "
+                              f"`alignflow rollback` / `promote` do); this run's gate failed, recorded on this run "
+                              f"only (the version's gate: {mine.tags.get('alignflow.gate', 'not recorded')})")
+        # a version selected among more trials keeps the verdict (and bounds) it was selected with
+        if not kept_champion and not relevel:
+            client.set_model_version_tag(cfg.model_name, version, "alignflow.gate",
+                                         "passed" if not reasons else "failed")
+            client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_reasons", "; ".join(reasons) or "-")
+            # which bound decided: every check, with the interval end it compared
+            client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_bounds", "; ".join(decided)[:5000])
+            if selection(metrics):  # a sweep's winner: the correction and its k, on the version
+                client.set_model_version_tag(cfg.model_name, version, "alignflow.gate_selection", selection(metrics))
+                # the k it was gated at, as a number: never lowered (see `lower_level`)
+                client.set_model_version_tag(cfg.model_name, version, SELECTION_K_TAG,
+                                             str(int(metrics.get("selection_trials", 1))))
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate", "passed" if not reasons else "failed")
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_bounds", "; ".join(decided)[:5000])
     mlflow.MlflowClient().set_tag(inputs.run_id, "alignflow.gate_reasons", "; ".join(reasons)[:5000] or "-")
