@@ -85,13 +85,25 @@ def smoke_seed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -
     common = tmp_path_factory.getbasetemp()
     common = common.parent if os.environ.get("PYTEST_XDIST_WORKER") else common
     root = common / "smoke-seed"
-    with FileLock(str(common / "smoke-seed.lock")):
+    # a seed that hangs must not hold the other worker forever (a cold smoke run takes about a minute)
+    with FileLock(str(common / "smoke-seed.lock"), timeout=1800):
+        if (root / "failed.txt").exists():  # the other worker's seed failed: its error, not a second (warm) try
+            pytest.fail(f"the session's smoke seed failed in another worker:\n{(root / 'failed.txt').read_text()}")
         if not (root / "result.json").exists():
             uri = os.environ.get("MLFLOW_TRACKING_URI")
-            with pytest.MonkeyPatch.context() as monkeypatch:
-                monkeypatch.chdir(ROOT)  # the recipe names data/ relative to the repository
-                result = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"), work_dir=str(root / "work"))
-            mlflow.set_tracking_uri(uri)  # the run pointed this process (and its children) at the seed's store
+            try:
+                with pytest.MonkeyPatch.context() as monkeypatch:
+                    monkeypatch.chdir(ROOT)  # the recipe names data/ relative to the repository
+                    result = pipeline(recipe=load_recipe(ROOT / "configs" / "smoke.yaml"),
+                                      work_dir=str(root / "work"))
+            except BaseException:
+                import traceback
+
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "failed.txt").write_text(traceback.format_exc())
+                raise
+            finally:
+                mlflow.set_tracking_uri(uri)  # the run pointed this process (and its children) at the seed's store
             (root / "work").rename(root / "snapshot")
             for info in result["stages"].values():
                 info["folder"] = str(root / "snapshot" / Path(info["folder"]).relative_to(root / "work"))

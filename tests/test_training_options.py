@@ -55,6 +55,8 @@ def test_option_trains(case: str, prefect_server: None, in_root: Path, shared_wo
     # packing under eager attention is slower than padding (bench P4): said once, and only then
     warned = [r for r in caplog.records if "packing with attn_implementation 'eager'" in r.getMessage()]
     assert len(warned) == (case == "packing-eager-cosine")
+    # the shared work dir starts as a warm copy of the smoke seed: this option's own stage must have run here
+    assert not result["stages"][until]["cached"], f"{case}: {until} came from the cache"
     sft = read_manifest(Path(result["stages"]["sft"]["folder"]))
     assert sft["metrics"]["global_step"] == recipe.sft.max_steps
     assert sft["metrics"]["train_loss"] > 0
